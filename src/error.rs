@@ -1,0 +1,41 @@
+//! The one error type: where a failure came from decides what the client is told.
+
+use std::io;
+
+/// A failure on the data path, by origin.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client sent something Redis would reject; the message is the Redis error text.
+    #[error("{0}")]
+    Client(String),
+    /// The upstream Redis could not be reached, timed out or closed the connection.
+    #[error("upstream unavailable: {0}")]
+    Upstream(String),
+    /// The upstream answered something nearcache could not frame.
+    #[error("upstream protocol error: {0}")]
+    UpstreamProtocol(String),
+    /// TDengine failed, timed out or the breaker is open.
+    #[error("tdengine unavailable: {0}")]
+    Tdengine(String),
+    /// A bug or an exhausted internal bound.
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+impl Error {
+    pub fn upstream_io(e: &io::Error) -> Error {
+        Error::Upstream(e.to_string())
+    }
+
+    /// The RESP error line (without the leading `-` and trailing CRLF) sent to a client.
+    pub fn to_reply_text(&self) -> String {
+        match self {
+            Error::Client(msg) => msg.clone(),
+            other => format!("ERR {other}"),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
