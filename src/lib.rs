@@ -12,6 +12,7 @@
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod tdengine;
 
 pub use config::Config;
 pub use error::{Error, Result};
