@@ -45,7 +45,11 @@ fn config(dsn: String) -> TdengineConfig {
                     "freq".into(),
                     TdParam {
                         pattern: None,
-                        allow: Some(["1m", "5m", "15m", "30m", "60m", "1d", "1w"].map(String::from).to_vec()),
+                        allow: Some(
+                            ["1m", "5m", "15m", "30m", "60m", "1d", "1w"]
+                                .map(String::from)
+                                .to_vec(),
+                        ),
                         quote: false,
                     },
                 ),
@@ -76,7 +80,9 @@ async fn rows_are_encoded_as_documented_json() {
         other => panic!("{other:?}"),
     };
     assert_eq!(ttl, Duration::from_secs(900));
-    let Fetch::Rows { value, .. } = &f else { unreachable!() };
+    let Fetch::Rows { value, .. } = &f else {
+        unreachable!()
+    };
     // Newest first (ORDER BY ts DESC), exact values, column order kept.
     let text = std::str::from_utf8(value).unwrap();
     let expect = format!(
@@ -95,7 +101,12 @@ async fn rows_are_encoded_as_documented_json() {
     // Row index 3 (the fourth oldest) has a NULL volume.
     assert!(rows[16]["volume"].is_null());
     assert_eq!(rows[16]["ts"], T0 + 3 * 60_000);
-    assert_eq!(ta.sql_log(), vec![KLINE_SQL.replace("{freq}", "1m").replace("{symbol}", "'MSFT'")]);
+    assert_eq!(
+        ta.sql_log(),
+        vec![KLINE_SQL
+            .replace("{freq}", "1m")
+            .replace("{symbol}", "'MSFT'")]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +116,9 @@ async fn rows_as_msgpack_and_latency_of_500_rows() {
     cfg.format = TdFormat::Msgpack;
     let td = Tdengine::new(cfg).unwrap();
     let f = td.fetch(b"kline:BRK.B:1d").await;
-    let Fetch::Rows { value, .. } = f else { panic!("{f:?}") };
+    let Fetch::Rows { value, .. } = f else {
+        panic!("{f:?}")
+    };
     let v = rmpv::decode::read_value(&mut &value[..]).unwrap();
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 500);
@@ -128,7 +141,11 @@ async fn rows_as_msgpack_and_latency_of_500_rows() {
 async fn measure(label: &str, td: &Tdengine) {
     let mut samples = Vec::new();
     for i in 0..30 {
-        let key = if i % 2 == 0 { &b"kline:AAPL:1d"[..] } else { &b"kline:MSFT:1d"[..] };
+        let key = if i % 2 == 0 {
+            &b"kline:AAPL:1d"[..]
+        } else {
+            &b"kline:MSFT:1d"[..]
+        };
         let t = Instant::now();
         let f = td.fetch(key).await;
         samples.push(t.elapsed());
@@ -177,15 +194,29 @@ async fn invalid_keys_never_reach_tdengine() {
     ];
     for key in &bad {
         let f = td.fetch(key).await;
-        assert!(matches!(f, Fetch::Invalid(_)), "{:?} -> {f:?}", String::from_utf8_lossy(key));
+        assert!(
+            matches!(f, Fetch::Invalid(_)),
+            "{:?} -> {f:?}",
+            String::from_utf8_lossy(key)
+        );
     }
     assert!(!td.matches(b"other:AAPL:1d"));
-    assert!(matches!(td.fetch(b"other:AAPL:1d").await, Fetch::Invalid(_)));
-    assert_eq!(ta.sql_log(), Vec::<String>::new(), "nothing may reach TDengine");
+    assert!(matches!(
+        td.fetch(b"other:AAPL:1d").await,
+        Fetch::Invalid(_)
+    ));
+    assert_eq!(
+        ta.sql_log(),
+        Vec::<String>::new(),
+        "nothing may reach TDengine"
+    );
     assert_eq!(td.stats().rejected, bad.len() as u64 + 1);
     assert_eq!(td.stats().queries, 0);
     // A valid key on the same instance still works.
-    assert!(matches!(td.fetch(b"kline:AAPL:1d").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:AAPL:1d").await,
+        Fetch::Rows { .. }
+    ));
     assert_eq!(ta.query_count(), 1);
     assert!(!ta.sql_log()[0].contains("DROP"));
 }
@@ -194,17 +225,30 @@ async fn invalid_keys_never_reach_tdengine() {
 async fn down_then_back() {
     let ta = TaosAdapter::start().await;
     let td = Tdengine::new(config(ta.dsn())).unwrap();
-    assert!(matches!(td.fetch(b"kline:AAPL:1m").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:AAPL:1m").await,
+        Fetch::Rows { .. }
+    ));
     ta.set_fault(Fault::Down);
     for key in [&b"kline:AAPL:5m"[..], b"kline:MSFT:5m", b"kline:AAPL:15m"] {
         let t = Instant::now();
         let f = td.fetch(key).await;
         assert!(is_failed(&f), "{f:?}");
-        assert!(t.elapsed() < Duration::from_millis(800), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            t.elapsed()
+        );
     }
     ta.set_fault(Fault::None);
-    assert!(matches!(td.fetch(b"kline:MSFT:1d").await, Fetch::Rows { .. }));
-    assert!(matches!(td.fetch(b"kline:BRK.B:1w").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:MSFT:1d").await,
+        Fetch::Rows { .. }
+    ));
+    assert!(matches!(
+        td.fetch(b"kline:BRK.B:1w").await,
+        Fetch::Rows { .. }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,7 +258,10 @@ async fn never_started_is_failed_fast() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let td = Tdengine::new(config(format!("taos+ws://root:taosdata@127.0.0.1:{port}/market"))).unwrap();
+    let td = Tdengine::new(config(format!(
+        "taos+ws://root:taosdata@127.0.0.1:{port}/market"
+    )))
+    .unwrap();
     let t = Instant::now();
     let f = td.fetch(b"kline:AAPL:1d").await;
     assert!(is_failed(&f), "{f:?}");
@@ -225,19 +272,36 @@ async fn never_started_is_failed_fast() {
 async fn hang_times_out_then_recovers() {
     let ta = TaosAdapter::start().await;
     let td = Tdengine::new(config(ta.dsn())).unwrap();
-    assert!(matches!(td.fetch(b"kline:AAPL:1m").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:AAPL:1m").await,
+        Fetch::Rows { .. }
+    ));
     ta.set_fault(Fault::Hang);
     // Existing connections (queries swallowed) and new ones (no handshake).
-    for key in [&b"kline:AAPL:5m"[..], b"kline:MSFT:5m", b"kline:AAPL:15m", b"kline:MSFT:15m"] {
+    for key in [
+        &b"kline:AAPL:5m"[..],
+        b"kline:MSFT:5m",
+        b"kline:AAPL:15m",
+        b"kline:MSFT:15m",
+    ] {
         let t = Instant::now();
         let f = td.fetch(key).await;
         let took = t.elapsed();
         assert!(is_failed(&f), "{f:?}");
-        assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(800), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_millis(800),
+            "{took:?}"
+        );
     }
     ta.set_fault(Fault::None);
-    assert!(matches!(td.fetch(b"kline:MSFT:1d").await, Fetch::Rows { .. }));
-    assert!(matches!(td.fetch(b"kline:AAPL:1w").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:MSFT:1d").await,
+        Fetch::Rows { .. }
+    ));
+    assert!(matches!(
+        td.fetch(b"kline:AAPL:1w").await,
+        Fetch::Rows { .. }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,9 +324,18 @@ async fn error_reply_and_close_mid_query_are_failed() {
         assert!(t.elapsed() < Duration::from_millis(800));
     }
     ta.set_fault(Fault::None);
-    assert!(matches!(td.fetch(b"kline:AAPL:1d").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:AAPL:1d").await,
+        Fetch::Rows { .. }
+    ));
     // An unknown table is a query error from TDengine, not a hang.
-    ta.insert_table("kline_1w", taosadapter::Table { columns: vec![], rows: vec![] });
+    ta.insert_table(
+        "kline_1w",
+        taosadapter::Table {
+            columns: vec![],
+            rows: vec![],
+        },
+    );
     let mut cfg = config(ta.dsn());
     cfg.routes[0].sql = cfg.routes[0].sql.replace("kline_{freq}", "missing_{freq}");
     let td2 = Tdengine::new(cfg).unwrap();
@@ -282,7 +355,10 @@ async fn breaker_opens_fails_fast_and_recovers() {
         message: "Unable to establish connection".into(),
     });
     for i in 0..3 {
-        assert!(is_failed(&td.fetch(format!("kline:AAPL:{}", ["1m", "5m", "15m"][i]).as_bytes()).await));
+        assert!(is_failed(
+            &td.fetch(format!("kline:AAPL:{}", ["1m", "5m", "15m"][i]).as_bytes())
+                .await
+        ));
     }
     assert_eq!(ta.query_count(), 3);
     assert_eq!(td.stats().circuit, "open");
@@ -293,13 +369,23 @@ async fn breaker_opens_fails_fast_and_recovers() {
         let f = td.fetch(b"kline:MSFT:1d").await;
         assert!(is_failed(&f), "{f:?}");
     }
-    assert!(t.elapsed() < Duration::from_millis(100), "open breaker must fail fast: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "open breaker must fail fast: {:?}",
+        t.elapsed()
+    );
     assert_eq!(ta.query_count(), 3, "no query while the breaker is open");
     // After the cooldown one probe goes through and closes it.
     tokio::time::sleep(Duration::from_millis(750)).await;
-    assert!(matches!(td.fetch(b"kline:MSFT:1d").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:MSFT:1d").await,
+        Fetch::Rows { .. }
+    ));
     assert_eq!(td.stats().circuit, "closed");
-    assert!(matches!(td.fetch(b"kline:AAPL:1d").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:AAPL:1d").await,
+        Fetch::Rows { .. }
+    ));
     assert_eq!(ta.query_count(), 5);
     let s = td.stats();
     assert_eq!(s.queries, 5);
@@ -348,8 +434,14 @@ async fn concurrency_bound_fails_when_full() {
     cfg.timeout = Duration::from_millis(1000);
     let td = Arc::new(Tdengine::new(cfg).unwrap());
     // Connect first, so that A's time is the stand-in's delay only.
-    assert!(matches!(td.fetch(b"kline:AAPL:1m").await, Fetch::Rows { .. }));
-    assert!(matches!(td.fetch(b"kline:AAPL:5m").await, Fetch::Rows { .. }));
+    assert!(matches!(
+        td.fetch(b"kline:AAPL:1m").await,
+        Fetch::Rows { .. }
+    ));
+    assert!(matches!(
+        td.fetch(b"kline:AAPL:5m").await,
+        Fetch::Rows { .. }
+    ));
     ta.set_fault(Fault::Slow(Duration::from_millis(600)));
     let a = tokio::spawn({
         let td = td.clone();
@@ -361,7 +453,10 @@ async fn concurrency_bound_fails_when_full() {
     let took = t.elapsed();
     // B waits for A's permit (~550 ms), then its remaining budget runs out.
     assert!(is_failed(&b), "{b:?}");
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(1300), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1300),
+        "{took:?}"
+    );
     let a = a.await.unwrap();
     assert!(matches!(a, Fetch::Rows { .. }), "{a:?}");
 }
@@ -371,7 +466,11 @@ async fn bad_route_config_names_the_key() {
     let mut cfg = config("taos+ws://root:taosdata@127.0.0.1:1/market".into());
     cfg.routes[0].params[0].1.pattern = Some("([".into());
     let e = Tdengine::new(cfg).err().expect("bad regex");
-    assert!(e.to_string().contains("tdengine.routes[0].params.symbol.pattern"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("tdengine.routes[0].params.symbol.pattern"),
+        "{e}"
+    );
     let mut cfg = config("taos+ws://root:taosdata@127.0.0.1:1/market".into());
     cfg.routes[0].sql.push_str(" {nope}");
     let e = Tdengine::new(cfg).err().expect("unknown placeholder");
@@ -394,9 +493,19 @@ async fn real_tdengine() {
     let key = format!("kline:{symbol}:1d");
     let t = Instant::now();
     let f = td.fetch(key.as_bytes()).await;
-    println!("real TDengine fetch {key}: {:?} in {:?}", f_summary(&f), t.elapsed());
-    assert!(matches!(f, Fetch::Rows { .. } | Fetch::Empty { .. }), "{f:?}");
-    assert!(matches!(td.fetch(b"kline:0';DROP TABLE kline_1d;--:1d").await, Fetch::Invalid(_)));
+    println!(
+        "real TDengine fetch {key}: {:?} in {:?}",
+        f_summary(&f),
+        t.elapsed()
+    );
+    assert!(
+        matches!(f, Fetch::Rows { .. } | Fetch::Empty { .. }),
+        "{f:?}"
+    );
+    assert!(matches!(
+        td.fetch(b"kline:0';DROP TABLE kline_1d;--:1d").await,
+        Fetch::Invalid(_)
+    ));
 }
 
 fn f_summary(f: &Fetch) -> String {

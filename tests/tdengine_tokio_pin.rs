@@ -19,7 +19,11 @@ fn resolved_tokio() -> (u64, u64, u64) {
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
         if line == "name = \"tokio\"" {
-            let v = lines.next().unwrap().trim_start_matches("version = \"").trim_end_matches('"');
+            let v = lines
+                .next()
+                .unwrap()
+                .trim_start_matches("version = \"")
+                .trim_end_matches('"');
             let mut it = v.split('.').map(|p| p.parse::<u64>().unwrap());
             return (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
         }
@@ -30,13 +34,18 @@ fn resolved_tokio() -> (u64, u64, u64) {
 #[test]
 fn resolved_tokio_is_below_1_54() {
     let v = resolved_tokio();
-    assert!(v < (1, 54, 0), "tokio {v:?} resolved: taos-ws 0.12.3 panics on connect with tokio >= 1.54");
+    assert!(
+        v < (1, 54, 0),
+        "tokio {v:?} resolved: taos-ws 0.12.3 panics on connect with tokio >= 1.54"
+    );
 }
 
 #[test]
 fn zero_capacity_bufstream_does_not_panic() {
     // Exactly what taos-ws does on connect.
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (a, _b) = tokio::io::duplex(64);
         let _s = tokio::io::BufStream::with_capacity(0, 0, a);
@@ -48,7 +57,9 @@ async fn taos_client_connects_to_the_stand_in_without_panicking() {
     let ta = taosadapter::TaosAdapter::start().await;
     let dsn = ta.dsn();
     let task = tokio::spawn(async move {
-        let conn = taos::query::asyn::WsTaos::from_dsn(dsn.as_str()).await.expect("connect");
+        let conn = taos::query::asyn::WsTaos::from_dsn(dsn.as_str())
+            .await
+            .expect("connect");
         conn.version().to_string()
     });
     let version = tokio::time::timeout(Duration::from_secs(10), task)

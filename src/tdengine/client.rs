@@ -39,7 +39,12 @@ pub fn redact_dsn(dsn: &str) -> String {
     let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
     match rest[..auth_end].rfind('@') {
         Some(at) => match rest[..at].find(':') {
-            Some(colon) => format!("{}{}:***{}", &dsn[..scheme_end], &rest[..colon], &rest[at..]),
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &dsn[..scheme_end],
+                &rest[..colon],
+                &rest[at..]
+            ),
             None => dsn.to_string(),
         },
         None => dsn.to_string(),
@@ -63,7 +68,9 @@ impl Pool {
         Pool {
             redacted: redact_dsn(&dsn),
             dsn,
-            slots: (0..size.max(1)).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            slots: (0..size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
             next: AtomicUsize::new(0),
         }
     }
@@ -142,7 +149,11 @@ async fn run(conn: &WsTaos, sql: &str) -> Result<Rows, QueryError> {
     while let Some(block) = blocks.try_next().await.map_err(classify)? {
         let ncols = block.ncols().min(columns.len());
         for r in 0..block.nrows() {
-            rows.push((0..ncols).map(|c| cell(block.get_ref(r, c), precision)).collect());
+            rows.push(
+                (0..ncols)
+                    .map(|c| cell(block.get_ref(r, c), precision))
+                    .collect(),
+            );
         }
     }
     Ok(Rows { columns, rows })
@@ -181,7 +192,10 @@ mod tests {
 
     #[test]
     fn redacts_password() {
-        assert_eq!(redact_dsn("taos+ws://root:taosdata@127.0.0.1:6041/market"), "taos+ws://root:***@127.0.0.1:6041/market");
+        assert_eq!(
+            redact_dsn("taos+ws://root:taosdata@127.0.0.1:6041/market"),
+            "taos+ws://root:***@127.0.0.1:6041/market"
+        );
         assert_eq!(redact_dsn("ws://host:6041/db"), "ws://host:6041/db");
         assert_eq!(redact_dsn("ws://u@host:6041"), "ws://u@host:6041");
         assert_eq!(redact_dsn("ws://u:p@ss@host"), "ws://u:***@host");

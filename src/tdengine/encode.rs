@@ -123,10 +123,28 @@ mod tests {
 
     fn sample() -> Rows {
         Rows {
-            columns: vec!["ts".into(), "close".into(), "volume".into(), "name".into(), "ok".into()],
+            columns: vec![
+                "ts".into(),
+                "close".into(),
+                "volume".into(),
+                "name".into(),
+                "ok".into(),
+            ],
             rows: vec![
-                vec![Cell::Int(1_700_000_000_000), Cell::Float(1.5), Cell::Int(42), Cell::Str("a\"b".into()), Cell::Bool(true)],
-                vec![Cell::Int(1), Cell::Float(f64::NAN), Cell::Null, Cell::Str("é".into()), Cell::Bool(false)],
+                vec![
+                    Cell::Int(1_700_000_000_000),
+                    Cell::Float(1.5),
+                    Cell::Int(42),
+                    Cell::Str("a\"b".into()),
+                    Cell::Bool(true),
+                ],
+                vec![
+                    Cell::Int(1),
+                    Cell::Float(f64::NAN),
+                    Cell::Null,
+                    Cell::Str("é".into()),
+                    Cell::Bool(false),
+                ],
             ],
         }
     }

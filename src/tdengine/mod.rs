@@ -169,7 +169,9 @@ impl Breaker {
         if permit == Permit::Probe {
             let mut s = self.lock();
             if *s == BreakerState::HalfOpen {
-                *s = BreakerState::Open { until: Instant::now() };
+                *s = BreakerState::Open {
+                    until: Instant::now(),
+                };
             }
         }
     }
@@ -281,7 +283,10 @@ impl Tdengine {
                     match task.await {
                         Ok(o) => o,
                         Err(e) => {
-                            metrics::get().tdengine_errors_total.with_label_values(&["internal"]).inc();
+                            metrics::get()
+                                .tdengine_errors_total
+                                .with_label_values(&["internal"])
+                                .inc();
                             tracing::error!(error = %e, "TDengine query task failed");
                             Outcome::Failed(format!("query task failed: {e}"))
                         }
@@ -338,11 +343,16 @@ impl Inner {
             Ok(Ok(p)) => p,
             _ => {
                 self.breaker.abandon(permit);
-                return fail("overloaded", format!("too many concurrent queries (waited {:?})", self.timeout));
+                return fail(
+                    "overloaded",
+                    format!("too many concurrent queries (waited {:?})", self.timeout),
+                );
             }
         };
         self.queries.fetch_add(1, Ordering::Relaxed);
-        m.tdengine_queries_total.with_label_values(&[&route.template]).inc();
+        m.tdengine_queries_total
+            .with_label_values(&[&route.template])
+            .inc();
         let started = Instant::now();
         let res = tokio::time::timeout_at(deadline, self.pool.query(&sql)).await;
         let elapsed = started.elapsed();

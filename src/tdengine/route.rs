@@ -64,7 +64,11 @@ fn parse_template(
                     match chars.next() {
                         Some('}') => break,
                         Some(c) if c.is_ascii_alphanumeric() || c == '_' => name.push(c),
-                        Some(c) => return Err(format!("{what}: invalid character {c:?} in placeholder name")),
+                        Some(c) => {
+                            return Err(format!(
+                                "{what}: invalid character {c:?} in placeholder name"
+                            ))
+                        }
                         None => return Err(format!("{what}: unterminated placeholder {{{name}")),
                     }
                 }
@@ -76,7 +80,11 @@ fn parse_template(
                 }
                 segs.push(Seg::Var(var(&name)?));
             }
-            '}' => return Err(format!("{what}: unmatched '}}' (write '}}}}' for a literal brace)")),
+            '}' => {
+                return Err(format!(
+                    "{what}: unmatched '}}' (write '}}}}' for a literal brace)"
+                ))
+            }
             c => lit.push(c),
         }
     }
@@ -96,9 +104,10 @@ fn pattern_is_identifier_safe(pattern: &str) -> Result<bool, String> {
         match h.kind() {
             HirKind::Empty | HirKind::Look(_) => true,
             HirKind::Literal(lit) => lit.0.iter().all(|&b| ok_char(u32::from(b))),
-            HirKind::Class(Class::Unicode(cls)) => cls.ranges().iter().all(|r| {
-                (u32::from(r.start())..=u32::from(r.end())).all(ok_char)
-            }),
+            HirKind::Class(Class::Unicode(cls)) => cls
+                .ranges()
+                .iter()
+                .all(|r| (u32::from(r.start())..=u32::from(r.end())).all(ok_char)),
             HirKind::Class(Class::Bytes(cls)) => cls
                 .ranges()
                 .iter()
@@ -108,7 +117,9 @@ fn pattern_is_identifier_safe(pattern: &str) -> Result<bool, String> {
             HirKind::Concat(hs) | HirKind::Alternation(hs) => hs.iter().all(walk),
         }
     }
-    let hir = regex_syntax::Parser::new().parse(pattern).map_err(|e| e.to_string())?;
+    let hir = regex_syntax::Parser::new()
+        .parse(pattern)
+        .map_err(|e| e.to_string())?;
     Ok(walk(&hir))
 }
 
@@ -143,14 +154,17 @@ impl Route {
     pub fn compile(ctx: &str, r: &TdRoute) -> Result<Route, String> {
         let mut params: Vec<Param> = Vec::new();
         for (name, p) in &r.params {
-            params.push(Self::compile_param(&format!("{ctx}.params.{name}"), name, p)?);
+            params.push(Self::compile_param(
+                &format!("{ctx}.params.{name}"),
+                name,
+                p,
+            )?);
         }
         let mut seen = vec![false; params.len()];
         let key = parse_template(&r.key, &format!("{ctx}.key"), |name| {
-            let i = params
-                .iter()
-                .position(|p| p.name == name)
-                .ok_or_else(|| format!("{ctx}.params.{name}: placeholder {{{name}}} in the key has no param rule"))?;
+            let i = params.iter().position(|p| p.name == name).ok_or_else(|| {
+                format!("{ctx}.params.{name}: placeholder {{{name}}} in the key has no param rule")
+            })?;
             if seen[i] {
                 return Err(format!("{ctx}.key: placeholder {{{name}}} appears twice"));
             }
@@ -164,11 +178,15 @@ impl Route {
             ));
         }
         if !matches!(key.first(), Some(Seg::Lit(_))) {
-            return Err(format!("{ctx}.key: must start with literal text, e.g. \"kline:{{symbol}}\""));
+            return Err(format!(
+                "{ctx}.key: must start with literal text, e.g. \"kline:{{symbol}}\""
+            ));
         }
         for w in key.windows(2) {
             if matches!(w, [Seg::Var(_), Seg::Var(_)]) {
-                return Err(format!("{ctx}.key: placeholders must be separated by literal text"));
+                return Err(format!(
+                    "{ctx}.key: placeholders must be separated by literal text"
+                ));
             }
         }
         let sql = parse_template(&r.sql, &format!("{ctx}.sql"), |name| {
@@ -176,9 +194,16 @@ impl Route {
                 .iter()
                 .position(|p| p.name == name)
                 .filter(|&i| seen[i])
-                .ok_or_else(|| format!("{ctx}.sql: unknown placeholder {{{name}}} (not in the key {:?})", r.key))
+                .ok_or_else(|| {
+                    format!(
+                        "{ctx}.sql: unknown placeholder {{{name}}} (not in the key {:?})",
+                        r.key
+                    )
+                })
         })?;
-        if !sql.iter().any(|s| matches!(s, Seg::Var(_))) && !key.iter().any(|s| matches!(s, Seg::Var(_))) {
+        if !sql.iter().any(|s| matches!(s, Seg::Var(_)))
+            && !key.iter().any(|s| matches!(s, Seg::Var(_)))
+        {
             // A constant route is allowed (e.g. "market:status").
         }
         // A quoted placeholder must not be wrapped in quotes by the SQL text.
@@ -214,8 +239,13 @@ impl Route {
         let pattern = match &p.pattern {
             None => None,
             Some(pat) => {
-                let re = Regex::new(&format!(r"\A(?:{pat})\z")).map_err(|e| format!("{ctx}.pattern: {e}"))?;
-                if !p.quote && p.allow.is_none() && !pattern_is_identifier_safe(pat).map_err(|e| format!("{ctx}.pattern: {e}"))? {
+                let re = Regex::new(&format!(r"\A(?:{pat})\z"))
+                    .map_err(|e| format!("{ctx}.pattern: {e}"))?;
+                if !p.quote
+                    && p.allow.is_none()
+                    && !pattern_is_identifier_safe(pat)
+                        .map_err(|e| format!("{ctx}.pattern: {e}"))?
+                {
                     return Err(format!(
                         "{ctx}.pattern: an unquoted (identifier) placeholder needs an allow list or a pattern restricted to [A-Za-z0-9_]; set quote = true for string values"
                     ));
@@ -299,7 +329,8 @@ impl Route {
             match s {
                 Seg::Lit(l) => sql.push_str(l),
                 Seg::Var(i) => {
-                    let v = checked[*i].ok_or_else(|| format!("{}: missing", self.params[*i].name))?;
+                    let v =
+                        checked[*i].ok_or_else(|| format!("{}: missing", self.params[*i].name))?;
                     if self.params[*i].quote {
                         sql.push_str(&quote_literal(v));
                     } else {
@@ -316,7 +347,10 @@ impl Route {
 mod tests {
     use super::*;
 
-    fn route(key: &str, sql: &str, params: &[(&str, Option<&str>, Option<&[&str]>, bool)]) -> Result<Route, String> {
+    /// name, pattern, allow, quote
+    type P<'a> = (&'a str, Option<&'a str>, Option<&'a [&'a str]>, bool);
+
+    fn route(key: &str, sql: &str, params: &[P<'_>]) -> Result<Route, String> {
         let r = TdRoute {
             key: key.into(),
             sql: sql.into(),
@@ -344,7 +378,10 @@ mod tests {
         route(
             "kline:{symbol}:{freq}",
             "SELECT * FROM kline_{freq} WHERE symbol = {symbol} LIMIT 5",
-            &[("symbol", Some("^[0-9A-Za-z.]{1,16}$"), None, true), ("freq", None, Some(FREQS), false)],
+            &[
+                ("symbol", Some("^[0-9A-Za-z.]{1,16}$"), None, true),
+                ("freq", None, Some(FREQS), false),
+            ],
         )
         .unwrap()
     }
@@ -401,8 +438,16 @@ mod tests {
         assert_eq!(quote_literal("a\\'b"), "'a\\\\\\'b'");
         assert_eq!(quote_literal("x\\"), "'x\\\\'");
         // A permissive pattern still produces a closed literal.
-        let r = route("k:{s}", "SELECT 1 FROM t WHERE s = {s}", &[("s", Some(".*"), None, true)]).unwrap();
-        assert_eq!(sql_for(&r, "k:';--").unwrap(), "SELECT 1 FROM t WHERE s = '\\';--'");
+        let r = route(
+            "k:{s}",
+            "SELECT 1 FROM t WHERE s = {s}",
+            &[("s", Some(".*"), None, true)],
+        )
+        .unwrap();
+        assert_eq!(
+            sql_for(&r, "k:';--").unwrap(),
+            "SELECT 1 FROM t WHERE s = '\\';--'"
+        );
     }
 
     #[test]
@@ -410,12 +455,25 @@ mod tests {
         let e = route("k:{s}", "SELECT {s}", &[("s", Some("("), None, true)]).unwrap_err();
         assert!(e.starts_with("tdengine.routes[0].params.s.pattern:"), "{e}");
         let e = route("k:{s}", "SELECT {s} {t}", &[("s", Some("a"), None, true)]).unwrap_err();
-        assert!(e.starts_with("tdengine.routes[0].sql:") && e.contains("{t}"), "{e}");
+        assert!(
+            e.starts_with("tdengine.routes[0].sql:") && e.contains("{t}"),
+            "{e}"
+        );
         let e = route("k:{s}:{t}", "SELECT {s}", &[("s", Some("a"), None, true)]).unwrap_err();
         assert!(e.starts_with("tdengine.routes[0].params.t:"), "{e}");
-        let e = route("k:{s}", "SELECT {s}", &[("s", Some("a"), None, true), ("u", Some("a"), None, true)]).unwrap_err();
+        let e = route(
+            "k:{s}",
+            "SELECT {s}",
+            &[("s", Some("a"), None, true), ("u", Some("a"), None, true)],
+        )
+        .unwrap_err();
         assert!(e.starts_with("tdengine.routes[0].params.u:"), "{e}");
-        let e = route("k:{s}{t}", "SELECT {s}", &[("s", Some("a"), None, true), ("t", Some("a"), None, true)]).unwrap_err();
+        let e = route(
+            "k:{s}{t}",
+            "SELECT {s}",
+            &[("s", Some("a"), None, true), ("t", Some("a"), None, true)],
+        )
+        .unwrap_err();
         assert!(e.starts_with("tdengine.routes[0].key:"), "{e}");
         let e = route("k:{s", "SELECT 1", &[]).unwrap_err();
         assert!(e.starts_with("tdengine.routes[0].key:"), "{e}");
@@ -426,18 +484,53 @@ mod tests {
     #[test]
     fn identifier_params_must_be_restricted() {
         // Identifier with a permissive pattern: refused.
-        let e = route("k:{t}", "SELECT * FROM {t}", &[("t", Some("[a-z.]+"), None, false)]).unwrap_err();
+        let e = route(
+            "k:{t}",
+            "SELECT * FROM {t}",
+            &[("t", Some("[a-z.]+"), None, false)],
+        )
+        .unwrap_err();
         assert!(e.starts_with("tdengine.routes[0].params.t.pattern:"), "{e}");
-        let e = route("k:{t}", "SELECT * FROM {t}", &[("t", Some(".+"), None, false)]).unwrap_err();
+        let e = route(
+            "k:{t}",
+            "SELECT * FROM {t}",
+            &[("t", Some(".+"), None, false)],
+        )
+        .unwrap_err();
         assert!(e.contains("[A-Za-z0-9_]"), "{e}");
-        let e = route("k:{t}", "SELECT * FROM {t}", &[("t", Some("\\w+"), None, false)]).unwrap_err();
+        let e = route(
+            "k:{t}",
+            "SELECT * FROM {t}",
+            &[("t", Some("\\w+"), None, false)],
+        )
+        .unwrap_err();
         assert!(e.contains("[A-Za-z0-9_]"), "{e}");
         // Restricted pattern or allow list: accepted.
-        route("k:{t}", "SELECT * FROM t_{t}", &[("t", Some("^[A-Za-z0-9_]{1,8}$"), None, false)]).unwrap();
-        route("k:{t}", "SELECT * FROM t_{t}", &[("t", Some("(?:1m|5m)"), None, false)]).unwrap();
-        route("k:{t}", "SELECT * FROM t_{t}", &[("t", None, Some(&["1m", "x_y"]), false)]).unwrap();
+        route(
+            "k:{t}",
+            "SELECT * FROM t_{t}",
+            &[("t", Some("^[A-Za-z0-9_]{1,8}$"), None, false)],
+        )
+        .unwrap();
+        route(
+            "k:{t}",
+            "SELECT * FROM t_{t}",
+            &[("t", Some("(?:1m|5m)"), None, false)],
+        )
+        .unwrap();
+        route(
+            "k:{t}",
+            "SELECT * FROM t_{t}",
+            &[("t", None, Some(&["1m", "x_y"]), false)],
+        )
+        .unwrap();
         // Allow entries of identifier params must themselves be identifiers.
-        let e = route("k:{t}", "SELECT * FROM {t}", &[("t", None, Some(&["a;b"]), false)]).unwrap_err();
+        let e = route(
+            "k:{t}",
+            "SELECT * FROM {t}",
+            &[("t", None, Some(&["a;b"]), false)],
+        )
+        .unwrap_err();
         assert!(e.starts_with("tdengine.routes[0].params.t.allow:"), "{e}");
         // Neither pattern nor allow.
         let e = route("k:{t}", "SELECT {t}", &[("t", None, None, true)]).unwrap_err();
@@ -446,7 +539,15 @@ mod tests {
 
     #[test]
     fn literal_braces() {
-        let r = route("k:{s}", "SELECT '{{x}}' FROM t WHERE s = {s}", &[("s", Some("[a-z]+"), None, true)]).unwrap();
-        assert_eq!(sql_for(&r, "k:abc").unwrap(), "SELECT '{x}' FROM t WHERE s = 'abc'");
+        let r = route(
+            "k:{s}",
+            "SELECT '{{x}}' FROM t WHERE s = {s}",
+            &[("s", Some("[a-z]+"), None, true)],
+        )
+        .unwrap();
+        assert_eq!(
+            sql_for(&r, "k:abc").unwrap(),
+            "SELECT '{x}' FROM t WHERE s = 'abc'"
+        );
     }
 }

@@ -59,7 +59,10 @@ pub enum Fault {
     /// Accept connections and messages but never answer anything.
     Hang,
     /// Answer every query with this TDengine error.
-    Error { code: i32, message: String },
+    Error {
+        code: i32,
+        message: String,
+    },
     /// Wait this long before answering each query.
     Slow(Duration),
     /// Drop the connection when a query arrives.
@@ -103,7 +106,11 @@ pub fn kline_row(symbol: &str, i: usize, step_ms: i64) -> Vec<Val> {
         Val::F64(base + 1.5),
         Val::F64(base - 0.5),
         Val::F64(base + 0.75),
-        if i == 3 { Val::Null } else { Val::I64(1000 + i as i64) },
+        if i == 3 {
+            Val::Null
+        } else {
+            Val::I64(1000 + i as i64)
+        },
     ]
 }
 
@@ -191,7 +198,11 @@ impl TaosAdapter {
                 });
             }
         });
-        TaosAdapter { addr, state, accept }
+        TaosAdapter {
+            addr,
+            state,
+            accept,
+        }
     }
 
     /// A DSN for the `taos` client.
@@ -222,7 +233,11 @@ impl TaosAdapter {
     }
 
     pub fn insert_table(&self, name: &str, table: Table) {
-        self.state.tables.lock().unwrap().insert(name.to_string(), table);
+        self.state
+            .tables
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), table);
     }
 }
 
@@ -233,6 +248,8 @@ struct Pending {
     sent: bool,
 }
 
+// The handshake callback signature is tungstenite's.
+#[allow(clippy::result_large_err)]
 async fn serve(stream: TcpStream, st: Arc<State>) {
     let mut fault = st.fault.subscribe();
     let _ = stream.set_nodelay(true);
@@ -290,13 +307,19 @@ async fn serve(stream: TcpStream, st: Arc<State>) {
         if current == Fault::Hang {
             continue;
         }
-        let Ok(req) = serde_json::from_str::<Value>(&text) else { continue };
+        let Ok(req) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
         let action = req["action"].as_str().unwrap_or_default().to_string();
         let args = &req["args"];
         let req_id = args["req_id"].as_u64().unwrap_or(0);
         let reply: Option<Message> = match action.as_str() {
-            "version" => Some(text_msg(json!({"code":0,"message":"","action":"version","req_id":req_id,"version":"3.0.0.0"}))),
-            "conn" => Some(text_msg(json!({"code":0,"message":"","action":"conn","req_id":req_id,"timing":1000}))),
+            "version" => Some(text_msg(
+                json!({"code":0,"message":"","action":"version","req_id":req_id,"version":"3.0.0.0"}),
+            )),
+            "conn" => Some(text_msg(
+                json!({"code":0,"message":"","action":"conn","req_id":req_id,"timing":1000}),
+            )),
             "query" => {
                 let sql = args["sql"].as_str().unwrap_or_default().to_string();
                 st.sql_log.lock().unwrap().push(sql.clone());
@@ -325,7 +348,14 @@ async fn serve(stream: TcpStream, st: Arc<State>) {
                                     "fields_lengths":fields.iter().map(|f| field_len(f.1)).collect::<Vec<_>>(),
                                     "precision":0
                                 });
-                                results.insert(id, Pending { fields, rows, sent: false });
+                                results.insert(
+                                    id,
+                                    Pending {
+                                        fields,
+                                        rows,
+                                        sent: false,
+                                    },
+                                );
                                 text_msg(msg)
                             }
                             Err((code, message)) => text_msg(
@@ -425,7 +455,10 @@ impl tokio::io::AsyncWrite for QuickAck {
     ) -> std::task::Poll<std::io::Result<usize>> {
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(
@@ -496,7 +529,12 @@ fn run_sql(sql: &str, tables: &HashMap<String, Table>) -> Result<Answer, (i32, S
         r"(?is)^\s*SELECT\s+(.+?)\s+FROM\s+(\w+)(?:\s+WHERE\s+(\w+)\s*=\s*'((?:[^'\\]|\\.)*)')?(?:\s+ORDER\s+BY\s+(\w+)(?:\s+(ASC|DESC))?)?(?:\s+LIMIT\s+(\d+))?\s*;?\s*$",
     )
     .unwrap();
-    let syntax = || (0x2600, format!("syntax error near \"{sql}\" (stand-in subset)"));
+    let syntax = || {
+        (
+            0x2600,
+            format!("syntax error near \"{sql}\" (stand-in subset)"),
+        )
+    };
     let caps = re.captures(sql).ok_or_else(syntax)?;
     let table = tables
         .get(&caps[2])
@@ -511,7 +549,10 @@ fn run_sql(sql: &str, tables: &HashMap<String, Table>) -> Result<Answer, (i32, S
     let selected: Vec<usize> = if caps[1].trim() == "*" {
         (0..table.columns.len()).collect()
     } else {
-        caps[1].split(',').map(|c| col_index(c.trim())).collect::<Result<_, _>>()?
+        caps[1]
+            .split(',')
+            .map(|c| col_index(c.trim()))
+            .collect::<Result<_, _>>()?
     };
     let mut rows: Vec<&Vec<Val>> = table.rows.iter().collect();
     if let (Some(col), Some(lit)) = (caps.get(3), caps.get(4)) {
@@ -519,7 +560,11 @@ fn run_sql(sql: &str, tables: &HashMap<String, Table>) -> Result<Answer, (i32, S
         let mut want = String::new();
         let mut chars = lit.as_str().chars();
         while let Some(ch) = chars.next() {
-            want.push(if ch == '\\' { chars.next().unwrap_or('\\') } else { ch });
+            want.push(if ch == '\\' {
+                chars.next().unwrap_or('\\')
+            } else {
+                ch
+            });
         }
         rows.retain(|r| r[c] == Val::Str(want.clone()));
     }
@@ -531,7 +576,10 @@ fn run_sql(sql: &str, tables: &HashMap<String, Table>) -> Result<Answer, (i32, S
             _ => f64::MIN,
         };
         rows.sort_by(|a, b| key(&a[c]).total_cmp(&key(&b[c])));
-        if caps.get(6).is_some_and(|d| d.as_str().eq_ignore_ascii_case("DESC")) {
+        if caps
+            .get(6)
+            .is_some_and(|d| d.as_str().eq_ignore_ascii_case("DESC"))
+        {
             rows.reverse();
         }
     }
