@@ -489,7 +489,7 @@ async fn real_tdengine() {
     let mut cfg = config(dsn);
     cfg.timeout = Duration::from_secs(5);
     let td = Tdengine::new(cfg).unwrap();
-    let symbol = std::env::var("TDENGINE_SYMBOL").unwrap_or_else(|_| "AAPL".into());
+    let symbol = std::env::var("TDENGINE_SYMBOL").unwrap_or_else(|_| "000001".into());
     let key = format!("kline:{symbol}:1d");
     let t = Instant::now();
     let f = td.fetch(key.as_bytes()).await;
