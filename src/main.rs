@@ -1,5 +1,9 @@
+//! The `nearcache` binary: parse the configuration, set up logging, run until
+//! SIGTERM or SIGINT, drain, exit 0. Everything else lives in the library.
+
 use clap::Parser;
-use nearcache::config::{Cli, Config, ProcessEnv};
+use nearcache::config::{Cli, Config, LogFormat, ProcessEnv};
+use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = Cli::parse();
@@ -10,8 +14,77 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(td) = &config.tdengine {
+        // Route templates and patterns are checked here too, so --check-config catches them.
+        if let Err(e) = nearcache::tdengine::Tdengine::new(td.clone()) {
+            eprintln!("nearcache: {e}");
+            std::process::exit(2);
+        }
+    }
     if cli.check_config {
-        println!("nearcache: configuration OK (listen {}, upstream {})", config.listen, config.upstream.url.redacted());
+        println!(
+            "nearcache: configuration OK (listen {}, upstream {}, cache {}, tdengine routes {})",
+            config.listen,
+            config.upstream.url.redacted(),
+            if config.cache.enabled { "on" } else { "off" },
+            config.tdengine.as_ref().map_or(0, |t| t.routes.len()),
+        );
         return;
+    }
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nearcache: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let handle = nearcache::start(config).await?;
+        let shared = handle.shared.clone();
+        tokio::spawn(reload_on_sighup(shared, cli));
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; draining");
+        handle.shutdown();
+        handle.wait().await;
+        tracing::info!("nearcache stopped");
+        anyhow::Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("nearcache: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// SIGHUP re-reads the configuration file and applies the key policies.
+async fn reload_on_sighup(shared: std::sync::Arc<nearcache::server::Shared>, cli: Cli) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match Config::resolve(&cli, &ProcessEnv) {
+            Ok(c) => {
+                shared.cache.set_policies(c.cache.policies);
+                tracing::info!("configuration reloaded: key policies applied");
+            }
+            Err(e) => tracing::warn!(error = %e, "configuration reload failed; keeping the old one"),
+        }
     }
 }

@@ -1,0 +1,384 @@
+//! The invalidation feed: a dedicated upstream connection that tells L1 about
+//! writes made anywhere (other pods, `redis-cli` straight on Redis, expiry,
+//! eviction, flushes).
+//!
+//! Two mechanisms, chosen by `cache.invalidation`:
+//! - `tracking`: RESP3 `CLIENT TRACKING ON BCAST PREFIX ...` with the cached
+//!   patterns' literal prefixes; needs no server configuration.
+//! - `keyspace`: `PSUBSCRIBE __keyspace@<db>__:<pattern>` on a server whose
+//!   `notify-keyspace-events` has `K` and all key-space classes. Keyspace
+//!   events say nothing about FLUSHDB/FLUSHALL, so the same connection also
+//!   enables tracking on a prefix no key uses: Redis sends every tracking
+//!   client an `invalidate` with a null key list on a flush.
+//!
+//! L1 serves only while the feed is up: on connect it is cleared and then
+//! enabled; when the feed drops or a health PING goes unanswered it is
+//! disabled and cleared before anything else happens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::Cache;
+use crate::command::literal_prefix;
+use crate::config::InvalidationMode;
+use crate::error::Error;
+use crate::metrics;
+use crate::protocol::{self, ReplyKind};
+use crate::upstream::{BoxStream, Connector};
+
+/// A prefix no application key uses: tracking on it only ever reports flushes.
+const FLUSH_ONLY_PREFIX: &str = "__nearcache:flush-only__";
+
+/// Starts the feed task; it runs until `shutdown` is notified.
+pub fn start(cache: Arc<Cache>, connector: Connector, shutdown: Arc<Notify>) {
+    if !cache.enabled() {
+        cache.set_serving(false, "disabled");
+        return;
+    }
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let run = run_once(&cache, &connector);
+            let result = tokio::select! {
+                r = run => r,
+                _ = shutdown.notified() => return,
+            };
+            cache.set_serving(false, "down");
+            for mode in ["keyspace", "tracking"] {
+                metrics::get().feed_up.with_label_values(&[mode]).set(0);
+            }
+            match result {
+                Ok(()) => backoff = Duration::from_millis(50),
+                Err(e) => warn!(error = %e, "invalidation feed down; L1 disabled until it is back"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.notified() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    });
+}
+
+struct FeedConn {
+    stream: BoxStream,
+    buf: BytesMut,
+}
+
+impl FeedConn {
+    async fn call(&mut self, args: &[&[u8]]) -> Result<protocol::Reply, Error> {
+        self.stream
+            .write_all(&protocol::command(args))
+            .await
+            .map_err(|e| Error::upstream_io(&e))?;
+        loop {
+            let r = self.next().await?;
+            if r.kind != ReplyKind::Push {
+                return Ok(r);
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Result<protocol::Reply, Error> {
+        loop {
+            if let Some(r) = protocol::parse_reply(&mut self.buf).map_err(Error::UpstreamProtocol)? {
+                return Ok(r);
+            }
+            self.buf.reserve(16 * 1024);
+            let n = self
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| Error::upstream_io(&e))?;
+            if n == 0 {
+                return Err(Error::Upstream("invalidation feed closed by upstream".into()));
+            }
+        }
+    }
+}
+
+fn error_text(r: &protocol::Reply) -> String {
+    String::from_utf8_lossy(&r.bytes).trim().to_string()
+}
+
+/// Does a `notify-keyspace-events` value deliver every key-space event we need?
+pub fn keyspace_flags_sufficient(flags: &str) -> bool {
+    let has = |c: char| flags.contains(c);
+    // 'A' is an alias for "g$lshzxetd" (and newer classes); 'n' (new key) is not needed.
+    has('K') && (has('A') || "g$lshzxetd".chars().all(has))
+}
+
+async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error> {
+    let (stream, buf, _) = connector.connect(3).await?;
+    let mut conn = FeedConn { stream, buf };
+    let db = connector.config().url.db;
+
+    let mode = match cache.config.invalidation {
+        InvalidationMode::Tracking => InvalidationMode::Tracking,
+        forced_or_auto => {
+            let flags = read_keyspace_flags(&mut conn).await;
+            let sufficient = flags.as_deref().is_some_and(keyspace_flags_sufficient);
+            match (forced_or_auto, sufficient) {
+                (_, true) => InvalidationMode::Keyspace,
+                (InvalidationMode::Auto, false) => InvalidationMode::Tracking,
+                (_, false) if cache.config.configure_upstream => {
+                    let r = conn.call(&[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"]).await?;
+                    if r.kind == ReplyKind::Error {
+                        cache.set_serving(false, "keyspace events unavailable");
+                        return Err(Error::Upstream(format!(
+                            "CONFIG SET notify-keyspace-events refused: {}",
+                            error_text(&r)
+                        )));
+                    }
+                    info!("enabled notify-keyspace-events KEA on the upstream (cache.configure_upstream = true)");
+                    InvalidationMode::Keyspace
+                }
+                (_, false) => {
+                    warn!(
+                        flags = flags.as_deref().unwrap_or("unknown"),
+                        "cache.invalidation = \"keyspace\" but the upstream's notify-keyspace-events lacks K and A; \
+                         serving everything from upstream (set cache.configure_upstream = true or use \"tracking\")"
+                    );
+                    cache.set_serving(false, "keyspace events not enabled upstream: serving from upstream only");
+                    // Re-check now and then: the operator may fix the server.
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    return Ok(());
+                }
+            }
+        }
+    };
+
+    let policies = cache.config.policies.clone();
+    let cached_patterns: Vec<&str> = policies
+        .iter()
+        .filter(|p| p.ttl.is_some())
+        .map(|p| p.pattern.as_str())
+        .collect();
+    let everything = cache.config.default_ttl.is_some();
+
+    let mode_label = match mode {
+        InvalidationMode::Keyspace => {
+            let mut args: Vec<Vec<u8>> = vec![b"PSUBSCRIBE".to_vec()];
+            if everything || cached_patterns.is_empty() {
+                args.push(format!("__keyspace@{db}__:*").into_bytes());
+            } else {
+                for p in &cached_patterns {
+                    args.push(format!("__keyspace@{db}__:{p}").into_bytes());
+                }
+            }
+            let n = args.len() - 1;
+            conn.stream
+                .write_all(&protocol::command(&args))
+                .await
+                .map_err(|e| Error::upstream_io(&e))?;
+            // One confirmation push per pattern.
+            let mut confirmed = 0;
+            while confirmed < n {
+                let r = conn.next().await?;
+                if r.kind == ReplyKind::Error {
+                    return Err(Error::Upstream(format!("PSUBSCRIBE refused: {}", error_text(&r))));
+                }
+                confirmed += 1;
+            }
+            let r = conn
+                .call(&[b"CLIENT", b"TRACKING", b"ON", b"BCAST", b"PREFIX", FLUSH_ONLY_PREFIX.as_bytes()])
+                .await?;
+            if r.kind == ReplyKind::Error {
+                return Err(Error::Upstream(format!("CLIENT TRACKING refused: {}", error_text(&r))));
+            }
+            "keyspace"
+        }
+        _ => {
+            let mut args: Vec<Vec<u8>> = vec![b"CLIENT".to_vec(), b"TRACKING".to_vec(), b"ON".to_vec(), b"BCAST".to_vec()];
+            let mut prefixes: Vec<&[u8]> = cached_patterns.iter().map(|p| literal_prefix(p.as_bytes())).collect();
+            prefixes.sort();
+            prefixes.dedup();
+            // Redis refuses overlapping prefixes, and an empty one means every key anyway.
+            let all_keys = everything || prefixes.iter().any(|p| p.is_empty()) || prefixes.is_empty();
+            if !all_keys {
+                let mut kept: Vec<&[u8]> = Vec::new();
+                for p in prefixes {
+                    if !kept.iter().any(|k| p.starts_with(k)) {
+                        kept.push(p);
+                    }
+                }
+                for p in kept {
+                    args.push(b"PREFIX".to_vec());
+                    args.push(p.to_vec());
+                }
+            }
+            let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+            let r = conn.call(&refs).await?;
+            if r.kind == ReplyKind::Error {
+                return Err(Error::Upstream(format!("CLIENT TRACKING refused: {}", error_text(&r))));
+            }
+            "tracking"
+        }
+    };
+
+    // Whatever was cached before this point may have missed invalidations.
+    cache.clear_all("feed_reconnect");
+    cache.set_serving(true, mode_label);
+    let m = metrics::get();
+    m.feed_up.with_label_values(&[mode_label]).set(1);
+    m.feed_reconnects_total.inc();
+    info!(mode = mode_label, "invalidation feed up; L1 serving");
+
+    let keyspace_prefix = format!("__keyspace@{db}__:").into_bytes();
+    let interval = cache.config.feed_health_interval;
+    let mut ping_sent: Option<tokio::time::Instant> = None;
+    let mut next_ping = tokio::time::Instant::now() + interval;
+    loop {
+        let deadline = match ping_sent {
+            Some(sent) => sent + interval,
+            None => next_ping,
+        };
+        let frame = tokio::select! {
+            r = conn.next() => r?,
+            _ = tokio::time::sleep_until(deadline) => {
+                if ping_sent.is_some() {
+                    return Err(Error::Upstream(format!("invalidation feed stalled: no PONG within {interval:?}")));
+                }
+                conn.stream.write_all(&protocol::command([b"PING"])).await.map_err(|e| Error::upstream_io(&e))?;
+                ping_sent = Some(tokio::time::Instant::now());
+                continue;
+            }
+        };
+        match frame.kind {
+            ReplyKind::Push => handle_push(cache, &frame.bytes, &keyspace_prefix),
+            ReplyKind::Error => {
+                return Err(Error::Upstream(format!("invalidation feed error: {}", error_text(&frame))));
+            }
+            _ => {
+                // The PONG of our health check.
+                ping_sent = None;
+                next_ping = tokio::time::Instant::now() + interval;
+            }
+        }
+    }
+}
+
+async fn read_keyspace_flags(conn: &mut FeedConn) -> Option<String> {
+    let r = conn.call(&[b"CONFIG", b"GET", b"notify-keyspace-events"]).await.ok()?;
+    if r.kind == ReplyKind::Error {
+        return None;
+    }
+    // RESP3: %1 $22 notify-keyspace-events $N flags
+    let parts = protocol::reply_strings(&r.bytes).or_else(|| map_strings(&r.bytes))?;
+    parts.get(1).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+fn map_strings(bytes: &Bytes) -> Option<Vec<Bytes>> {
+    // A RESP3 map reads like an array of alternating keys and values.
+    if bytes.first() != Some(&b'%') {
+        return None;
+    }
+    let mut fake = BytesMut::from(&bytes[..]);
+    fake[0] = b'*';
+    let header_end = fake.iter().position(|&c| c == b'\r')?;
+    let n: usize = std::str::from_utf8(&fake[1..header_end]).ok()?.parse().ok()?;
+    let mut rebuilt = BytesMut::new();
+    rebuilt.extend_from_slice(format!("*{}\r\n", n * 2).as_bytes());
+    rebuilt.extend_from_slice(&fake[header_end + 2..]);
+    protocol::reply_strings(&rebuilt)
+}
+
+fn handle_push(cache: &Cache, bytes: &Bytes, keyspace_prefix: &[u8]) {
+    let Some(parts) = push_parts(bytes) else {
+        return;
+    };
+    match parts.kind.as_slice() {
+        b"invalidate" => match parts.keys {
+            None => cache.clear_all("flush"),
+            Some(keys) => {
+                for k in keys {
+                    cache.invalidate(&k, "feed");
+                }
+            }
+        },
+        b"pmessage" => {
+            // [pmessage, pattern, channel, event]
+            if let Some(channel) = parts.strings.get(1) {
+                if let Some(key) = channel.strip_prefix(keyspace_prefix) {
+                    cache.invalidate(key, "feed");
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+struct PushParts {
+    kind: Vec<u8>,
+    /// For `invalidate`: the keys, or None for a flush.
+    keys: Option<Vec<Bytes>>,
+    /// For messages: the elements after the kind.
+    strings: Vec<Bytes>,
+}
+
+/// Reads `>2 invalidate *N keys...` / `>2 invalidate _` / `>4 pmessage p ch ev`.
+fn push_parts(bytes: &Bytes) -> Option<PushParts> {
+    use redis_protocol::resp3::decode::complete::decode_range;
+    use redis_protocol::resp3::types::RangeFrame as R3;
+    let (frame, _) = decode_range(bytes).ok()??;
+    let R3::Push { data, .. } = frame else {
+        return None;
+    };
+    let text = |f: &R3| match f {
+        R3::BlobString { data: (s, e), .. } | R3::SimpleString { data: (s, e), .. } => {
+            Some(bytes.slice(*s..*e))
+        }
+        _ => None,
+    };
+    let kind = text(data.first()?)?.to_vec();
+    if kind == b"invalidate" {
+        let keys = match data.get(1)? {
+            R3::Null => None,
+            R3::Array { data: items, .. } => Some(items.iter().filter_map(text).collect()),
+            _ => return None,
+        };
+        return Some(PushParts {
+            kind,
+            keys,
+            strings: Vec::new(),
+        });
+    }
+    Some(PushParts {
+        kind,
+        keys: None,
+        strings: data.iter().skip(1).filter_map(text).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyspace_flags() {
+        assert!(keyspace_flags_sufficient("AKE"));
+        assert!(keyspace_flags_sufficient("Kg$lshzxetd"));
+        assert!(!keyspace_flags_sufficient("AE"));
+        assert!(!keyspace_flags_sufficient("Kg$"));
+        assert!(!keyspace_flags_sufficient(""));
+    }
+
+    #[test]
+    fn pushes_are_read() {
+        let p = push_parts(&Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n")).unwrap();
+        assert_eq!(p.keys.unwrap(), vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        let p = push_parts(&Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n")).unwrap();
+        assert!(p.keys.is_none());
+        let p = push_parts(&Bytes::from_static(
+            b">4\r\n$8\r\npmessage\r\n$1\r\n*\r\n$17\r\n__keyspace@0__:k1\r\n$3\r\nset\r\n",
+        ))
+        .unwrap();
+        assert_eq!(p.kind, b"pmessage");
+        assert_eq!(p.strings[1], Bytes::from_static(b"__keyspace@0__:k1"));
+    }
+}

@@ -1,0 +1,544 @@
+//! Framing: client requests in, upstream replies framed, replies encoded.
+//!
+//! Requests are RESP arrays of bulk strings (decoded with `redis-protocol`'s
+//! zero-copy range decoder) or inline commands (`PING\r\n`, as `redis-cli`
+//! and telnet send them). Before a partial request is buffered, its headers
+//! are checked against the configured limits so that a client announcing a
+//! 100 GB bulk string is refused at once, with the error Redis gives, instead
+//! of being buffered. Replies from upstream stay encoded `Bytes`: nearcache
+//! only needs to find where each one ends, so RESP2 and RESP3 replies pass
+//! through byte-for-byte.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use redis_protocol::resp2::{decode::decode_range as resp2_decode_range, types::RangeFrame as R2};
+use redis_protocol::resp3::decode::complete::decode_range as resp3_decode_range;
+use redis_protocol::resp3::types::RangeFrame as R3;
+
+/// Inline requests longer than this without a newline are refused (Redis: PROTO_INLINE_MAX_SIZE).
+const INLINE_MAX: usize = 64 * 1024;
+
+/// Limits applied to one client's input.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bulk_len: u64,
+    pub max_multibulk_len: u64,
+    pub max_query_buffer: u64,
+}
+
+/// A parsed client command: the arguments, binary-safe, sharing the read buffer.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub args: Vec<Bytes>,
+    /// The request as received when it was a RESP array, so it can be forwarded without re-encoding.
+    pub raw: Option<Bytes>,
+}
+
+impl Request {
+    pub fn from_args(args: Vec<Bytes>) -> Request {
+        Request { args, raw: None }
+    }
+
+    /// The upper-cased command name, for dispatch (empty for an empty request).
+    pub fn name_upper(&self) -> Vec<u8> {
+        self.args.first().map(|a| a.to_ascii_uppercase()).unwrap_or_default()
+    }
+
+    /// The request in RESP form, as sent upstream.
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        match &self.raw {
+            Some(raw) => out.extend_from_slice(raw),
+            None => encode_command(out, &self.args),
+        }
+    }
+}
+
+/// A framing error: the reply text Redis would send; the connection is then closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError(pub String);
+
+/// Result of looking at the client's buffer.
+#[derive(Debug)]
+pub enum Parsed {
+    /// A complete request.
+    Request(Request),
+    /// A blank inline line (ignored by Redis).
+    Empty,
+    /// More input is needed.
+    Incomplete,
+}
+
+/// Parses one request from the front of `buf`, consuming it.
+pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+    if buf.is_empty() {
+        return Ok(Parsed::Incomplete);
+    }
+    if buf[0] != b'*' {
+        return parse_inline(buf);
+    }
+    match resp2_decode_range(buf) {
+        Ok(Some((frame, len))) => {
+            let R2::Array(items) = frame else {
+                // `*-1` and friends: Redis treats a null or empty multibulk as nothing.
+                let _ = buf.split_to(len);
+                return Ok(Parsed::Empty);
+            };
+            let raw = buf.split_to(len).freeze();
+            let mut args = Vec::with_capacity(items.len());
+            for item in &items {
+                match item {
+                    R2::BulkString((s, e)) => args.push(raw.slice(*s..*e)),
+                    other => {
+                        return Err(ProtocolError(format!(
+                            "ERR Protocol error: expected '$', got '{}'",
+                            kind_byte(other) as char
+                        )))
+                    }
+                }
+            }
+            if args.is_empty() {
+                return Ok(Parsed::Empty);
+            }
+            check_header_limits(&raw, limits)?;
+            Ok(Parsed::Request(Request { args, raw: Some(raw) }))
+        }
+        Ok(None) => {
+            check_header_limits(buf, limits)?;
+            if buf.len() as u64 > limits.max_query_buffer {
+                return Err(ProtocolError("ERR Protocol error: query buffer limit exceeded".into()));
+            }
+            Ok(Parsed::Incomplete)
+        }
+        Err(_) => Err(header_error(buf, limits)
+            .unwrap_or_else(|| ProtocolError("ERR Protocol error: invalid multibulk request".into()))),
+    }
+}
+
+fn kind_byte(f: &R2) -> u8 {
+    match f {
+        R2::SimpleString(_) => b'+',
+        R2::Error(_) => b'-',
+        R2::Integer(_) => b':',
+        R2::BulkString(_) => b'$',
+        R2::Array(_) => b'*',
+        R2::Null => b'$',
+    }
+}
+
+/// Reads `*N\r\n` and the following `$M\r\n` headers that are already buffered and
+/// returns the error Redis would give for the first one out of bounds.
+fn header_error(buf: &[u8], limits: &Limits) -> Option<ProtocolError> {
+    let line = |from: usize| -> Option<(&[u8], usize)> {
+        let rest = buf.get(from..)?;
+        let end = rest.windows(2).position(|w| w == b"\r\n")?;
+        Some((&rest[..end], from + end + 2))
+    };
+    let (head, mut pos) = match line(0) {
+        Some(x) => x,
+        None => {
+            return (buf.len() > INLINE_MAX)
+                .then(|| ProtocolError("ERR Protocol error: too big mbulk count string".into()))
+        }
+    };
+    let count = parse_len(&head[1..]);
+    let count = match count {
+        Some(n) if n <= limits.max_multibulk_len as i64 => n,
+        _ => return Some(ProtocolError("ERR Protocol error: invalid multibulk length".into())),
+    };
+    for _ in 0..count {
+        let Some((hdr, next)) = line(pos) else {
+            return (buf.len() - pos > INLINE_MAX)
+                .then(|| ProtocolError("ERR Protocol error: too big bulk count string".into()));
+        };
+        if hdr.first() != Some(&b'$') {
+            let got = hdr.first().copied().unwrap_or(b'\r');
+            return Some(ProtocolError(format!(
+                "ERR Protocol error: expected '$', got '{}'",
+                got as char
+            )));
+        }
+        let len = match parse_len(&hdr[1..]) {
+            Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len => n as usize,
+            _ => return Some(ProtocolError("ERR Protocol error: invalid bulk length".into())),
+        };
+        pos = next + len + 2;
+        if pos > buf.len() {
+            return None;
+        }
+    }
+    None
+}
+
+fn check_header_limits(buf: &[u8], limits: &Limits) -> Result<(), ProtocolError> {
+    match header_error(buf, limits) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn parse_len(digits: &[u8]) -> Option<i64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn parse_inline(buf: &mut BytesMut) -> Result<Parsed, ProtocolError> {
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        if buf.len() > INLINE_MAX {
+            return Err(ProtocolError("ERR Protocol error: too big inline request".into()));
+        }
+        return Ok(Parsed::Incomplete);
+    };
+    let line = buf.split_to(nl + 1);
+    let mut line = &line[..nl];
+    if line.last() == Some(&b'\r') {
+        line = &line[..line.len() - 1];
+    }
+    match split_inline(line) {
+        Some(args) if args.is_empty() => Ok(Parsed::Empty),
+        Some(args) => Ok(Parsed::Request(Request::from_args(args))),
+        None => Err(ProtocolError("ERR Protocol error: unbalanced quotes in request".into())),
+    }
+}
+
+/// Splits an inline command line the way Redis' `sdssplitargs` does: blanks
+/// separate arguments, "double quotes" take C escapes, 'single quotes' take \'.
+fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    let n = line.len();
+    loop {
+        while i < n && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= n {
+            return Some(args);
+        }
+        let mut cur = Vec::new();
+        let (mut in_dq, mut in_sq) = (false, false);
+        loop {
+            if in_dq {
+                if i >= n {
+                    return None;
+                }
+                if line[i] == b'\\' && i + 3 < n && line[i + 1] == b'x' {
+                    let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok();
+                    if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        cur.push(v);
+                        i += 4;
+                        continue;
+                    }
+                }
+                if line[i] == b'\\' && i + 1 < n {
+                    cur.push(match line[i + 1] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 8,
+                        b'a' => 7,
+                        c => c,
+                    });
+                    i += 2;
+                } else if line[i] == b'"' {
+                    // A closing quote must be followed by a blank or the end.
+                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(line[i]);
+                    i += 1;
+                }
+            } else if in_sq {
+                if i >= n {
+                    return None;
+                }
+                if line[i] == b'\\' && i + 1 < n && line[i + 1] == b'\'' {
+                    cur.push(b'\'');
+                    i += 2;
+                } else if line[i] == b'\'' {
+                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(line[i]);
+                    i += 1;
+                }
+            } else {
+                if i >= n || line[i].is_ascii_whitespace() {
+                    break;
+                }
+                match line[i] {
+                    b'"' => in_dq = true,
+                    b'\'' => in_sq = true,
+                    c => cur.push(c),
+                }
+                i += 1;
+            }
+        }
+        args.push(Bytes::from(cur));
+    }
+}
+
+/// What kind of reply frame was read from upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// A regular reply.
+    Normal,
+    /// An error reply (`-` or `!`).
+    Error,
+    /// A nil (`$-1`, `*-1` or `_`).
+    Nil,
+    /// A RESP3 push (`>`): out of band unless it confirms a (un)subscribe.
+    Push,
+}
+
+/// One framed upstream reply.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub bytes: Bytes,
+    pub kind: ReplyKind,
+}
+
+/// Splits one complete reply off the front of `buf`, if there is one.
+/// Handles RESP2 and RESP3 alike (RESP3's grammar is a superset).
+pub fn parse_reply(buf: &mut BytesMut) -> Result<Option<Reply>, String> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    match resp3_decode_range(buf) {
+        Ok(Some((frame, len))) => {
+            let kind = match frame {
+                R3::SimpleError { .. } | R3::BlobError { .. } => ReplyKind::Error,
+                R3::Null => ReplyKind::Nil,
+                R3::Push { .. } => ReplyKind::Push,
+                _ => ReplyKind::Normal,
+            };
+            Ok(Some(Reply {
+                bytes: buf.split_to(len).freeze(),
+                kind,
+            }))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The elements of a RESP2 array or RESP3 array/push reply whose elements are
+/// all strings or integers, as byte strings (integers in decimal). Used to
+/// read pub/sub confirmations and messages.
+pub fn reply_strings(bytes: &[u8]) -> Option<Vec<Bytes>> {
+    let (frame, _) = resp3_decode_range(bytes).ok()??;
+    let items = match frame {
+        R3::Array { data, .. } | R3::Push { data, .. } => data,
+        _ => return None,
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            R3::BlobString { data: (s, e), .. } | R3::SimpleString { data: (s, e), .. } => {
+                out.push(Bytes::copy_from_slice(&bytes[s..e]))
+            }
+            R3::Number { data, .. } => out.push(Bytes::from(data.to_string())),
+            R3::Null => out.push(Bytes::new()),
+            R3::Array { .. } => out.push(Bytes::from_static(b"*")),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// The elements of an array reply as raw encoded sub-replies (for MGET reassembly).
+pub fn split_array(bytes: &Bytes) -> Option<Vec<Bytes>> {
+    let (frame, _) = resp3_decode_range(bytes).ok()??;
+    let R3::Array { data, .. } = frame else {
+        return None;
+    };
+    // Each element's encoding is contiguous; walk the buffer re-framing each.
+    let header_end = bytes.windows(2).position(|w| w == b"\r\n")? + 2;
+    let mut pos = header_end;
+    let mut out = Vec::with_capacity(data.len());
+    for _ in 0..data.len() {
+        let (_, len) = resp3_decode_range(&bytes[pos..]).ok()??;
+        out.push(bytes.slice(pos..pos + len));
+        pos += len;
+    }
+    Some(out)
+}
+
+// --- Encoding -----------------------------------------------------------------
+
+pub fn encode_command(out: &mut BytesMut, args: &[Bytes]) {
+    out.reserve(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    array_header(out, args.len());
+    for a in args {
+        bulk(out, a);
+    }
+}
+
+pub fn command<I, A>(args: I) -> Bytes
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<[u8]>,
+{
+    let args: Vec<Bytes> = args
+        .into_iter()
+        .map(|a| Bytes::copy_from_slice(a.as_ref()))
+        .collect();
+    let mut out = BytesMut::new();
+    encode_command(&mut out, &args);
+    out.freeze()
+}
+
+pub fn array_header(out: &mut BytesMut, n: usize) {
+    out.put_u8(b'*');
+    out.extend_from_slice(itoa(n as i64).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+pub fn bulk(out: &mut BytesMut, data: &[u8]) {
+    out.put_u8(b'$');
+    out.extend_from_slice(itoa(data.len() as i64).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa(n: i64) -> String {
+    n.to_string()
+}
+
+pub fn ok() -> Bytes {
+    Bytes::from_static(b"+OK\r\n")
+}
+
+pub fn simple(s: &str) -> Bytes {
+    Bytes::from(format!("+{s}\r\n"))
+}
+
+/// An error reply; `msg` starts with the error code (`ERR ...`, `NOAUTH ...`).
+pub fn error(msg: &str) -> Bytes {
+    // Error lines cannot contain CR or LF.
+    let clean: String = msg.chars().map(|c| if c == '\r' || c == '\n' { ' ' } else { c }).collect();
+    Bytes::from(format!("-{clean}\r\n"))
+}
+
+pub fn integer(n: i64) -> Bytes {
+    Bytes::from(format!(":{n}\r\n"))
+}
+
+pub fn bulk_bytes(data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 16);
+    bulk(&mut out, data);
+    out.freeze()
+}
+
+pub fn nil(resp3: bool) -> Bytes {
+    if resp3 {
+        Bytes::from_static(b"_\r\n")
+    } else {
+        Bytes::from_static(b"$-1\r\n")
+    }
+}
+
+/// A map reply in the client's protocol: a RESP3 map, or a flat RESP2 array.
+pub fn map(resp3: bool, pairs: &[(&str, Bytes)]) -> Bytes {
+    let mut out = BytesMut::new();
+    if resp3 {
+        out.extend_from_slice(format!("%{}\r\n", pairs.len()).as_bytes());
+    } else {
+        array_header(&mut out, pairs.len() * 2);
+    }
+    for (k, v) in pairs {
+        bulk(&mut out, k.as_bytes());
+        out.extend_from_slice(v);
+    }
+    out.freeze()
+}
+
+pub fn array(items: &[Bytes]) -> Bytes {
+    let mut out = BytesMut::new();
+    array_header(&mut out, items.len());
+    for i in items {
+        out.extend_from_slice(i);
+    }
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_bulk_len: 1 << 20,
+        max_multibulk_len: 1024,
+        max_query_buffer: 1 << 24,
+    };
+
+    fn parse(input: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        loop {
+            match parse_request(&mut buf, &LIMITS)? {
+                Parsed::Request(r) => out.push(r.args.iter().map(|a| a.to_vec()).collect()),
+                Parsed::Empty => {}
+                Parsed::Incomplete => return Ok(out),
+            }
+        }
+    }
+
+    #[test]
+    fn resp_and_inline_requests() {
+        let got = parse(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\nset \"a b\" 'c\\'d'\r\n\r\n").unwrap();
+        assert_eq!(
+            got,
+            vec![
+                vec![b"GET".to_vec(), b"k".to_vec()],
+                vec![b"PING".to_vec()],
+                vec![b"set".to_vec(), b"a b".to_vec(), b"c'd".to_vec()]
+            ]
+        );
+    }
+
+    #[test]
+    fn partial_requests_wait() {
+        assert_eq!(parse(b"*2\r\n$3\r\nGE").unwrap().len(), 0);
+        assert_eq!(parse(b"PIN").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn errors_match_redis() {
+        let e = |i: &[u8]| parse(i).unwrap_err().0;
+        assert_eq!(e(b"*1\r\n$99999999999\r\n"), "ERR Protocol error: invalid bulk length");
+        assert_eq!(e(b"*99999999\r\n"), "ERR Protocol error: invalid multibulk length");
+        assert_eq!(e(b"*1\r\n+OK\r\n"), "ERR Protocol error: expected '+', got '+'".replace("expected '+'", "expected '$'"));
+        assert_eq!(e(b"*x\r\n"), "ERR Protocol error: invalid multibulk length");
+        assert_eq!(e(b"GET \"unterminated\r\n"), "ERR Protocol error: unbalanced quotes in request");
+        assert_eq!(e(&vec![b'A'; INLINE_MAX + 1]), "ERR Protocol error: too big inline request");
+    }
+
+    #[test]
+    fn replies_are_framed_whole() {
+        let mut buf = BytesMut::from(&b"+OK\r\n$5\r\nhello\r\n*2\r\n:1\r\n$-1\r\n_\r\n-ERR x\r\n>2\r\n$4\r\npush\r\n:1\r\n%1\r\n"[..]);
+        let kinds: Vec<_> = std::iter::from_fn(|| parse_reply(&mut buf).unwrap()).map(|r| r.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ReplyKind::Normal,
+                ReplyKind::Normal,
+                ReplyKind::Normal,
+                ReplyKind::Nil,
+                ReplyKind::Error,
+                ReplyKind::Push
+            ]
+        );
+        assert_eq!(&buf[..], b"%1\r\n");
+    }
+
+    #[test]
+    fn arrays_split_into_elements() {
+        let b = Bytes::from_static(b"*3\r\n$1\r\na\r\n$-1\r\n*1\r\n:5\r\n");
+        let parts = split_array(&b).unwrap();
+        assert_eq!(parts, vec![Bytes::from_static(b"$1\r\na\r\n"), Bytes::from_static(b"$-1\r\n"), Bytes::from_static(b"*1\r\n:5\r\n")]);
+    }
+}

@@ -1,0 +1,81 @@
+//! TLS towards the upstream (`rediss://`), with rustls: a CA file or the
+//! webpki roots, an optional client certificate, and the server name to verify.
+
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+use crate::config::TlsConfig;
+use crate::error::Error;
+use crate::upstream::BoxStream;
+
+#[derive(Clone)]
+pub struct TlsConnector {
+    inner: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+fn cfg_err(key: &str, problem: impl std::fmt::Display) -> Error {
+    Error::Config(crate::config::ConfigError::new(key, problem.to_string()))
+}
+
+impl TlsConnector {
+    pub fn new(cfg: &TlsConfig, host: &str) -> Result<TlsConnector, Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        match &cfg.ca_file {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| cfg_err("upstream.tls.ca_file", format!("{}: {e}", path.display())))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| cfg_err("upstream.tls.ca_file", format!("{}: {e}", path.display())))?;
+                if certs.is_empty() {
+                    return Err(cfg_err("upstream.tls.ca_file", format!("{}: no certificates", path.display())));
+                }
+                for c in certs {
+                    roots
+                        .add(c)
+                        .map_err(|e| cfg_err("upstream.tls.ca_file", e))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| cfg_err("upstream.tls", e))?
+            .with_root_certificates(roots);
+        let config = match (&cfg.cert_file, &cfg.key_file) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| cfg_err("upstream.tls.cert_file", format!("{}: {e}", cert.display())))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| cfg_err("upstream.tls.cert_file", format!("{}: {e}", cert.display())))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| cfg_err("upstream.tls.key_file", format!("{}: {e}", key.display())))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| cfg_err("upstream.tls.cert_file", e))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let name = cfg.server_name.clone().unwrap_or_else(|| host.to_string());
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|e| cfg_err("upstream.tls.server_name", format!("{name:?}: {e}")))?;
+        Ok(TlsConnector {
+            inner: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+
+    pub async fn connect(&self, tcp: TcpStream) -> Result<BoxStream, Error> {
+        let stream = self
+            .inner
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| Error::Upstream(format!("TLS handshake: {e}")))?;
+        Ok(Box::new(stream))
+    }
+}
