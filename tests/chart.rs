@@ -36,7 +36,8 @@ fn read(rel: &str) -> String {
 }
 
 fn yaml(text: &str, what: &str) -> Value {
-    serde_yaml_ng::from_str(text).unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}\n---\n{text}"))
+    serde_yaml_ng::from_str(text)
+        .unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}\n---\n{text}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -149,7 +150,10 @@ fn lex_expr(src: &str) -> Vec<Tok> {
                     i += 1;
                 }
                 let n: String = b[s..i].iter().collect();
-                out.push(Tok::Num(n.parse().unwrap_or_else(|_| panic!("bad number {n:?} in {src:?}"))));
+                out.push(Tok::Num(
+                    n.parse()
+                        .unwrap_or_else(|_| panic!("bad number {n:?} in {src:?}")),
+                ));
             }
             c if ident(c) => {
                 let s = i;
@@ -180,7 +184,10 @@ fn parse_pipeline(toks: &[Tok], pos: &mut usize) -> Pipeline {
             }
             Tok::LParen => {
                 let sub = parse_pipeline(toks, pos);
-                assert!(matches!(toks.get(*pos), Some(Tok::RParen)), "unbalanced parentheses");
+                assert!(
+                    matches!(toks.get(*pos), Some(Tok::RParen)),
+                    "unbalanced parentheses"
+                );
                 *pos += 1;
                 Operand::Sub(sub)
             }
@@ -197,7 +204,10 @@ fn parse_pipeline(toks: &[Tok], pos: &mut usize) -> Pipeline {
         };
         pipe.last_mut().unwrap().push(op);
     }
-    assert!(pipe.iter().all(|c| !c.is_empty()), "empty command in pipeline");
+    assert!(
+        pipe.iter().all(|c| !c.is_empty()),
+        "empty command in pipeline"
+    );
     pipe
 }
 
@@ -229,7 +239,11 @@ fn tokenize(src: &str) -> Vec<(bool, String)> {
             text = text.trim_start().to_string();
         }
         let after = &rest[start + 2..];
-        let (trim_left, inner_start) = if after.starts_with("- ") { (true, 2) } else { (false, 0) };
+        let (trim_left, inner_start) = if after.starts_with("- ") {
+            (true, 2)
+        } else {
+            (false, 0)
+        };
         if trim_left {
             text = text.trim_end().to_string();
         }
@@ -240,7 +254,10 @@ fn tokenize(src: &str) -> Vec<(bool, String)> {
             let close = body[end..].find("}}").expect("unterminated comment action") + end;
             (None, close)
         } else {
-            (Some(body[..body.find("}}").expect("unterminated action")].to_string()), body.find("}}").unwrap())
+            (
+                Some(body[..body.find("}}").expect("unterminated action")].to_string()),
+                body.find("}}").unwrap(),
+            )
         };
         let raw = &body[..consumed];
         trim_next = raw.ends_with(" -") || raw.ends_with("\t-");
@@ -308,13 +325,21 @@ fn parse_nodes(
                     None => (None, rest),
                 };
                 let (body, term) = parse_nodes(toks, pos, defines);
-                assert_eq!(term.as_deref(), Some("end"), "{word} with else is not supported by the test renderer");
+                assert_eq!(
+                    term.as_deref(),
+                    Some("end"),
+                    "{word} with else is not supported by the test renderer"
+                );
                 if word == "with" {
                     assert!(vars.is_none(), "with $x := is not supported");
                     nodes.push(Node::With(pipeline(expr), body));
                 } else {
                     let names: Vec<String> = vars
-                        .map(|v| v.split(',').map(|n| n.trim().trim_start_matches('$').to_string()).collect())
+                        .map(|v| {
+                            v.split(',')
+                                .map(|n| n.trim().trim_start_matches('$').to_string())
+                                .collect()
+                        })
                         .unwrap_or_default();
                     let (k, v) = match names.len() {
                         0 => (None, None),
@@ -326,7 +351,10 @@ fn parse_nodes(
             }
             _ if s.starts_with('$') && s.contains(":=") => {
                 let (var, expr) = s.split_once(":=").unwrap();
-                nodes.push(Node::Assign(var.trim().trim_start_matches('$').to_string(), pipeline(expr)));
+                nodes.push(Node::Assign(
+                    var.trim().trim_start_matches('$').to_string(),
+                    pipeline(expr),
+                ));
             }
             "block" | "template" | "break" | "continue" => {
                 panic!("template renderer: {word} is not supported")
@@ -402,14 +430,19 @@ fn field(v: &Value, name: &str, what: &str) -> Value {
 
 fn indent(n: usize, s: &str) -> String {
     let pad = " ".repeat(n);
-    s.split('\n').map(|l| format!("{pad}{l}")).collect::<Vec<_>>().join("\n")
+    s.split('\n')
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut o = String::new();
     for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
             if i <= c.len() {
                 o.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -453,15 +486,26 @@ impl Renderer {
         let (nodes, term) = parse_nodes(&toks, &mut pos, &mut defines);
         assert!(term.is_none(), "unexpected {term:?} at top level");
         let mut out = String::new();
-        let mut scope = Scope { dot: ctx.clone(), root: ctx.clone(), vars: Vec::new() };
+        let mut scope = Scope {
+            dot: ctx.clone(),
+            root: ctx.clone(),
+            vars: Vec::new(),
+        };
         self.exec(&nodes, &mut scope, &mut out);
         out
     }
 
     fn include(&self, name: &str, ctx: &Value) -> String {
-        let nodes = self.defines.get(name).unwrap_or_else(|| panic!("no template {name:?}"));
+        let nodes = self
+            .defines
+            .get(name)
+            .unwrap_or_else(|| panic!("no template {name:?}"));
         let mut out = String::new();
-        let mut scope = Scope { dot: ctx.clone(), root: ctx.clone(), vars: Vec::new() };
+        let mut scope = Scope {
+            dot: ctx.clone(),
+            root: ctx.clone(),
+            vars: Vec::new(),
+        };
         self.exec(nodes, &mut scope, &mut out);
         out
     }
@@ -495,9 +539,11 @@ impl Renderer {
                 Node::Range(kvar, vvar, p, body) => {
                     let items: Vec<(Value, Value)> = match self.eval(p, scope) {
                         Value::Null => Vec::new(),
-                        Value::Sequence(s) => {
-                            s.into_iter().enumerate().map(|(i, v)| (Value::Number((i as i64).into()), v)).collect()
-                        }
+                        Value::Sequence(s) => s
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, v)| (Value::Number((i as i64).into()), v))
+                            .collect(),
                         Value::Mapping(m) => {
                             let mut kv: Vec<_> = m.into_iter().collect();
                             kv.sort_by_key(|(k, _)| to_str(k));
@@ -535,7 +581,10 @@ impl Renderer {
             prev = Some(match head {
                 Operand::Func(name) => self.call(name, args, scope),
                 other => {
-                    assert!(args.is_empty(), "arguments given to a non-function {other:?}");
+                    assert!(
+                        args.is_empty(),
+                        "arguments given to a non-function {other:?}"
+                    );
                     self.operand(other, scope)
                 }
             });
@@ -548,9 +597,9 @@ impl Renderer {
             Operand::Lit(v) => v.clone(),
             Operand::Sub(p) => self.eval(p, scope),
             Operand::Func(name) => self.call(name, Vec::new(), scope),
-            Operand::Field(fields) => {
-                fields.iter().fold(scope.dot.clone(), |v, f| field(&v, f, "."))
-            }
+            Operand::Field(fields) => fields
+                .iter()
+                .fold(scope.dot.clone(), |v, f| field(&v, f, ".")),
             Operand::Var(name, fields) => {
                 let base = if name.is_empty() {
                     scope.root.clone()
@@ -564,13 +613,22 @@ impl Renderer {
                         .1
                         .clone()
                 };
-                fields.iter().fold(base, |v, f| field(&v, f, &format!("${name}")))
+                fields
+                    .iter()
+                    .fold(base, |v, f| field(&v, f, &format!("${name}")))
             }
         }
     }
 
     fn call(&self, name: &str, a: Vec<Value>, _scope: &Scope) -> Value {
-        let s = |v: &Value| Value::String(v.clone().as_str().map(str::to_string).unwrap_or_else(|| to_str(v)));
+        let s = |v: &Value| {
+            Value::String(
+                v.clone()
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| to_str(v)),
+            )
+        };
         let n = |v: &Value| match v {
             Value::Number(n) => n.as_i64().or(n.as_f64().map(|f| f as i64)).unwrap(),
             Value::String(s) => s.parse().unwrap_or(0),
@@ -611,7 +669,11 @@ impl Renderer {
             "nindent" | "indent" => {
                 arity(2);
                 let body = indent(n(&a[0]) as usize, &to_str(&a[1]));
-                Value::String(if name == "nindent" { format!("\n{body}") } else { body })
+                Value::String(if name == "nindent" {
+                    format!("\n{body}")
+                } else {
+                    body
+                })
             }
             "int" => {
                 arity(1);
@@ -619,21 +681,36 @@ impl Renderer {
             }
             "default" => {
                 arity(2);
-                if truthy(&a[1]) { a[1].clone() } else { a[0].clone() }
+                if truthy(&a[1]) {
+                    a[1].clone()
+                } else {
+                    a[0].clone()
+                }
             }
             "not" => {
                 arity(1);
                 Value::Bool(!truthy(&a[0]))
             }
-            "and" => a.iter().find(|v| !truthy(v)).unwrap_or(a.last().unwrap()).clone(),
-            "or" => a.iter().find(|v| truthy(v)).unwrap_or(a.last().unwrap()).clone(),
+            "and" => a
+                .iter()
+                .find(|v| !truthy(v))
+                .unwrap_or(a.last().unwrap())
+                .clone(),
+            "or" => a
+                .iter()
+                .find(|v| truthy(v))
+                .unwrap_or(a.last().unwrap())
+                .clone(),
             "eq" | "ne" => {
                 arity(2);
                 Value::Bool((a[0] == a[1]) == (name == "eq"))
             }
             "hasKey" => {
                 arity(2);
-                Value::Bool(a[0].as_mapping().is_some_and(|m| m.contains_key(a[1].as_str().unwrap())))
+                Value::Bool(
+                    a[0].as_mapping()
+                        .is_some_and(|m| m.contains_key(a[1].as_str().unwrap())),
+                )
             }
             "contains" => {
                 arity(2);
@@ -656,7 +733,9 @@ impl Renderer {
                 while let Some(c) = chars.next() {
                     if c == '%' {
                         match chars.next() {
-                            Some('s') | Some('d') | Some('v') => o.push_str(&to_str(args.next().expect("printf: missing argument"))),
+                            Some('s') | Some('d') | Some('v') => {
+                                o.push_str(&to_str(args.next().expect("printf: missing argument")))
+                            }
                             other => panic!("printf verb {other:?} not supported"),
                         }
                     } else {
@@ -674,7 +753,9 @@ impl Renderer {
                 // Stand-in: only the shape matters here.
                 Value::String(format!("{:064x}", to_str(&a[0]).len()))
             }
-            other => panic!("template renderer: function {other:?} is not supported; extend tests/chart.rs"),
+            other => panic!(
+                "template renderer: function {other:?} is not supported; extend tests/chart.rs"
+            ),
         }
     }
 }
@@ -718,11 +799,15 @@ fn set(v: &mut Value, dotted: &str, new: Value) {
     let parts: Vec<&str> = dotted.split('.').collect();
     for p in &parts[..parts.len() - 1] {
         if cur.get(*p).is_none() {
-            cur.as_mapping_mut().unwrap().insert((*p).into(), Value::Mapping(Mapping::new()));
+            cur.as_mapping_mut()
+                .unwrap()
+                .insert((*p).into(), Value::Mapping(Mapping::new()));
         }
         cur = cur.get_mut(*p).unwrap();
     }
-    cur.as_mapping_mut().unwrap().insert(parts[parts.len() - 1].into(), new);
+    cur.as_mapping_mut()
+        .unwrap()
+        .insert(parts[parts.len() - 1].into(), new);
 }
 
 /// The values with every optional part switched on, including the Compose kline route.
@@ -730,13 +815,25 @@ fn everything_on() -> Value {
     let mut v = values();
     set(&mut v, "example.enabled", true.into());
     set(&mut v, "serviceMonitor.enabled", true.into());
-    set(&mut v, "serviceMonitor.labels", yaml("release: kube-prometheus-stack", "labels"));
+    set(
+        &mut v,
+        "serviceMonitor.labels",
+        yaml("release: kube-prometheus-stack", "labels"),
+    );
     set(&mut v, "upstream.password", "s3cret".into());
     set(&mut v, "upstream.tls.existingSecret", "redis-tls".into());
     set(&mut v, "upstream.tls.serverName", "redis.internal".into());
-    set(&mut v, "sidecar.extraEnv", yaml("- {name: REDIS_DB, value: \"2\"}", "extraEnv"));
+    set(
+        &mut v,
+        "sidecar.extraEnv",
+        yaml("- {name: REDIS_DB, value: \"2\"}", "extraEnv"),
+    );
     set(&mut v, "tdengine.enabled", true.into());
-    set(&mut v, "tdengine.dsn", "taos+ws://root:taosdata@tdengine:6041/market".into());
+    set(
+        &mut v,
+        "tdengine.dsn",
+        "taos+ws://root:taosdata@tdengine:6041/market".into(),
+    );
     set(
         &mut v,
         "tdengine.routes",
@@ -764,7 +861,12 @@ fn templates() -> Vec<(String, String)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
         .collect();
     out.sort();
     out
@@ -787,10 +889,22 @@ fn cli_flags() -> BTreeSet<String> {
     let flags: BTreeSet<String> = help
         .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']' || c == '=')
         .filter(|w| w.starts_with("--") && w.len() > 2)
-        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_string())
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
+        })
         .collect();
-    for f in ["--listen", "--admin", "--config", "--upstream", "--check-config"] {
-        assert!(flags.contains(f), "{f} missing from nearcache --help:\n{help}");
+    for f in [
+        "--listen",
+        "--admin",
+        "--config",
+        "--upstream",
+        "--check-config",
+    ] {
+        assert!(
+            flags.contains(f),
+            "{f} missing from nearcache --help:\n{help}"
+        );
     }
     flags
 }
@@ -804,8 +918,14 @@ fn flag_map(args: &[String], known: &BTreeSet<String>) -> BTreeMap<String, Strin
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (a.clone(), None),
         };
-        assert!(flag.starts_with("--"), "argument {a:?} is not a flag (positional arguments are not accepted)");
-        assert!(known.contains(&flag), "{flag} is not a nearcache flag (nearcache --help lists {known:?})");
+        assert!(
+            flag.starts_with("--"),
+            "argument {a:?} is not a flag (positional arguments are not accepted)"
+        );
+        assert!(
+            known.contains(&flag),
+            "{flag} is not a nearcache flag (nearcache --help lists {known:?})"
+        );
         let value = value.or_else(|| {
             if it.peek().is_some_and(|n| !n.starts_with("--")) {
                 it.next().cloned()
@@ -819,7 +939,11 @@ fn flag_map(args: &[String], known: &BTreeSet<String>) -> BTreeMap<String, Strin
 }
 
 fn port_of(addr: &str) -> u16 {
-    addr.rsplit(':').next().unwrap().parse().unwrap_or_else(|_| panic!("no port in {addr:?}"))
+    addr.rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no port in {addr:?}"))
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -842,7 +966,9 @@ fn toml_keys(t: &toml::Table, prefix: &str, out: &mut BTreeSet<String>) {
         };
         match v {
             toml::Value::Table(sub) => toml_keys(sub, &key, out),
-            toml::Value::Array(items) if items.iter().all(|i| i.is_table()) && !items.is_empty() => {
+            toml::Value::Array(items)
+                if items.iter().all(|i| i.is_table()) && !items.is_empty() =>
+            {
                 for i in items {
                     toml_keys(i.as_table().unwrap(), &format!("{key}[]"), out);
                 }
@@ -864,17 +990,30 @@ fn documented_keys() -> BTreeSet<String> {
             in_example = true;
         }
         if in_example {
-            text.push_str(line.trim_start().trim_start_matches('#').strip_prefix(' ').unwrap_or(""));
+            text.push_str(
+                line.trim_start()
+                    .trim_start_matches('#')
+                    .strip_prefix(' ')
+                    .unwrap_or(""),
+            );
         } else {
             text.push_str(line);
         }
         text.push('\n');
     }
-    let table: toml::Table = toml::from_str(&text).expect("conf/nearcache.toml (with the tdengine example) parses");
+    let table: toml::Table =
+        toml::from_str(&text).expect("conf/nearcache.toml (with the tdengine example) parses");
     let mut keys = BTreeSet::new();
     toml_keys(&table, "", &mut keys);
-    for k in ["tdengine.dsn", "tdengine.routes[].key", "tdengine.routes[].params.*"] {
-        assert!(keys.iter().any(|x| x.starts_with(k)), "expected {k} among the documented keys: {keys:?}");
+    for k in [
+        "tdengine.dsn",
+        "tdengine.routes[].key",
+        "tdengine.routes[].params.*",
+    ] {
+        assert!(
+            keys.iter().any(|x| x.starts_with(k)),
+            "expected {k} among the documented keys: {keys:?}"
+        );
     }
     keys
 }
@@ -890,7 +1029,11 @@ fn check_config(file: &Path) -> std::process::Output {
 fn chart_metadata_and_values_parse() {
     let meta = chart_meta();
     assert_eq!(meta["apiVersion"], Value::from("v2"));
-    assert_eq!(meta["name"], Value::from("nearcache"), "the helpers hard-code the chart name");
+    assert_eq!(
+        meta["name"],
+        Value::from("nearcache"),
+        "the helpers hard-code the chart name"
+    );
     assert_eq!(
         to_str(&meta["appVersion"]),
         env!("CARGO_PKG_VERSION"),
@@ -911,7 +1054,10 @@ fn chart_metadata_and_values_parse() {
         .iter()
         .map(|p| to_str(&p["pattern"]))
         .collect();
-    let expected: Vec<String> = nearcache::config::default_policies().into_iter().map(|p| p.pattern).collect();
+    let expected: Vec<String> = nearcache::config::default_policies()
+        .into_iter()
+        .map(|p| p.pattern)
+        .collect();
     assert_eq!(patterns, expected);
     // Plain-YAML files elsewhere in the chart (no template actions) must parse as they are.
     for (name, text) in templates() {
@@ -924,7 +1070,10 @@ fn chart_metadata_and_values_parse() {
 #[test]
 fn every_template_renders_to_yaml() {
     let r = renderer();
-    for (label, values) in [("default values", values()), ("everything enabled", everything_on())] {
+    for (label, values) in [
+        ("default values", values()),
+        ("everything enabled", everything_on()),
+    ] {
         let ctx = context(values);
         let mut kinds = BTreeSet::new();
         for (name, text) in templates() {
@@ -934,13 +1083,26 @@ fn every_template_renders_to_yaml() {
             }
             let doc = yaml(&out, &format!("{name} ({label})"));
             let kind = to_str(&doc["kind"]);
-            assert!(!kind.is_empty() && doc["apiVersion"].is_string(), "{name}: no kind/apiVersion");
-            assert!(doc["metadata"]["name"].is_string(), "{name}: no metadata.name");
+            assert!(
+                !kind.is_empty() && doc["apiVersion"].is_string(),
+                "{name}: no kind/apiVersion"
+            );
+            assert!(
+                doc["metadata"]["name"].is_string(),
+                "{name}: no metadata.name"
+            );
             kinds.insert(kind);
         }
         if label == "everything enabled" {
-            let want: BTreeSet<String> =
-                ["ConfigMap", "Secret", "Deployment", "Service", "ServiceMonitor"].map(String::from).into();
+            let want: BTreeSet<String> = [
+                "ConfigMap",
+                "Secret",
+                "Deployment",
+                "Service",
+                "ServiceMonitor",
+            ]
+            .map(String::from)
+            .into();
             assert_eq!(kinds, want, "{label}");
         } else {
             assert_eq!(kinds, BTreeSet::from(["ConfigMap".to_string()]), "{label}");
@@ -951,15 +1113,25 @@ fn every_template_renders_to_yaml() {
 fn render_sidecar(values: Value) -> Mapping {
     let out = renderer().include("nearcache.sidecar", &context(values));
     let list = yaml(&out, "nearcache.sidecar");
-    let items = list.as_sequence().expect("nearcache.sidecar renders a list item");
-    assert_eq!(items.len(), 1, "nearcache.sidecar renders exactly one container");
+    let items = list
+        .as_sequence()
+        .expect("nearcache.sidecar renders a list item");
+    assert_eq!(
+        items.len(),
+        1,
+        "nearcache.sidecar renders exactly one container"
+    );
     items[0].as_mapping().unwrap().clone()
 }
 
 fn check_sidecar(c: &Mapping, flags: &BTreeSet<String>) {
     let c = Value::Mapping(c.clone());
     let args = flag_map(&strings(&c["args"]), flags);
-    assert_eq!(args.get("--listen").map(String::as_str), Some("127.0.0.1:6379"), "sidecar listen");
+    assert_eq!(
+        args.get("--listen").map(String::as_str),
+        Some("127.0.0.1:6379"),
+        "sidecar listen"
+    );
     let admin = args.get("--admin").expect("the sidecar sets --admin");
     let admin_port = port_of(admin);
     assert!(
@@ -968,8 +1140,14 @@ fn check_sidecar(c: &Mapping, flags: &BTreeSet<String>) {
     );
     if admin.contains("$(POD_IP)") {
         let env = c["env"].as_sequence().unwrap();
-        let pod_ip = env.iter().find(|e| e["name"] == Value::from("POD_IP")).expect("POD_IP env for $(POD_IP)");
-        assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], Value::from("status.podIP"));
+        let pod_ip = env
+            .iter()
+            .find(|e| e["name"] == "POD_IP")
+            .expect("POD_IP env for $(POD_IP)");
+        assert_eq!(
+            pod_ip["valueFrom"]["fieldRef"]["fieldPath"],
+            Value::from("status.podIP")
+        );
     }
     let config = args.get("--config").expect("the sidecar sets --config");
     let mounts = c["volumeMounts"].as_sequence().unwrap();
@@ -986,18 +1164,29 @@ fn check_sidecar(c: &Mapping, flags: &BTreeSet<String>) {
             p as u16
         } else {
             let name = to_str(port);
-            let p = c["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == Value::from(name.clone()));
-            p.unwrap_or_else(|| panic!("{probe} names port {name} the container lacks"))["containerPort"]
+            let p = c["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name.as_str());
+            p.unwrap_or_else(|| panic!("{probe} names port {name} the container lacks"))
+                ["containerPort"]
                 .as_u64()
                 .unwrap() as u16
         };
         assert_eq!(port, admin_port, "{probe} port vs --admin {admin}");
-        let want = if probe == "livenessProbe" { "/healthz" } else { "/readyz" };
+        let want = if probe == "livenessProbe" {
+            "/healthz"
+        } else {
+            "/readyz"
+        };
         assert_eq!(get["path"], Value::from(want), "{probe} path");
     }
     let ports = c["ports"].as_sequence().unwrap();
     assert!(
-        ports.iter().any(|p| p["containerPort"].as_u64() == Some(admin_port as u64)),
+        ports
+            .iter()
+            .any(|p| p["containerPort"].as_u64() == Some(admin_port as u64)),
         "container ports {ports:?} lack the admin port {admin_port}"
     );
     let sc = &c["securityContext"];
@@ -1005,10 +1194,16 @@ fn check_sidecar(c: &Mapping, flags: &BTreeSet<String>) {
     assert_eq!(sc["runAsUser"], Value::from(10001));
     assert_eq!(sc["readOnlyRootFilesystem"], Value::from(true));
     assert_eq!(sc["allowPrivilegeEscalation"], Value::from(false));
-    assert_eq!(strings(&sc["capabilities"]["drop"]), vec!["ALL".to_string()]);
+    assert_eq!(
+        strings(&sc["capabilities"]["drop"]),
+        vec!["ALL".to_string()]
+    );
     assert_eq!(sc["seccompProfile"]["type"], Value::from("RuntimeDefault"));
     let res = &c["resources"];
-    assert!(res["requests"]["memory"].is_string() && res["limits"]["memory"].is_string(), "resources: {res:?}");
+    assert!(
+        res["requests"]["memory"].is_string() && res["limits"]["memory"].is_string(),
+        "resources: {res:?}"
+    );
 }
 
 #[test]
@@ -1020,7 +1215,7 @@ fn sidecar_matches_the_cli_and_its_probes() {
         .as_sequence()
         .unwrap()
         .iter()
-        .all(|e| e["name"] != Value::from("REDIS_PASSWORD")));
+        .all(|e| e["name"] != "REDIS_PASSWORD"));
 
     // Admin bound to the pod IP via the downward API.
     let mut v = values();
@@ -1032,53 +1227,116 @@ fn sidecar_matches_the_cli_and_its_probes() {
     let c = Value::Mapping(render_sidecar(everything_on()));
     check_sidecar(c.as_mapping().unwrap(), &flags);
     let env = c["env"].as_sequence().unwrap();
-    let pw = env.iter().find(|e| e["name"] == Value::from("REDIS_PASSWORD")).expect("REDIS_PASSWORD");
-    assert_eq!(pw["valueFrom"]["secretKeyRef"]["name"], Value::from("demo-nearcache"));
-    assert_eq!(pw["valueFrom"]["secretKeyRef"]["key"], Value::from("redis-password"));
-    assert!(env.iter().any(|e| e["name"] == Value::from("REDIS_DB")), "extraEnv is appended");
+    let pw = env
+        .iter()
+        .find(|e| e["name"] == "REDIS_PASSWORD")
+        .expect("REDIS_PASSWORD");
+    assert_eq!(
+        pw["valueFrom"]["secretKeyRef"]["name"],
+        Value::from("demo-nearcache")
+    );
+    assert_eq!(
+        pw["valueFrom"]["secretKeyRef"]["key"],
+        Value::from("redis-password")
+    );
+    assert!(
+        env.iter().any(|e| e["name"] == "REDIS_DB"),
+        "extraEnv is appended"
+    );
     let mut v = values();
     set(&mut v, "upstream.existingSecret", "app-redis".into());
     set(&mut v, "upstream.existingSecretKey", "password".into());
     let c = Value::Mapping(render_sidecar(v.clone()));
-    let pw = c["env"].as_sequence().unwrap().iter().find(|e| e["name"] == Value::from("REDIS_PASSWORD")).cloned();
+    let pw = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "REDIS_PASSWORD")
+        .cloned();
     let pw = pw.expect("REDIS_PASSWORD from existingSecret");
-    assert_eq!(pw["valueFrom"]["secretKeyRef"]["name"], Value::from("app-redis"));
-    assert_eq!(pw["valueFrom"]["secretKeyRef"]["key"], Value::from("password"));
+    assert_eq!(
+        pw["valueFrom"]["secretKeyRef"]["name"],
+        Value::from("app-redis")
+    );
+    assert_eq!(
+        pw["valueFrom"]["secretKeyRef"]["key"],
+        Value::from("password")
+    );
     // ...and then the chart creates no Secret of its own.
-    let secret = renderer().render_file(&read(&format!("{CHART}/templates/secret.yaml")), &context(v));
-    assert!(secret.trim().is_empty(), "secret.yaml must render nothing with existingSecret:\n{secret}");
+    let secret = renderer().render_file(
+        &read(&format!("{CHART}/templates/secret.yaml")),
+        &context(v),
+    );
+    assert!(
+        secret.trim().is_empty(),
+        "secret.yaml must render nothing with existingSecret:\n{secret}"
+    );
 }
 
 #[test]
 fn sidecar_renders_from_an_application_chart() {
     // An application chart that depends on nearcache: our values live under `nearcache:`.
-    let mut app = yaml("replicaCount: 2\nimage: {repository: my/app}\n", "app values");
+    let mut app = yaml(
+        "replicaCount: 2\nimage: {repository: my/app}\n",
+        "app values",
+    );
     set(&mut app, "nearcache", values());
     let r = renderer();
     let ctx = context(app);
     let from_app = r.include("nearcache.sidecar", &ctx);
     let own = r.include("nearcache.sidecar", &context(values()));
-    assert_eq!(from_app, own, "the sidecar must not depend on the including chart");
-    check_sidecar(yaml(&from_app, "sidecar from the app chart")[0].as_mapping().unwrap(), &cli_flags());
+    assert_eq!(
+        from_app, own,
+        "the sidecar must not depend on the including chart"
+    );
+    check_sidecar(
+        yaml(&from_app, "sidecar from the app chart")[0]
+            .as_mapping()
+            .unwrap(),
+        &cli_flags(),
+    );
     // The volume points at the ConfigMap this chart renders, under the same name.
     let vols = yaml(&r.include("nearcache.volumes", &ctx), "nearcache.volumes");
-    let cm = yaml(&r.render_file(&read(&format!("{CHART}/templates/configmap.yaml")), &context(values())), "configmap");
+    let cm = yaml(
+        &r.render_file(
+            &read(&format!("{CHART}/templates/configmap.yaml")),
+            &context(values()),
+        ),
+        "configmap",
+    );
     assert_eq!(vols[0]["name"], Value::from("nearcache-config"));
     assert_eq!(vols[0]["configMap"]["name"], cm["metadata"]["name"]);
     // The example Deployment wires the same pieces together.
     let mut v = values();
     set(&mut v, "example.enabled", true.into());
-    let dep = yaml(&r.render_file(&read(&format!("{CHART}/templates/deployment-example.yaml")), &context(v)), "example");
+    let dep = yaml(
+        &r.render_file(
+            &read(&format!("{CHART}/templates/deployment-example.yaml")),
+            &context(v),
+        ),
+        "example",
+    );
     let spec = &dep["spec"]["template"]["spec"];
     let containers = spec["containers"].as_sequence().unwrap();
-    assert!(containers.iter().any(|c| c["name"] == Value::from("nearcache")));
-    assert_eq!(spec["volumes"][0]["configMap"]["name"], cm["metadata"]["name"]);
+    assert!(containers
+        .iter()
+        .any(|c| c["name"] == "nearcache"));
+    assert_eq!(
+        spec["volumes"][0]["configMap"]["name"],
+        cm["metadata"]["name"]
+    );
     let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace > 15, "terminationGracePeriodSeconds {grace} must exceed preStop sleep + shutdown_grace");
+    assert!(
+        grace > 15,
+        "terminationGracePeriodSeconds {grace} must exceed preStop sleep + shutdown_grace"
+    );
 }
 
 fn rendered_config(values: Value) -> String {
-    let cm = renderer().render_file(&read(&format!("{CHART}/templates/configmap.yaml")), &context(values));
+    let cm = renderer().render_file(
+        &read(&format!("{CHART}/templates/configmap.yaml")),
+        &context(values),
+    );
     let cm = yaml(&cm, "configmap.yaml");
     to_str(&cm["data"]["nearcache.toml"])
 }
@@ -1090,18 +1348,28 @@ fn configmap_keys_exist_and_pass_check_config() {
     std::fs::create_dir_all(&dir).unwrap();
     for (label, values) in [("default", values()), ("everything", everything_on())] {
         let text = rendered_config(values);
-        let table: toml::Table =
-            toml::from_str(&text).unwrap_or_else(|e| panic!("ConfigMap TOML ({label}) does not parse: {e}\n{text}"));
+        let table: toml::Table = toml::from_str(&text)
+            .unwrap_or_else(|e| panic!("ConfigMap TOML ({label}) does not parse: {e}\n{text}"));
         let mut keys = BTreeSet::new();
         toml_keys(&table, "", &mut keys);
         let unknown: Vec<_> = keys.difference(&documented).collect();
-        assert!(unknown.is_empty(), "ConfigMap ({label}) renders keys conf/nearcache.toml lacks: {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "ConfigMap ({label}) renders keys conf/nearcache.toml lacks: {unknown:?}"
+        );
 
         // The policies arrive exactly as in the values (lock:* uncached).
-        let cfg = nearcache::Config::from_toml(&text.replace("/etc/nearcache-tls/", &format!("{}/", dir.display())));
+        let cfg = nearcache::Config::from_toml(
+            &text.replace("/etc/nearcache-tls/", &format!("{}/", dir.display())),
+        );
         if label == "default" {
             let cfg = cfg.unwrap_or_else(|e| panic!("{e}\n{text}"));
-            let lock = cfg.cache.policies.iter().find(|p| p.pattern == "lock:*").unwrap();
+            let lock = cfg
+                .cache
+                .policies
+                .iter()
+                .find(|p| p.pattern == "lock:*")
+                .unwrap();
             assert!(lock.ttl.is_none(), "lock:* must not be cached");
             assert_eq!(cfg.cache.policies.len(), 4);
             let file = dir.join("default.toml");
@@ -1114,7 +1382,10 @@ fn configmap_keys_exist_and_pass_check_config() {
             );
         } else {
             // The TLS files are mounted from a Secret in the pod; stand them in here.
-            assert!(text.contains("ca_file = \"/etc/nearcache-tls/ca.crt\""), "{text}");
+            assert!(
+                text.contains("ca_file = \"/etc/nearcache-tls/ca.crt\""),
+                "{text}"
+            );
             std::fs::write(dir.join("ca.crt"), "test").unwrap();
             let local = text.replace("/etc/nearcache-tls/", &format!("{}/", dir.display()));
             let file = dir.join("everything.toml");
@@ -1130,8 +1401,17 @@ fn configmap_keys_exist_and_pass_check_config() {
             let td = cfg.tdengine.expect("tdengine section rendered");
             assert_eq!(td.routes.len(), 1);
             assert_eq!(td.routes[0].key, "kline:{symbol}:{freq}");
-            let symbol = &td.routes[0].params.iter().find(|(n, _)| n == "symbol").unwrap().1;
-            assert_eq!(symbol.pattern.as_deref(), Some("^[0-9A-Za-z.\\-]{1,16}$"), "escapes survive rendering");
+            let symbol = &td.routes[0]
+                .params
+                .iter()
+                .find(|(n, _)| n == "symbol")
+                .unwrap()
+                .1;
+            assert_eq!(
+                symbol.pattern.as_deref(),
+                Some("^[0-9A-Za-z.\\-]{1,16}$"),
+                "escapes survive rendering"
+            );
             assert!(symbol.quote);
         }
     }
@@ -1149,7 +1429,12 @@ fn compose_args(svc: &Value) -> Vec<String> {
     match &svc["command"] {
         Value::Sequence(_) => strings(&svc["command"]),
         Value::String(s) => s.split_whitespace().map(String::from).collect(),
-        Value::Null => vec!["--listen".into(), "0.0.0.0:6380".into(), "--admin".into(), "0.0.0.0:9121".into()],
+        Value::Null => vec![
+            "--listen".into(),
+            "0.0.0.0:6380".into(),
+            "--admin".into(),
+            "0.0.0.0:9121".into(),
+        ],
         other => panic!("unexpected command {other:?}"),
     }
 }
@@ -1158,21 +1443,46 @@ fn compose_args(svc: &Value) -> Vec<String> {
 fn compose_nearcache_ports_agree_with_its_arguments() {
     let c = compose();
     let services = c["services"].as_mapping().unwrap();
-    for s in ["redis", "tdengine", "tdengine-init", "nearcache", "example-client"] {
+    for s in [
+        "redis",
+        "tdengine",
+        "tdengine-init",
+        "nearcache",
+        "example-client",
+    ] {
         assert!(services.contains_key(s), "compose service {s} missing");
     }
     let nc = &c["services"]["nearcache"];
     let args = flag_map(&compose_args(nc), &cli_flags());
     let listen = args.get("--listen").expect("--listen");
     let admin = args.get("--admin").expect("--admin");
-    assert!(listen.starts_with("0.0.0.0:") && admin.starts_with("0.0.0.0:"), "bind all interfaces in a container");
+    assert!(
+        listen.starts_with("0.0.0.0:") && admin.starts_with("0.0.0.0:"),
+        "bind all interfaces in a container"
+    );
     let container_ports: BTreeSet<u16> = strings(&nc["ports"])
         .iter()
-        .map(|p| p.rsplit(':').next().unwrap().split('/').next().unwrap().parse().unwrap())
+        .map(|p| {
+            p.rsplit(':')
+                .next()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
-    assert_eq!(container_ports, BTreeSet::from([port_of(listen), port_of(admin)]), "published ports vs arguments");
+    assert_eq!(
+        container_ports,
+        BTreeSet::from([port_of(listen), port_of(admin)]),
+        "published ports vs arguments"
+    );
     let hc = strings(&nc["healthcheck"]["test"]).join(" ");
-    assert!(hc.contains(&format!("/{}", port_of(admin))) && hc.contains("/readyz"), "healthcheck: {hc}");
+    assert!(
+        hc.contains(&format!("/{}", port_of(admin))) && hc.contains("/readyz"),
+        "healthcheck: {hc}"
+    );
 
     // --config names the mounted deploy/nearcache.compose.toml.
     let config = args.get("--config").expect("--config");
@@ -1180,21 +1490,45 @@ fn compose_nearcache_ports_agree_with_its_arguments() {
         .into_iter()
         .find(|m| m.split(':').nth(1) == Some(config.as_str()))
         .unwrap_or_else(|| panic!("no volume mounts {config}"));
-    assert_eq!(mount.split(':').next(), Some("./deploy/nearcache.compose.toml"));
+    assert_eq!(
+        mount.split(':').next(),
+        Some("./deploy/nearcache.compose.toml")
+    );
 
     // Redis publishes keyspace events, so the invalidation feed works.
     let redis_cmd = strings(&c["services"]["redis"]["command"]).join(" ");
-    assert!(redis_cmd.contains("--notify-keyspace-events KEA"), "{redis_cmd}");
+    assert!(
+        redis_cmd.contains("--notify-keyspace-events KEA"),
+        "{redis_cmd}"
+    );
 
     // Every table the route can name exists in the seed SQL.
     let sql = read("deploy/tdengine-init.sql");
-    let cfg = nearcache::Config::from_toml(&read("deploy/nearcache.compose.toml")).expect("compose TOML parses");
+    let cfg = nearcache::Config::from_toml(&read("deploy/nearcache.compose.toml"))
+        .expect("compose TOML parses");
     assert_eq!(cfg.upstream.url.address(), "redis:6379");
-    let td = cfg.tdengine.expect("compose config has a [tdengine] section");
-    let route = td.routes.iter().find(|r| r.key == "kline:{symbol}:{freq}").expect("kline route");
-    let freqs = route.params.iter().find(|(n, _)| n == "freq").unwrap().1.allow.clone().unwrap();
+    let td = cfg
+        .tdengine
+        .expect("compose config has a [tdengine] section");
+    let route = td
+        .routes
+        .iter()
+        .find(|r| r.key == "kline:{symbol}:{freq}")
+        .expect("kline route");
+    let freqs = route
+        .params
+        .iter()
+        .find(|(n, _)| n == "freq")
+        .unwrap()
+        .1
+        .allow
+        .clone()
+        .unwrap();
     for f in freqs {
-        assert!(sql.contains(&format!("market.kline_{f} (")), "tdengine-init.sql lacks kline_{f}");
+        assert!(
+            sql.contains(&format!("market.kline_{f} (")),
+            "tdengine-init.sql lacks kline_{f}"
+        );
     }
 }
 
@@ -1211,6 +1545,76 @@ fn compose_config_passes_check_config() {
     );
 }
 
+// ---------------------------------------------------------------------------
+// Dashboard and guide.
+
+/// `nearcache_*` names in a text (histogram series reduced to the histogram's name).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("nearcache_") {
+        let word_start = rest[..i]
+            .chars()
+            .last()
+            .map_or(true, |c| !c.is_ascii_alphanumeric() && c != '_');
+        let tail = &rest[i + "nearcache_".len()..];
+        let len = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = format!("nearcache_{}", &tail[..len]);
+        if word_start && len > 0 {
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name)
+                .to_string();
+            out.insert(name);
+        }
+        rest = &tail[len..];
+    }
+    out
+}
+
+#[test]
+fn dashboard_and_guide_use_real_metric_names() {
+    let defined = metric_names(&read("src/metrics.rs"));
+    assert!(
+        defined.contains("nearcache_cache_hits_total") && defined.len() > 20,
+        "{defined:?}"
+    );
+    let dash_text = read("deploy/grafana-dashboard.json");
+    let dash = yaml(&dash_text, "deploy/grafana-dashboard.json");
+    assert_eq!(dash["uid"], Value::from("nearcache"));
+    let vars = dash["templating"]["list"].as_sequence().unwrap();
+    assert!(
+        vars.iter()
+            .any(|v| v["type"] == "datasource"
+                && v["query"] == "prometheus"),
+        "the Prometheus data source is a variable"
+    );
+    let used = metric_names(&dash_text);
+    let unknown: Vec<_> = used.difference(&defined).collect();
+    assert!(
+        unknown.is_empty(),
+        "dashboard uses metrics src/metrics.rs does not define: {unknown:?}"
+    );
+    let missing: Vec<_> = defined.difference(&used).collect();
+    assert!(
+        missing.is_empty(),
+        "metrics without a dashboard panel: {missing:?}"
+    );
+    for doc in ["docs/deploy.md", "helm/nearcache/README.md"] {
+        let unknown: Vec<_> = metric_names(&read(doc))
+            .difference(&defined)
+            .cloned()
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{doc} names metrics src/metrics.rs does not define: {unknown:?}"
+        );
+    }
+}
+
 /// `cargo test --test chart -- --ignored --nocapture` prints what the chart renders with
 /// every feature on (a stand-in for `helm template`).
 #[test]
@@ -1221,7 +1625,10 @@ fn print_rendered_chart() {
     for (name, text) in templates() {
         let out = r.render_file(&text, &ctx);
         if !out.trim().is_empty() {
-            println!("---\n# Source: nearcache/templates/{name}\n{}", out.trim_start_matches('\n'));
+            println!(
+                "---\n# Source: nearcache/templates/{name}\n{}",
+                out.trim_start_matches('\n')
+            );
         }
     }
 }
