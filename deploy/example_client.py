@@ -73,7 +73,12 @@ def main() -> int:
     timed("GET quote:000001 (miss)", client.get, "quote:000001")
     timed("GET quote:000001 (L1 hit)", client.get, "quote:000001")
 
-    kline = timed("GET kline:000001:1d", client.get, "kline:000001:1d")
+    try:
+        kline = timed("GET kline:000001:1d", client.get, "kline:000001:1d")
+    except redis.exceptions.ResponseError as e:
+        # on_error = "error": TDengine down, slow or the circuit is open.
+        print(f"GET kline:000001:1d failed: {e}")
+        kline = None
     if kline is None:
         print("kline:000001:1d is nil: is the [tdengine] route configured and TDengine seeded?")
     else:
@@ -82,7 +87,7 @@ def main() -> int:
             print(f"  TDengine returned {len(rows) if hasattr(rows, '__len__') else '?'} rows; first: {json.dumps(rows[0]) if rows else None}")
         except (ValueError, TypeError, KeyError, IndexError):
             print(f"  {len(kline)} bytes (not JSON)")
-    timed("GET kline:000001:1d (L1 hit)", client.get, "kline:000001:1d")
+        timed("GET kline:000001:1d (L1 hit)", client.get, "kline:000001:1d")
 
     try:
         show_stats(client)
