@@ -30,12 +30,19 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
         return Err("upstream unreachable".into());
     }
     if shared.cache.enabled() && !shared.cache.is_serving() {
-        return Err(format!("invalidation feed not up ({})", shared.cache.feed_state()));
+        return Err(format!(
+            "invalidation feed not up ({})",
+            shared.cache.feed_state()
+        ));
     }
     Ok(())
 }
 
-pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_http(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         // Probes keep being answered while draining, so /readyz can report it;
         // the task ends with the process.
@@ -60,7 +67,8 @@ pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>, mut shutdown
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), handle_http(socket, &shared)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), handle_http(socket, &shared)).await;
         });
     }
 }
@@ -81,22 +89,42 @@ async fn handle_http(mut socket: TcpStream, shared: &Shared) -> std::io::Result<
     let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
     debug!(method, path, "admin request");
     let (status, content_type, body) = if method != "GET" && method != "HEAD" {
-        ("405 Method Not Allowed", "text/plain", "the admin endpoint is read-only\n".to_string())
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "the admin endpoint is read-only\n".to_string(),
+        )
     } else {
         match path {
             "/metrics" => {
                 shared.cache.update_gauges();
-                ("200 OK", "text/plain; version=0.0.4", metrics::get().render())
+                (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    metrics::get().render(),
+                )
             }
             "/healthz" | "/livez" => ("200 OK", "text/plain", "ok\n".into()),
             "/readyz" => match readiness(shared) {
                 Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
-                Err(why) => ("503 Service Unavailable", "text/plain", format!("not ready: {why}\n")),
+                Err(why) => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!("not ready: {why}\n"),
+                ),
             },
-            _ => ("404 Not Found", "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
+            _ => (
+                "404 Not Found",
+                "text/plain",
+                "not found: try /metrics, /healthz or /readyz\n".into(),
+            ),
         }
     };
-    let body = if method == "HEAD" { String::new() } else { body };
+    let body = if method == "HEAD" {
+        String::new()
+    } else {
+        body
+    };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -107,7 +135,10 @@ async fn handle_http(mut socket: TcpStream, shared: &Shared) -> std::io::Result<
 
 /// `NEARCACHE STATS | FLUSH | HOTKEYS [N] | HELP`.
 pub fn nearcache_command(shared: &Shared, args: &[Bytes], resp3: bool) -> Bytes {
-    let sub = args.get(1).map(|a| a.to_ascii_uppercase()).unwrap_or_default();
+    let sub = args
+        .get(1)
+        .map(|a| a.to_ascii_uppercase())
+        .unwrap_or_default();
     match sub.as_slice() {
         b"STATS" if args.len() == 2 => stats(shared, resp3),
         b"FLUSH" if args.len() == 2 => {
@@ -117,7 +148,10 @@ pub fn nearcache_command(shared: &Shared, args: &[Bytes], resp3: bool) -> Bytes 
         b"HOTKEYS" if args.len() <= 3 => {
             let n = match args.get(2) {
                 None => 10,
-                Some(n) => match std::str::from_utf8(n).ok().and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => match std::str::from_utf8(n)
+                    .ok()
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
                     Some(n) if n > 0 => n.min(1000),
                     _ => return protocol::error("ERR value is not an integer or out of range"),
                 },
@@ -126,7 +160,9 @@ pub fn nearcache_command(shared: &Shared, args: &[Bytes], resp3: bool) -> Bytes 
                 .cache
                 .hot_keys(n)
                 .into_iter()
-                .map(|(k, c)| protocol::array(&[protocol::bulk_bytes(&k), protocol::integer(c as i64)]))
+                .map(|(k, c)| {
+                    protocol::array(&[protocol::bulk_bytes(&k), protocol::integer(c as i64)])
+                })
                 .collect();
             protocol::array(&items)
         }
@@ -161,10 +197,16 @@ fn stats(shared: &Shared, resp3: bool) -> Bytes {
         ("bytes", int(cache.weighted_bytes())),
         ("max_bytes", int(cache.config.max_bytes)),
         ("evictions", int(c.evictions.load(Ordering::Relaxed))),
-        ("invalidations", int(c.invalidations.load(Ordering::Relaxed))),
+        (
+            "invalidations",
+            int(c.invalidations.load(Ordering::Relaxed)),
+        ),
         ("flushes", int(c.flushes.load(Ordering::Relaxed))),
         ("coalesced_misses", int(c.coalesced.load(Ordering::Relaxed))),
-        ("clients", int(shared.clients.load(Ordering::Relaxed) as u64)),
+        (
+            "clients",
+            int(shared.clients.load(Ordering::Relaxed) as u64),
+        ),
         ("upstream_up", int(shared.upstream.is_up() as u64)),
     ];
     if let Some(td) = &shared.tdengine {

@@ -89,21 +89,124 @@ const CACHEABLE: &[(&str, usize, usize)] = &[
 
 /// Commands that neither write keys nor change connection state.
 const READ_ONLY: &[&str] = &[
-    "PING", "ECHO", "INFO", "TIME", "DBSIZE", "LASTSAVE", "COMMAND", "LOLWUT", "ROLE", "LATENCY",
-    "SLOWLOG", "MEMORY", "OBJECT", "DUMP", "TTL", "PTTL", "EXPIRETIME", "PEXPIRETIME", "EXISTS",
-    "TYPE", "KEYS", "SCAN", "RANDOMKEY", "GET", "MGET", "GETRANGE", "SUBSTR", "STRLEN", "GETBIT",
-    "BITCOUNT", "BITPOS", "BITFIELD_RO", "LCS", "HGET", "HMGET", "HGETALL", "HKEYS", "HVALS",
-    "HLEN", "HEXISTS", "HSTRLEN", "HSCAN", "HRANDFIELD", "HTTL", "HPTTL", "HEXPIRETIME",
-    "HPEXPIRETIME", "LRANGE", "LLEN", "LINDEX", "LPOS", "SMEMBERS", "SISMEMBER", "SMISMEMBER",
-    "SCARD", "SRANDMEMBER", "SSCAN", "SINTER", "SINTERCARD", "SUNION", "SDIFF", "ZRANGE",
-    "ZRANGEBYSCORE", "ZRANGEBYLEX", "ZREVRANGE", "ZREVRANGEBYSCORE", "ZREVRANGEBYLEX", "ZSCORE",
-    "ZMSCORE", "ZCARD", "ZRANK", "ZREVRANK", "ZCOUNT", "ZLEXCOUNT", "ZSCAN", "ZRANDMEMBER",
-    "ZINTER", "ZUNION", "ZDIFF", "ZINTERCARD", "XRANGE", "XREVRANGE", "XLEN", "XINFO", "XPENDING",
-    "PFCOUNT", "GEOPOS", "GEODIST", "GEOHASH", "GEOSEARCH", "GEORADIUS_RO",
-    "GEORADIUSBYMEMBER_RO", "SORT_RO", "EVAL_RO", "EVALSHA_RO", "FCALL_RO", "PUBLISH",
-    "SPUBLISH", "PUBSUB", "TOUCH", "READONLY", "READWRITE", "ASKING", "CLUSTER", "SCRIPT",
-    "FUNCTION", "CONFIG", "ACL", "MODULE", "BGSAVE", "BGREWRITEAOF", "SAVE", "DEBUG", "SHUTDOWN",
-    "FAILOVER", "REPLICAOF", "SLAVEOF", "SWAPDB_NEVER",
+    "PING",
+    "ECHO",
+    "INFO",
+    "TIME",
+    "DBSIZE",
+    "LASTSAVE",
+    "COMMAND",
+    "LOLWUT",
+    "ROLE",
+    "LATENCY",
+    "SLOWLOG",
+    "MEMORY",
+    "OBJECT",
+    "DUMP",
+    "TTL",
+    "PTTL",
+    "EXPIRETIME",
+    "PEXPIRETIME",
+    "EXISTS",
+    "TYPE",
+    "KEYS",
+    "SCAN",
+    "RANDOMKEY",
+    "GET",
+    "MGET",
+    "GETRANGE",
+    "SUBSTR",
+    "STRLEN",
+    "GETBIT",
+    "BITCOUNT",
+    "BITPOS",
+    "BITFIELD_RO",
+    "LCS",
+    "HGET",
+    "HMGET",
+    "HGETALL",
+    "HKEYS",
+    "HVALS",
+    "HLEN",
+    "HEXISTS",
+    "HSTRLEN",
+    "HSCAN",
+    "HRANDFIELD",
+    "HTTL",
+    "HPTTL",
+    "HEXPIRETIME",
+    "HPEXPIRETIME",
+    "LRANGE",
+    "LLEN",
+    "LINDEX",
+    "LPOS",
+    "SMEMBERS",
+    "SISMEMBER",
+    "SMISMEMBER",
+    "SCARD",
+    "SRANDMEMBER",
+    "SSCAN",
+    "SINTER",
+    "SINTERCARD",
+    "SUNION",
+    "SDIFF",
+    "ZRANGE",
+    "ZRANGEBYSCORE",
+    "ZRANGEBYLEX",
+    "ZREVRANGE",
+    "ZREVRANGEBYSCORE",
+    "ZREVRANGEBYLEX",
+    "ZSCORE",
+    "ZMSCORE",
+    "ZCARD",
+    "ZRANK",
+    "ZREVRANK",
+    "ZCOUNT",
+    "ZLEXCOUNT",
+    "ZSCAN",
+    "ZRANDMEMBER",
+    "ZINTER",
+    "ZUNION",
+    "ZDIFF",
+    "ZINTERCARD",
+    "XRANGE",
+    "XREVRANGE",
+    "XLEN",
+    "XINFO",
+    "XPENDING",
+    "PFCOUNT",
+    "GEOPOS",
+    "GEODIST",
+    "GEOHASH",
+    "GEOSEARCH",
+    "GEORADIUS_RO",
+    "GEORADIUSBYMEMBER_RO",
+    "SORT_RO",
+    "EVAL_RO",
+    "EVALSHA_RO",
+    "FCALL_RO",
+    "PUBLISH",
+    "SPUBLISH",
+    "PUBSUB",
+    "TOUCH",
+    "READONLY",
+    "READWRITE",
+    "ASKING",
+    "CLUSTER",
+    "SCRIPT",
+    "FUNCTION",
+    "CONFIG",
+    "ACL",
+    "MODULE",
+    "BGSAVE",
+    "BGREWRITEAOF",
+    "SAVE",
+    "DEBUG",
+    "SHUTDOWN",
+    "FAILOVER",
+    "REPLICAOF",
+    "SLAVEOF",
+    "SWAPDB_NEVER",
 ];
 
 enum KeySpec {
@@ -264,7 +367,9 @@ fn eq(name: &[u8], s: &str) -> bool {
 }
 
 fn arg_upper(args: &[Bytes], i: usize) -> Vec<u8> {
-    args.get(i).map(|a| a.to_ascii_uppercase()).unwrap_or_default()
+    args.get(i)
+        .map(|a| a.to_ascii_uppercase())
+        .unwrap_or_default()
 }
 
 /// Classifies a request. `name` is `args[0]` upper-cased.
@@ -306,12 +411,17 @@ pub fn classify(name: &[u8], args: &[Bytes]) -> Class {
             }
         }
         b"SYNC" | b"PSYNC" | b"REPLCONF" => {
-            return Class::Refused("ERR nearcache: replication commands are not supported through the proxy")
+            return Class::Refused(
+                "ERR nearcache: replication commands are not supported through the proxy",
+            )
         }
         b"CLIENT" => return classify_client(args),
         b"FLUSHDB" | b"FLUSHALL" | b"SWAPDB" => return Class::Write { keys: Keys::All },
         b"XREAD" | b"XREADGROUP" => {
-            let blocking = args.iter().skip(1).any(|a| a.eq_ignore_ascii_case(b"BLOCK"));
+            let blocking = args
+                .iter()
+                .skip(1)
+                .any(|a| a.eq_ignore_ascii_case(b"BLOCK"));
             // Stream reads are never cached, so their keys never need invalidating.
             let keys = Keys::None;
             if blocking {
@@ -376,7 +486,14 @@ pub fn classify(name: &[u8], args: &[Bytes]) -> Class {
         let keys = keys_at(spec, args);
         let blocking = matches!(
             name,
-            b"BLPOP" | b"BRPOP" | b"BLMOVE" | b"BRPOPLPUSH" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX" | b"BZMPOP"
+            b"BLPOP"
+                | b"BRPOP"
+                | b"BLMOVE"
+                | b"BRPOPLPUSH"
+                | b"BLMPOP"
+                | b"BZPOPMIN"
+                | b"BZPOPMAX"
+                | b"BZMPOP"
         );
         if blocking {
             return Class::Pinned {
@@ -399,7 +516,9 @@ fn classify_client(args: &[Bytes]) -> Class {
         // Read-only or server-wide: fine on a shared connection.
         b"KILL" | b"PAUSE" | b"UNPAUSE" | b"UNBLOCK" | b"HELP" => Class::Forward,
         // GETNAME without a pinned connection is answered locally (no name was set).
-        b"GETNAME" => Class::Local,
+        // SETINFO (sent by redis-py and redis-rs on every connect) only labels the
+        // connection for CLIENT LIST: acknowledged locally, so it pins nothing.
+        b"GETNAME" | b"SETINFO" => Class::Local,
         // Everything else either sets per-connection state or asks about this
         // connection (ID, INFO, LIST): give the client a connection of its own.
         _ => Class::Pinned {
@@ -515,7 +634,9 @@ mod tests {
     use super::*;
 
     fn args(s: &str) -> Vec<Bytes> {
-        s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()
+        s.split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
     }
 
     fn class(s: &str) -> Class {
@@ -524,7 +645,11 @@ mod tests {
     }
 
     fn keys(list: &[&str]) -> Keys {
-        Keys::Some(list.iter().map(|k| Bytes::copy_from_slice(k.as_bytes())).collect())
+        Keys::Some(
+            list.iter()
+                .map(|k| Bytes::copy_from_slice(k.as_bytes()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -532,18 +657,57 @@ mod tests {
         assert_eq!(class("GET k"), Class::CacheableRead { key: "k".into() });
         assert_eq!(class("GET k extra"), Class::Forward);
         assert_eq!(class("EXISTS a b"), Class::Forward);
-        assert_eq!(class("MSET a 1 b 2"), Class::Write { keys: keys(&["a", "b"]) });
-        assert_eq!(class("DEL a b c"), Class::Write { keys: keys(&["a", "b", "c"]) });
-        assert_eq!(class("RENAME a b"), Class::Write { keys: keys(&["a", "b"]) });
-        assert_eq!(class("EVAL s 2 a b x"), Class::Write { keys: keys(&["a", "b"]) });
+        assert_eq!(
+            class("MSET a 1 b 2"),
+            Class::Write {
+                keys: keys(&["a", "b"])
+            }
+        );
+        assert_eq!(
+            class("DEL a b c"),
+            Class::Write {
+                keys: keys(&["a", "b", "c"])
+            }
+        );
+        assert_eq!(
+            class("RENAME a b"),
+            Class::Write {
+                keys: keys(&["a", "b"])
+            }
+        );
+        assert_eq!(
+            class("EVAL s 2 a b x"),
+            Class::Write {
+                keys: keys(&["a", "b"])
+            }
+        );
         assert_eq!(class("EVAL s 0"), Class::Write { keys: Keys::All });
         assert_eq!(class("FOO.BAR x"), Class::Write { keys: Keys::All });
-        assert_eq!(class("BLPOP a b 0"), Class::Pinned { pin: Pin::Blocking, keys: keys(&["a", "b"]) });
-        assert_eq!(class("XREAD BLOCK 0 STREAMS s $"), Class::Pinned { pin: Pin::Blocking, keys: Keys::None });
+        assert_eq!(
+            class("BLPOP a b 0"),
+            Class::Pinned {
+                pin: Pin::Blocking,
+                keys: keys(&["a", "b"])
+            }
+        );
+        assert_eq!(
+            class("XREAD BLOCK 0 STREAMS s $"),
+            Class::Pinned {
+                pin: Pin::Blocking,
+                keys: Keys::None
+            }
+        );
         assert_eq!(class("XREAD STREAMS s 0"), Class::Forward);
         assert_eq!(class("SORT l STORE d"), Class::Write { keys: keys(&["d"]) });
-        assert_eq!(class("client setname x"), Class::Pinned { pin: Pin::Sticky, keys: Keys::None });
+        assert_eq!(
+            class("client setname x"),
+            Class::Pinned {
+                pin: Pin::Sticky,
+                keys: Keys::None
+            }
+        );
         assert_eq!(class("CLIENT KILL ID 4"), Class::Forward);
+        assert_eq!(class("CLIENT SETINFO LIB-NAME redis-py"), Class::Local);
         assert_eq!(class("PUBLISH ch m"), Class::Forward);
         assert!(matches!(class("PSYNC ? -1"), Class::Refused(_)));
     }
@@ -569,10 +733,37 @@ pub fn known_commands() -> Vec<&'static str> {
     all.extend(WRITES.iter().map(|c| c.0));
     all.extend(READ_ONLY.iter().copied());
     all.extend([
-        "HELLO", "AUTH", "SELECT", "QUIT", "RESET", "NEARCACHE", "UNWATCH", "MULTI", "EXEC",
-        "DISCARD", "WATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
-        "SUNSUBSCRIBE", "MONITOR", "WAIT", "WAITAOF", "CLIENT", "FLUSHDB", "FLUSHALL", "SWAPDB",
-        "XREAD", "XREADGROUP", "SORT", "GEORADIUS", "GEORADIUSBYMEMBER", "MIGRATE", "MGET",
+        "HELLO",
+        "AUTH",
+        "SELECT",
+        "QUIT",
+        "RESET",
+        "NEARCACHE",
+        "UNWATCH",
+        "MULTI",
+        "EXEC",
+        "DISCARD",
+        "WATCH",
+        "SUBSCRIBE",
+        "PSUBSCRIBE",
+        "SSUBSCRIBE",
+        "UNSUBSCRIBE",
+        "PUNSUBSCRIBE",
+        "SUNSUBSCRIBE",
+        "MONITOR",
+        "WAIT",
+        "WAITAOF",
+        "CLIENT",
+        "FLUSHDB",
+        "FLUSHALL",
+        "SWAPDB",
+        "XREAD",
+        "XREADGROUP",
+        "SORT",
+        "GEORADIUS",
+        "GEORADIUSBYMEMBER",
+        "MIGRATE",
+        "MGET",
     ]);
     all.sort_unstable();
     all.dedup();

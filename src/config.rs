@@ -30,7 +30,11 @@ impl ConfigError {
 
 /// `nearcache [--config FILE] [--listen ADDR] [--upstream URL] [--admin ADDR] [--check-config]`
 #[derive(Debug, Default, Parser)]
-#[command(name = "nearcache", version, about = "Redis-protocol sidecar near cache")]
+#[command(
+    name = "nearcache",
+    version,
+    about = "Redis-protocol sidecar near cache"
+)]
 pub struct Cli {
     /// TOML configuration file (see conf/nearcache.toml).
     #[arg(long, env = "NEARCACHE_CONFIG")]
@@ -144,7 +148,8 @@ impl UpstreamUrl {
             .to_string();
         let port = url.port().unwrap_or(6379);
         let decode = |s: &str| {
-            percent_decode(s).map_err(|_| "user or password is not valid percent-encoding".to_string())
+            percent_decode(s)
+                .map_err(|_| "user or password is not valid percent-encoding".to_string())
         };
         let username = match url.username() {
             "" => None,
@@ -512,15 +517,21 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+    })?;
     parse_file(&text)
 }
 
 fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| {
         // toml's message is multi-line; keep the first line and the key path.
-        let msg = e.message().lines().next().unwrap_or("invalid TOML").to_string();
+        let msg = e
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid TOML")
+            .to_string();
         let key = e
             .span()
             .and_then(|span| key_at(text, span.start))
@@ -531,7 +542,9 @@ fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
 
 /// Best-effort name of the key at a byte offset, for one-line TOML errors.
 fn key_at(text: &str, offset: usize) -> Option<String> {
-    let line_start = text[..offset.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line_start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next()?;
     let key = line.split('=').next()?.trim();
     let mut section = String::new();
@@ -542,7 +555,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         }
     }
     if key.is_empty() || key.starts_with('[') {
-        return Some(if section.is_empty() { "file".into() } else { section });
+        return Some(if section.is_empty() {
+            "file".into()
+        } else {
+            section
+        });
     }
     Some(if section.is_empty() {
         key.to_string()
@@ -561,7 +578,9 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value.trim()).map_err(|e| format!("{value:?} is not a duration ({e}); use e.g. \"250ms\", \"5s\", \"15m\""))
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        format!("{value:?} is not a duration ({e}); use e.g. \"250ms\", \"5s\", \"15m\"")
+    })
 }
 
 fn duration(key: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
@@ -571,9 +590,7 @@ fn duration(key: &str, value: Option<&str>, default: &str) -> Result<Duration, C
 /// Parses "512MiB", "1GB", "4096", "64k" into bytes (binary multiples for K/M/G with or without "i").
 pub fn parse_bytes(value: &str) -> Result<u64, String> {
     let v = value.trim();
-    let split = v
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(v.len());
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
     let num: u64 = num
         .parse()
@@ -583,7 +600,11 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("{value:?} has an unknown unit; use B, KiB, MiB or GiB")),
+        _ => {
+            return Err(format!(
+                "{value:?} has an unknown unit; use B, KiB, MiB or GiB"
+            ))
+        }
     };
     num.checked_mul(mult)
         .ok_or_else(|| format!("{value:?} is too large"))
@@ -713,7 +734,11 @@ fn resolve_upstream(
     }
 
     let mut tls_file = file.tls;
-    for p in [&mut tls_file.ca_file, &mut tls_file.cert_file, &mut tls_file.key_file] {
+    for p in [
+        &mut tls_file.ca_file,
+        &mut tls_file.cert_file,
+        &mut tls_file.key_file,
+    ] {
         if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             *p = None;
         }
@@ -721,7 +746,10 @@ fn resolve_upstream(
     tls_file.server_name = tls_file.server_name.filter(|s| !s.is_empty());
     let tls = TlsConfig {
         enabled: url.tls,
-        ca_file: env.get("NEARCACHE_TLS_CA_FILE").map(PathBuf::from).or(tls_file.ca_file),
+        ca_file: env
+            .get("NEARCACHE_TLS_CA_FILE")
+            .map(PathBuf::from)
+            .or(tls_file.ca_file),
         cert_file: env
             .get("NEARCACHE_TLS_CERT_FILE")
             .map(PathBuf::from)
@@ -745,7 +773,10 @@ fn resolve_upstream(
     ] {
         if let Some(p) = p {
             if !p.is_file() {
-                return Err(ConfigError::new(k, format!("{} is not a readable file", p.display())));
+                return Err(ConfigError::new(
+                    k,
+                    format!("{} is not a readable file", p.display()),
+                ));
             }
         }
     }
@@ -753,8 +784,16 @@ fn resolve_upstream(
     Ok(UpstreamConfig {
         url,
         pool_size: positive("upstream.pool_size", file.pool_size, 2)? as usize,
-        connect_timeout: duration("upstream.connect_timeout", file.connect_timeout.as_deref(), "1s")?,
-        command_timeout: duration("upstream.command_timeout", file.command_timeout.as_deref(), "5s")?,
+        connect_timeout: duration(
+            "upstream.connect_timeout",
+            file.connect_timeout.as_deref(),
+            "1s",
+        )?,
+        command_timeout: duration(
+            "upstream.command_timeout",
+            file.command_timeout.as_deref(),
+            "5s",
+        )?,
         reconnect_backoff_max: duration(
             "upstream.reconnect_backoff_max",
             file.reconnect_backoff_max.as_deref(),
@@ -788,7 +827,10 @@ fn resolve_cache(env: &dyn Env, file: FileCache) -> Result<CacheConfig, ConfigEr
             .map(|(i, p)| {
                 let key = format!("cache.policies[{i}]");
                 if p.pattern.is_empty() {
-                    return Err(ConfigError::new(format!("{key}.pattern"), "must not be empty"));
+                    return Err(ConfigError::new(
+                        format!("{key}.pattern"),
+                        "must not be empty",
+                    ));
                 }
                 let ttl = if p.cache == Some(false) {
                     None
@@ -796,9 +838,13 @@ fn resolve_cache(env: &dyn Env, file: FileCache) -> Result<CacheConfig, ConfigEr
                     let raw = p.ttl.as_deref().ok_or_else(|| {
                         ConfigError::new(format!("{key}.ttl"), "required unless cache = false")
                     })?;
-                    let ttl = parse_duration(raw).map_err(|e| ConfigError::new(format!("{key}.ttl"), e))?;
+                    let ttl = parse_duration(raw)
+                        .map_err(|e| ConfigError::new(format!("{key}.ttl"), e))?;
                     if ttl.is_zero() {
-                        return Err(ConfigError::new(format!("{key}.ttl"), "must be greater than 0"));
+                        return Err(ConfigError::new(
+                            format!("{key}.ttl"),
+                            "must be greater than 0",
+                        ));
                     }
                     Some(ttl)
                 };
@@ -818,7 +864,10 @@ fn resolve_cache(env: &dyn Env, file: FileCache) -> Result<CacheConfig, ConfigEr
     };
     let max_bytes = bytes("cache.max_bytes", file.max_bytes.as_deref(), "256MiB")?;
     if max_bytes == 0 {
-        return Err(ConfigError::new("cache.max_bytes", "must be greater than 0"));
+        return Err(ConfigError::new(
+            "cache.max_bytes",
+            "must be greater than 0",
+        ));
     }
     Ok(CacheConfig {
         enabled,
@@ -846,7 +895,8 @@ fn resolve_tdengine(
         .get("TDENGINE_DSN")
         .or(file.dsn)
         .ok_or_else(|| ConfigError::new("tdengine.dsn", "required (or set TDENGINE_DSN)"))?;
-    if !(dsn.starts_with("taos+ws://") || dsn.starts_with("taosws://") || dsn.starts_with("ws://")) {
+    if !(dsn.starts_with("taos+ws://") || dsn.starts_with("taosws://") || dsn.starts_with("ws://"))
+    {
         return Err(ConfigError::new(
             "tdengine.dsn",
             "must be a WebSocket DSN such as taos+ws://user:pass@host:6041/db",
@@ -855,7 +905,10 @@ fn resolve_tdengine(
     let on = |key: &str, v: Option<&str>, default: &str| match v.unwrap_or(default) {
         "error" => Ok(TdOnError::Error),
         "nil" => Ok(TdOnError::Nil),
-        other => Err(ConfigError::new(key, format!("must be \"error\" or \"nil\", not {other:?}"))),
+        other => Err(ConfigError::new(
+            key,
+            format!("must be \"error\" or \"nil\", not {other:?}"),
+        )),
     };
     let format = match file.format.as_deref().unwrap_or("json") {
         "json" => TdFormat::Json,
@@ -898,13 +951,19 @@ fn resolve_tdengine(
     }
     let negative_ttl = match file.negative_ttl.as_deref() {
         None | Some("") | Some("0") | Some("off") => None,
-        Some(raw) => Some(parse_duration(raw).map_err(|e| ConfigError::new("tdengine.negative_ttl", e))?),
+        Some(raw) => {
+            Some(parse_duration(raw).map_err(|e| ConfigError::new("tdengine.negative_ttl", e))?)
+        }
     };
     Ok(Some(TdengineConfig {
         dsn,
         timeout: duration("tdengine.timeout", file.timeout.as_deref(), "2s")?,
         on_error: on("tdengine.on_error", file.on_error.as_deref(), "error")?,
-        on_invalid_key: on("tdengine.on_invalid_key", file.on_invalid_key.as_deref(), "nil")?,
+        on_invalid_key: on(
+            "tdengine.on_invalid_key",
+            file.on_invalid_key.as_deref(),
+            "nil",
+        )?,
         format,
         max_concurrent_queries: positive(
             "tdengine.max_concurrent_queries",
@@ -914,7 +973,11 @@ fn resolve_tdengine(
         pool_size: positive("tdengine.pool_size", file.pool_size, 4)? as usize,
         negative_ttl,
         breaker_failures: file.breaker_failures.unwrap_or(5).max(1),
-        breaker_cooldown: duration("tdengine.breaker_cooldown", file.breaker_cooldown.as_deref(), "5s")?,
+        breaker_cooldown: duration(
+            "tdengine.breaker_cooldown",
+            file.breaker_cooldown.as_deref(),
+            "5s",
+        )?,
         routes,
     }))
 }
@@ -940,8 +1003,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nc-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:1111\"\n[upstream]\nurl = \"redis://file:1\"\n").unwrap();
-        let env = [("NEARCACHE_LISTEN", "127.0.0.1:2222"), ("NEARCACHE_UPSTREAM", "redis://env:2")];
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1111\"\n[upstream]\nurl = \"redis://file:1\"\n",
+        )
+        .unwrap();
+        let env = [
+            ("NEARCACHE_LISTEN", "127.0.0.1:2222"),
+            ("NEARCACHE_UPSTREAM", "redis://env:2"),
+        ];
         let cli = Cli {
             config: Some(path.clone()),
             ..Default::default()
@@ -957,7 +1027,10 @@ mod tests {
         };
         let c = Config::resolve(&cli, &env).unwrap();
         assert_eq!(c.listen.port(), 3333);
-        assert_eq!((c.upstream.url.host.as_str(), c.upstream.url.db), ("flag", 4));
+        assert_eq!(
+            (c.upstream.url.host.as_str(), c.upstream.url.db),
+            ("flag", 4)
+        );
     }
 
     #[test]

@@ -95,7 +95,11 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let shared = server::Shared::new(Arc::new(config), upstream, cache, tdengine);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let Some(admin) = admin {
-        tokio::spawn(admin::serve_http(admin, shared.clone(), shutdown_rx.clone()));
+        tokio::spawn(admin::serve_http(
+            admin,
+            shared.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     let server = tokio::spawn(server::serve(listener, shared.clone(), shutdown_rx));
     Ok(Handle {
@@ -109,7 +113,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
 }
 
 /// Runs nearcache until `shutdown` completes, then drains and returns.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let handle = start(config).await?;
     shutdown.await;
     tracing::info!("shutdown requested; draining");

@@ -33,13 +33,18 @@ fn main() {
     }
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nearcache: cannot start the runtime: {e}");
@@ -84,7 +89,9 @@ async fn reload_on_sighup(shared: std::sync::Arc<nearcache::server::Shared>, cli
                 shared.cache.set_policies(c.cache.policies);
                 tracing::info!("configuration reloaded: key policies applied");
             }
-            Err(e) => tracing::warn!(error = %e, "configuration reload failed; keeping the old one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "configuration reload failed; keeping the old one")
+            }
         }
     }
 }

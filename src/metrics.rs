@@ -68,8 +68,8 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
 ];
 
 impl Metrics {
@@ -83,14 +83,19 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
-        r.register(Box::new(upstream_latency_seconds.clone())).expect("unique metric");
+        r.register(Box::new(upstream_latency_seconds.clone()))
+            .expect("unique metric");
         let tdengine_query_seconds = HistogramVec::new(
-            HistogramOpts::new("nearcache_tdengine_query_seconds", "TDengine query latency by route")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "nearcache_tdengine_query_seconds",
+                "TDengine query latency by route",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["route"],
         )
         .expect("valid metric");
-        r.register(Box::new(tdengine_query_seconds.clone())).expect("unique metric");
+        r.register(Box::new(tdengine_query_seconds.clone()))
+            .expect("unique metric");
         let feed_up = IntGaugeVec::new(
             Opts::new(
                 "nearcache_invalidation_feed_up",
@@ -99,7 +104,8 @@ impl Metrics {
             &["mode"],
         )
         .expect("valid metric");
-        r.register(Box::new(feed_up.clone())).expect("unique metric");
+        r.register(Box::new(feed_up.clone()))
+            .expect("unique metric");
 
         Metrics {
             client_connections: gauge(&r, "nearcache_client_connections", "Client connections open now"),

@@ -40,7 +40,10 @@ impl Request {
 
     /// The upper-cased command name, for dispatch (empty for an empty request).
     pub fn name_upper(&self) -> Vec<u8> {
-        self.args.first().map(|a| a.to_ascii_uppercase()).unwrap_or_default()
+        self.args
+            .first()
+            .map(|a| a.to_ascii_uppercase())
+            .unwrap_or_default()
     }
 
     /// The request in RESP form, as sent upstream.
@@ -99,17 +102,23 @@ pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, Prot
                 return Ok(Parsed::Empty);
             }
             check_header_limits(&raw, limits)?;
-            Ok(Parsed::Request(Request { args, raw: Some(raw) }))
+            Ok(Parsed::Request(Request {
+                args,
+                raw: Some(raw),
+            }))
         }
         Ok(None) => {
             check_header_limits(buf, limits)?;
             if buf.len() as u64 > limits.max_query_buffer {
-                return Err(ProtocolError("ERR Protocol error: query buffer limit exceeded".into()));
+                return Err(ProtocolError(
+                    "ERR Protocol error: query buffer limit exceeded".into(),
+                ));
             }
             Ok(Parsed::Incomplete)
         }
-        Err(_) => Err(header_error(buf, limits)
-            .unwrap_or_else(|| ProtocolError("ERR Protocol error: invalid multibulk request".into()))),
+        Err(_) => Err(header_error(buf, limits).unwrap_or_else(|| {
+            ProtocolError("ERR Protocol error: invalid multibulk request".into())
+        })),
     }
 }
 
@@ -142,7 +151,11 @@ fn header_error(buf: &[u8], limits: &Limits) -> Option<ProtocolError> {
     let count = parse_len(&head[1..]);
     let count = match count {
         Some(n) if n <= limits.max_multibulk_len as i64 => n,
-        _ => return Some(ProtocolError("ERR Protocol error: invalid multibulk length".into())),
+        _ => {
+            return Some(ProtocolError(
+                "ERR Protocol error: invalid multibulk length".into(),
+            ))
+        }
     };
     for _ in 0..count {
         let Some((hdr, next)) = line(pos) else {
@@ -158,7 +171,11 @@ fn header_error(buf: &[u8], limits: &Limits) -> Option<ProtocolError> {
         }
         let len = match parse_len(&hdr[1..]) {
             Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len => n as usize,
-            _ => return Some(ProtocolError("ERR Protocol error: invalid bulk length".into())),
+            _ => {
+                return Some(ProtocolError(
+                    "ERR Protocol error: invalid bulk length".into(),
+                ))
+            }
         };
         pos = next + len + 2;
         if pos > buf.len() {
@@ -182,7 +199,9 @@ fn parse_len(digits: &[u8]) -> Option<i64> {
 fn parse_inline(buf: &mut BytesMut) -> Result<Parsed, ProtocolError> {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
         if buf.len() > INLINE_MAX {
-            return Err(ProtocolError("ERR Protocol error: too big inline request".into()));
+            return Err(ProtocolError(
+                "ERR Protocol error: too big inline request".into(),
+            ));
         }
         return Ok(Parsed::Incomplete);
     };
@@ -194,7 +213,9 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Parsed, ProtocolError> {
     match split_inline(line) {
         Some(args) if args.is_empty() => Ok(Parsed::Empty),
         Some(args) => Ok(Parsed::Request(Request::from_args(args))),
-        None => Err(ProtocolError("ERR Protocol error: unbalanced quotes in request".into())),
+        None => Err(ProtocolError(
+            "ERR Protocol error: unbalanced quotes in request".into(),
+        )),
     }
 }
 
@@ -320,50 +341,93 @@ pub fn parse_reply(buf: &mut BytesMut) -> Result<Option<Reply>, String> {
             }))
         }
         Ok(None) => Ok(None),
-        Err(e) => Err(e.to_string()),
+        // RESP2's null array (`*-1`, e.g. an aborted EXEC) is not RESP3 grammar.
+        Err(e) => match resp2_decode_range(buf) {
+            Ok(Some((frame, len))) => {
+                let kind = match frame {
+                    R2::Error(_) => ReplyKind::Error,
+                    R2::Null => ReplyKind::Nil,
+                    _ => ReplyKind::Normal,
+                };
+                Ok(Some(Reply {
+                    bytes: buf.split_to(len).freeze(),
+                    kind,
+                }))
+            }
+            Ok(None) => Ok(None),
+            Err(_) => Err(e.to_string()),
+        },
     }
 }
 
-/// The elements of a RESP2 array or RESP3 array/push reply whose elements are
-/// all strings or integers, as byte strings (integers in decimal). Used to
-/// read pub/sub confirmations and messages.
+/// Length of the complete reply frame at the front of `buf`, RESP3 or RESP2.
+pub fn frame_len(buf: &[u8]) -> Option<usize> {
+    match resp3_decode_range(buf) {
+        Ok(Some((_, len))) => Some(len),
+        Ok(None) => None,
+        Err(_) => resp2_decode_range(buf).ok().flatten().map(|(_, len)| len),
+    }
+}
+
+/// The element frames of an array or push reply, each still encoded.
+fn elements(bytes: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    if !matches!(bytes.first(), Some(b'*') | Some(b'>')) {
+        return None;
+    }
+    let header_end = bytes.windows(2).position(|w| w == b"\r\n")?;
+    let n: i64 = std::str::from_utf8(&bytes[1..header_end])
+        .ok()?
+        .parse()
+        .ok()?;
+    let mut pos = header_end + 2;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n.max(0) {
+        let len = frame_len(&bytes[pos..])?;
+        out.push(pos..pos + len);
+        pos += len;
+    }
+    Some(out)
+}
+
+/// The elements of an array or push reply whose elements are strings or
+/// integers, as byte strings (integers in decimal, nulls empty, nested
+/// arrays as `*`). Used to read pub/sub confirmations and messages.
 pub fn reply_strings(bytes: &[u8]) -> Option<Vec<Bytes>> {
-    let (frame, _) = resp3_decode_range(bytes).ok()??;
-    let items = match frame {
-        R3::Array { data, .. } | R3::Push { data, .. } => data,
-        _ => return None,
-    };
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        match item {
-            R3::BlobString { data: (s, e), .. } | R3::SimpleString { data: (s, e), .. } => {
-                out.push(Bytes::copy_from_slice(&bytes[s..e]))
+    let ranges = elements(bytes)?;
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let item = &bytes[r];
+        let line_end = item.windows(2).position(|w| w == b"\r\n")?;
+        let value = match item[0] {
+            b'$' => {
+                let len: i64 = std::str::from_utf8(&item[1..line_end]).ok()?.parse().ok()?;
+                if len < 0 {
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(&item[line_end + 2..line_end + 2 + len as usize])
+                }
             }
-            R3::Number { data, .. } => out.push(Bytes::from(data.to_string())),
-            R3::Null => out.push(Bytes::new()),
-            R3::Array { .. } => out.push(Bytes::from_static(b"*")),
+            b'+' | b':' => Bytes::copy_from_slice(&item[1..line_end]),
+            b'_' => Bytes::new(),
+            b'*' | b'>' | b'%' | b'~' => Bytes::from_static(b"*"),
             _ => return None,
-        }
+        };
+        out.push(value);
     }
     Some(out)
 }
 
 /// The elements of an array reply as raw encoded sub-replies (for MGET reassembly).
 pub fn split_array(bytes: &Bytes) -> Option<Vec<Bytes>> {
-    let (frame, _) = resp3_decode_range(bytes).ok()??;
-    let R3::Array { data, .. } = frame else {
+    if bytes.first() != Some(&b'*') {
         return None;
-    };
-    // Each element's encoding is contiguous; walk the buffer re-framing each.
-    let header_end = bytes.windows(2).position(|w| w == b"\r\n")? + 2;
-    let mut pos = header_end;
-    let mut out = Vec::with_capacity(data.len());
-    for _ in 0..data.len() {
-        let (_, len) = resp3_decode_range(&bytes[pos..]).ok()??;
-        out.push(bytes.slice(pos..pos + len));
-        pos += len;
     }
-    Some(out)
+    Some(
+        elements(bytes)?
+            .into_iter()
+            .map(|r| bytes.slice(r))
+            .collect(),
+    )
 }
 
 // --- Encoding -----------------------------------------------------------------
@@ -419,7 +483,10 @@ pub fn simple(s: &str) -> Bytes {
 /// An error reply; `msg` starts with the error code (`ERR ...`, `NOAUTH ...`).
 pub fn error(msg: &str) -> Bytes {
     // Error lines cannot contain CR or LF.
-    let clean: String = msg.chars().map(|c| if c == '\r' || c == '\n' { ' ' } else { c }).collect();
+    let clean: String = msg
+        .chars()
+        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .collect();
     Bytes::from(format!("-{clean}\r\n"))
 }
 
@@ -489,7 +556,8 @@ mod tests {
 
     #[test]
     fn resp_and_inline_requests() {
-        let got = parse(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\nset \"a b\" 'c\\'d'\r\n\r\n").unwrap();
+        let got =
+            parse(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\nset \"a b\" 'c\\'d'\r\n\r\n").unwrap();
         assert_eq!(
             got,
             vec![
@@ -509,18 +577,35 @@ mod tests {
     #[test]
     fn errors_match_redis() {
         let e = |i: &[u8]| parse(i).unwrap_err().0;
-        assert_eq!(e(b"*1\r\n$99999999999\r\n"), "ERR Protocol error: invalid bulk length");
-        assert_eq!(e(b"*99999999\r\n"), "ERR Protocol error: invalid multibulk length");
-        assert_eq!(e(b"*1\r\n+OK\r\n"), "ERR Protocol error: expected '+', got '+'".replace("expected '+'", "expected '$'"));
+        assert_eq!(
+            e(b"*1\r\n$99999999999\r\n"),
+            "ERR Protocol error: invalid bulk length"
+        );
+        assert_eq!(
+            e(b"*99999999\r\n"),
+            "ERR Protocol error: invalid multibulk length"
+        );
+        assert_eq!(
+            e(b"*1\r\n+OK\r\n"),
+            "ERR Protocol error: expected '+', got '+'".replace("expected '+'", "expected '$'")
+        );
         assert_eq!(e(b"*x\r\n"), "ERR Protocol error: invalid multibulk length");
-        assert_eq!(e(b"GET \"unterminated\r\n"), "ERR Protocol error: unbalanced quotes in request");
-        assert_eq!(e(&vec![b'A'; INLINE_MAX + 1]), "ERR Protocol error: too big inline request");
+        assert_eq!(
+            e(b"GET \"unterminated\r\n"),
+            "ERR Protocol error: unbalanced quotes in request"
+        );
+        assert_eq!(
+            e(&vec![b'A'; INLINE_MAX + 1]),
+            "ERR Protocol error: too big inline request"
+        );
     }
 
     #[test]
     fn replies_are_framed_whole() {
         let mut buf = BytesMut::from(&b"+OK\r\n$5\r\nhello\r\n*2\r\n:1\r\n$-1\r\n_\r\n-ERR x\r\n>2\r\n$4\r\npush\r\n:1\r\n%1\r\n"[..]);
-        let kinds: Vec<_> = std::iter::from_fn(|| parse_reply(&mut buf).unwrap()).map(|r| r.kind).collect();
+        let kinds: Vec<_> = std::iter::from_fn(|| parse_reply(&mut buf).unwrap())
+            .map(|r| r.kind)
+            .collect();
         assert_eq!(
             kinds,
             vec![
@@ -533,12 +618,26 @@ mod tests {
             ]
         );
         assert_eq!(&buf[..], b"%1\r\n");
+        let mut buf = BytesMut::from(&b"*-1\r\n*2\r\n*-1\r\n:1\r\n"[..]);
+        assert_eq!(parse_reply(&mut buf).unwrap().unwrap().kind, ReplyKind::Nil);
+        assert_eq!(
+            parse_reply(&mut buf).unwrap().unwrap().kind,
+            ReplyKind::Normal
+        );
+        assert!(buf.is_empty());
     }
 
     #[test]
     fn arrays_split_into_elements() {
         let b = Bytes::from_static(b"*3\r\n$1\r\na\r\n$-1\r\n*1\r\n:5\r\n");
         let parts = split_array(&b).unwrap();
-        assert_eq!(parts, vec![Bytes::from_static(b"$1\r\na\r\n"), Bytes::from_static(b"$-1\r\n"), Bytes::from_static(b"*1\r\n:5\r\n")]);
+        assert_eq!(
+            parts,
+            vec![
+                Bytes::from_static(b"$1\r\na\r\n"),
+                Bytes::from_static(b"$-1\r\n"),
+                Bytes::from_static(b"*1\r\n:5\r\n")
+            ]
+        );
     }
 }

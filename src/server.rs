@@ -66,7 +66,11 @@ impl Shared {
 
 /// Accepts clients until `shutdown` turns true; returns once every session has
 /// finished or `grace` has passed after shutdown.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let m = metrics::get();
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     loop {
@@ -88,7 +92,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
             m.client_connections_rejected_total.inc();
             tokio::spawn(async move {
                 let mut socket = socket;
-                let _ = socket.write_all(b"-ERR max number of clients reached\r\n").await;
+                let _ = socket
+                    .write_all(b"-ERR max number of clients reached\r\n")
+                    .await;
                 let _ = socket.shutdown().await;
             });
             continue;
@@ -112,7 +118,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
     drop(listener);
     drop(done_tx);
     let grace = shared.config.shutdown_grace;
-    info!(clients = shared.clients.load(Ordering::Relaxed), ?grace, "draining clients");
+    info!(
+        clients = shared.clients.load(Ordering::Relaxed),
+        ?grace,
+        "draining clients"
+    );
     // Every session holds a clone of done_tx; recv() returns None when all are gone.
     let _ = tokio::time::timeout(grace, done_rx.recv()).await;
 }
@@ -243,7 +253,13 @@ async fn run_session(socket: TcpStream, shared: Arc<Shared>, mut shutdown: watch
         notify: Notify::new(),
     });
     let close = Arc::new(Notify::new());
-    let writer = tokio::spawn(write_loop(wr, rx, progress.clone(), shared.cache.clone(), close.clone()));
+    let writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        progress.clone(),
+        shared.cache.clone(),
+        close.clone(),
+    ));
     let default_db = shared.config.upstream.url.db;
     let mut session = Session {
         slot: shared.upstream.assign_slot(),
@@ -352,7 +368,10 @@ impl Session {
         let name = req.name_upper();
         if !self.authed && !matches!(name.as_slice(), b"AUTH" | b"HELLO" | b"QUIT" | b"RESET") {
             count_request(&name, Outcome::Error);
-            self.push(Pending::Ready(protocol::error("NOAUTH Authentication required."))).await;
+            self.push(Pending::Ready(protocol::error(
+                "NOAUTH Authentication required.",
+            )))
+            .await;
             return true;
         }
         let class = command::classify(&name, &req.args);
@@ -411,7 +430,11 @@ impl Session {
                 Post::InvalidateAll
             }
             Keys::Some(list) => {
-                let cached: Vec<Bytes> = list.iter().filter(|k| cache.policy(k).is_some()).cloned().collect();
+                let cached: Vec<Bytes> = list
+                    .iter()
+                    .filter(|k| cache.policy(k).is_some())
+                    .cloned()
+                    .collect();
                 for k in &cached {
                     cache.invalidate(k, "local_write");
                 }
@@ -439,14 +462,26 @@ impl Session {
                 let rx = conn.send(encode(&req));
                 self.push(Pending::Upstream { rx, post }).await;
             }
-            Err(e) => self.push(Pending::Ready(protocol::error(&e.to_reply_text()))).await,
+            Err(e) => {
+                self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
+                    .await
+            }
         }
     }
 
     async fn read(&mut self, name: &[u8], req: Request, key: Bytes) {
         let cache = self.shared.cache.clone();
-        let td_route = name == b"GET" && self.shared.tdengine.as_ref().is_some_and(|t| t.matches(&key));
-        let policy = if cache.is_serving() { cache.policy(&key) } else { None };
+        let td_route = name == b"GET"
+            && self
+                .shared
+                .tdengine
+                .as_ref()
+                .is_some_and(|t| t.matches(&key));
+        let policy = if cache.is_serving() {
+            cache.policy(&key)
+        } else {
+            None
+        };
         let Some(policy) = policy else {
             count_request(name, Outcome::Forward);
             if td_route {
@@ -471,7 +506,8 @@ impl Session {
         let conn = match self.shared.upstream.pool(self.proto).conn(self.slot) {
             Ok(c) => c,
             Err(e) => {
-                self.push(Pending::Ready(protocol::error(&e.to_reply_text()))).await;
+                self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
+                    .await;
                 return;
             }
         };
@@ -497,7 +533,8 @@ impl Session {
         let conn = match self.shared.upstream.pool(self.proto).conn(self.slot) {
             Ok(c) => c,
             Err(e) => {
-                self.push(Pending::Ready(protocol::error(&e.to_reply_text()))).await;
+                self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
+                    .await;
                 return;
             }
         };
@@ -517,7 +554,9 @@ impl Session {
                 let rx = conn.send(request);
                 async move {
                     match flatten(rx.await) {
-                        Ok(first) if first.kind == ReplyKind::Nil => td_fill(&td, &conn, &key2, proto).await,
+                        Ok(first) if first.kind == ReplyKind::Nil => {
+                            td_fill(&td, &conn, &key2, proto).await
+                        }
                         other => (other, None),
                     }
                 }
@@ -570,7 +609,8 @@ impl Session {
         let conn = match self.shared.upstream.pool(self.proto).conn(self.slot) {
             Ok(c) => c,
             Err(e) => {
-                self.push(Pending::Ready(protocol::error(&e.to_reply_text()))).await;
+                self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
+                    .await;
                 return;
             }
         };
@@ -605,7 +645,10 @@ impl Session {
                     self.push(Pending::Attach(frames)).await;
                     // The pinned connection starts in the configured db; follow the client's.
                     if self.state.db != self.default_db {
-                        let select = protocol::command([b"SELECT".to_vec(), self.state.db.to_string().into_bytes()]);
+                        let select = protocol::command([
+                            b"SELECT".to_vec(),
+                            self.state.db.to_string().into_bytes(),
+                        ]);
                         if conn.write(&select).await.is_ok() {
                             self.push(Pending::Pinned {
                                 expect: Expect::Count(0),
@@ -619,7 +662,8 @@ impl Session {
                 }
                 Err(e) => {
                     self.undo_pin_state(name);
-                    self.push(Pending::Ready(protocol::error(&e.to_reply_text()))).await;
+                    self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
+                        .await;
                     return;
                 }
             }
@@ -656,7 +700,12 @@ impl Session {
                 self.state.multi_all = false;
             }
             b"SELECT" => {
-                if let Some(db) = req.args.get(1).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| d.parse().ok()) {
+                if let Some(db) = req
+                    .args
+                    .get(1)
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                    .and_then(|d| d.parse().ok())
+                {
                     self.state.db = db;
                 }
             }
@@ -667,7 +716,8 @@ impl Session {
         if let Err(e) = conn.write(&bytes).await {
             self.pinned = None;
             self.push(Pending::Detach).await;
-            self.push(Pending::Ready(protocol::error(&e.to_reply_text()))).await;
+            self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
+                .await;
             self.close.notify_one();
             return;
         }
@@ -683,18 +733,23 @@ impl Session {
         match name {
             b"MULTI" => self.state.multi = false,
             b"WATCH" => self.state.watch = false,
-            b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" | b"SUNSUBSCRIBE" => {
-                self.state.subscribed = false
-            }
+            b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
+            | b"SUNSUBSCRIBE" => self.state.subscribed = false,
             _ => {}
         }
     }
 
     fn expect_for(&mut self, name: &[u8], args: &[Bytes]) -> Expect {
         if name == b"CLIENT" {
-            let sub = args.get(1).map(|a| a.to_ascii_uppercase()).unwrap_or_default();
+            let sub = args
+                .get(1)
+                .map(|a| a.to_ascii_uppercase())
+                .unwrap_or_default();
             if sub == b"REPLY" {
-                let mode = args.get(2).map(|a| a.to_ascii_uppercase()).unwrap_or_default();
+                let mode = args
+                    .get(2)
+                    .map(|a| a.to_ascii_uppercase())
+                    .unwrap_or_default();
                 match mode.as_slice() {
                     b"OFF" => {
                         self.state.reply_off = true;
@@ -747,11 +802,14 @@ impl Session {
             b"HELLO" => self.hello(req).await,
             b"SELECT" => {
                 if args.len() != 2 {
-                    let reply = protocol::error("ERR wrong number of arguments for 'select' command");
+                    let reply =
+                        protocol::error("ERR wrong number of arguments for 'select' command");
                     self.push(Pending::Ready(reply)).await;
                     return true;
                 }
-                let db = std::str::from_utf8(&args[1]).ok().and_then(|d| d.parse::<u32>().ok());
+                let db = std::str::from_utf8(&args[1])
+                    .ok()
+                    .and_then(|d| d.parse::<u32>().ok());
                 if db == Some(self.default_db) && self.pinned.is_none() {
                     self.state.db = self.default_db;
                     self.push(Pending::Ready(protocol::ok())).await;
@@ -788,11 +846,32 @@ impl Session {
                 self.push(Pending::Ready(protocol::simple("RESET"))).await;
             }
             b"CLIENT" => {
-                // CLIENT GETNAME: without a pinned connection no name was ever set.
+                let sub = args
+                    .get(1)
+                    .map(|a| a.to_ascii_uppercase())
+                    .unwrap_or_default();
                 if self.pinned.is_some() {
                     self.pinned_request(name, req, Keys::None).await;
+                } else if sub == b"SETINFO" {
+                    let attr = args
+                        .get(2)
+                        .map(|a| a.to_ascii_uppercase())
+                        .unwrap_or_default();
+                    let reply = match (args.len(), attr.as_slice()) {
+                        (4, b"LIB-NAME" | b"LIB-VER") => protocol::ok(),
+                        (4, _) => protocol::error(&format!(
+                            "ERR Unrecognized option '{}'",
+                            String::from_utf8_lossy(&args[2])
+                        )),
+                        _ => protocol::error(
+                            "ERR wrong number of arguments for 'client|setinfo' command",
+                        ),
+                    };
+                    self.push(Pending::Ready(reply)).await;
                 } else {
-                    self.push(Pending::Ready(protocol::nil(self.proto == 3))).await;
+                    // CLIENT GETNAME: without a pinned connection no name was ever set.
+                    self.push(Pending::Ready(protocol::nil(self.proto == 3)))
+                        .await;
                 }
             }
             b"NEARCACHE" => {
@@ -800,7 +879,8 @@ impl Session {
                 self.push(Pending::Ready(reply)).await;
             }
             _ => {
-                self.push(Pending::Ready(protocol::error("ERR unknown command"))).await;
+                self.push(Pending::Ready(protocol::error("ERR unknown command")))
+                    .await;
             }
         }
         true
@@ -829,8 +909,10 @@ impl Session {
             2 => (None, &args[1]),
             3 => (Some(args[1].as_ref()), &args[2]),
             _ => {
-                self.push(Pending::Ready(protocol::error("ERR wrong number of arguments for 'auth' command")))
-                    .await;
+                self.push(Pending::Ready(protocol::error(
+                    "ERR wrong number of arguments for 'auth' command",
+                )))
+                .await;
                 return;
             }
         };
@@ -861,10 +943,16 @@ impl Session {
         let mut auth: Option<(Bytes, Bytes)> = None;
         let mut setname = false;
         if let Some(v) = args.get(1) {
-            match std::str::from_utf8(v).ok().and_then(|v| v.parse::<u8>().ok()) {
+            match std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<u8>().ok())
+            {
                 Some(v @ (2 | 3)) => version = v,
                 _ => {
-                    self.push(Pending::Ready(protocol::error("NOPROTO unsupported protocol version"))).await;
+                    self.push(Pending::Ready(protocol::error(
+                        "NOPROTO unsupported protocol version",
+                    )))
+                    .await;
                     return;
                 }
             }
@@ -878,7 +966,10 @@ impl Session {
                     setname = true;
                     i += 2;
                 } else {
-                    let msg = format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(&args[i]));
+                    let msg = format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        String::from_utf8_lossy(&args[i])
+                    );
                     self.push(Pending::Ready(protocol::error(&msg))).await;
                     return;
                 }
@@ -907,11 +998,16 @@ impl Session {
                 None => {}
             }
         }
-        let foreign_auth = auth.as_ref().is_some_and(|(u, p)| !self.upstream_credentials(Some(u), p));
+        let foreign_auth = auth
+            .as_ref()
+            .is_some_and(|(u, p)| !self.upstream_credentials(Some(u), p));
         if self.pinned.is_some() || setname || foreign_auth {
             self.state.sticky = true;
             self.proto = version;
-            let mut fwd = vec![Bytes::from_static(b"HELLO"), Bytes::from(version.to_string())];
+            let mut fwd = vec![
+                Bytes::from_static(b"HELLO"),
+                Bytes::from(version.to_string()),
+            ];
             if let Some((u, p)) = auth.filter(|_| foreign_auth) {
                 fwd.extend([Bytes::from_static(b"AUTH"), u, p]);
             }
@@ -921,10 +1017,15 @@ impl Session {
                     fwd.extend([Bytes::from_static(b"SETNAME"), args[i + 1].clone()]);
                     i += 2;
                 } else {
-                    i += if args[i].eq_ignore_ascii_case(b"AUTH") { 3 } else { 1 };
+                    i += if args[i].eq_ignore_ascii_case(b"AUTH") {
+                        3
+                    } else {
+                        1
+                    };
                 }
             }
-            self.pinned_request(b"HELLO", Request::from_args(fwd), Keys::None).await;
+            self.pinned_request(b"HELLO", Request::from_args(fwd), Keys::None)
+                .await;
             return;
         }
         self.proto = version;
@@ -957,7 +1058,8 @@ async fn td_fill(
     match td.fetch(key).await {
         Fetch::Rows { value, ttl } => {
             let ttl_ms = ttl.as_millis().max(1).to_string();
-            let set = protocol::command([&b"SET"[..], key, &value, b"PX", ttl_ms.as_bytes(), b"NX"]);
+            let set =
+                protocol::command([&b"SET"[..], key, &value, b"PX", ttl_ms.as_bytes(), b"NX"]);
             match flatten(conn.send(set).await) {
                 Ok(r) if r.kind == ReplyKind::Nil => {
                     // Someone wrote the key while we queried TDengine: theirs is newer.
@@ -989,7 +1091,13 @@ async fn td_fill(
                 TdOnError::Nil => (Ok(nil()), Some(Duration::ZERO)),
                 TdOnError::Error => {
                     let msg = format!("ERR invalid key for TDengine route: {why}");
-                    (Ok(Reply { bytes: protocol::error(&msg), kind: ReplyKind::Error }), None)
+                    (
+                        Ok(Reply {
+                            bytes: protocol::error(&msg),
+                            kind: ReplyKind::Error,
+                        }),
+                        None,
+                    )
                 }
             }
         }
@@ -1081,10 +1189,12 @@ fn out_of_band(reply: &Reply, subs: &Subscriptions) -> bool {
     let first_word = || protocol::reply_strings(&reply.bytes).and_then(|p| p.first().cloned());
     match reply.kind {
         ReplyKind::Push => !first_word().is_some_and(|w| sub_kind(&w).is_some()),
-        _ if subs.active() && reply.bytes.first() == Some(&b'*') => {
-            first_word().is_some_and(|w| matches!(w.as_ref(), b"message" | b"pmessage" | b"smessage"))
+        _ if subs.active() && reply.bytes.first() == Some(&b'*') => first_word()
+            .is_some_and(|w| matches!(w.as_ref(), b"message" | b"pmessage" | b"smessage")),
+        _ if subs.monitoring => {
+            reply.bytes.first() == Some(&b'+')
+                && reply.bytes.get(1).is_some_and(|c| c.is_ascii_digit())
         }
-        _ if subs.monitoring => reply.bytes.first() == Some(&b'+') && reply.bytes.get(1).is_some_and(|c| c.is_ascii_digit()),
         _ => false,
     }
 }
@@ -1193,7 +1303,12 @@ async fn write_loop(
                 };
                 out.extend_from_slice(&bytes);
             }
-            Pending::MGet { parts, mut rx, fills, proto } => {
+            Pending::MGet {
+                parts,
+                mut rx,
+                fills,
+                proto,
+            } => {
                 let result = match (&mut rx).now_or_never() {
                     Some(r) => flatten(r),
                     None => {
@@ -1203,7 +1318,11 @@ async fn write_loop(
                 };
                 out.extend_from_slice(&assemble_mget(&cache, parts, result, fills, proto));
             }
-            Pending::Pinned { expect, post, monitor } => {
+            Pending::Pinned {
+                expect,
+                post,
+                monitor,
+            } => {
                 let mut remaining = match expect {
                     Expect::Count(n) => n,
                     Expect::UnsubscribeAll(kind) => subs.count(kind).max(1),

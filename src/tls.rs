@@ -29,11 +29,18 @@ impl TlsConnector {
         match &cfg.ca_file {
             Some(path) => {
                 let certs = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| cfg_err("upstream.tls.ca_file", format!("{}: {e}", path.display())))?
+                    .map_err(|e| {
+                        cfg_err("upstream.tls.ca_file", format!("{}: {e}", path.display()))
+                    })?
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| cfg_err("upstream.tls.ca_file", format!("{}: {e}", path.display())))?;
+                    .map_err(|e| {
+                        cfg_err("upstream.tls.ca_file", format!("{}: {e}", path.display()))
+                    })?;
                 if certs.is_empty() {
-                    return Err(cfg_err("upstream.tls.ca_file", format!("{}: no certificates", path.display())));
+                    return Err(cfg_err(
+                        "upstream.tls.ca_file",
+                        format!("{}: no certificates", path.display()),
+                    ));
                 }
                 for c in certs {
                     roots
@@ -50,11 +57,16 @@ impl TlsConnector {
         let config = match (&cfg.cert_file, &cfg.key_file) {
             (Some(cert), Some(key)) => {
                 let chain = CertificateDer::pem_file_iter(cert)
-                    .map_err(|e| cfg_err("upstream.tls.cert_file", format!("{}: {e}", cert.display())))?
+                    .map_err(|e| {
+                        cfg_err("upstream.tls.cert_file", format!("{}: {e}", cert.display()))
+                    })?
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| cfg_err("upstream.tls.cert_file", format!("{}: {e}", cert.display())))?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| cfg_err("upstream.tls.key_file", format!("{}: {e}", key.display())))?;
+                    .map_err(|e| {
+                        cfg_err("upstream.tls.cert_file", format!("{}: {e}", cert.display()))
+                    })?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    cfg_err("upstream.tls.key_file", format!("{}: {e}", key.display()))
+                })?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| cfg_err("upstream.tls.cert_file", e))?

@@ -83,31 +83,50 @@ impl Connector {
         }
     }
 
-    async fn handshake(&self, mut stream: BoxStream, proto: u8) -> Result<(BoxStream, BytesMut, Bytes), Error> {
+    async fn handshake(
+        &self,
+        mut stream: BoxStream,
+        proto: u8,
+    ) -> Result<(BoxStream, BytesMut, Bytes), Error> {
         let url = &self.cfg.url;
         let mut hello: Vec<Vec<u8>> = vec![b"HELLO".to_vec(), proto.to_string().into_bytes()];
         if let Some(pass) = &url.password {
             hello.push(b"AUTH".to_vec());
-            hello.push(url.username.clone().unwrap_or_else(|| "default".into()).into_bytes());
+            hello.push(
+                url.username
+                    .clone()
+                    .unwrap_or_else(|| "default".into())
+                    .into_bytes(),
+            );
             hello.push(pass.clone().into_bytes());
         }
         let mut out = BytesMut::new();
         out.extend_from_slice(&protocol::command(&hello));
         let with_select = url.db != 0;
         if with_select {
-            out.extend_from_slice(&protocol::command([b"SELECT".to_vec(), url.db.to_string().into_bytes()]));
+            out.extend_from_slice(&protocol::command([
+                b"SELECT".to_vec(),
+                url.db.to_string().into_bytes(),
+            ]));
         }
-        stream.write_all(&out).await.map_err(|e| Error::upstream_io(&e))?;
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|e| Error::upstream_io(&e))?;
         let mut buf = BytesMut::with_capacity(4096);
         let hello_reply = read_one(&mut stream, &mut buf).await?;
         if hello_reply.kind == ReplyKind::Error {
-            let text = String::from_utf8_lossy(&hello_reply.bytes[1..]).trim_end().to_string();
+            let text = String::from_utf8_lossy(&hello_reply.bytes[1..])
+                .trim_end()
+                .to_string();
             return Err(Error::Upstream(format!("handshake refused: {text}")));
         }
         if with_select {
             let r = read_one(&mut stream, &mut buf).await?;
             if r.kind == ReplyKind::Error {
-                let text = String::from_utf8_lossy(&r.bytes[1..]).trim_end().to_string();
+                let text = String::from_utf8_lossy(&r.bytes[1..])
+                    .trim_end()
+                    .to_string();
                 return Err(Error::Upstream(format!("SELECT {}: {text}", url.db)));
             }
         }
@@ -121,7 +140,10 @@ async fn read_one(stream: &mut BoxStream, buf: &mut BytesMut) -> Result<Reply, E
             return Ok(r);
         }
         buf.reserve(4096);
-        let n = stream.read_buf(buf).await.map_err(|e| Error::upstream_io(&e))?;
+        let n = stream
+            .read_buf(buf)
+            .await
+            .map_err(|e| Error::upstream_io(&e))?;
         if n == 0 {
             return Err(Error::Upstream("connection closed during handshake".into()));
         }
@@ -161,8 +183,21 @@ impl MuxConn {
         let (rd, wr) = tokio::io::split(stream);
         let inflight = Arc::new(Mutex::new(VecDeque::<InFlight>::new()));
         let wake_reader = Arc::new(Notify::new());
-        tokio::spawn(write_loop(conn.clone(), wr, rx, inflight.clone(), wake_reader.clone()));
-        tokio::spawn(read_loop(conn.clone(), rd, leftover, inflight, wake_reader, command_timeout));
+        tokio::spawn(write_loop(
+            conn.clone(),
+            wr,
+            rx,
+            inflight.clone(),
+            wake_reader.clone(),
+        ));
+        tokio::spawn(read_loop(
+            conn.clone(),
+            rd,
+            leftover,
+            inflight,
+            wake_reader,
+            command_timeout,
+        ));
         conn
     }
 
@@ -184,12 +219,16 @@ impl MuxConn {
                 let jobs = self.jobs.clone();
                 tokio::spawn(async move {
                     if let Err(mpsc::error::SendError(job)) = jobs.send(job).await {
-                        let _ = job.reply.send(Err(Arc::new(Error::Upstream("connection closed".into()))));
+                        let _ = job
+                            .reply
+                            .send(Err(Arc::new(Error::Upstream("connection closed".into()))));
                     }
                 });
             }
             Err(mpsc::error::TrySendError::Closed(job)) => {
-                let _ = job.reply.send(Err(Arc::new(Error::Upstream("connection closed".into()))));
+                let _ = job
+                    .reply
+                    .send(Err(Arc::new(Error::Upstream("connection closed".into()))));
             }
         }
         rx
@@ -241,7 +280,10 @@ async fn write_loop(
         wake_reader.notify_one();
         if let Err(e) = wr.write_all(&out).await {
             debug!(error = %e, "upstream write failed");
-            metrics::get().upstream_errors_total.with_label_values(&["closed"]).inc();
+            metrics::get()
+                .upstream_errors_total
+                .with_label_values(&["closed"])
+                .inc();
             conn.mark_dead();
             fail_all(&inflight, &Arc::new(Error::upstream_io(&e)));
             break;
@@ -278,28 +320,40 @@ async fn read_loop(
                     let slot = inflight.lock().expect("inflight lock").pop_front();
                     match slot {
                         Some(f) => {
-                            m.upstream_latency_seconds.observe(f.sent_at.elapsed().as_secs_f64());
+                            m.upstream_latency_seconds
+                                .observe(f.sent_at.elapsed().as_secs_f64());
                             let _ = f.reply.send(Ok(reply));
                         }
                         None => {
                             warn!("upstream sent a reply nobody asked for; closing the connection");
-                            m.upstream_errors_total.with_label_values(&["protocol"]).inc();
+                            m.upstream_errors_total
+                                .with_label_values(&["protocol"])
+                                .inc();
                             conn.mark_dead();
-                            fail_all(&inflight, &Arc::new(Error::UpstreamProtocol("unexpected reply".into())));
+                            fail_all(
+                                &inflight,
+                                &Arc::new(Error::UpstreamProtocol("unexpected reply".into())),
+                            );
                             return;
                         }
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    m.upstream_errors_total.with_label_values(&["protocol"]).inc();
+                    m.upstream_errors_total
+                        .with_label_values(&["protocol"])
+                        .inc();
                     conn.mark_dead();
                     fail_all(&inflight, &Arc::new(Error::UpstreamProtocol(e)));
                     return;
                 }
             }
         }
-        let oldest = inflight.lock().expect("inflight lock").front().map(|f| f.sent_at);
+        let oldest = inflight
+            .lock()
+            .expect("inflight lock")
+            .front()
+            .map(|f| f.sent_at);
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
@@ -407,7 +461,9 @@ impl Pool {
                 }
             }
         }
-        Err(Error::Upstream(self.last_error.read().expect("error lock").clone()))
+        Err(Error::Upstream(
+            self.last_error.read().expect("error lock").clone(),
+        ))
     }
 
     pub fn hello_reply(&self) -> Option<Bytes> {
@@ -458,10 +514,15 @@ async fn supervise(
                 warn!(upstream = %connector.cfg.url.redacted(), "upstream connection lost; reconnecting");
             }
             Err(e) => {
-                m.upstream_errors_total.with_label_values(&["connect"]).inc();
+                m.upstream_errors_total
+                    .with_label_values(&["connect"])
+                    .inc();
                 m.upstream_up.set(0);
                 let text = e.to_string();
-                let text = text.strip_prefix("upstream unavailable: ").unwrap_or(&text).to_string();
+                let text = text
+                    .strip_prefix("upstream unavailable: ")
+                    .unwrap_or(&text)
+                    .to_string();
                 debug!(error = %text, "upstream connect failed");
                 *last_error.write().expect("error lock") = text;
             }
@@ -557,7 +618,10 @@ impl PinnedConn {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        self.writer.write_all(bytes).await.map_err(|e| Error::upstream_io(&e))
+        self.writer
+            .write_all(bytes)
+            .await
+            .map_err(|e| Error::upstream_io(&e))
     }
 }
 
@@ -583,7 +647,9 @@ async fn pinned_read_loop(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(PinnedFrame::Closed(Arc::new(Error::UpstreamProtocol(e)))).await;
+                    let _ = tx
+                        .send(PinnedFrame::Closed(Arc::new(Error::UpstreamProtocol(e))))
+                        .await;
                     return;
                 }
             }
@@ -594,13 +660,17 @@ async fn pinned_read_loop(
         match rd.read_buf(&mut buf).await {
             Ok(0) => {
                 let _ = tx
-                    .send(PinnedFrame::Closed(Arc::new(Error::Upstream("connection closed by upstream".into()))))
+                    .send(PinnedFrame::Closed(Arc::new(Error::Upstream(
+                        "connection closed by upstream".into(),
+                    ))))
                     .await;
                 return;
             }
             Ok(_) => {}
             Err(e) => {
-                let _ = tx.send(PinnedFrame::Closed(Arc::new(Error::upstream_io(&e)))).await;
+                let _ = tx
+                    .send(PinnedFrame::Closed(Arc::new(Error::upstream_io(&e))))
+                    .await;
                 return;
             }
         }

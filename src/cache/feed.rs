@@ -86,7 +86,9 @@ impl FeedConn {
 
     async fn next(&mut self) -> Result<protocol::Reply, Error> {
         loop {
-            if let Some(r) = protocol::parse_reply(&mut self.buf).map_err(Error::UpstreamProtocol)? {
+            if let Some(r) =
+                protocol::parse_reply(&mut self.buf).map_err(Error::UpstreamProtocol)?
+            {
                 return Ok(r);
             }
             self.buf.reserve(16 * 1024);
@@ -96,7 +98,9 @@ impl FeedConn {
                 .await
                 .map_err(|e| Error::upstream_io(&e))?;
             if n == 0 {
-                return Err(Error::Upstream("invalidation feed closed by upstream".into()));
+                return Err(Error::Upstream(
+                    "invalidation feed closed by upstream".into(),
+                ));
             }
         }
     }
@@ -127,7 +131,9 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
                 (_, true) => InvalidationMode::Keyspace,
                 (InvalidationMode::Auto, false) => InvalidationMode::Tracking,
                 (_, false) if cache.config.configure_upstream => {
-                    let r = conn.call(&[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"]).await?;
+                    let r = conn
+                        .call(&[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"])
+                        .await?;
                     if r.kind == ReplyKind::Error {
                         cache.set_serving(false, "keyspace events unavailable");
                         return Err(Error::Upstream(format!(
@@ -144,7 +150,10 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
                         "cache.invalidation = \"keyspace\" but the upstream's notify-keyspace-events lacks K and A; \
                          serving everything from upstream (set cache.configure_upstream = true or use \"tracking\")"
                     );
-                    cache.set_serving(false, "keyspace events not enabled upstream: serving from upstream only");
+                    cache.set_serving(
+                        false,
+                        "keyspace events not enabled upstream: serving from upstream only",
+                    );
                     // Re-check now and then: the operator may fix the server.
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     return Ok(());
@@ -181,25 +190,47 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
             while confirmed < n {
                 let r = conn.next().await?;
                 if r.kind == ReplyKind::Error {
-                    return Err(Error::Upstream(format!("PSUBSCRIBE refused: {}", error_text(&r))));
+                    return Err(Error::Upstream(format!(
+                        "PSUBSCRIBE refused: {}",
+                        error_text(&r)
+                    )));
                 }
                 confirmed += 1;
             }
             let r = conn
-                .call(&[b"CLIENT", b"TRACKING", b"ON", b"BCAST", b"PREFIX", FLUSH_ONLY_PREFIX.as_bytes()])
+                .call(&[
+                    b"CLIENT",
+                    b"TRACKING",
+                    b"ON",
+                    b"BCAST",
+                    b"PREFIX",
+                    FLUSH_ONLY_PREFIX.as_bytes(),
+                ])
                 .await?;
             if r.kind == ReplyKind::Error {
-                return Err(Error::Upstream(format!("CLIENT TRACKING refused: {}", error_text(&r))));
+                return Err(Error::Upstream(format!(
+                    "CLIENT TRACKING refused: {}",
+                    error_text(&r)
+                )));
             }
             "keyspace"
         }
         _ => {
-            let mut args: Vec<Vec<u8>> = vec![b"CLIENT".to_vec(), b"TRACKING".to_vec(), b"ON".to_vec(), b"BCAST".to_vec()];
-            let mut prefixes: Vec<&[u8]> = cached_patterns.iter().map(|p| literal_prefix(p.as_bytes())).collect();
+            let mut args: Vec<Vec<u8>> = vec![
+                b"CLIENT".to_vec(),
+                b"TRACKING".to_vec(),
+                b"ON".to_vec(),
+                b"BCAST".to_vec(),
+            ];
+            let mut prefixes: Vec<&[u8]> = cached_patterns
+                .iter()
+                .map(|p| literal_prefix(p.as_bytes()))
+                .collect();
             prefixes.sort();
             prefixes.dedup();
             // Redis refuses overlapping prefixes, and an empty one means every key anyway.
-            let all_keys = everything || prefixes.iter().any(|p| p.is_empty()) || prefixes.is_empty();
+            let all_keys =
+                everything || prefixes.iter().any(|p| p.is_empty()) || prefixes.is_empty();
             if !all_keys {
                 let mut kept: Vec<&[u8]> = Vec::new();
                 for p in prefixes {
@@ -215,7 +246,10 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
             let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
             let r = conn.call(&refs).await?;
             if r.kind == ReplyKind::Error {
-                return Err(Error::Upstream(format!("CLIENT TRACKING refused: {}", error_text(&r))));
+                return Err(Error::Upstream(format!(
+                    "CLIENT TRACKING refused: {}",
+                    error_text(&r)
+                )));
             }
             "tracking"
         }
@@ -252,7 +286,10 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
         match frame.kind {
             ReplyKind::Push => handle_push(cache, &frame.bytes, &keyspace_prefix),
             ReplyKind::Error => {
-                return Err(Error::Upstream(format!("invalidation feed error: {}", error_text(&frame))));
+                return Err(Error::Upstream(format!(
+                    "invalidation feed error: {}",
+                    error_text(&frame)
+                )));
             }
             _ => {
                 // The PONG of our health check.
@@ -264,13 +301,18 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
 }
 
 async fn read_keyspace_flags(conn: &mut FeedConn) -> Option<String> {
-    let r = conn.call(&[b"CONFIG", b"GET", b"notify-keyspace-events"]).await.ok()?;
+    let r = conn
+        .call(&[b"CONFIG", b"GET", b"notify-keyspace-events"])
+        .await
+        .ok()?;
     if r.kind == ReplyKind::Error {
         return None;
     }
     // RESP3: %1 $22 notify-keyspace-events $N flags
     let parts = protocol::reply_strings(&r.bytes).or_else(|| map_strings(&r.bytes))?;
-    parts.get(1).map(|v| String::from_utf8_lossy(v).into_owned())
+    parts
+        .get(1)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 fn map_strings(bytes: &Bytes) -> Option<Vec<Bytes>> {
@@ -281,7 +323,10 @@ fn map_strings(bytes: &Bytes) -> Option<Vec<Bytes>> {
     let mut fake = BytesMut::from(&bytes[..]);
     fake[0] = b'*';
     let header_end = fake.iter().position(|&c| c == b'\r')?;
-    let n: usize = std::str::from_utf8(&fake[1..header_end]).ok()?.parse().ok()?;
+    let n: usize = std::str::from_utf8(&fake[1..header_end])
+        .ok()?
+        .parse()
+        .ok()?;
     let mut rebuilt = BytesMut::new();
     rebuilt.extend_from_slice(format!("*{}\r\n", n * 2).as_bytes());
     rebuilt.extend_from_slice(&fake[header_end + 2..]);
@@ -370,8 +415,14 @@ mod tests {
 
     #[test]
     fn pushes_are_read() {
-        let p = push_parts(&Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n")).unwrap();
-        assert_eq!(p.keys.unwrap(), vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        let p = push_parts(&Bytes::from_static(
+            b">2\r\n$10\r\ninvalidate\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            p.keys.unwrap(),
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
+        );
         let p = push_parts(&Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n")).unwrap();
         assert!(p.keys.is_none());
         let p = push_parts(&Bytes::from_static(

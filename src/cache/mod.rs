@@ -67,7 +67,12 @@ impl KeyEntry {
 struct EntryExpiry;
 
 impl Expiry<Bytes, Arc<KeyEntry>> for EntryExpiry {
-    fn expire_after_create(&self, _: &Bytes, value: &Arc<KeyEntry>, _: std::time::Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &Bytes,
+        value: &Arc<KeyEntry>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
         Some(value.ttl)
     }
     // Adding a variant keeps the key's original deadline (the default for updates).
@@ -155,7 +160,10 @@ impl Cache {
                 }
             })
             .build();
-        let gens = (0..GEN_SLOTS).map(|_| Mutex::new(0)).collect::<Vec<_>>().into_boxed_slice();
+        let gens = (0..GEN_SLOTS)
+            .map(|_| Mutex::new(0))
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
         let cache = Cache {
             enabled: config.enabled,
             store,
@@ -165,7 +173,11 @@ impl Cache {
             policies: RwLock::new(Arc::new(compile(&config))),
             default_ttl: config.default_ttl,
             serving: AtomicBool::new(false),
-            feed_state: RwLock::new(if config.enabled { "starting".into() } else { "disabled".into() }),
+            feed_state: RwLock::new(if config.enabled {
+                "starting".into()
+            } else {
+                "disabled".into()
+            }),
             flights: Mutex::new(HashMap::new()),
             next_flight: AtomicU64::new(0),
             counters: Counters {
@@ -239,8 +251,14 @@ impl Cache {
         match policies.get(policy.index) {
             Some(p) if hit => p.hits.inc(),
             Some(p) => p.misses.inc(),
-            None if hit => metrics::get().cache_hits_total.with_label_values(&["other"]).inc(),
-            None => metrics::get().cache_misses_total.with_label_values(&["other"]).inc(),
+            None if hit => metrics::get()
+                .cache_hits_total
+                .with_label_values(&["other"])
+                .inc(),
+            None => metrics::get()
+                .cache_misses_total
+                .with_label_values(&["other"])
+                .inc(),
         }
     }
 
@@ -302,7 +320,10 @@ impl Cache {
             return false;
         }
         let gen = self.gens[ticket.slot].lock().expect("gen lock");
-        if *gen != ticket.gen || self.epoch.load(Ordering::Acquire) != ticket.epoch || !self.is_serving() {
+        if *gen != ticket.gen
+            || self.epoch.load(Ordering::Acquire) != ticket.epoch
+            || !self.is_serving()
+        {
             return false;
         }
         let variant = Variant {
@@ -342,7 +363,10 @@ impl Cache {
         self.store.invalidate(key);
         drop(gen);
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-        metrics::get().cache_invalidations_total.with_label_values(&[source]).inc();
+        metrics::get()
+            .cache_invalidations_total
+            .with_label_values(&[source])
+            .inc();
     }
 
     /// Empties L1 and cancels every fill in flight.
@@ -355,7 +379,10 @@ impl Cache {
         }
         self.store.invalidate_all();
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        metrics::get().cache_invalidations_total.with_label_values(&[source]).inc();
+        metrics::get()
+            .cache_invalidations_total
+            .with_label_values(&[source])
+            .inc();
     }
 
     /// Joins the upstream request in flight for the same reply, or registers
@@ -452,7 +479,9 @@ fn compile(config: &CacheConfig) -> Vec<CompiledPolicy> {
 /// The cache signature of a command: its name and every argument but the key,
 /// length-prefixed so that no two commands share one.
 pub fn signature(name_upper: &[u8], args: &[Bytes]) -> Bytes {
-    let mut out = BytesMut::with_capacity(name_upper.len() + 8 + args.iter().skip(2).map(|a| a.len() + 4).sum::<usize>());
+    let mut out = BytesMut::with_capacity(
+        name_upper.len() + 8 + args.iter().skip(2).map(|a| a.len() + 4).sum::<usize>(),
+    );
     out.extend_from_slice(name_upper);
     for a in args.iter().skip(2) {
         out.put_u32(a.len() as u32);
@@ -473,13 +502,17 @@ const HOT_PER_SHARD: usize = 4096;
 impl HotKeys {
     fn new() -> HotKeys {
         HotKeys {
-            shards: (0..HOT_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..HOT_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             last_decay: Mutex::new(Instant::now()),
         }
     }
 
     fn record(&self, key: &Bytes) {
-        let shard = key.iter().fold(key.len(), |a, &b| a.wrapping_mul(31).wrapping_add(b as usize)) % HOT_SHARDS;
+        let shard = key.iter().fold(key.len(), |a, &b| {
+            a.wrapping_mul(31).wrapping_add(b as usize)
+        }) % HOT_SHARDS;
         let mut map = self.shards[shard].lock().expect("hot lock");
         if let Some(c) = map.get_mut(key) {
             *c += 1;
@@ -560,7 +593,10 @@ mod tests {
         assert!(c.get(&b("quote:1"), &b("GET"), 2, p).is_none());
         let t = c.ticket(b"quote:1");
         assert!(c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\ny\r\n"), p.ttl));
-        assert_eq!(c.get(&b("quote:1"), &b("GET"), 2, p).unwrap(), b("$1\r\ny\r\n"));
+        assert_eq!(
+            c.get(&b("quote:1"), &b("GET"), 2, p).unwrap(),
+            b("$1\r\ny\r\n")
+        );
     }
 
     #[test]
@@ -575,7 +611,10 @@ mod tests {
         c.set_serving(false, "down");
         assert!(c.get(&b("quote:1"), &b("GET"), 2, p).is_none());
         c.set_serving(true, "up");
-        assert!(c.get(&b("quote:1"), &b("GET"), 2, p).is_none(), "cleared when the feed went down");
+        assert!(
+            c.get(&b("quote:1"), &b("GET"), 2, p).is_none(),
+            "cleared when the feed went down"
+        );
     }
 
     #[test]

@@ -1,0 +1,321 @@
+//! Test support: real `redis-server` processes on ephemeral ports and
+//! nearcache instances started in-process through `nearcache::start`, each on
+//! its own runtime thread so sync and async tests can use them alike.
+//! Everything is cleaned up on drop.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nearcache::config::Config;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+static DIRS: AtomicUsize = AtomicUsize::new(0);
+
+fn scratch_dir() -> PathBuf {
+    let n = DIRS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("nearcache-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A real redis-server, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts with extra `redis-server` arguments (e.g. `["--notify-keyspace-events", "KEA"]`).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let mut s = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: scratch_dir(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.child = Some(
+            cmd.spawn()
+                .expect("redis-server must be installed (see README)"),
+        );
+        wait_for_port(self.port, Duration::from_secs(10));
+        // PING until it answers: the port opens before loading finishes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.client().get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not answer",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        self.client().get_connection().unwrap()
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty, since nothing is persisted).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A nearcache instance running in this process on its own runtime.
+pub struct Proxy {
+    pub port: u16,
+    pub admin_port: Option<u16>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A config for tests: ephemeral listen and admin ports, the given upstream.
+pub fn test_config(upstream: &str) -> Config {
+    let mut c = Config::defaults();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin = Some("127.0.0.1:0".parse().unwrap());
+    c.upstream.url = nearcache::config::UpstreamUrl::parse(upstream).unwrap();
+    c.upstream.command_timeout = Duration::from_secs(5);
+    c.shutdown_grace = Duration::from_secs(2);
+    c
+}
+
+impl Proxy {
+    pub fn start(redis: &RedisServer) -> Proxy {
+        Proxy::with_config(test_config(&redis.url()))
+    }
+
+    pub fn with_config(config: Config) -> Proxy {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let handle = nearcache::start(config).await.expect("nearcache starts");
+                addr_tx
+                    .send((handle.addr.port(), handle.admin_addr.map(|a| a.port())))
+                    .unwrap();
+                let _ = stop_rx.await;
+                handle.shutdown();
+                handle.wait().await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+        });
+        let (port, admin_port) = addr_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("nearcache started");
+        Proxy {
+            port,
+            admin_port,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn url_resp3(&self) -> String {
+        format!("redis://127.0.0.1:{}/?protocol=resp3", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        self.client().get_connection().unwrap()
+    }
+
+    /// Waits until the invalidation feed is up and L1 serves (NEARCACHE STATS serving=1).
+    pub fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut c = self.conn();
+        loop {
+            let stats: Vec<redis::Value> =
+                redis::cmd("NEARCACHE").arg("STATS").query(&mut c).unwrap();
+            if stat(&stats, "serving") == 1 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "L1 never started serving");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stats(&self) -> Vec<redis::Value> {
+        redis::cmd("NEARCACHE")
+            .arg("STATS")
+            .query(&mut self.conn())
+            .unwrap()
+    }
+
+    pub fn stat(&self, name: &str) -> i64 {
+        stat(&self.stats(), name)
+    }
+
+    /// GET on the admin endpoint; returns (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let port = self.admin_port.expect("admin enabled");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (code, body)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads a field of NEARCACHE STATS (a flat RESP2 array).
+pub fn stat(stats: &[redis::Value], name: &str) -> i64 {
+    let mut it = stats.iter();
+    while let Some(k) = it.next() {
+        let v = it.next().expect("pairs");
+        if let redis::Value::BulkString(k) = k {
+            if k == name.as_bytes() {
+                return match v {
+                    redis::Value::Int(i) => *i,
+                    other => panic!("{name} is not an integer: {other:?}"),
+                };
+            }
+        }
+    }
+    panic!("no {name} in NEARCACHE STATS")
+}
+
+/// Runs redis-cli with arguments against a port; returns stdout.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli must be installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A raw TCP exchange: send bytes, read until `done` says so, EOF, or 5 s.
+pub fn raw_until(port: u16, input: &[u8], done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(input).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !done(&out) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+/// A raw TCP exchange: send bytes, read until EOF or until nothing came for `wait`.
+pub fn raw_exchange(port: u16, input: &[u8], wait: Duration) -> (Vec<u8>, bool) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(input).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (out, closed)
+}
