@@ -629,6 +629,49 @@ pub fn literal_prefix(pattern: &[u8]) -> &[u8] {
     &pattern[..end]
 }
 
+/// Every command name nearcache knows by name, for bounded metric labels.
+pub fn known_commands() -> Vec<&'static str> {
+    let mut all: Vec<&'static str> = CACHEABLE.iter().map(|c| c.0).collect();
+    all.extend(WRITES.iter().map(|c| c.0));
+    all.extend(READ_ONLY.iter().copied());
+    all.extend([
+        "HELLO",
+        "AUTH",
+        "SELECT",
+        "QUIT",
+        "RESET",
+        "NEARCACHE",
+        "UNWATCH",
+        "MULTI",
+        "EXEC",
+        "DISCARD",
+        "WATCH",
+        "SUBSCRIBE",
+        "PSUBSCRIBE",
+        "SSUBSCRIBE",
+        "UNSUBSCRIBE",
+        "PUNSUBSCRIBE",
+        "SUNSUBSCRIBE",
+        "MONITOR",
+        "WAIT",
+        "WAITAOF",
+        "CLIENT",
+        "FLUSHDB",
+        "FLUSHALL",
+        "SWAPDB",
+        "XREAD",
+        "XREADGROUP",
+        "SORT",
+        "GEORADIUS",
+        "GEORADIUSBYMEMBER",
+        "MIGRATE",
+        "MGET",
+    ]);
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -725,47 +768,4 @@ mod tests {
         assert_eq!(literal_prefix(b"ind:*"), b"ind:");
         assert_eq!(literal_prefix(b"*x"), b"");
     }
-}
-
-/// Every command name nearcache knows by name, for bounded metric labels.
-pub fn known_commands() -> Vec<&'static str> {
-    let mut all: Vec<&'static str> = CACHEABLE.iter().map(|c| c.0).collect();
-    all.extend(WRITES.iter().map(|c| c.0));
-    all.extend(READ_ONLY.iter().copied());
-    all.extend([
-        "HELLO",
-        "AUTH",
-        "SELECT",
-        "QUIT",
-        "RESET",
-        "NEARCACHE",
-        "UNWATCH",
-        "MULTI",
-        "EXEC",
-        "DISCARD",
-        "WATCH",
-        "SUBSCRIBE",
-        "PSUBSCRIBE",
-        "SSUBSCRIBE",
-        "UNSUBSCRIBE",
-        "PUNSUBSCRIBE",
-        "SUNSUBSCRIBE",
-        "MONITOR",
-        "WAIT",
-        "WAITAOF",
-        "CLIENT",
-        "FLUSHDB",
-        "FLUSHALL",
-        "SWAPDB",
-        "XREAD",
-        "XREADGROUP",
-        "SORT",
-        "GEORADIUS",
-        "GEORADIUSBYMEMBER",
-        "MIGRATE",
-        "MGET",
-    ]);
-    all.sort_unstable();
-    all.dedup();
-    all
 }

@@ -1188,7 +1188,7 @@ fn sub_kind(word: &[u8]) -> Option<(SubKind, bool)> {
 fn out_of_band(reply: &Reply, subs: &Subscriptions) -> bool {
     let first_word = || protocol::reply_strings(&reply.bytes).and_then(|p| p.first().cloned());
     match reply.kind {
-        ReplyKind::Push => !first_word().is_some_and(|w| sub_kind(&w).is_some()),
+        ReplyKind::Push => first_word().is_none_or(|w| sub_kind(&w).is_none()),
         _ if subs.active() && reply.bytes.first() == Some(&b'*') => first_word()
             .is_some_and(|w| matches!(w.as_ref(), b"message" | b"pmessage" | b"smessage")),
         _ if subs.monitoring => {

@@ -361,10 +361,9 @@ async fn read_loop(
             match oldest {
                 Some(sent) => {
                     let deadline = sent + command_timeout;
-                    match tokio::time::timeout_at(deadline.into(), rd.read_buf(&mut buf)).await {
-                        Ok(r) => Some(r),
-                        Err(_) => None,
-                    }
+                    tokio::time::timeout_at(deadline.into(), rd.read_buf(&mut buf))
+                        .await
+                        .ok()
                 }
                 None => {
                     // Idle: wait for data or for a request to start the timeout clock.

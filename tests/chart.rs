@@ -1318,9 +1318,7 @@ fn sidecar_renders_from_an_application_chart() {
     );
     let spec = &dep["spec"]["template"]["spec"];
     let containers = spec["containers"].as_sequence().unwrap();
-    assert!(containers
-        .iter()
-        .any(|c| c["name"] == "nearcache"));
+    assert!(containers.iter().any(|c| c["name"] == "nearcache"));
     assert_eq!(
         spec["volumes"][0]["configMap"]["name"],
         cm["metadata"]["name"]
@@ -1556,7 +1554,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
         let word_start = rest[..i]
             .chars()
             .last()
-            .map_or(true, |c| !c.is_ascii_alphanumeric() && c != '_');
+            .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_');
         let tail = &rest[i + "nearcache_".len()..];
         let len = tail
             .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
@@ -1588,8 +1586,7 @@ fn dashboard_and_guide_use_real_metric_names() {
     let vars = dash["templating"]["list"].as_sequence().unwrap();
     assert!(
         vars.iter()
-            .any(|v| v["type"] == "datasource"
-                && v["query"] == "prometheus"),
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
         "the Prometheus data source is a variable"
     );
     let used = metric_names(&dash_text);

@@ -16,7 +16,7 @@
 pub mod feed;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -263,9 +263,7 @@ impl Cache {
     }
 
     fn slot(&self, key: &[u8]) -> usize {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        (h.finish() as usize) % GEN_SLOTS
+        (self.hasher.hash_one(key) as usize) % GEN_SLOTS
     }
 
     /// Looks a reply up; counts the hit or miss.
