@@ -8,6 +8,7 @@
 
 mod client;
 pub mod encode;
+pub mod fill;
 mod route;
 
 use std::collections::HashMap;
