@@ -4,15 +4,20 @@
 //! Each slot holds at most one connection; it is opened on first use (or by
 //! the background warm-up) and dropped after a connection-level failure or a
 //! timeout, so that the next query on that slot reconnects.
+//!
+//! Plain `ws` connections go through a loopback relay (see `relay.rs`) that
+//! removes the client's ~40 ms delayed-ACK × Nagle stall per request frame.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::TryStreamExt;
 use taos::query::asyn::WsTaos;
+use taos::taos_query::{Address, Dsn};
 use taos::{AsyncFetchable, BorrowedValue, Precision, RawError};
 
 use super::encode::{Cell, Rows};
+use super::relay::Relay;
 
 /// Why a query failed, by metrics kind.
 #[derive(Debug, Clone)]
@@ -28,6 +33,37 @@ pub struct Pool {
     redacted: String,
     slots: Vec<tokio::sync::Mutex<Option<Arc<WsTaos>>>>,
     next: AtomicUsize,
+    /// The parsed DSN and the real taosAdapter address, when the connection
+    /// can go through the relay (plain `ws`; TLS connects directly).
+    relay_target: Option<(Dsn, String, u16)>,
+    relay: tokio::sync::OnceCell<Option<Relay>>,
+}
+
+/// The DSN and the address taos-ws would connect to, if it is a plain
+/// WebSocket DSN that the relay can carry. Mirrors `TaosBuilder::from_dsn`:
+/// only the first address is used, and a missing port is 6041 for
+/// `localhost` (or no host), 80 otherwise.
+fn relay_target(dsn: &str) -> Option<(Dsn, String, u16)> {
+    let d: Dsn = dsn.parse().ok()?;
+    let tls = matches!(d.driver.as_str(), "wss" | "https")
+        || matches!(d.protocol.as_deref(), Some("wss" | "https"));
+    if tls {
+        // The relay cannot terminate TLS, and the client would check the
+        // certificate against 127.0.0.1.
+        return None;
+    }
+    let (host, port) = match d.addresses.first() {
+        None => ("localhost".to_string(), 6041),
+        Some(a) if a.path.is_some() => return None,
+        Some(a) => {
+            let host = a.host.clone().unwrap_or_else(|| "localhost".to_string());
+            let port = a
+                .port
+                .unwrap_or(if host == "localhost" { 6041 } else { 80 });
+            (host, port)
+        }
+    };
+    Some((d, host, port))
 }
 
 /// `taos+ws://user:secret@host/db` → `taos+ws://user:***@host/db`.
@@ -67,11 +103,51 @@ impl Pool {
     pub fn new(dsn: String, size: usize) -> Pool {
         Pool {
             redacted: redact_dsn(&dsn),
+            relay_target: relay_target(&dsn),
             dsn,
             slots: (0..size.max(1))
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
             next: AtomicUsize::new(0),
+            relay: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The relay, started on first use; `None` for TLS DSNs or if it could
+    /// not listen (then the client connects directly).
+    async fn relay(&self) -> Option<&Relay> {
+        let (_, host, port) = self.relay_target.as_ref()?;
+        self.relay
+            .get_or_init(|| async {
+                match Relay::start(host.clone(), *port).await {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TDengine relay could not listen; connecting directly");
+                        None
+                    }
+                }
+            })
+            .await
+            .as_ref()
+    }
+
+    /// Open one client connection, through the relay when there is one.
+    async fn connect(&self) -> Result<WsTaos, String> {
+        match (self.relay().await, &self.relay_target) {
+            (Some(relay), Some((dsn, _, _))) => {
+                let _armed = relay.arm();
+                let mut dsn = dsn.clone();
+                dsn.addresses = vec![Address::new("127.0.0.1", relay.addr().port())];
+                WsTaos::from_dsn(dsn)
+                    .await
+                    .map_err(|e| match relay.take_error() {
+                        Some(why) => format!("{e} ({why})"),
+                        None => e.to_string(),
+                    })
+            }
+            _ => WsTaos::from_dsn(self.dsn.as_str())
+                .await
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -92,8 +168,8 @@ impl Pool {
             return Ok(conn.clone());
         }
         tracing::debug!(dsn = %self.redacted, slot, "connecting to TDengine");
-        let conn = WsTaos::from_dsn(self.dsn.as_str()).await.map_err(|e| {
-            let e = QueryError::Connect(e.to_string());
+        let conn = self.connect().await.map_err(|e| {
+            let e = QueryError::Connect(e);
             tracing::warn!(dsn = %self.redacted, slot, error = ?e, "TDengine connect failed");
             e
         })?;
@@ -199,5 +275,24 @@ mod tests {
         assert_eq!(redact_dsn("ws://host:6041/db"), "ws://host:6041/db");
         assert_eq!(redact_dsn("ws://u@host:6041"), "ws://u@host:6041");
         assert_eq!(redact_dsn("ws://u:p@ss@host"), "ws://u:***@host");
+    }
+
+    #[test]
+    fn relay_targets() {
+        let t = |dsn: &str| relay_target(dsn).map(|(_, h, p)| (h, p));
+        assert_eq!(
+            t("taos+ws://root:taosdata@10.0.0.5:6041/market"),
+            Some(("10.0.0.5".to_string(), 6041))
+        );
+        assert_eq!(
+            t("ws://localhost/db"),
+            Some(("localhost".to_string(), 6041))
+        );
+        assert_eq!(
+            t("taos+ws://tdengine/db"),
+            Some(("tdengine".to_string(), 80))
+        );
+        assert_eq!(t("taos+wss://cloud.example:443/db"), None);
+        assert_eq!(t("wss://cloud.example/db"), None);
     }
 }

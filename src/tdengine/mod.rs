@@ -9,6 +9,7 @@
 mod client;
 pub mod encode;
 pub mod fill;
+mod relay;
 mod route;
 
 use std::collections::HashMap;
