@@ -1,0 +1,766 @@
+//! The near cache against real redis-servers: hits, every invalidation path,
+//! feed failures, the fill/invalidation race, single flight, the memory bound,
+//! a randomized staleness checker and the lock pattern.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nearcache::config::InvalidationMode;
+use redis::Commands;
+use support::*;
+
+fn cached_proxy(redis: &RedisServer, mode: InvalidationMode) -> Proxy {
+    let mut cfg = test_config(&redis.url());
+    cfg.cache.invalidation = mode;
+    let p = Proxy::with_config(cfg);
+    p.wait_serving();
+    p
+}
+
+fn cmdstat(redis: &RedisServer, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls `read` until it returns `want`; returns how long that took.
+fn time_until(want: &str, mut read: impl FnMut() -> Option<String>, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if read().as_deref() == Some(want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "value {want:?} not seen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn hits_are_served_from_l1_and_writes_through_the_proxy_are_read_back() {
+    let redis = RedisServer::start();
+    let proxy = cached_proxy(&redis, InvalidationMode::Auto);
+    let mut c = proxy.conn();
+    let mut other = proxy.conn();
+    let _: () = c.set("quote:1", "a").unwrap();
+    let before = cmdstat(&redis, "get");
+    for _ in 0..5 {
+        let v: String = c.get("quote:1").unwrap();
+        assert_eq!(v, "a");
+    }
+    assert_eq!(cmdstat(&redis, "get") - before, 1, "one miss, then hits");
+    assert!(proxy.stat("hits") >= 4);
+
+    // Read your own writes, and so does every other client of this nearcache.
+    let _: () = c.set("quote:1", "b").unwrap();
+    let v: String = c.get("quote:1").unwrap();
+    assert_eq!(v, "b");
+    let v: String = other.get("quote:1").unwrap();
+    assert_eq!(v, "b");
+
+    // A write pipelined before a read of the same key is seen by that read,
+    // even though the read could have been answered from L1 before the write ran.
+    for (i, write) in [
+        vec!["SET", "quote:1", "c"],
+        vec!["APPEND", "quote:1", "d"],
+        vec!["DEL", "quote:1"],
+        vec!["MSET", "quote:1", "e", "quote:2", "f"],
+        vec![
+            "EVAL",
+            "return redis.call('SET', KEYS[1], ARGV[1])",
+            "1",
+            "quote:1",
+            "g",
+        ],
+        vec!["EVAL", "return redis.call('SET', 'quote:1', 'h')", "0"],
+        vec!["RENAME", "quote:2", "quote:1"],
+        vec!["EXPIRE", "quote:1", "0"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let _: Option<String> = c.get("quote:1").unwrap(); // make sure L1 holds the old value
+        let mut p = redis::pipe();
+        let mut cmd = redis::cmd(write[0]);
+        for a in &write[1..] {
+            cmd.arg(*a);
+        }
+        p.add_command(cmd).ignore().cmd("GET").arg("quote:1");
+        let (got,): (Option<String>,) = p.query(&mut c).unwrap();
+        let direct: Option<String> = redis.conn().get("quote:1").unwrap();
+        assert_eq!(got, direct, "case {i}: {write:?}");
+        let _: () = c.set("quote:2", "f").unwrap();
+    }
+
+    // Transactions: writes queued in MULTI take effect at EXEC.
+    let _: () = c.set("quote:1", "before").unwrap();
+    let _: String = c.get("quote:1").unwrap();
+    let (_,): (String,) = redis::pipe()
+        .atomic()
+        .set("quote:1", "after")
+        .query(&mut c)
+        .unwrap();
+    let v: String = other.get("quote:1").unwrap();
+    assert_eq!(v, "after");
+
+    // Per command and argument: HGET and HGETALL, LRANGE variants.
+    let _: () = c.hset("ind:1:macd:1d", "v", "1").unwrap();
+    let _: String = c.hget("ind:1:macd:1d", "v").unwrap();
+    let _: HashMap<String, String> = c.hgetall("ind:1:macd:1d").unwrap();
+    let _: () = c.hset("ind:1:macd:1d", "v", "2").unwrap();
+    let v: String = c.hget("ind:1:macd:1d", "v").unwrap();
+    assert_eq!(v, "2");
+    let all: HashMap<String, String> = other.hgetall("ind:1:macd:1d").unwrap();
+    assert_eq!(all["v"], "2");
+}
+
+#[test]
+fn uncached_patterns_always_go_upstream() {
+    let redis = RedisServer::start();
+    let proxy = cached_proxy(&redis, InvalidationMode::Auto);
+    let mut c = proxy.conn();
+    let _: () = c.set("lock:job", "t1").unwrap();
+    let _: () = c.set("plain", "p").unwrap();
+    let before = cmdstat(&redis, "get");
+    for _ in 0..3 {
+        let _: String = c.get("lock:job").unwrap();
+        let _: String = c.get("plain").unwrap();
+    }
+    assert_eq!(cmdstat(&redis, "get") - before, 6);
+}
+
+#[test]
+fn mget_is_served_partly_from_l1() {
+    let redis = RedisServer::start();
+    let proxy = cached_proxy(&redis, InvalidationMode::Auto);
+    let mut c = proxy.conn();
+    let _: () = c.set("quote:a", "1").unwrap();
+    let _: () = c.set("quote:b", "2").unwrap();
+    let _: () = c.set("plain", "3").unwrap();
+    let first: Vec<Option<String>> = c
+        .mget(&["quote:a", "quote:b", "plain", "quote:none"])
+        .unwrap();
+    assert_eq!(
+        first,
+        vec![Some("1".into()), Some("2".into()), Some("3".into()), None]
+    );
+    let before = cmdstat(&redis, "mget");
+    let second: Vec<Option<String>> = c
+        .mget(&["quote:b", "plain", "quote:a", "quote:none"])
+        .unwrap();
+    assert_eq!(
+        second,
+        vec![Some("2".into()), Some("3".into()), Some("1".into()), None]
+    );
+    assert_eq!(
+        cmdstat(&redis, "mget") - before,
+        1,
+        "one MGET for the uncached key only"
+    );
+    let all_hits: Vec<Option<String>> = c.mget(&["quote:a", "quote:b"]).unwrap();
+    assert_eq!(all_hits, vec![Some("1".into()), Some("2".into())]);
+    assert_eq!(
+        cmdstat(&redis, "mget") - before,
+        1,
+        "all hits: no upstream MGET"
+    );
+    // RESP3 clients get RESP3 nulls, from their own cached variant.
+    let mut c3 = redis::Client::open(proxy.url_resp3())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let r: Vec<Option<String>> = c3.mget(&["quote:a", "quote:none"]).unwrap();
+    assert_eq!(r, vec![Some("1".into()), None]);
+    let _: () = redis.conn().set("quote:a", "changed").unwrap();
+    time_until(
+        "changed",
+        || {
+            c.mget::<_, Vec<Option<String>>>(&["quote:a"])
+                .unwrap()
+                .remove(0)
+        },
+        Duration::from_secs(2),
+    );
+}
+
+/// A write straight to Redis is seen through two nearcache instances within
+/// the invalidation bound, in both feed modes. Prints the measured delays.
+#[test]
+fn direct_writes_reach_two_instances_in_both_modes() {
+    for (mode, extra, expect_feed) in [
+        (InvalidationMode::Tracking, &[][..], "tracking"),
+        (
+            InvalidationMode::Auto,
+            &["--notify-keyspace-events", "KEA"][..],
+            "keyspace",
+        ),
+        (InvalidationMode::Auto, &[][..], "tracking"),
+    ] {
+        let redis = RedisServer::start_with(extra);
+        let a = cached_proxy(&redis, mode);
+        let b = cached_proxy(&redis, mode);
+        let mut ca = a.conn();
+        let mut cb = b.conn();
+        let feed: String = {
+            let stats = a.stats();
+            let i = stats
+                .iter()
+                .position(|v| *v == redis::Value::BulkString(b"feed".to_vec()))
+                .unwrap();
+            redis::from_redis_value(stats[i + 1].clone()).unwrap()
+        };
+        assert_eq!(feed, expect_feed);
+        let mut direct = redis.conn();
+        let mut delays = Vec::new();
+        for i in 0..200 {
+            let key = format!("quote:{}", i % 10);
+            let _: () = direct.set(&key, format!("v{i}")).unwrap();
+            // Warm both L1s with the current value.
+            time_until(
+                &format!("v{i}"),
+                || ca.get(&key).unwrap(),
+                Duration::from_secs(2),
+            );
+            time_until(
+                &format!("v{i}"),
+                || cb.get(&key).unwrap(),
+                Duration::from_secs(2),
+            );
+            let _: () = direct.set(&key, format!("w{i}")).unwrap();
+            delays.push(time_until(
+                &format!("w{i}"),
+                || ca.get(&key).unwrap(),
+                Duration::from_secs(2),
+            ));
+            time_until(
+                &format!("w{i}"),
+                || cb.get(&key).unwrap(),
+                Duration::from_secs(2),
+            );
+        }
+        delays.sort();
+        let p50 = delays[delays.len() / 2];
+        let p99 = delays[delays.len() * 99 / 100];
+        eprintln!(
+            "invalidation delay ({expect_feed}): p50 {p50:?} p99 {p99:?} max {:?}",
+            delays.last().unwrap()
+        );
+        assert!(
+            a.stat("hits") > 0 && b.stat("hits") > 0,
+            "both instances served hits"
+        );
+
+        // FLUSHALL straight on Redis empties both L1s.
+        let _: () = direct.set("quote:f", "x").unwrap();
+        time_until("x", || ca.get("quote:f").unwrap(), Duration::from_secs(2));
+        let _: () = redis::cmd("FLUSHALL").query(&mut direct).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while ca.get::<_, Option<String>>("quote:f").unwrap().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "FLUSHALL not seen ({expect_feed})"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        // Expiry upstream.
+        let _: () = redis::cmd("SET")
+            .arg("quote:e")
+            .arg("soon")
+            .arg("PX")
+            .arg(300)
+            .query(&mut direct)
+            .unwrap();
+        time_until(
+            "soon",
+            || ca.get("quote:e").unwrap(),
+            Duration::from_secs(2),
+        );
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while ca.get::<_, Option<String>>("quote:e").unwrap().is_some() {
+            assert!(Instant::now() < deadline, "expiry not seen ({expect_feed})");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn kill_feed(redis: &RedisServer) {
+    let mut c = redis.conn();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
+    let mut killed = 0;
+    for line in list.lines() {
+        let flags = line
+            .split(' ')
+            .find_map(|f| f.strip_prefix("flags="))
+            .unwrap_or("");
+        let psub = line
+            .split(' ')
+            .find_map(|f| f.strip_prefix("psub="))
+            .unwrap_or("0");
+        if flags.contains('t') || psub != "0" {
+            let id = line.split(' ').find_map(|f| f.strip_prefix("id=")).unwrap();
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query(&mut c)
+                .unwrap();
+            killed += 1;
+        }
+    }
+    assert!(killed > 0, "found the feed connection");
+}
+
+#[test]
+fn feed_loss_and_redis_restart_never_serve_stale() {
+    for mode in [InvalidationMode::Tracking, InvalidationMode::Keyspace] {
+        let mut redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]);
+        let proxy = cached_proxy(&redis, mode);
+        let mut c = proxy.conn();
+        let mut direct = redis.conn();
+        let _: () = direct.set("quote:k", "old").unwrap();
+        time_until("old", || c.get("quote:k").unwrap(), Duration::from_secs(2));
+        assert_eq!(c.get::<_, String>("quote:k").unwrap(), "old");
+
+        // Kill the feed, then write behind nearcache's back: no invalidation can arrive.
+        kill_feed(&redis);
+        let _: () = direct.set("quote:k", "new").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..50 {
+            let v: String = c.get("quote:k").unwrap();
+            assert_eq!(v, "new", "{mode:?}: stale read after the feed was killed");
+        }
+        proxy.wait_serving();
+        assert_eq!(c.get::<_, String>("quote:k").unwrap(), "new");
+
+        // Restart Redis with other data: nothing from before may be served.
+        let _: String = c.get("quote:k").unwrap();
+        redis.restart();
+        let mut direct = redis.conn();
+        let _: () = direct.set("quote:k", "after-restart").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match c.get::<_, Option<String>>("quote:k") {
+                Ok(Some(v)) if v == "after-restart" => break,
+                Ok(v) => panic!("{mode:?}: stale read after restart: {v:?}"),
+                Err(e) => {
+                    assert!(e.to_string().contains("upstream"), "{e}");
+                    assert!(Instant::now() < deadline, "no recovery after restart");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn keyspace_mode_without_server_events_serves_from_upstream() {
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cfg.cache.invalidation = InvalidationMode::Keyspace;
+    let proxy = Proxy::with_config(cfg);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        proxy.stat("serving"),
+        0,
+        "never cache without an invalidation feed"
+    );
+    let mut c = proxy.conn();
+    let _: () = c.set("quote:x", "1").unwrap();
+    let before = cmdstat(&redis, "get");
+    for _ in 0..3 {
+        let _: String = c.get("quote:x").unwrap();
+    }
+    assert_eq!(cmdstat(&redis, "get") - before, 3);
+
+    // With configure_upstream, nearcache turns the events on itself.
+    let mut cfg = test_config(&redis.url());
+    cfg.cache.invalidation = InvalidationMode::Keyspace;
+    cfg.cache.configure_upstream = true;
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    let flags: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(flags[1].contains('K'), "{flags:?}");
+}
+
+/// A fill whose reply is still being delivered when an invalidation of the
+/// same key arrives must not store the older value. Made deterministic by
+/// stalling the client that owns the fill: its writer is stuck writing a large
+/// reply the client does not read, so the fill cannot complete until we let it.
+#[test]
+fn invalidation_during_a_fill_cancels_the_insert() {
+    use std::io::{Read, Write};
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.pool_size = 1;
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    let mut direct = redis.conn();
+    let big = vec![b'x'; 48 << 20];
+    let _: () = direct.set("bigvalue", &big).unwrap();
+    let _: () = direct.set("quote:race", "old").unwrap();
+
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stalled.write_all(b"GET bigvalue\r\n").unwrap();
+    // The writer of this client is now blocked on 48 MB nobody reads...
+    std::thread::sleep(Duration::from_millis(500));
+    stalled.write_all(b"GET quote:race\r\n").unwrap();
+    // ...so the reply of this fill reaches nearcache but cannot be completed.
+    std::thread::sleep(Duration::from_millis(300));
+    let invalidations = proxy.stat("invalidations");
+    let _: () = direct.set("quote:race", "new").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while proxy.stat("invalidations") == invalidations {
+        assert!(Instant::now() < deadline, "the invalidation never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Now let the stalled client read everything: its fill completes after the invalidation.
+    let mut sink = Vec::new();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    while !sink.ends_with(b"$3\r\nold\r\n") {
+        let n = stalled.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed early");
+        sink.extend_from_slice(&buf[..n]);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let v: String = proxy.conn().get("quote:race").unwrap();
+    assert_eq!(
+        v, "new",
+        "the fill stored a value older than the invalidation"
+    );
+}
+
+#[test]
+fn concurrent_cold_gets_share_one_upstream_request() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.pool_size = 1;
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    let _: () = redis.conn().set("quote:hot", "v").unwrap();
+    let before = cmdstat(&redis, "get");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let replies: Vec<String> = rt.block_on(async {
+        let client = redis::Client::open(proxy.url()).unwrap();
+        let mut conns = Vec::new();
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+        for _ in 0..50 {
+            conns.push(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Hold the shared upstream connection for a moment so every GET arrives while the first is in flight.
+        let mut sleeper = conns[0].clone();
+        let sleep = tokio::spawn(async move {
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(0.5)
+                .query_async(&mut sleeper)
+                .await
+                .unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut tasks = Vec::new();
+        for i in 0..1000 {
+            let mut c = conns[i % conns.len()].clone();
+            tasks.push(tokio::spawn(async move {
+                redis::cmd("GET")
+                    .arg("quote:hot")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        sleep.await.unwrap();
+        out
+    });
+    assert_eq!(replies.len(), 1000);
+    assert!(replies.iter().all(|r| r == "v"));
+    assert_eq!(
+        cmdstat(&redis, "get") - before,
+        1,
+        "1,000 concurrent cold GETs → one upstream GET"
+    );
+    assert!(proxy.stat("coalesced_misses") >= 999);
+}
+
+#[test]
+fn memory_stays_bounded_far_past_max_bytes() {
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cfg.cache.max_bytes = 1 << 20;
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    let mut direct = redis.conn();
+    let value = vec![b'v'; 1024];
+    let mut p = redis::pipe();
+    for i in 0..20_000 {
+        p.set(format!("quote:{i}"), &value).ignore();
+    }
+    let _: () = p.query(&mut direct).unwrap();
+    let mut c = proxy.conn();
+    for round in 0..2 {
+        let mut p = redis::pipe();
+        for i in 0..20_000 {
+            p.get(format!("quote:{i}"));
+        }
+        let got: Vec<Vec<u8>> = p.query(&mut c).unwrap();
+        assert!(got.iter().all(|v| v.len() == 1024), "round {round}");
+    }
+    let bytes = proxy.stat("bytes");
+    let entries = proxy.stat("entries");
+    eprintln!(
+        "after 40 MB of fills into a 1 MiB L1: {entries} entries, {bytes} bytes, {} evictions",
+        proxy.stat("evictions")
+    );
+    assert!(
+        bytes <= (1 << 20) + (1 << 20) / 10,
+        "L1 holds {bytes} bytes > max_bytes"
+    );
+    assert!(entries > 100, "L1 still caches");
+    assert!(
+        entries < 2000,
+        "L1 holds {entries} entries of 1 KiB in 1 MiB"
+    );
+}
+
+/// Writers change keys straight on Redis (and one through a nearcache); readers
+/// read through two nearcache instances. Every read must return a value at
+/// least as new as the newest write acknowledged `BOUND` before the read
+/// started, and no reader may see a key go back in time.
+#[test]
+fn randomized_checker_finds_no_stale_read() {
+    const BOUND: Duration = Duration::from_millis(100);
+    const KEYS: usize = 16;
+    let run_for = Duration::from_secs(60);
+    let redis = RedisServer::start();
+    let a = cached_proxy(&redis, InvalidationMode::Auto);
+    let b = cached_proxy(&redis, InvalidationMode::Auto);
+    // history[key] = (version, acknowledged at), in version order.
+    let history: Arc<Vec<Mutex<Vec<(u64, Instant)>>>> = Arc::new(
+        (0..KEYS)
+            .map(|_| Mutex::new(vec![(0, Instant::now())]))
+            .collect(),
+    );
+    {
+        let mut d = redis.conn();
+        for k in 0..KEYS {
+            let _: () = d.set(format!("quote:chk{k}"), 0).unwrap();
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    // Each key has one writer so versions are totally ordered; writer 0 writes through nearcache A.
+    for w in 0..4 {
+        let url = if w == 0 { a.url() } else { redis.url() };
+        let (history, stop) = (history.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut version = 0u64;
+            let mut rng_state = w as u64 + 1;
+            while !stop.load(Ordering::Relaxed) {
+                version += 1;
+                rng_state = rng_state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let k = w + 4 * ((rng_state >> 33) as usize % (KEYS / 4));
+                let _: () = c
+                    .set(format!("quote:chk{k}"), version * 4 + w as u64)
+                    .unwrap();
+                history[k]
+                    .lock()
+                    .unwrap()
+                    .push((version * 4 + w as u64, Instant::now()));
+                std::thread::sleep(Duration::from_micros(300));
+            }
+        }));
+    }
+    for r in 0..6 {
+        let url = if r % 2 == 0 { a.url() } else { b.url() };
+        let (history, stop, reads) = (history.clone(), stop.clone(), reads.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut last_seen = [0u64; KEYS];
+            let mut i = r;
+            while !stop.load(Ordering::Relaxed) {
+                i = (i * 7 + 3) % KEYS;
+                let started = Instant::now();
+                let v: u64 = c.get(format!("quote:chk{i}")).unwrap();
+                reads.fetch_add(1, Ordering::Relaxed);
+                let h = history[i].lock().unwrap();
+                let must_see = h
+                    .iter()
+                    .filter(|(_, at)| *at + BOUND < started)
+                    .map(|(v, _)| *v)
+                    .max()
+                    .unwrap_or(0);
+                assert!(v >= must_see, "stale read of quote:chk{i}: got {v}, but {must_see} was acknowledged more than {BOUND:?} before the read");
+                assert!(v >= last_seen[i], "quote:chk{i} went back in time: {} then {v}", last_seen[i]);
+                last_seen[i] = v;
+            }
+        }));
+    }
+    std::thread::sleep(run_for);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let hits = a.stat("hits") + b.stat("hits");
+    eprintln!(
+        "checker: {} reads, {hits} L1 hits, no stale read",
+        reads.load(Ordering::Relaxed)
+    );
+    assert!(hits > 1000, "the checker must exercise L1 (hits {hits})");
+}
+
+#[test]
+fn lock_pattern_has_exactly_one_winner_across_two_instances() {
+    let redis = RedisServer::start();
+    let a = cached_proxy(&redis, InvalidationMode::Auto);
+    let b = cached_proxy(&redis, InvalidationMode::Auto);
+    let release = redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end");
+    for round in 0..5 {
+        let winners = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..20)
+            .map(|i| {
+                let url = if i % 2 == 0 { a.url() } else { b.url() };
+                let winners = winners.clone();
+                std::thread::spawn(move || {
+                    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                    let token = format!("worker{i}");
+                    let got: Option<String> = redis::cmd("SET")
+                        .arg("lock:daily_calc")
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(10_000)
+                        .query(&mut c)
+                        .unwrap();
+                    if got.is_some() {
+                        winners.fetch_add(1, Ordering::Relaxed);
+                        Some(token)
+                    } else {
+                        None
+                    }
+                })
+            })
+            .collect();
+        let tokens: Vec<String> = threads
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(
+            winners.load(Ordering::Relaxed),
+            1,
+            "round {round}: exactly one winner"
+        );
+        // The holder is visible through both instances (locks are never cached)...
+        let holder: String = a.conn().get("lock:daily_calc").unwrap();
+        assert_eq!(holder, tokens[0]);
+        let holder_b: String = b.conn().get("lock:daily_calc").unwrap();
+        assert_eq!(holder_b, tokens[0]);
+        // ...a wrong token cannot release it, the right one can.
+        let wrong: i64 = release
+            .key("lock:daily_calc")
+            .arg("nobody")
+            .invoke(&mut b.conn())
+            .unwrap();
+        assert_eq!(wrong, 0);
+        let released: i64 = release
+            .key("lock:daily_calc")
+            .arg(&tokens[0])
+            .invoke(&mut b.conn())
+            .unwrap();
+        assert_eq!(released, 1);
+        let gone: Option<String> = a.conn().get("lock:daily_calc").unwrap();
+        assert_eq!(gone, None);
+    }
+}
+
+#[test]
+fn cache_disabled_is_pure_pass_through() {
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cfg.cache.enabled = false;
+    let proxy = Proxy::with_config(cfg);
+    let mut c = proxy.conn();
+    let _: () = c.set("quote:1", "a").unwrap();
+    let before = cmdstat(&redis, "get");
+    for _ in 0..5 {
+        let _: String = c.get("quote:1").unwrap();
+    }
+    assert_eq!(cmdstat(&redis, "get") - before, 5);
+    assert_eq!(proxy.stat("hits"), 0);
+    assert_eq!(proxy.stat("enabled"), 0);
+    // And the environment variable the application already has turns it off.
+    let env = [("ENABLE_REDIS_CACHE", "false")];
+    let cfg = nearcache::config::Config::resolve(&nearcache::config::Cli::default(), &env).unwrap();
+    assert!(!cfg.cache.enabled);
+}
+
+#[test]
+fn admin_commands() {
+    let redis = RedisServer::start();
+    let proxy = cached_proxy(&redis, InvalidationMode::Auto);
+    let mut c = proxy.conn();
+    let _: () = c.set("quote:hot", "1").unwrap();
+    let _: () = c.set("quote:warm", "1").unwrap();
+    for _ in 0..20 {
+        let _: String = c.get("quote:hot").unwrap();
+    }
+    for _ in 0..5 {
+        let _: String = c.get("quote:warm").unwrap();
+    }
+    let hot: Vec<(String, i64)> = redis::cmd("NEARCACHE")
+        .arg("HOTKEYS")
+        .arg(2)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(hot[0].0, "quote:hot");
+    assert_eq!(hot[1].0, "quote:warm");
+    assert!(hot[0].1 > hot[1].1);
+    assert!(proxy.stat("entries") >= 2);
+    let _: () = redis::cmd("NEARCACHE").arg("FLUSH").query(&mut c).unwrap();
+    assert_eq!(proxy.stat("entries"), 0);
+    let before = cmdstat(&redis, "get");
+    let _: String = c.get("quote:hot").unwrap();
+    assert_eq!(cmdstat(&redis, "get") - before, 1, "FLUSH emptied L1");
+    let err = redis::cmd("NEARCACHE")
+        .arg("BOGUS")
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(err.to_string().contains("NEARCACHE HELP"), "{err}");
+}
