@@ -192,7 +192,7 @@ fn mget_is_served_partly_from_l1() {
                 .unwrap()
                 .remove(0)
         },
-        Duration::from_secs(2),
+        Duration::from_secs(5),
     );
 }
 
@@ -232,23 +232,23 @@ fn direct_writes_reach_two_instances_in_both_modes() {
             time_until(
                 &format!("v{i}"),
                 || ca.get(&key).unwrap(),
-                Duration::from_secs(2),
+                Duration::from_secs(5),
             );
             time_until(
                 &format!("v{i}"),
                 || cb.get(&key).unwrap(),
-                Duration::from_secs(2),
+                Duration::from_secs(5),
             );
             let _: () = direct.set(&key, format!("w{i}")).unwrap();
             delays.push(time_until(
                 &format!("w{i}"),
                 || ca.get(&key).unwrap(),
-                Duration::from_secs(2),
+                Duration::from_secs(5),
             ));
             time_until(
                 &format!("w{i}"),
                 || cb.get(&key).unwrap(),
-                Duration::from_secs(2),
+                Duration::from_secs(5),
             );
         }
         delays.sort();
@@ -267,7 +267,7 @@ fn direct_writes_reach_two_instances_in_both_modes() {
         let _: () = direct.set("quote:f", "x").unwrap();
         time_until("x", || ca.get("quote:f").unwrap(), Duration::from_secs(5));
         let _: () = redis::cmd("FLUSHALL").query(&mut direct).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + Duration::from_secs(5);
         while ca.get::<_, Option<String>>("quote:f").unwrap().is_some() {
             assert!(
                 Instant::now() < deadline,
@@ -287,7 +287,7 @@ fn direct_writes_reach_two_instances_in_both_modes() {
         time_until(
             "soon",
             || ca.get("quote:e").unwrap(),
-            Duration::from_secs(2),
+            Duration::from_secs(5),
         );
         let deadline = Instant::now() + Duration::from_secs(3);
         while ca.get::<_, Option<String>>("quote:e").unwrap().is_some() {
@@ -426,7 +426,7 @@ fn invalidation_during_a_fill_cancels_the_insert() {
     std::thread::sleep(Duration::from_millis(300));
     let invalidations = proxy.stat("invalidations");
     let _: () = direct.set("quote:race", "new").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while proxy.stat("invalidations") == invalidations {
         assert!(Instant::now() < deadline, "the invalidation never arrived");
         std::thread::sleep(Duration::from_millis(5));
