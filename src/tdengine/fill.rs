@@ -91,3 +91,59 @@ pub async fn fill(
         },
     }
 }
+
+/// Is this RESP-encoded element a nil (`$-1` in RESP2, `_` in RESP3)?
+fn is_nil_element(e: &[u8]) -> bool {
+    e == b"$-1\r\n" || e == b"_\r\n"
+}
+
+/// MGET's third tier: `keys` are the keys sent upstream and `elements` the
+/// raw (RESP-encoded) elements of Redis's reply, in the same order. Every nil
+/// element whose key has a TDengine route is replaced by what [`fill`]
+/// answers for it (rows written back with `SET PX NX`, a nil, or an error
+/// element per `on_error`/`on_invalid_key`); the fills run concurrently and
+/// share single flights with concurrent GETs of the same keys. Other
+/// elements are returned unchanged. If the lengths differ nothing is filled.
+pub async fn fill_mget_elements(
+    td: &super::Tdengine,
+    conn: &Arc<MuxConn>,
+    keys: &[Bytes],
+    elements: Vec<Bytes>,
+    proto: u8,
+) -> Vec<Bytes> {
+    fill_mget_elements_with_ttl(td, conn, keys, elements, proto)
+        .await
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect()
+}
+
+/// [`fill_mget_elements`], with each element's cap on how long L1 may keep
+/// it: `None` for elements left as Redis sent them (the key's policy TTL
+/// applies), `Some(ttl)` for filled ones (store for `min(ttl, policy TTL)`;
+/// `Some(ZERO)`: do not store, e.g. an error element or a nil that only
+/// stands for a TDengine failure).
+pub async fn fill_mget_elements_with_ttl(
+    td: &super::Tdengine,
+    conn: &Arc<MuxConn>,
+    keys: &[Bytes],
+    elements: Vec<Bytes>,
+    proto: u8,
+) -> Vec<(Bytes, Option<Duration>)> {
+    if keys.len() != elements.len() {
+        return elements.into_iter().map(|e| (e, None)).collect();
+    }
+    let jobs = keys.iter().zip(elements).map(|(key, element)| async move {
+        if !is_nil_element(&element) || !td.matches(key) {
+            return (element, None);
+        }
+        match fill(td, conn, key, proto).await {
+            (Ok(reply), cap) if reply.kind != ReplyKind::Error => {
+                (reply.bytes, Some(cap.unwrap_or(Duration::ZERO)))
+            }
+            (Ok(reply), _) => (reply.bytes, Some(Duration::ZERO)),
+            (Err(e), _) => (protocol::error(&e.to_reply_text()), Some(Duration::ZERO)),
+        }
+    });
+    futures::future::join_all(jobs).await
+}

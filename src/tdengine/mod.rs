@@ -250,9 +250,11 @@ impl Tdengine {
         }
     }
 
-    /// Does any route's key template match this key's shape? No validation.
+    /// Does any route's key template match this key's shape? No validation
+    /// (an over-long key of a route's shape matches, and `fetch` then calls
+    /// it `Invalid`, so `on_invalid_key` applies to it like to any other).
     pub fn matches(&self, key: &[u8]) -> bool {
-        key.len() <= route::MAX_KEY_LEN && self.inner.routes.iter().any(|r| r.split(key).is_some())
+        self.inner.routes.iter().any(|r| r.split(key).is_some())
     }
 
     /// Validate, build the SQL, coalesce, query and encode.

@@ -129,19 +129,28 @@ fn kline_columns() -> Vec<(String, Ty)> {
     .collect()
 }
 
+pub const FREQS: &[&str] = &["1m", "5m", "15m", "30m", "60m", "1d", "1w"];
+
+/// Step (ms) and rows per symbol of `kline_{freq}`.
+pub fn kline_shape(freq: &str) -> (i64, usize) {
+    match freq {
+        "1m" => (60_000, 20),
+        "5m" => (300_000, 20),
+        "15m" => (900_000, 20),
+        "30m" => (1_800_000, 20),
+        "60m" => (3_600_000, 20),
+        "1d" => (86_400_000, 600),
+        "1w" => (604_800_000, 20),
+        other => panic!("no kline_{other} in the stand-in"),
+    }
+}
+
 /// `kline_{freq}` tables: 600 rows per symbol in `kline_1d`, 20 elsewhere;
 /// row 3 of each symbol has a NULL volume.
 pub fn default_tables() -> HashMap<String, Table> {
     let mut out = HashMap::new();
-    for (freq, step, n) in [
-        ("1m", 60_000, 20),
-        ("5m", 300_000, 20),
-        ("15m", 900_000, 20),
-        ("30m", 1_800_000, 20),
-        ("60m", 3_600_000, 20),
-        ("1d", 86_400_000, 600),
-        ("1w", 604_800_000, 20),
-    ] {
+    for freq in FREQS {
+        let (step, n) = kline_shape(freq);
         let mut rows = Vec::new();
         for s in SYMBOLS {
             for i in 0..n {
@@ -230,6 +239,21 @@ impl TaosAdapter {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::Relaxed)
+    }
+
+    /// Adds `symbol`'s generated rows to every `kline_*` table (600 in
+    /// `kline_1d`, 20 elsewhere, as for [`SYMBOLS`]).
+    pub fn add_symbol(&self, symbol: &str) {
+        let mut tables = self.state.tables.lock().unwrap();
+        for (name, table) in tables.iter_mut() {
+            let Some(freq) = name.strip_prefix("kline_") else {
+                continue;
+            };
+            let (step, n) = kline_shape(freq);
+            for i in 0..n {
+                table.rows.push(kline_row(symbol, i, step));
+            }
+        }
     }
 
     pub fn insert_table(&self, name: &str, table: Table) {

@@ -1,0 +1,592 @@
+//! The TDengine tier through the proxy: a real redis-server, nearcache
+//! in-process, and the taosAdapter protocol stand-in (run WITHOUT its quick-ACK
+//! option, i.e. with the kernel's default delayed ACKs like a stock server,
+//! so these tests also go through nearcache's loopback relay).
+
+mod support;
+#[path = "support/taosadapter.rs"]
+mod taosadapter;
+
+use std::time::{Duration, Instant};
+
+use nearcache::config::{TdFormat, TdOnError, TdParam, TdRoute, TdengineConfig};
+use serde_json::{json, Value};
+use support::{Proxy, RedisServer};
+use taosadapter::{kline_row, Fault, TaosAdapter, Val};
+
+const KLINE_SQL: &str =
+    "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500";
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+fn td_config(dsn: String) -> TdengineConfig {
+    TdengineConfig {
+        dsn,
+        timeout: TIMEOUT,
+        on_error: TdOnError::Error,
+        on_invalid_key: TdOnError::Nil,
+        format: TdFormat::Json,
+        max_concurrent_queries: 16,
+        pool_size: 2,
+        negative_ttl: None,
+        breaker_failures: 1000,
+        breaker_cooldown: Duration::from_secs(5),
+        routes: vec![TdRoute {
+            key: "kline:{symbol}:{freq}".into(),
+            sql: KLINE_SQL.into(),
+            ttl: Duration::from_secs(15 * 60),
+            params: vec![
+                (
+                    "symbol".into(),
+                    TdParam {
+                        pattern: Some("^[0-9A-Za-z.]{1,16}$".into()),
+                        allow: None,
+                        quote: true,
+                    },
+                ),
+                (
+                    "freq".into(),
+                    TdParam {
+                        pattern: None,
+                        allow: Some(
+                            ["1m", "5m", "15m", "30m", "60m", "1d", "1w"]
+                                .map(String::from)
+                                .to_vec(),
+                        ),
+                        quote: false,
+                    },
+                ),
+            ],
+        }],
+    }
+}
+
+/// Redis, the stand-in (with symbols 000001 and 600519 added) on its own
+/// runtime, and nearcache configured with `tweak` applied to the TDengine
+/// section. Fields drop in reverse order: proxy, stand-in, runtime, Redis.
+struct Env {
+    redis: RedisServer,
+    rt: tokio::runtime::Runtime,
+    ta: TaosAdapter,
+    proxy: Proxy,
+}
+
+impl Env {
+    fn start(tweak: impl FnOnce(&mut TdengineConfig)) -> Env {
+        let redis = RedisServer::start();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ta = rt.block_on(TaosAdapter::start_without_quickack());
+        ta.add_symbol("000001");
+        ta.add_symbol("600519");
+        let mut td = td_config(ta.dsn());
+        tweak(&mut td);
+        let mut config = support::test_config(&redis.url());
+        config.tdengine = Some(td);
+        let proxy = Proxy::with_config(config);
+        proxy.wait_serving();
+        Env {
+            redis,
+            rt,
+            ta,
+            proxy,
+        }
+    }
+}
+
+/// The JSON nearcache must produce for `kline:{symbol}:1d` (rows 599..100, newest first).
+fn expected_1d(symbol: &str) -> Value {
+    let rows: Vec<Value> = (100..600)
+        .rev()
+        .map(|i| {
+            let r = kline_row(symbol, i, 86_400_000);
+            let v = |x: &Val| match x {
+                Val::Ts(t) | Val::I64(t) => json!(t),
+                Val::F64(f) => json!(f),
+                Val::Str(s) => json!(s),
+                Val::Null => Value::Null,
+            };
+            // kline_row: ts, symbol, open, high, low, close, volume
+            json!({"ts": v(&r[0]), "open": v(&r[2]), "high": v(&r[3]), "low": v(&r[4]),
+                   "close": v(&r[5]), "volume": v(&r[6])})
+        })
+        .collect();
+    Value::Array(rows)
+}
+
+fn parse(v: &[u8]) -> Value {
+    serde_json::from_slice(v).expect("valid JSON")
+}
+
+/// `calls` of `cmdstat_<cmd>` in the server's INFO commandstats (0 if absent).
+fn cmd_calls(redis: &RedisServer, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .unwrap_or(0)
+}
+
+fn get(c: &mut redis::Connection, key: &[u8]) -> redis::RedisResult<Option<Vec<u8>>> {
+    redis::cmd("GET").arg(key).query(c)
+}
+
+/// A metric's value summed over its label sets, from `/metrics`.
+fn metric(proxy: &Proxy, name: &str) -> f64 {
+    let (code, body) = proxy.http_get("/metrics");
+    assert_eq!(code, 200);
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn cold_get_fills_from_tdengine_writes_back_and_serves_from_l1() {
+    let env = Env::start(|_| {});
+    let queries_before = metric(&env.proxy, "nearcache_tdengine_queries_total");
+    let mut c = env.proxy.conn();
+
+    let v = get(&mut c, b"kline:000001:1d").unwrap().expect("filled");
+    assert!(v.starts_with(br#"[{"ts":"#), "{:?}", &v[..40]);
+    assert_eq!(parse(&v), expected_1d("000001"));
+    assert_eq!(
+        env.ta.sql_log(),
+        [
+            "SELECT ts, open, high, low, close, volume FROM kline_1d WHERE symbol = '000001' ORDER BY ts DESC LIMIT 500"
+        ]
+    );
+
+    // Written back to Redis with the route's TTL.
+    let mut r = env.redis.conn();
+    assert_eq!(
+        get(&mut r, b"kline:000001:1d").unwrap().as_deref(),
+        Some(&v[..])
+    );
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("kline:000001:1d")
+        .query(&mut r)
+        .unwrap();
+    assert!(
+        (14 * 60_000..=15 * 60_000).contains(&pttl),
+        "PTTL {pttl} ms is not about 15 min"
+    );
+
+    // The second GET needs no TDengine query.
+    let v2 = get(&mut c, b"kline:000001:1d").unwrap().unwrap();
+    assert_eq!(v2, v);
+    assert_eq!(env.ta.query_count(), 1);
+    // Metrics are process-wide and tests run in parallel: at least ours.
+    assert!(metric(&env.proxy, "nearcache_tdengine_queries_total") >= queries_before + 1.0);
+    // From now on L1 serves it: no upstream GET.
+    let gets = cmd_calls(&env.redis, "get");
+    for _ in 0..3 {
+        assert_eq!(get(&mut c, b"kline:000001:1d").unwrap().unwrap(), v);
+    }
+    assert_eq!(cmd_calls(&env.redis, "get"), gets, "L1 did not serve it");
+}
+
+/// The filled value should be in L1 right away, so that the second GET does
+/// not go upstream at all. It does not yet: the invalidation feed tracks in
+/// BCAST mode, so Redis reports nearcache's own write-back `SET` to the feed,
+/// which drops the fill from L1 (or makes its ticket stale). Needs a change
+/// outside src/tdengine (see docs/tdengine.md, "L1 and the write-back").
+#[test]
+#[ignore = "own write-back SET invalidates L1 through the BCAST feed; needs a server/feed change"]
+fn filled_value_is_in_l1_at_once() {
+    let env = Env::start(|_| {});
+    let mut c = env.proxy.conn();
+    let v = get(&mut c, b"kline:000001:1d").unwrap().expect("filled");
+    std::thread::sleep(Duration::from_millis(50)); // let the feed catch up
+    let gets = cmd_calls(&env.redis, "get");
+    assert_eq!(get(&mut c, b"kline:000001:1d").unwrap().unwrap(), v);
+    assert_eq!(env.ta.query_count(), 1);
+    assert_eq!(
+        cmd_calls(&env.redis, "get"),
+        gets,
+        "second GET went upstream"
+    );
+}
+
+#[test]
+fn value_in_redis_is_returned_without_tdengine() {
+    let env = Env::start(|_| {});
+    let mut r = env.redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("kline:000001:1d")
+        .arg("from-redis")
+        .query(&mut r)
+        .unwrap();
+    let mut c = env.proxy.conn();
+    assert_eq!(
+        get(&mut c, b"kline:000001:1d").unwrap().as_deref(),
+        Some(&b"from-redis"[..])
+    );
+    assert_eq!(env.ta.query_count(), 0);
+}
+
+#[test]
+fn set_nx_keeps_a_value_written_during_the_query() {
+    let env = Env::start(|t| t.timeout = Duration::from_secs(3));
+    env.ta.set_fault(Fault::Slow(Duration::from_millis(600)));
+    let port = env.proxy.port;
+    let client = std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        get(&mut c, b"kline:600519:1d").unwrap()
+    });
+    // Wait until the query is at the stand-in, then write directly to Redis.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.ta.query_count() == 0 {
+        assert!(Instant::now() < deadline, "query never reached TDengine");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut r = env.redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("kline:600519:1d")
+        .arg("direct")
+        .query(&mut r)
+        .unwrap();
+    let answer = client.join().unwrap();
+    assert_eq!(answer.as_deref(), Some(&b"direct"[..]));
+    assert_eq!(
+        get(&mut r, b"kline:600519:1d").unwrap().as_deref(),
+        Some(&b"direct"[..])
+    );
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("kline:600519:1d")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(pttl, -1, "the direct value must be untouched (no TTL)");
+    assert_eq!(env.ta.query_count(), 1);
+}
+
+const INVALID_KEYS: &[&str] = &[
+    "kline:0';DROP TABLE kline_1d;--:1d",
+    "kline:ÄPPL:1d",
+    "kline:贵州茅台:1d",
+    "kline:000001:2h",
+];
+
+fn long_key() -> String {
+    format!("kline:{}:1d", "A".repeat(10 * 1024))
+}
+
+#[test]
+fn invalid_keys_are_nil_and_never_reach_tdengine() {
+    let env = Env::start(|_| {});
+    let mut c = env.proxy.conn();
+    let long = long_key();
+    for key in INVALID_KEYS.iter().copied().chain([long.as_str()]) {
+        assert_eq!(get(&mut c, key.as_bytes()).unwrap(), None, "{key}");
+    }
+    // A valid key still works afterwards and is the only SQL sent.
+    assert!(get(&mut c, b"kline:000001:1d").unwrap().is_some());
+    let log = env.ta.sql_log();
+    assert_eq!(log.len(), 1, "{log:?}");
+    for sql in &log {
+        assert!(!sql.contains("DROP") && !sql.contains("2h") && !sql.contains("AAAA"));
+        assert!(!sql.contains('Ä') && !sql.contains("贵州"));
+    }
+    // Nothing was written to Redis for them.
+    let n: i64 = redis::cmd("DBSIZE").query(&mut env.redis.conn()).unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn invalid_keys_are_errors_with_on_invalid_key_error() {
+    let env = Env::start(|t| t.on_invalid_key = TdOnError::Error);
+    let mut c = env.proxy.conn();
+    let long = long_key();
+    for key in INVALID_KEYS.iter().copied().chain([long.as_str()]) {
+        let e = get(&mut c, key.as_bytes()).unwrap_err();
+        assert!(
+            e.to_string().contains("invalid key for TDengine route"),
+            "{key}: {e}"
+        );
+    }
+    assert_eq!(env.ta.query_count(), 0);
+}
+
+/// GET through the proxy that must fail with `-ERR tdengine unavailable`,
+/// within the timeout plus slack; returns how long it took.
+fn expect_unavailable(c: &mut redis::Connection, key: &str) -> Duration {
+    let t = Instant::now();
+    let e = get(c, key.as_bytes()).unwrap_err();
+    let took = t.elapsed();
+    assert!(e.to_string().contains("tdengine unavailable"), "{key}: {e}");
+    assert!(
+        took < TIMEOUT + Duration::from_millis(300),
+        "{key}: {took:?}"
+    );
+    took
+}
+
+#[test]
+fn tdengine_down_or_error_is_an_error_reply() {
+    let env = Env::start(|_| {});
+    let mut c = env.proxy.conn();
+    assert!(get(&mut c, b"kline:000001:1m").unwrap().is_some());
+
+    env.ta.set_fault(Fault::Down);
+    expect_unavailable(&mut c, "kline:000001:5m");
+    expect_unavailable(&mut c, "kline:600519:5m");
+
+    env.ta.set_fault(Fault::Error {
+        code: 0x2662,
+        message: "Table does not exist".into(),
+    });
+    let e = get(&mut c, b"kline:000001:15m").unwrap_err().to_string();
+    assert!(
+        e.contains("tdengine unavailable") && e.contains("Table does not exist"),
+        "{e}"
+    );
+
+    // Errors are neither cached nor written: it works once TDengine is back.
+    env.ta.set_fault(Fault::None);
+    assert!(get(&mut c, b"kline:000001:5m").unwrap().is_some());
+    assert!(get(&mut c, b"kline:000001:15m").unwrap().is_some());
+    assert!(
+        metric(&env.proxy, "nearcache_tdengine_errors_total") >= 3.0,
+        "errors metric"
+    );
+}
+
+#[test]
+fn tdengine_hang_times_out_while_other_clients_keep_working() {
+    let env = Env::start(|_| {});
+    let mut c = env.proxy.conn();
+    assert!(get(&mut c, b"kline:000001:1m").unwrap().is_some());
+    let mut other = env.proxy.conn();
+    let _: () = redis::cmd("SET")
+        .arg("plain")
+        .arg("1")
+        .query(&mut other)
+        .unwrap();
+
+    env.ta.set_fault(Fault::Hang);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = env.proxy.port;
+    let bystander = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut o = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let mut worst = Duration::ZERO;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let _: () = redis::cmd("SET").arg("plain").arg(n).query(&mut o).unwrap();
+                let v: u64 = redis::cmd("GET").arg("plain").query(&mut o).unwrap();
+                assert_eq!(v, n);
+                worst = worst.max(t.elapsed());
+                n += 1;
+            }
+            (n, worst)
+        })
+    };
+    for key in ["kline:000001:5m", "kline:600519:5m", "kline:000001:15m"] {
+        let took = expect_unavailable(&mut c, key);
+        assert!(
+            took >= TIMEOUT - Duration::from_millis(50),
+            "{key}: {took:?}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (n, worst) = bystander.join().unwrap();
+    println!("during the hang: {n} SET+GET round trips, worst {worst:?}");
+    assert!(n > 50, "only {n} round trips in ~1.5 s");
+    assert!(
+        worst < Duration::from_millis(100),
+        "worst SET+GET {worst:?}"
+    );
+
+    env.ta.set_fault(Fault::None);
+    assert!(get(&mut c, b"kline:000001:5m").unwrap().is_some());
+}
+
+#[test]
+fn on_error_nil_answers_nil() {
+    let env = Env::start(|t| t.on_error = TdOnError::Nil);
+    let mut c = env.proxy.conn();
+    env.ta.set_fault(Fault::Down);
+    let t = Instant::now();
+    assert_eq!(get(&mut c, b"kline:000001:1d").unwrap(), None);
+    assert!(t.elapsed() < TIMEOUT + Duration::from_millis(300));
+    env.ta.set_fault(Fault::Hang);
+    let t = Instant::now();
+    assert_eq!(get(&mut c, b"kline:600519:1d").unwrap(), None);
+    assert!(t.elapsed() < TIMEOUT + Duration::from_millis(300));
+    // The nil stood for a failure: not cached, the next GET fills.
+    env.ta.set_fault(Fault::None);
+    assert!(get(&mut c, b"kline:000001:1d").unwrap().is_some());
+}
+
+#[test]
+fn open_circuit_fails_fast() {
+    let env = Env::start(|t| {
+        t.breaker_failures = 2;
+        t.breaker_cooldown = Duration::from_secs(30);
+    });
+    let mut c = env.proxy.conn();
+    env.ta.set_fault(Fault::Hang);
+    expect_unavailable(&mut c, "kline:000001:5m");
+    expect_unavailable(&mut c, "kline:000001:15m");
+    let queries = env.ta.query_count();
+    for key in ["kline:000001:1d", "kline:600519:1d", "kline:600519:1w"] {
+        let t = Instant::now();
+        let e = get(&mut c, key.as_bytes()).unwrap_err().to_string();
+        let took = t.elapsed();
+        assert!(e.contains("circuit breaker open"), "{e}");
+        assert!(took < Duration::from_millis(50), "{key}: {took:?}");
+    }
+    assert_eq!(env.ta.query_count(), queries, "nothing sent while open");
+}
+
+#[test]
+fn thousand_concurrent_cold_gets_one_query_one_set() {
+    let env = Env::start(|_| {});
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut env.redis.conn())
+        .unwrap();
+    // Slow enough that all 1,000 are in flight together.
+    env.ta.set_fault(Fault::Slow(Duration::from_millis(200)));
+    let url = env.proxy.url();
+    let replies: Vec<Option<Vec<u8>>> = env.rt.block_on(async move {
+        let client = redis::Client::open(url).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..50 {
+            conns.push(client.get_multiplexed_async_connection().await.unwrap());
+        }
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .map(|conn| {
+                tokio::spawn(async move {
+                    let reqs = (0..20).map(|_| {
+                        let mut conn = conn.clone();
+                        async move {
+                            redis::cmd("GET")
+                                .arg("kline:000001:1d")
+                                .query_async::<Option<Vec<u8>>>(&mut conn)
+                                .await
+                                .unwrap()
+                        }
+                    });
+                    futures::future::join_all(reqs).await
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.extend(t.await.unwrap());
+        }
+        out
+    });
+    assert_eq!(replies.len(), 1000);
+    let first = replies[0].clone().expect("filled");
+    assert!(replies.iter().all(|r| r.as_deref() == Some(&first[..])));
+    assert_eq!(parse(&first), expected_1d("000001"));
+    assert_eq!(env.ta.query_count(), 1, "one TDengine query");
+    assert_eq!(cmd_calls(&env.redis, "set"), 1, "one SET on Redis");
+}
+
+#[test]
+fn empty_result_is_nil_and_not_written() {
+    let env = Env::start(|_| {});
+    let mut c = env.proxy.conn();
+    assert_eq!(get(&mut c, b"kline:NOSUCH:1d").unwrap(), None);
+    assert_eq!(env.ta.query_count(), 1);
+    let mut r = env.redis.conn();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("kline:NOSUCH:1d")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(exists, 0);
+    assert_eq!(cmd_calls(&env.redis, "set"), 0);
+}
+
+#[test]
+#[ignore = "waiting for MGET wiring in server.rs"]
+fn mget_fills_routed_nil_keys() {
+    let env = Env::start(|_| {});
+    let mut r = env.redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("plainkey")
+        .arg("p")
+        .query(&mut r)
+        .unwrap();
+    let mut c = env.proxy.conn();
+    let vals: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+        .arg("kline:000001:1d")
+        .arg("kline:600519:1d")
+        .arg("plainkey")
+        .arg("kline:NOSUCH:1d")
+        .arg("missing")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(vals.len(), 5);
+    assert_eq!(parse(vals[0].as_ref().unwrap()), expected_1d("000001"));
+    assert_eq!(parse(vals[1].as_ref().unwrap()), expected_1d("600519"));
+    assert_eq!(vals[2].as_deref(), Some(&b"p"[..]));
+    assert_eq!(vals[3], None);
+    assert_eq!(vals[4], None);
+    assert_eq!(env.ta.query_count(), 3);
+    for k in ["kline:000001:1d", "kline:600519:1d"] {
+        let pttl: i64 = redis::cmd("PTTL").arg(k).query(&mut r).unwrap();
+        assert!((14 * 60_000..=15 * 60_000).contains(&pttl), "{k}: {pttl}");
+    }
+}
+
+/// Cold fills through nearcache (Redis miss → TDengine → SET → reply) of
+/// 500 rows against a server with default delayed ACKs. Without the relay
+/// each took > 130 ms (several request frames × ~40 ms).
+#[test]
+fn cold_fill_latency_through_nearcache() {
+    let env = Env::start(|_| {});
+    let mut c = env.proxy.conn();
+    // Warm the connection pool.
+    assert!(get(&mut c, b"kline:000001:1w").unwrap().is_some());
+    let mut r = env.redis.conn();
+    let mut samples = Vec::new();
+    for i in 0..40 {
+        let key = if i % 2 == 0 {
+            "kline:000001:1d"
+        } else {
+            "kline:600519:1d"
+        };
+        // Cold each time: gone from Redis, and (via the invalidation) from L1.
+        let _: () = redis::cmd("DEL").arg(key).query(&mut r).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        let v = get(&mut c, key.as_bytes()).unwrap().expect("filled");
+        samples.push(t.elapsed());
+        assert!(v.len() > 10_000);
+    }
+    assert_eq!(env.ta.query_count(), 41, "every GET was a cold fill");
+    samples.sort();
+    let p50 = samples[samples.len() / 2];
+    let p90 = samples[samples.len() * 9 / 10];
+    println!(
+        "cold 500-row fill through nearcache, stock (delayed-ACK) server, {} runs: min {:?}, p50 {p50:?}, p90 {p90:?}, max {:?}",
+        samples.len(),
+        samples[0],
+        samples[samples.len() - 1]
+    );
+    // The stall costs >= 40 ms per request frame; even a debug build on a
+    // busy machine is well below that without it.
+    assert!(p50 < Duration::from_millis(60), "p50 {p50:?}");
+}
