@@ -590,3 +590,86 @@ fn cold_fill_latency_through_nearcache() {
     // busy machine is well below that without it.
     assert!(p50 < Duration::from_millis(60), "p50 {p50:?}");
 }
+
+/// `fill_mget_elements_with_ttl` on its own (what `Session::mget` will call):
+/// a real upstream connection and the stand-in, RESP2 and RESP3.
+#[test]
+fn fill_mget_elements_fills_nil_elements_of_routed_keys() {
+    use bytes::Bytes;
+    use nearcache::protocol;
+    use nearcache::tdengine::{fill, Tdengine};
+    use nearcache::upstream::{Connector, Upstream};
+
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ta = rt.block_on(TaosAdapter::start_without_quickack());
+    ta.add_symbol("000001");
+    ta.add_symbol("600519");
+    let mut r = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("plainkey")
+        .arg("p")
+        .query(&mut r)
+        .unwrap();
+    let cfg = support::test_config(&redis.url());
+    let up = rt.block_on(async { Upstream::start(Connector::new(cfg.upstream.clone()).unwrap()) });
+    let td = rt.block_on(async { Tdengine::new(td_config(ta.dsn())).unwrap() });
+    let keys: Vec<Bytes> = [
+        "kline:000001:1d",
+        "kline:600519:1d",
+        "plainkey",
+        "kline:NOSUCH:1d",
+        "missing",
+        "kline:0';DROP TABLE kline_1d;--:1d",
+    ]
+    .map(|k| Bytes::from(k.as_bytes()))
+    .to_vec();
+    for proto in [2u8, 3] {
+        let _: () = redis::cmd("DEL")
+            .arg("kline:000001:1d")
+            .arg("kline:600519:1d")
+            .query(&mut r)
+            .unwrap();
+        ta.clear_log();
+        let out = rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let conn = loop {
+                match up.pool(proto).conn(0) {
+                    Ok(c) => break c,
+                    Err(e) => assert!(Instant::now() < deadline, "upstream: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            let mut mget = vec![Bytes::from_static(b"MGET")];
+            mget.extend(keys.iter().cloned());
+            let reply = conn.send(protocol::command(mget)).await.unwrap().unwrap();
+            let elements = protocol::split_array(&reply.bytes).expect("array");
+            fill::fill_mget_elements_with_ttl(&td, &conn, &keys, elements, proto).await
+        });
+        let nil = protocol::nil(proto == 3);
+        assert_eq!(out.len(), 6);
+        let bulk_json = |b: &Bytes| {
+            let body = &b[b.iter().position(|&c| c == b'\n').unwrap() + 1..b.len() - 2];
+            parse(body)
+        };
+        assert_eq!(bulk_json(&out[0].0), expected_1d("000001"), "proto {proto}");
+        assert_eq!(out[0].1, Some(Duration::from_secs(900)));
+        assert_eq!(bulk_json(&out[1].0), expected_1d("600519"));
+        assert_eq!(out[1].1, Some(Duration::from_secs(900)));
+        assert_eq!(out[2], (Bytes::from_static(b"$1\r\np\r\n"), None));
+        assert_eq!(out[3], (nil.clone(), Some(Duration::ZERO)), "empty result");
+        assert_eq!(out[4], (nil.clone(), None), "no route: untouched");
+        assert_eq!(out[5], (nil.clone(), Some(Duration::ZERO)), "invalid key");
+        assert_eq!(ta.query_count(), 3, "{:?}", ta.sql_log());
+        for k in ["kline:000001:1d", "kline:600519:1d"] {
+            let pttl: i64 = redis::cmd("PTTL").arg(k).query(&mut r).unwrap();
+            assert!((14 * 60_000..=15 * 60_000).contains(&pttl), "{k}: {pttl}");
+        }
+    }
+    up.stop();
+    drop(td);
+}
