@@ -170,6 +170,10 @@ enum Pending {
         expect: Expect,
         post: Post,
         monitor: bool,
+        /// Consume the replies without writing them (nearcache's own SELECT on a new connection).
+        silent: bool,
+        /// How long to wait for each reply; none for blocking and subscribe commands.
+        timeout: Option<Duration>,
     },
     /// A TDengine-aware GET: resolved by its own future.
     Future(futures::future::BoxFuture<'static, Bytes>),
@@ -651,9 +655,11 @@ impl Session {
                         ]);
                         if conn.write(&select).await.is_ok() {
                             self.push(Pending::Pinned {
-                                expect: Expect::Count(0),
+                                expect: Expect::Count(1),
                                 post: Post::None,
                                 monitor: false,
+                                silent: true,
+                                timeout: Some(self.shared.config.upstream.command_timeout),
                             })
                             .await;
                         }
@@ -721,10 +727,25 @@ impl Session {
             self.close.notify_one();
             return;
         }
+        // Commands that may legitimately wait forever get no reply deadline.
+        let open_ended = pin_is_blocking(name, &req.args)
+            || matches!(
+                name,
+                b"SUBSCRIBE"
+                    | b"PSUBSCRIBE"
+                    | b"SSUBSCRIBE"
+                    | b"UNSUBSCRIBE"
+                    | b"PUNSUBSCRIBE"
+                    | b"SUNSUBSCRIBE"
+                    | b"MONITOR"
+            );
+        let timeout = (!open_ended).then_some(self.shared.config.upstream.command_timeout);
         self.push(Pending::Pinned {
             expect,
             post,
             monitor: name == b"MONITOR",
+            silent: false,
+            timeout,
         })
         .await;
     }
@@ -1039,6 +1060,17 @@ impl Session {
     }
 }
 
+/// Is this a command that blocks on the server (BLPOP, XREAD BLOCK, WAIT, ...)?
+fn pin_is_blocking(name: &[u8], args: &[Bytes]) -> bool {
+    matches!(
+        command::classify(name, args),
+        Class::Pinned {
+            pin: Pin::Blocking,
+            ..
+        }
+    )
+}
+
 fn synthetic_hello(version: u8) -> Bytes {
     let resp3 = version == 3;
     protocol::map(
@@ -1247,6 +1279,8 @@ async fn write_loop(
                 expect,
                 post,
                 monitor,
+                silent,
+                timeout,
             } => {
                 let mut remaining = match expect {
                     Expect::Count(n) => n,
@@ -1263,7 +1297,21 @@ async fn write_loop(
                         Err(mpsc::error::TryRecvError::Disconnected) => None,
                         Err(mpsc::error::TryRecvError::Empty) => {
                             flush!();
-                            f.recv().await
+                            match timeout {
+                                None => f.recv().await,
+                                Some(t) => match tokio::time::timeout(t, f.recv()).await {
+                                    Ok(fr) => fr,
+                                    Err(_) => {
+                                        metrics::get()
+                                            .upstream_errors_total
+                                            .with_label_values(&["timeout"])
+                                            .inc();
+                                        closed =
+                                            Some(Error::Upstream(format!("no reply within {t:?}")));
+                                        break;
+                                    }
+                                },
+                            }
                         }
                     };
                     match frame {
@@ -1276,11 +1324,16 @@ async fn write_loop(
                             if monitor && r.kind != ReplyKind::Error {
                                 subs.monitoring = true;
                             }
-                            out.extend_from_slice(&r.bytes);
+                            if !silent {
+                                out.extend_from_slice(&r.bytes);
+                            }
                             remaining -= 1;
                         }
                         Some(PinnedFrame::Closed(e)) => {
-                            closed = Some(Error::Upstream(e.to_string()));
+                            closed = Some(match &*e {
+                                Error::Upstream(why) => Error::Upstream(why.clone()),
+                                other => Error::Upstream(other.to_string()),
+                            });
                             break;
                         }
                         None => {
@@ -1293,8 +1346,10 @@ async fn write_loop(
                 if let Some(e) = closed {
                     // Each reply still owed gets an error; then the client is closed,
                     // because its connection state is gone.
-                    for _ in 0..remaining {
-                        out.extend_from_slice(&protocol::error(&e.to_reply_text()));
+                    if !silent {
+                        for _ in 0..remaining {
+                            out.extend_from_slice(&protocol::error(&e.to_reply_text()));
+                        }
                     }
                     progress.advance();
                     close.notify_one();

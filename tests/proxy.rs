@@ -354,3 +354,51 @@ fn upstream_killed_mid_load_fails_in_flight_and_never_retries() {
     }
     assert!(recovered > 0, "traffic recovered after the restart");
 }
+
+#[test]
+fn a_hung_upstream_gets_prompt_errors_on_shared_and_pinned_connections() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.command_timeout = Duration::from_millis(500);
+    let proxy = Proxy::with_config(cfg);
+    let mut c = proxy.conn();
+    let _: () = c.set("x", "1").unwrap();
+
+    // Shared connection: the request fails after command_timeout, not after the stall.
+    let started = Instant::now();
+    let err = redis::cmd("DEBUG")
+        .arg("SLEEP")
+        .arg(2)
+        .query::<()>(&mut c)
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(err.to_string().contains("no reply within"), "{err}");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    std::thread::sleep(Duration::from_millis(1700));
+    let v: String = c.get("x").unwrap();
+    assert_eq!(v, "1", "recovered after the stall");
+
+    // Pinned connection (a transaction): the same deadline applies.
+    let mut t = proxy.conn();
+    let _: () = redis::cmd("MULTI").query(&mut t).unwrap();
+    let _: () = redis::cmd("DEBUG")
+        .arg("SLEEP")
+        .arg(2)
+        .query(&mut t)
+        .unwrap();
+    let started = Instant::now();
+    let err = redis::cmd("EXEC")
+        .query::<redis::Value>(&mut t)
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.to_string().contains("no reply within")
+            || err.is_connection_dropped()
+            || err.is_io_error(),
+        "{err}"
+    );
+}
