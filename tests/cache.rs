@@ -556,6 +556,9 @@ fn memory_stays_bounded_far_past_max_bytes() {
     );
 }
 
+/// Every acknowledged write of one key: (version, acknowledged at), in version order.
+type History = Mutex<Vec<(u64, Instant)>>;
+
 /// Writers change keys straight on Redis (and one through a nearcache); readers
 /// read through two nearcache instances. Every read must return a value at
 /// least as new as the newest write acknowledged `BOUND` before the read
@@ -569,7 +572,7 @@ fn randomized_checker_finds_no_stale_read() {
     let a = cached_proxy(&redis, InvalidationMode::Auto);
     let b = cached_proxy(&redis, InvalidationMode::Auto);
     // history[key] = (version, acknowledged at), in version order.
-    let history: Arc<Vec<Mutex<Vec<(u64, Instant)>>>> = Arc::new(
+    let history: Arc<Vec<History>> = Arc::new(
         (0..KEYS)
             .map(|_| Mutex::new(vec![(0, Instant::now())]))
             .collect(),
