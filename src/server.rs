@@ -580,7 +580,13 @@ impl Session {
 
     async fn mget(&mut self, name: &[u8], req: Request) {
         let cache = self.shared.cache.clone();
-        if !cache.is_serving() {
+        let serving = cache.is_serving();
+        let td = self
+            .shared
+            .tdengine
+            .clone()
+            .filter(|t| req.args[1..].iter().any(|k| t.matches(k)));
+        if !serving && td.is_none() {
             count_request(name, Outcome::Forward);
             self.forward(req, Post::None).await;
             return;
@@ -591,7 +597,7 @@ impl Session {
         let mut missing = Vec::new();
         let mut fills = Vec::new();
         for k in keys {
-            let policy = cache.policy(k);
+            let policy = if serving { cache.policy(k) } else { None };
             let hit = policy.and_then(|p| cache.get(k, &sig, self.proto, p));
             match hit {
                 Some(h) => parts.push(Some(h)),
@@ -623,12 +629,38 @@ impl Session {
         } else {
             let mut args = Vec::with_capacity(missing.len() + 1);
             args.push(req.args[0].clone());
-            args.extend(missing);
+            args.extend(missing.iter().cloned());
             let mut out = BytesMut::new();
             protocol::encode_command(&mut out, &args);
             out.freeze()
         };
         let rx = conn.send(request);
+        if let Some(td) = td {
+            // Nil elements of routed keys are filled from TDengine before the reply is assembled.
+            let proto = self.proto;
+            let fut = async move {
+                let reply = match flatten(rx.await) {
+                    Ok(r) if r.kind != ReplyKind::Error => r,
+                    other => return reply_bytes(&other),
+                };
+                let Some(fetched) = protocol::split_array(&reply.bytes) else {
+                    return reply.bytes;
+                };
+                if fetched.len() != missing.len() {
+                    return protocol::error(
+                        "ERR upstream protocol error: MGET reply length mismatch",
+                    );
+                }
+                let elements = crate::tdengine::fill::fill_mget_elements_with_ttl(
+                    &td, &conn, &missing, fetched, proto,
+                )
+                .await;
+                assemble_mget_elements(&cache, parts, elements, fills, proto)
+            }
+            .boxed();
+            self.push(Pending::Future(fut)).await;
+            return;
+        }
         self.push(Pending::MGet {
             parts,
             rx,
@@ -1412,16 +1444,32 @@ fn assemble_mget(
     if fetched.len() != parts.iter().filter(|p| p.is_none()).count() {
         return protocol::error("ERR upstream protocol error: MGET reply length mismatch");
     }
+    let elements = fetched.into_iter().map(|e| (e, None)).collect();
+    assemble_mget_elements(cache, parts, elements, fills, proto)
+}
+
+/// Puts L1 hits and fetched elements back in request order, storing each
+/// fetched element in L1 (for at most its cap, if it has one; a zero cap: not at all).
+fn assemble_mget_elements(
+    cache: &Cache,
+    parts: Vec<Option<Bytes>>,
+    elements: Vec<(Bytes, Option<Duration>)>,
+    fills: Vec<Option<(Bytes, Ticket, PolicyRef)>>,
+    proto: u8,
+) -> Bytes {
     let sig = Bytes::from_static(b"MGET");
-    let mut fetched_iter = fetched.into_iter().zip(fills);
+    let mut fetched_iter = elements.into_iter().zip(fills);
     let mut items = Vec::with_capacity(parts.len());
     for part in parts {
         match part {
             Some(hit) => items.push(hit),
             None => {
-                let (value, fill) = fetched_iter.next().expect("length checked");
+                let ((value, cap), fill) = fetched_iter.next().expect("one element per miss");
                 if let Some((key, ticket, policy)) = fill {
-                    cache.complete_fill(ticket, &key, &sig, proto, &value, policy.ttl);
+                    let ttl = cap.map_or(policy.ttl, |c| c.min(policy.ttl));
+                    if !ttl.is_zero() {
+                        cache.complete_fill(ticket, &key, &sig, proto, &value, ttl);
+                    }
                 }
                 items.push(value);
             }
