@@ -38,6 +38,16 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
     Ok(())
 }
 
+/// Sets the gauges that are read from state rather than kept up to date by
+/// the data path, right before a scrape.
+pub fn refresh_gauges(shared: &Shared) {
+    let m = metrics::get();
+    shared.cache.update_gauges();
+    m.cache_serving.set(shared.cache.is_serving() as i64);
+    m.cache_max_bytes.set(shared.cache.config.max_bytes as i64);
+    m.ready.set(readiness(shared).is_ok() as i64);
+}
+
 pub async fn serve_http(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -97,7 +107,7 @@ async fn handle_http(mut socket: TcpStream, shared: &Shared) -> std::io::Result<
     } else {
         match path {
             "/metrics" => {
-                shared.cache.update_gauges();
+                refresh_gauges(shared);
                 (
                     "200 OK",
                     "text/plain; version=0.0.4",

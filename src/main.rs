@@ -1,5 +1,10 @@
 //! The `nearcache` binary: parse the configuration, set up logging, run until
 //! SIGTERM or SIGINT, drain, exit 0. Everything else lives in the library.
+//!
+//! Logs go to stderr (text or JSON lines); stdout carries only what a command
+//! prints on purpose (`--check-config`, `--version`, `--help`). Exit status: 0
+//! after a clean drain or a good `--check-config`, 2 for a configuration
+//! error, 1 when starting failed (e.g. the listen address is taken).
 
 use clap::Parser;
 use nearcache::config::{Cli, Config, LogFormat, ProcessEnv};
@@ -35,6 +40,7 @@ fn main() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_target(false);
     match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -52,10 +58,12 @@ fn main() {
         }
     };
     let result = runtime.block_on(async {
+        // Handlers first: a SIGTERM that arrives while binding must drain, not kill.
+        let shutdown = shutdown_signal()?;
         let handle = nearcache::start(config).await?;
         let shared = handle.shared.clone();
         tokio::spawn(reload_on_sighup(shared, cli));
-        shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutdown requested; draining");
         handle.shutdown();
         handle.wait().await;
@@ -68,13 +76,18 @@ fn main() {
     }
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use anyhow::Context;
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// SIGHUP re-reads the configuration file and applies the key policies.

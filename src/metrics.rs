@@ -12,6 +12,9 @@ use prometheus::{
 
 pub struct Metrics {
     pub registry: Registry,
+    // Process.
+    pub build_info: IntGaugeVec,
+    pub ready: IntGauge,
     // Clients.
     pub client_connections: IntGauge,
     pub client_connections_total: IntCounter,
@@ -25,6 +28,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     pub cache_coalesced_total: IntCounter,
+    pub cache_serving: IntGauge,
+    pub cache_max_bytes: IntGauge,
     pub feed_up: IntGaugeVec,
     pub feed_reconnects_total: IntCounter,
     // Upstream.
@@ -106,8 +111,27 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(feed_up.clone()))
             .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "nearcache_build_info",
+                "Always 1; the version label says which nearcache is running",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
 
         Metrics {
+            build_info,
+            ready: gauge(
+                &r,
+                "nearcache_ready",
+                "1 when /readyz answers 200 (upstream up, feed serving when caching, not draining)",
+            ),
             client_connections: gauge(&r, "nearcache_client_connections", "Client connections open now"),
             client_connections_total: counter(&r, "nearcache_client_connections_total", "Client connections accepted"),
             client_connections_rejected_total: counter(
@@ -118,7 +142,7 @@ impl Metrics {
             requests_total: counter_vec(
                 &r,
                 "nearcache_requests_total",
-                "Client commands by command name and outcome (hit, miss, forwarded, local, error)",
+                "Client commands by command name and outcome (hit, miss, forward, pinned, local, error)",
                 &["command", "outcome"],
             ),
             cache_hits_total: counter_vec(&r, "nearcache_cache_hits_total", "L1 hits by key policy pattern", &["pattern"]),
@@ -132,7 +156,7 @@ impl Metrics {
             cache_invalidations_total: counter_vec(
                 &r,
                 "nearcache_cache_invalidations_total",
-                "L1 invalidations by source (local_write, feed, flush, feed_down)",
+                "L1 invalidations by source (local_write, feed, flush, feed_down, feed_reconnect, reload, admin)",
                 &["source"],
             ),
             cache_entries: gauge(&r, "nearcache_cache_entries", "Keys held in L1"),
@@ -142,6 +166,12 @@ impl Metrics {
                 "nearcache_cache_coalesced_misses_total",
                 "Misses that joined an upstream request already in flight (single flight)",
             ),
+            cache_serving: gauge(
+                &r,
+                "nearcache_cache_serving",
+                "1 while L1 answers reads (caching enabled and the invalidation feed healthy)",
+            ),
+            cache_max_bytes: gauge(&r, "nearcache_cache_max_bytes", "Configured upper bound of L1 (cache.max_bytes)"),
             feed_up,
             feed_reconnects_total: counter(
                 &r,
