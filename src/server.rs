@@ -182,6 +182,9 @@ enum Pending {
     Close,
 }
 
+/// Ready replies up to this size are coalesced before they reach the writer.
+const COALESCE_MAX: usize = 16 * 1024;
+
 /// Counts replies written so the reader can wait for all earlier ones.
 struct Progress {
     done: AtomicU64,
@@ -242,6 +245,8 @@ struct Session {
     state: PinState,
     default_db: u32,
     pending: mpsc::Sender<Pending>,
+    /// Ready replies not yet handed to the writer (see [`Session::push`]).
+    ready: BytesMut,
     pushed: u64,
     progress: Arc<Progress>,
     last_path: Path,
@@ -284,12 +289,14 @@ async fn run_session(socket: TcpStream, shared: Arc<Shared>, mut shutdown: watch
         },
         default_db,
         pending: tx,
+        ready: BytesMut::new(),
         pushed: 0,
         progress,
         last_path: Path::None,
         close,
     };
     session.read_loop(rd, &mut shutdown).await;
+    session.flush_ready().await;
     // Let the writer answer everything already dispatched before the pinned
     // connection (which may still owe replies) is dropped.
     let target = session.pushed;
@@ -337,6 +344,7 @@ impl Session {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(16 * 1024);
             }
+            self.flush_ready().await;
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
                     Ok(0) | Err(_) => return,
@@ -348,7 +356,32 @@ impl Session {
         }
     }
 
+    /// Queues a reply. Consecutive small ready replies (L1 hits, local answers)
+    /// are coalesced into one item, so a pipeline of hits costs the writer one
+    /// wake-up and one write.
     async fn push(&mut self, p: Pending) {
+        match p {
+            Pending::Ready(bytes) if bytes.len() <= COALESCE_MAX => {
+                self.ready.extend_from_slice(&bytes);
+                if self.ready.len() >= COALESCE_MAX {
+                    self.flush_ready().await;
+                }
+            }
+            other => {
+                self.flush_ready().await;
+                self.send(other).await;
+            }
+        }
+    }
+
+    async fn flush_ready(&mut self) {
+        if !self.ready.is_empty() {
+            let bytes = self.ready.split().freeze();
+            self.send(Pending::Ready(bytes)).await;
+        }
+    }
+
+    async fn send(&mut self, p: Pending) {
         self.pushed += 1;
         if self.pending.send(p).await.is_err() {
             // The writer is gone (client socket failed): nothing more can be answered.
@@ -358,6 +391,7 @@ impl Session {
 
     /// Waits until every reply queued so far has been written.
     async fn barrier(&mut self) {
+        self.flush_ready().await;
         let target = self.pushed;
         self.progress.wait_for(target).await;
     }

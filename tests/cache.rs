@@ -741,10 +741,10 @@ fn admin_commands() {
     let mut c = proxy.conn();
     let _: () = c.set("quote:hot", "1").unwrap();
     let _: () = c.set("quote:warm", "1").unwrap();
-    for _ in 0..20 {
+    for _ in 0..200 {
         let _: String = c.get("quote:hot").unwrap();
     }
-    for _ in 0..5 {
+    for _ in 0..50 {
         let _: String = c.get("quote:warm").unwrap();
     }
     let hot: Vec<(String, i64)> = redis::cmd("NEARCACHE")

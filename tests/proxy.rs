@@ -266,7 +266,7 @@ fn client_id_and_kill_behave_as_on_redis() {
 #[test]
 fn upstream_down_at_start_then_recovers() {
     let port = free_port();
-    let proxy = Proxy::with_config(test_config(&format!("redis://127.0.0.1:{port}")));
+    let proxy = Proxy::with_config_no_wait(test_config(&format!("redis://127.0.0.1:{port}")));
     let mut c = proxy.conn();
     let started = Instant::now();
     let err = redis::cmd("GET")

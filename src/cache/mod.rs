@@ -280,8 +280,11 @@ impl Cache {
         });
         match &found {
             Some(_) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                self.hot.record(key);
+                let n = self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                // One hit in HOT_SAMPLE is enough to rank keys, and keeps the hit path lock-free.
+                if n % HOT_SAMPLE == 0 {
+                    self.hot.record(key);
+                }
                 self.count(policy, true);
             }
             None => {
@@ -324,10 +327,12 @@ impl Cache {
         {
             return false;
         }
+        // Copies: the caller's bytes are slices of socket buffers, which a
+        // long-lived entry would otherwise keep alive whole.
         let variant = Variant {
             sig: sig.clone(),
             proto,
-            reply: reply.clone(),
+            reply: Bytes::copy_from_slice(reply),
         };
         let entry = match self.store.get(key) {
             Some(old) => {
@@ -348,7 +353,8 @@ impl Cache {
                 ttl,
             },
         };
-        self.store.insert(key.clone(), Arc::new(entry));
+        self.store
+            .insert(Bytes::copy_from_slice(key), Arc::new(entry));
         drop(gen);
         true
     }
@@ -488,13 +494,15 @@ pub fn signature(name_upper: &[u8], args: &[Bytes]) -> Bytes {
     out.freeze()
 }
 
-/// Recent hit counts per key, halved every ten seconds so that "hot" means recent.
+/// Recent hit counts per key (sampled: one hit in `HOT_SAMPLE`, reported
+/// scaled back up), halved every ten seconds so that "hot" means recent.
 struct HotKeys {
     shards: Vec<Mutex<HashMap<Bytes, u64>>>,
     last_decay: Mutex<Instant>,
 }
 
 const HOT_SHARDS: usize = 16;
+const HOT_SAMPLE: u64 = 8;
 const HOT_PER_SHARD: usize = 4096;
 
 impl HotKeys {
@@ -515,7 +523,7 @@ impl HotKeys {
         if let Some(c) = map.get_mut(key) {
             *c += 1;
         } else if map.len() < HOT_PER_SHARD {
-            map.insert(key.clone(), 1);
+            map.insert(Bytes::copy_from_slice(key), 1);
         }
         drop(map);
         self.maybe_decay();
@@ -547,7 +555,7 @@ impl HotKeys {
                 s.lock()
                     .expect("hot lock")
                     .iter()
-                    .map(|(k, c)| (k.clone(), *c))
+                    .map(|(k, c)| (k.clone(), *c * HOT_SAMPLE))
                     .collect::<Vec<_>>()
             })
             .collect();

@@ -158,7 +158,29 @@ impl Proxy {
         Proxy::with_config(test_config(&redis.url()))
     }
 
+    /// Starts nearcache and waits until its upstream answers through it.
     pub fn with_config(config: Config) -> Proxy {
+        let p = Proxy::with_config_no_wait(config);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Any answer but "upstream unavailable" (even NOAUTH) means nearcache is through.
+            if let Ok(mut c) = p.client().get_connection() {
+                match redis::cmd("PING").query::<String>(&mut c) {
+                    Ok(_) => return p,
+                    Err(e) if !e.to_string().contains("upstream unavailable") => return p,
+                    Err(_) => {}
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nearcache never reached its upstream"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts nearcache without waiting for its upstream (which may be down).
+    pub fn with_config_no_wait(config: Config) -> Proxy {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
