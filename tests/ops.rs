@@ -1048,3 +1048,37 @@ fn local_requirepass() {
         .get_connection();
     assert!(r.is_err(), "a wrong password in the URL is refused");
 }
+
+/// A client that sends its requests and then shuts down its write side (`nc -N`,
+/// a script piping into a socket, a pool closing after a last command) still gets
+/// every reply before the close, as from Redis: an INCR applied but never
+/// acknowledged is exactly the loss a drain must not cause.
+#[test]
+fn half_closed_client_gets_its_replies() {
+    use std::net::Shutdown;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis);
+    proxy.wait_serving();
+    let cases: [(&[u8], &[u8]); 3] = [
+        (b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"),
+        (b"*2\r\n$4\r\nINCR\r\n$4\r\nhalf\r\n", b":"),
+        (
+            b"*3\r\n$5\r\nBLPOP\r\n$5\r\nempty\r\n$3\r\n0.2\r\n",
+            b"*-1\r\n",
+        ),
+    ];
+    for (request, want) in cases {
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(
+            out.starts_with(want),
+            "{:?} then half-close got {:?}",
+            String::from_utf8_lossy(request),
+            String::from_utf8_lossy(&out)
+        );
+    }
+}
