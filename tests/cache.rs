@@ -556,6 +556,75 @@ fn memory_stays_bounded_far_past_max_bytes() {
     );
 }
 
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The same with the real binary, measuring its resident memory: 100 MB of
+/// distinct cacheable replies through a 4 MiB L1.
+#[test]
+fn resident_memory_of_the_binary_stays_bounded() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("nearcache-rss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("rss.toml");
+    std::fs::write(&conf, "[cache]\nmax_bytes = \"4MiB\"\n").unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
+        .args([
+            "--config",
+            conf.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            "off",
+        ])
+        .args(["--upstream", &redis.url()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, Duration::from_secs(10));
+    let value = vec![b'v'; 1024];
+    let mut direct = redis.conn();
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut baseline = 0;
+    for batch in 0..100 {
+        let mut p = redis::pipe();
+        for i in 0..1000 {
+            p.set(format!("quote:{batch}:{i}"), &value).ignore();
+        }
+        let _: () = p.query(&mut direct).unwrap();
+        let mut p = redis::pipe();
+        for i in 0..1000 {
+            p.get(format!("quote:{batch}:{i}")).ignore();
+        }
+        let _: () = p.query(&mut c).unwrap();
+        if batch == 9 {
+            baseline = rss_kib(child.id());
+        }
+    }
+    let end = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("nearcache RSS after 10 MB of fills: {baseline} KiB; after 100 MB: {end} KiB");
+    assert!(end < 64 * 1024, "RSS {end} KiB: L1 is not bounded");
+    assert!(
+        end < baseline + 16 * 1024,
+        "RSS kept growing: {baseline} KiB -> {end} KiB"
+    );
+}
+
 /// Every acknowledged write of one key: (version, acknowledged at), in version order.
 type History = Mutex<Vec<(u64, Instant)>>;
 
