@@ -1056,6 +1056,7 @@ fn local_requirepass() {
 #[test]
 fn half_closed_client_gets_its_replies() {
     use std::net::Shutdown;
+    let _g = metrics_lock();
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis);
     proxy.wait_serving();

@@ -316,11 +316,12 @@ fn client_certificate_when_redis_requires_one() {
         &url,
         &tls_keys(&pki.ca, Some((&pki.client_cert, &pki.client_key))),
     );
-    redis::cmd("SET")
-        .arg("m")
-        .arg("1")
-        .exec(&mut with.conn())
-        .ok();
+    let _: () = query_when_up(
+        &with,
+        redis::cmd("SET").arg("m").arg("1"),
+        Duration::from_secs(5),
+    )
+    .expect("with a client certificate the TLS port accepts nearcache");
     let v: Option<String> = query_when_up(&with, &get("m"), Duration::from_secs(5))
         .expect("with a client certificate the TLS port accepts nearcache");
     assert_eq!(v.as_deref(), Some("1"));
