@@ -407,8 +407,9 @@ fn tdengine_hang_times_out_while_other_clients_keep_working() {
     let (n, worst) = bystander.join().unwrap();
     println!("during the hang: {n} SET+GET round trips, worst {worst:?}");
     assert!(n > 50, "only {n} round trips in ~1.5 s");
+    // Far below the 500 ms the hanging fetches take (slack for a busy CI machine).
     assert!(
-        worst < Duration::from_millis(100),
+        worst < Duration::from_millis(250),
         "worst SET+GET {worst:?}"
     );
 
@@ -449,7 +450,7 @@ fn open_circuit_fails_fast() {
         let e = get(&mut c, key.as_bytes()).unwrap_err().to_string();
         let took = t.elapsed();
         assert!(e.contains("circuit breaker open"), "{e}");
-        assert!(took < Duration::from_millis(50), "{key}: {took:?}");
+        assert!(took < Duration::from_millis(100), "{key}: {took:?}");
     }
     assert_eq!(env.ta.query_count(), queries, "nothing sent while open");
 }
