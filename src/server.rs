@@ -1264,7 +1264,11 @@ async fn write_loop(
     loop {
         let item = match rx.try_recv() {
             Ok(item) => item,
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                // The reader is done (half-close, shutdown): what is buffered still goes out.
+                flush!();
+                break;
+            }
             Err(mpsc::error::TryRecvError::Empty) => {
                 flush!();
                 let next = match frames.as_mut() {
