@@ -101,8 +101,8 @@ fn is_nil_element(e: &[u8]) -> bool {
 /// raw (RESP-encoded) elements of Redis's reply, in the same order. Every nil
 /// element whose key has a TDengine route is replaced by what [`fill`]
 /// answers for it (rows written back with `SET PX NX`, a nil, or an error
-/// element per `on_error`/`on_invalid_key`); the fills run concurrently and
-/// share single flights with concurrent GETs of the same keys. Other
+/// element per `on_error`/`on_invalid_key`); the fills run concurrently, and
+/// a key's TDengine query is shared with concurrent fetches of it. Other
 /// elements are returned unchanged. If the lengths differ nothing is filled.
 pub async fn fill_mget_elements(
     td: &super::Tdengine,
