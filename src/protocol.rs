@@ -101,7 +101,19 @@ pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, Prot
             if args.is_empty() {
                 return Ok(Parsed::Empty);
             }
-            check_header_limits(&raw, limits)?;
+            // The whole request is here: its parts can be checked directly.
+            if args.len() as u64 > limits.max_multibulk_len {
+                return Err(ProtocolError(
+                    "ERR Protocol error: invalid multibulk length".into(),
+                ));
+            }
+            if raw.len() as u64 > limits.max_bulk_len
+                && args.iter().any(|a| a.len() as u64 > limits.max_bulk_len)
+            {
+                return Err(ProtocolError(
+                    "ERR Protocol error: invalid bulk length".into(),
+                ));
+            }
             Ok(Parsed::Request(Request {
                 args,
                 raw: Some(raw),
@@ -341,23 +353,89 @@ pub fn parse_reply(buf: &mut BytesMut) -> Result<Option<Reply>, String> {
             }))
         }
         Ok(None) => Ok(None),
-        // RESP2's null array (`*-1`, e.g. an aborted EXEC) is not RESP3 grammar.
-        Err(e) => match resp2_decode_range(buf) {
-            Ok(Some((frame, len))) => {
-                let kind = match frame {
-                    R2::Error(_) => ReplyKind::Error,
-                    R2::Null => ReplyKind::Nil,
-                    _ => ReplyKind::Normal,
-                };
-                Ok(Some(Reply {
-                    bytes: buf.split_to(len).freeze(),
-                    kind,
-                }))
-            }
+        // redis-protocol rejects two valid shapes: RESP2's null array (`*-1`,
+        // e.g. an aborted EXEC) and RESP3 sets or maps whose members are
+        // aggregates (COMMAND DOCS, COMMAND INFO). Those are framed by
+        // counting, without decoding.
+        Err(e) => match scan_frame(buf) {
+            Ok(Some((len, kind))) => Ok(Some(Reply {
+                bytes: buf.split_to(len).freeze(),
+                kind,
+            })),
             Ok(None) => Ok(None),
             Err(_) => Err(e.to_string()),
         },
     }
+}
+
+/// Finds the end of the one RESP2/RESP3 frame at the front of `buf` by
+/// counting elements (no values are decoded): `Ok(None)` if incomplete.
+fn scan_frame(buf: &[u8]) -> Result<Option<(usize, ReplyKind)>, String> {
+    let mut pos = 0usize;
+    let mut remaining: u64 = 1;
+    let mut kind = None;
+    while remaining > 0 {
+        let Some(&t) = buf.get(pos) else {
+            return Ok(None);
+        };
+        let Some(end) = buf[pos..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map(|i| pos + i)
+        else {
+            return Ok(None);
+        };
+        let line = &buf[pos + 1..end];
+        let number = || -> Result<i64, String> {
+            std::str::from_utf8(line)
+                .ok()
+                .and_then(|l| l.parse::<i64>().ok())
+                .ok_or_else(|| format!("bad length in frame of type {:?}", t as char))
+        };
+        let mut is_nil = false;
+        pos = end + 2;
+        match t {
+            b'+' | b'-' | b':' | b'#' | b',' | b'(' => remaining -= 1,
+            b'_' => {
+                is_nil = true;
+                remaining -= 1;
+            }
+            b'$' | b'!' | b'=' => {
+                let n = number()?;
+                if n < 0 {
+                    is_nil = true;
+                } else {
+                    let end = pos + n as usize;
+                    if buf.len() < end + 2 {
+                        return Ok(None);
+                    }
+                    if &buf[end..end + 2] != b"\r\n" {
+                        return Err("bulk string without CRLF".into());
+                    }
+                    pos = end + 2;
+                }
+                remaining -= 1;
+            }
+            b'*' | b'~' | b'>' => {
+                let n = number()?;
+                is_nil = n < 0;
+                remaining = remaining - 1 + n.max(0) as u64;
+            }
+            b'%' => remaining = remaining - 1 + 2 * number()?.max(0) as u64,
+            // Attributes precede the frame they describe, which is still to come.
+            b'|' => remaining += 2 * number()?.max(0) as u64,
+            other => return Err(format!("invalid frame type {:?}", other as char)),
+        }
+        if kind.is_none() && t != b'|' {
+            kind = Some(match t {
+                b'-' | b'!' => ReplyKind::Error,
+                b'>' => ReplyKind::Push,
+                _ if is_nil => ReplyKind::Nil,
+                _ => ReplyKind::Normal,
+            });
+        }
+    }
+    Ok(Some((pos, kind.unwrap_or(ReplyKind::Normal))))
 }
 
 /// Length of the complete reply frame at the front of `buf`, RESP3 or RESP2.
@@ -365,7 +443,7 @@ pub fn frame_len(buf: &[u8]) -> Option<usize> {
     match resp3_decode_range(buf) {
         Ok(Some((_, len))) => Some(len),
         Ok(None) => None,
-        Err(_) => resp2_decode_range(buf).ok().flatten().map(|(_, len)| len),
+        Err(_) => scan_frame(buf).ok().flatten().map(|(len, _)| len),
     }
 }
 
@@ -618,6 +696,12 @@ mod tests {
             ]
         );
         assert_eq!(&buf[..], b"%1\r\n");
+        // A set of maps (COMMAND DOCS in RESP3), which redis-protocol cannot hash.
+        let mut buf = BytesMut::from(&b"~1\r\n%1\r\n$1\r\na\r\n*1\r\n:1\r\n+OK\r\n"[..]);
+        assert_eq!(parse_reply(&mut buf).unwrap().unwrap().bytes.len(), 23);
+        assert_eq!(&buf[..], b"+OK\r\n");
+        let mut partial = BytesMut::from(&b"~1\r\n%1\r\n$1\r\na\r\n*1"[..]);
+        assert!(parse_reply(&mut partial).unwrap().is_none());
         let mut buf = BytesMut::from(&b"*-1\r\n*2\r\n*-1\r\n:1\r\n"[..]);
         assert_eq!(parse_reply(&mut buf).unwrap().unwrap().kind, ReplyKind::Nil);
         assert_eq!(

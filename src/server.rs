@@ -194,8 +194,10 @@ struct Progress {
 
 impl Progress {
     fn advance(&self) {
-        self.done.fetch_add(1, Ordering::AcqRel);
-        if self.waiting.load(Ordering::Acquire) {
+        // SeqCst on both sides: this is a store-then-load handshake with
+        // `wait_for`; weaker orderings let both sides miss each other.
+        self.done.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
             self.notify.notify_waiters();
         }
     }
@@ -205,9 +207,9 @@ impl Progress {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            self.waiting.store(true, Ordering::Release);
-            if self.done.load(Ordering::Acquire) >= target {
-                self.waiting.store(false, Ordering::Release);
+            self.waiting.store(true, Ordering::SeqCst);
+            if self.done.load(Ordering::SeqCst) >= target {
+                self.waiting.store(false, Ordering::SeqCst);
                 return;
             }
             notified.await;
@@ -719,15 +721,20 @@ impl Session {
                             b"SELECT".to_vec(),
                             self.state.db.to_string().into_bytes(),
                         ]);
-                        if conn.write(&select).await.is_ok() {
-                            self.push(Pending::Pinned {
-                                expect: Expect::Count(1),
-                                post: Post::None,
-                                monitor: false,
-                                silent: true,
-                                timeout: Some(self.shared.config.upstream.command_timeout),
-                            })
-                            .await;
+                        // Queued before it is written: the reply must find its slot waiting.
+                        self.push(Pending::Pinned {
+                            expect: Expect::Count(1),
+                            post: Post::None,
+                            monitor: false,
+                            silent: true,
+                            timeout: Some(self.shared.config.upstream.command_timeout),
+                        })
+                        .await;
+                        if conn.write(&select).await.is_err() {
+                            // Dropping the connection fails the queued slot and closes the client.
+                            drop(conn);
+                            self.close.notify_one();
+                            return;
                         }
                     }
                     self.pinned = Some(conn);
@@ -783,16 +790,6 @@ impl Session {
             }
             _ => {}
         }
-        let bytes = encode(&req);
-        let conn = self.pinned.as_mut().expect("pinned connection exists");
-        if let Err(e) = conn.write(&bytes).await {
-            self.pinned = None;
-            self.push(Pending::Detach).await;
-            self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
-                .await;
-            self.close.notify_one();
-            return;
-        }
         // Commands that may legitimately wait forever get no reply deadline.
         let open_ended = pin_is_blocking(name, &req.args)
             || matches!(
@@ -806,6 +803,8 @@ impl Session {
                     | b"MONITOR"
             );
         let timeout = (!open_ended).then_some(self.shared.config.upstream.command_timeout);
+        // The slot is queued before the request is written: otherwise a fast
+        // reply could reach the writer first and be taken for a push message.
         self.push(Pending::Pinned {
             expect,
             post,
@@ -814,6 +813,13 @@ impl Session {
             timeout,
         })
         .await;
+        let bytes = encode(&req);
+        let conn = self.pinned.as_mut().expect("pinned connection exists");
+        if conn.write(&bytes).await.is_err() {
+            // Dropping the connection fails the queued slot (an error reply) and closes the client.
+            self.pinned = None;
+            self.close.notify_one();
+        }
     }
 
     fn undo_pin_state(&mut self, name: &[u8]) {
@@ -1449,7 +1455,7 @@ async fn write_loop(
     let _ = wr.shutdown().await;
     close.notify_one();
     // Unblock a reader waiting on a barrier.
-    progress.done.store(u64::MAX, Ordering::Release);
+    progress.done.store(u64::MAX, Ordering::SeqCst);
     progress.notify.notify_waiters();
 }
 

@@ -83,8 +83,7 @@ fn commands_from_stdin_match_redis() {
     let (direct, _behind, proxy) = pair();
     warm_resp3(proxy.port);
     let script = b"SET a 1\nINCR a\nGET a\nHSET h f v\nHGETALL h\nRPUSH l x y\nLRANGE l 0 -1\nGET nosuch\nDEL a l\n";
-    // -3 from stdin: known_bug_first_resp3_client_not_connected_yet.
-    for mode in [&[][..], &["--raw"][..]] {
+    for mode in [&[][..], &["--raw"][..], &["-3"][..]] {
         for p in [direct.port, proxy.port] {
             redis_cli(p, &["FLUSHALL"]);
         }
@@ -147,8 +146,7 @@ fn nearcache_admin_commands_through_redis_cli() {
 }
 
 #[test]
-#[ignore = "nearcache bug: after MULTI/EXEC or SELECT n / SELECT 0, the next pooled command gets no reply (5 s)"]
-fn known_bug_stdin_transaction_then_select_back() {
+fn stdin_transaction_then_select_back() {
     let (direct, _behind, proxy) = pair();
     let script = b"SET a 1\nMULTI\nINCR a\nEXEC\nSELECT 1\nSET in1 v\nSELECT 0\nGET in1\nGET a\n";
     let expected = cli_stdin(direct.port, &[], script);
@@ -156,8 +154,7 @@ fn known_bug_stdin_transaction_then_select_back() {
     assert_eq!(got, expected);
 }
 
-/// The first RESP3 client finds the RESP3 upstream pool not connected yet
-/// (see known_bug_first_resp3_client_not_connected_yet): wait until it is.
+/// Waits until a RESP3 client gets through (the pools connect in the background).
 fn warm_resp3(port: u16) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while redis_cli(port, &["-3", "PING"]).trim() != "PONG" {
@@ -170,8 +167,7 @@ fn warm_resp3(port: u16) {
 }
 
 #[test]
-#[ignore = "nearcache bug: the first RESP3 client's commands fail with 'ERR upstream unavailable: not connected yet'"]
-fn known_bug_first_resp3_client_not_connected_yet() {
+fn first_resp3_client_with_command_docs() {
     let (direct, _behind, proxy) = pair();
     let script = b"SET a 1\nGET a\n";
     let expected = cli_stdin(direct.port, &["-3"], script);

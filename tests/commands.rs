@@ -1391,25 +1391,12 @@ fn report(all: Vec<String>) {
     }
 }
 
-/// Scripts (by name) whose differences are known nearcache bugs: they run in
-/// the `known_bug_*` tests below instead.
-const KNOWN_BUG_SCRIPTS: &[&str] = &[
-    "select",
-    "blocking",
-    "transactions",
-    "client_reply_names_reset",
-    "pubsub_one_connection",
-];
-
 #[test]
 fn raw_resp_replies_are_identical_in_resp2_and_resp3() {
     let started = Instant::now();
     let bench = Bench::new();
     let mut all = Vec::new();
-    for script in scripts()
-        .iter()
-        .filter(|s| !KNOWN_BUG_SCRIPTS.contains(&s.name))
-    {
+    for script in scripts().iter() {
         for proto in [2, 3] {
             all.extend(run_raw(&bench, script, proto, false));
             if pipelinable(script) {
@@ -1622,9 +1609,6 @@ async fn run_async(bench: &Bench, script: &Script, proto: u8) -> Vec<String> {
     diffs
 }
 
-/// Scripts whose typed runs hit known bugs (see `known_bug_*`).
-const KNOWN_BUG_TYPED: &[&str] = &[];
-
 #[test]
 fn redis_crate_sync_pipeline_and_async_see_identical_values() {
     let started = Instant::now();
@@ -1634,9 +1618,7 @@ fn redis_crate_sync_pipeline_and_async_see_identical_values() {
         .build()
         .unwrap();
     let mut all = Vec::new();
-    for script in scripts().iter().filter(|s| {
-        s.typed && !KNOWN_BUG_SCRIPTS.contains(&s.name) && !KNOWN_BUG_TYPED.contains(&s.name)
-    }) {
+    for script in scripts().iter().filter(|s| s.typed) {
         for proto in [2, 3] {
             all.extend(run_sync(&bench, script, proto));
             if pipelinable(script) {
@@ -1669,8 +1651,7 @@ fn exchange(port: u16, lines: &[&str]) -> Vec<Vec<u8>> {
 }
 
 #[test]
-#[ignore = "nearcache bug: after SELECT n / SELECT 0, the next pool command gets no reply (5 s timeout, then the connection closes)"]
-fn known_bug_select_back_to_default_db_hangs() {
+fn select_back_to_default_db_then_pooled_commands() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis);
     let lines = ["PING", "SELECT 2", "PING", "SELECT 0", "PING", "PING"];
@@ -1693,29 +1674,7 @@ fn known_bug_select_back_to_default_db_hangs() {
 }
 
 #[test]
-#[ignore = "nearcache bug: after a blocking command (pinned), a later pooled command sometimes gets no reply (pipelined)"]
-fn known_bug_blocking_then_pool_command_hangs() {
-    // Same symptom after MULTI/EXEC, WATCH, RESET, SUBSCRIBE: every script
-    // that moves from a pinned connection back to the pool.
-    let bench = Bench::new();
-    let mut all = Vec::new();
-    for script in scripts()
-        .iter()
-        .filter(|s| KNOWN_BUG_SCRIPTS.contains(&s.name) && s.name != "select")
-    {
-        for proto in [2, 3] {
-            all.extend(run_raw(&bench, script, proto, false));
-            if pipelinable(script) {
-                all.extend(run_raw(&bench, script, proto, true));
-            }
-        }
-    }
-    report(all);
-}
-
-#[test]
-#[ignore = "nearcache bug: RESET on a MONITOR connection answers '-ERR upstream unavailable: no reply within 5s' instead of +RESET"]
-fn known_bug_reset_after_monitor() {
+fn reset_after_monitor() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis);
     let mut mon = Raw::connect(proxy.port, "monitor");
@@ -1725,8 +1684,7 @@ fn known_bug_reset_after_monitor() {
 }
 
 #[test]
-#[ignore = "nearcache bug: RESP3 replies with a set of maps (COMMAND INFO) fail with 'upstream protocol error: Decode Error: to_set: Invalid hash key'"]
-fn known_bug_resp3_set_containing_maps() {
+fn resp3_set_containing_maps() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis);
     let lines = ["HELLO 3", "COMMAND INFO get", "COMMAND DOCS get", "PING"];
@@ -1856,7 +1814,7 @@ fn client_info_monitor_and_reset() {
         }
         assert!(Instant::now() < deadline, "MONITOR never showed the SET");
     }
-    // RESET leaves the name behind (RESET after MONITOR: see known_bug_reset_after_monitor).
+    // RESET clears the name (RESET after MONITOR: see reset_after_monitor).
     assert_eq!(c.cmd("RESET"), b"+RESET\r\n");
     assert_eq!(c.cmd("CLIENT GETNAME"), b"$-1\r\n");
     assert_eq!(c.cmd("WAIT 0 0"), b":0\r\n");
