@@ -162,12 +162,8 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
         }
     };
 
-    let policies = cache.config.policies.clone();
-    let cached_patterns: Vec<&str> = policies
-        .iter()
-        .filter(|p| p.ttl.is_some())
-        .map(|p| p.pattern.as_str())
-        .collect();
+    let patterns = cache.cached_patterns();
+    let cached_patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
     let everything = cache.config.default_ttl.is_some();
 
     let mode_label = match mode {
@@ -274,6 +270,10 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
         };
         let frame = tokio::select! {
             r = conn.next() => r?,
+            _ = cache.feed_restart.notified() => {
+                info!("key policies changed; re-establishing the invalidation feed");
+                return Ok(());
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 if ping_sent.is_some() {
                     return Err(Error::Upstream(format!("invalidation feed stalled: no PONG within {interval:?}")));

@@ -143,6 +143,8 @@ pub struct Cache {
     feed_state: RwLock<String>,
     flights: Mutex<HashMap<FlightKey, Flight>>,
     next_flight: AtomicU64,
+    /// Tells the feed to reconnect with new subscriptions (policy reload).
+    pub(crate) feed_restart: tokio::sync::Notify,
     pub counters: Counters,
     hot: HotKeys,
     pub config: CacheConfig,
@@ -183,6 +185,7 @@ impl Cache {
             }),
             flights: Mutex::new(HashMap::new()),
             next_flight: AtomicU64::new(0),
+            feed_restart: tokio::sync::Notify::new(),
             counters: Counters {
                 evictions,
                 ..Default::default()
@@ -198,11 +201,25 @@ impl Cache {
     }
 
     /// Replaces the key policies (SIGHUP reload) and drops everything cached under the old ones.
+    /// The feed is restarted too, since its tracking prefixes or keyspace
+    /// patterns come from the policies: until it is back, L1 does not serve.
     pub fn set_policies(&self, policies: Vec<crate::config::Policy>) {
         let mut cfg = self.config.clone();
         cfg.policies = policies;
         *self.policies.write().expect("policies lock") = Arc::new(compile(&cfg));
+        self.serving.store(false, Ordering::Release);
         self.clear_all("reload");
+        self.feed_restart.notify_one();
+    }
+
+    /// Patterns of the policies that cache (for the feed's subscriptions).
+    pub fn cached_patterns(&self) -> Vec<String> {
+        let policies = self.policies.read().expect("policies lock");
+        policies
+            .iter()
+            .filter(|p| p.ttl.is_some())
+            .map(|p| String::from_utf8_lossy(&p.pattern).into_owned())
+            .collect()
     }
 
     /// Is L1 answering reads now (enabled and the invalidation feed is healthy)?
