@@ -239,6 +239,16 @@ fn direct_writes_reach_two_instances_in_both_modes() {
                 || cb.get(&key).unwrap(),
                 Duration::from_secs(5),
             );
+            // Both come to serve v{i} from L1. (A fill racing with the write's
+            // own invalidation is not stored, so this may take a read or two.)
+            for (proxy, conn) in [(&a, &mut ca), (&b, &mut cb)] {
+                let hits = proxy.stat("hits");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while proxy.stat("hits") == hits {
+                    assert_eq!(conn.get::<_, String>(&key).unwrap(), format!("v{i}"));
+                    assert!(Instant::now() < deadline, "L1 never served {key}");
+                }
+            }
             let _: () = direct.set(&key, format!("w{i}")).unwrap();
             delays.push(time_until(
                 &format!("w{i}"),
