@@ -238,6 +238,23 @@ struct PinState {
     multi_all: bool,
 }
 
+impl PinState {
+    /// A fresh connection's state: the configured db, nothing pending.
+    fn new(db: u32) -> PinState {
+        PinState {
+            db,
+            multi: false,
+            watch: false,
+            subscribed: false,
+            sticky: false,
+            reply_off: false,
+            skip_next: false,
+            multi_keys: Vec::new(),
+            multi_all: false,
+        }
+    }
+}
+
 struct Session {
     shared: Arc<Shared>,
     proto: u8,
@@ -278,17 +295,7 @@ async fn run_session(socket: TcpStream, shared: Arc<Shared>, mut shutdown: watch
         shared,
         proto: 2,
         pinned: None,
-        state: PinState {
-            db: default_db,
-            multi: false,
-            watch: false,
-            subscribed: false,
-            sticky: false,
-            reply_off: false,
-            skip_next: false,
-            multi_keys: Vec::new(),
-            multi_all: false,
-        },
+        state: PinState::new(default_db),
         default_db,
         pending: tx,
         ready: BytesMut::new(),
@@ -923,17 +930,7 @@ impl Session {
                 if self.pinned.take().is_some() {
                     self.push(Pending::Detach).await;
                 }
-                self.state = PinState {
-                    db: self.default_db,
-                    multi: false,
-                    watch: false,
-                    subscribed: false,
-                    sticky: false,
-                    reply_off: false,
-                    skip_next: false,
-                    multi_keys: Vec::new(),
-                    multi_all: false,
-                };
+                self.state = PinState::new(self.default_db);
                 self.proto = 2;
                 self.last_path = Path::None;
                 self.push(Pending::Ready(protocol::simple("RESET"))).await;
