@@ -91,6 +91,8 @@ pub struct ServerConfig {
     pub max_pending_per_client: usize,
     /// Password local clients must AUTH with before anything else (empty: none).
     pub requirepass: Option<String>,
+    /// Runtime worker threads; 0 = one per CPU.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -310,6 +312,7 @@ struct FileServer {
     client_query_buffer_limit: Option<String>,
     max_pending_per_client: Option<u64>,
     requirepass: Option<String>,
+    worker_threads: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -660,6 +663,12 @@ fn resolve_server(file: FileServer, env: &dyn Env) -> Result<ServerConfig, Confi
             65_536,
         )? as usize,
         requirepass,
+        worker_threads: match env.get("NEARCACHE_WORKER_THREADS") {
+            Some(v) => v.parse().map_err(|_| {
+                ConfigError::new("NEARCACHE_WORKER_THREADS", format!("{v:?} is not a number"))
+            })?,
+            None => file.worker_threads.unwrap_or(1) as usize,
+        },
     })
 }
 
@@ -996,6 +1005,40 @@ mod tests {
         assert_eq!(c.cache.max_bytes, 256 << 20);
         assert_eq!(c.cache.policies.len(), 4);
         assert!(c.tdengine.is_none());
+    }
+
+    #[test]
+    fn shipped_conf_file_states_the_defaults() {
+        let shipped = Config::from_toml(include_str!("../conf/nearcache.toml")).unwrap();
+        let d = Config::defaults();
+        assert_eq!(shipped.listen, d.listen);
+        assert_eq!(shipped.admin, d.admin);
+        assert_eq!(shipped.shutdown_grace, d.shutdown_grace);
+        assert_eq!(shipped.server.max_clients, d.server.max_clients);
+        assert_eq!(
+            shipped.server.proto_max_bulk_len,
+            d.server.proto_max_bulk_len
+        );
+        assert_eq!(
+            shipped.server.client_query_buffer_limit,
+            d.server.client_query_buffer_limit
+        );
+        assert_eq!(shipped.server.worker_threads, d.server.worker_threads);
+        assert_eq!(shipped.upstream.url, d.upstream.url);
+        assert_eq!(shipped.upstream.pool_size, d.upstream.pool_size);
+        assert_eq!(shipped.upstream.command_timeout, d.upstream.command_timeout);
+        assert_eq!(shipped.cache.max_bytes, d.cache.max_bytes);
+        assert_eq!(shipped.cache.invalidation, d.cache.invalidation);
+        assert_eq!(shipped.cache.default_ttl, d.cache.default_ttl);
+        let pats = |c: &Config| {
+            c.cache
+                .policies
+                .iter()
+                .map(|p| (p.pattern.clone(), p.ttl))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pats(&shipped), pats(&d));
+        assert!(shipped.tdengine.is_none());
     }
 
     #[test]
