@@ -164,17 +164,17 @@ struct InFlight {
 
 /// One multiplexed upstream connection.
 pub struct MuxConn {
-    jobs: mpsc::Sender<Job>,
+    /// Unbounded so that sending never waits and never reorders: what bounds it
+    /// is that each client may have at most `max_pending_per_client` requests
+    /// outstanding, and there are at most `max_clients` clients.
+    jobs: mpsc::UnboundedSender<Job>,
     alive: AtomicBool,
     closed: Notify,
 }
 
-/// Jobs queued for the writer of one connection before senders wait.
-const JOB_QUEUE: usize = 4096;
-
 impl MuxConn {
     fn start(stream: BoxStream, leftover: BytesMut, command_timeout: Duration) -> Arc<MuxConn> {
-        let (tx, rx) = mpsc::channel(JOB_QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
         let conn = Arc::new(MuxConn {
             jobs: tx,
             alive: AtomicBool::new(true),
@@ -212,24 +212,10 @@ impl MuxConn {
             let _ = tx.send(Err(Arc::new(Error::Upstream("connection closed".into()))));
             return rx;
         }
-        match self.jobs.try_send(Job { request, reply: tx }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(job)) => {
-                // Backpressure without blocking the caller's task: hand it to a task that waits.
-                let jobs = self.jobs.clone();
-                tokio::spawn(async move {
-                    if let Err(mpsc::error::SendError(job)) = jobs.send(job).await {
-                        let _ = job
-                            .reply
-                            .send(Err(Arc::new(Error::Upstream("connection closed".into()))));
-                    }
-                });
-            }
-            Err(mpsc::error::TrySendError::Closed(job)) => {
-                let _ = job
-                    .reply
-                    .send(Err(Arc::new(Error::Upstream("connection closed".into()))));
-            }
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(Job { request, reply: tx }) {
+            let _ = job
+                .reply
+                .send(Err(Arc::new(Error::Upstream("connection closed".into()))));
         }
         rx
     }
@@ -251,7 +237,7 @@ fn fail_all(inflight: &Mutex<VecDeque<InFlight>>, err: &Arc<Error>) {
 async fn write_loop(
     conn: Arc<MuxConn>,
     mut wr: tokio::io::WriteHalf<BoxStream>,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
     inflight: Arc<Mutex<VecDeque<InFlight>>>,
     wake_reader: Arc<Notify>,
 ) {
