@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use std::time::{Duration, Instant};
 
-use nearcache::config::{TdFormat, TdOnError, TdParam, TdRoute, TdengineConfig};
+use nearcache::config::{TdFormat, TdOnError, TdRoute, TdengineConfig};
 use nearcache::tdengine::{Fetch, Tdengine};
 use taosadapter::{Fault, TaosAdapter, T0};
 
@@ -32,28 +32,7 @@ fn config(dsn: String) -> TdengineConfig {
             key: "kline:{symbol}:{freq}".into(),
             sql: KLINE_SQL.into(),
             ttl: Duration::from_secs(900),
-            params: vec![
-                (
-                    "symbol".into(),
-                    TdParam {
-                        pattern: Some("^[0-9A-Za-z.]{1,16}$".into()),
-                        allow: None,
-                        quote: true,
-                    },
-                ),
-                (
-                    "freq".into(),
-                    TdParam {
-                        pattern: None,
-                        allow: Some(
-                            ["1m", "5m", "15m", "30m", "60m", "1d", "1w"]
-                                .map(String::from)
-                                .to_vec(),
-                        ),
-                        quote: false,
-                    },
-                ),
-            ],
+            params: taosadapter::kline_params(),
         }],
     }
 }

@@ -9,7 +9,7 @@ mod taosadapter;
 
 use std::time::{Duration, Instant};
 
-use nearcache::config::{TdFormat, TdOnError, TdParam, TdRoute, TdengineConfig};
+use nearcache::config::{TdFormat, TdOnError, TdRoute, TdengineConfig};
 use serde_json::{json, Value};
 use support::{Proxy, RedisServer};
 use taosadapter::{kline_row, Fault, TaosAdapter, Val};
@@ -34,28 +34,7 @@ fn td_config(dsn: String) -> TdengineConfig {
             key: "kline:{symbol}:{freq}".into(),
             sql: KLINE_SQL.into(),
             ttl: Duration::from_secs(15 * 60),
-            params: vec![
-                (
-                    "symbol".into(),
-                    TdParam {
-                        pattern: Some("^[0-9A-Za-z.]{1,16}$".into()),
-                        allow: None,
-                        quote: true,
-                    },
-                ),
-                (
-                    "freq".into(),
-                    TdParam {
-                        pattern: None,
-                        allow: Some(
-                            ["1m", "5m", "15m", "30m", "60m", "1d", "1w"]
-                                .map(String::from)
-                                .to_vec(),
-                        ),
-                        quote: false,
-                    },
-                ),
-            ],
+            params: taosadapter::kline_params(),
         }],
     }
 }

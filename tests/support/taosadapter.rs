@@ -617,3 +617,30 @@ fn run_sql(sql: &str, tables: &HashMap<String, Table>) -> Result<Answer, (i32, S
         .collect();
     Ok((fields, rows))
 }
+
+/// The parameters of the application's kline route (`kline:{symbol}:{freq}`),
+/// whose tables this stand-in serves.
+#[allow(dead_code)]
+pub fn kline_params() -> Vec<(String, nearcache::config::TdParam)> {
+    use nearcache::config::TdParam;
+    vec![
+        (
+            "symbol".into(),
+            TdParam {
+                pattern: Some("^[0-9A-Za-z.]{1,16}$".into()),
+                allow: None,
+                quote: true,
+            },
+        ),
+        (
+            "freq".into(),
+            TdParam {
+                pattern: None,
+                allow: Some(FREQ_ALLOW.map(String::from).to_vec()),
+                quote: false,
+            },
+        ),
+    ]
+}
+
+const FREQ_ALLOW: [&str; 7] = ["1m", "5m", "15m", "30m", "60m", "1d", "1w"];
