@@ -42,19 +42,31 @@ pub fn start(cache: Arc<Cache>, connector: Connector, shutdown: Arc<Notify>) {
     }
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
+        let mut failing = false;
         loop {
             let run = run_once(&cache, &connector);
             let result = tokio::select! {
                 r = run => r,
                 _ = shutdown.notified() => return,
             };
+            if cache.is_serving() {
+                failing = false; // it was up: this is a new outage
+            }
             cache.set_serving(false, "down");
             for mode in ["keyspace", "tracking"] {
                 metrics::get().feed_up.with_label_values(&[mode]).set(0);
             }
             match result {
-                Ok(()) => backoff = Duration::from_millis(50),
-                Err(e) => warn!(error = %e, "invalidation feed down; L1 disabled until it is back"),
+                Ok(()) => {
+                    backoff = Duration::from_millis(50);
+                    failing = false;
+                }
+                // One warning per outage; the retries of the same outage go to debug.
+                Err(e) if !failing => {
+                    warn!(error = %e, "invalidation feed down; L1 disabled until it is back");
+                    failing = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "invalidation feed still down"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
