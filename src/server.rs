@@ -261,6 +261,8 @@ struct Session {
     slot: usize,
     authed: bool,
     pinned: Option<PinnedConn>,
+    /// The multiplexed connection this client uses (see [`Session::pool_conn`]).
+    conn: Option<Arc<crate::upstream::MuxConn>>,
     state: PinState,
     default_db: u32,
     pending: mpsc::Sender<Pending>,
@@ -295,6 +297,7 @@ async fn run_session(socket: TcpStream, shared: Arc<Shared>, mut shutdown: watch
         shared,
         proto: 2,
         pinned: None,
+        conn: None,
         state: PinState::new(default_db),
         default_db,
         pending: tx,
@@ -494,6 +497,20 @@ impl Session {
         }
     }
 
+    /// The client's multiplexed connection. A client keeps one connection
+    /// until it dies, so its requests run in the order it sent them; only then
+    /// does it take its pool slot's current one (or any live one).
+    fn pool_conn(&mut self) -> Result<Arc<crate::upstream::MuxConn>, Error> {
+        if let Some(c) = &self.conn {
+            if c.is_alive() {
+                return Ok(c.clone());
+            }
+        }
+        let c = self.shared.upstream.pool(self.proto).conn(self.slot)?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
     async fn switch_path(&mut self, to: Path) {
         if self.last_path != to && self.last_path != Path::None {
             self.barrier().await;
@@ -504,7 +521,7 @@ impl Session {
     /// Sends a request on the multiplexed connection.
     async fn forward(&mut self, req: Request, post: Post) {
         self.switch_path(Path::Pool).await;
-        match self.shared.upstream.pool(self.proto).conn(self.slot) {
+        match self.pool_conn() {
             Ok(conn) => {
                 let rx = conn.send(encode(&req));
                 self.push(Pending::Upstream { rx, post }).await;
@@ -550,7 +567,7 @@ impl Session {
             return;
         }
         self.switch_path(Path::Pool).await;
-        let conn = match self.shared.upstream.pool(self.proto).conn(self.slot) {
+        let conn = match self.pool_conn() {
             Ok(c) => c,
             Err(e) => {
                 self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
@@ -577,7 +594,7 @@ impl Session {
     /// GET of a key with a TDengine route: Redis first, TDengine on nil.
     async fn td_get(&mut self, req: Request, key: Bytes, policy: Option<PolicyRef>) {
         self.switch_path(Path::Pool).await;
-        let conn = match self.shared.upstream.pool(self.proto).conn(self.slot) {
+        let conn = match self.pool_conn() {
             Ok(c) => c,
             Err(e) => {
                 self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
@@ -659,7 +676,7 @@ impl Session {
         }
         count_request(name, Outcome::Miss);
         self.switch_path(Path::Pool).await;
-        let conn = match self.shared.upstream.pool(self.proto).conn(self.slot) {
+        let conn = match self.pool_conn() {
             Ok(c) => c,
             Err(e) => {
                 self.push(Pending::Ready(protocol::error(&e.to_reply_text())))
@@ -932,6 +949,7 @@ impl Session {
                 }
                 self.state = PinState::new(self.default_db);
                 self.proto = 2;
+                self.conn = None;
                 self.last_path = Path::None;
                 self.push(Pending::Ready(protocol::simple("RESET"))).await;
             }
@@ -1117,6 +1135,12 @@ impl Session {
             self.pinned_request(b"HELLO", Request::from_args(fwd), Keys::None)
                 .await;
             return;
+        }
+        if version != self.proto {
+            // Earlier requests went to the other protocol's connection: let them
+            // finish before later ones can run on the new one.
+            self.barrier().await;
+            self.conn = None;
         }
         self.proto = version;
         let reply = self
