@@ -846,3 +846,97 @@ fn admin_commands() {
         .unwrap_err();
     assert!(err.to_string().contains("NEARCACHE HELP"), "{err}");
 }
+
+/// SIGHUP applies new key policies; the feed is re-established with their
+/// prefixes, so writes from elsewhere to a newly cached pattern still
+/// invalidate (a feed left on the old prefixes would serve them stale).
+#[test]
+fn policy_reload_extends_the_feed_to_new_patterns() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("nearcache-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("hup.toml");
+    let policies = |extra: &str| {
+        format!("[cache]\ninvalidation = \"tracking\"\n[[cache.policies]]\npattern = \"quote:*\"\nttl = \"1h\"\n{extra}")
+    };
+    std::fs::write(&conf, policies("")).unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
+        .args([
+            "--config",
+            conf.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            "off",
+        ])
+        .args(["--upstream", &redis.url()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, Duration::from_secs(10));
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let serving = |c: &mut redis::Connection| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(stats) = redis::cmd("NEARCACHE")
+                .arg("STATS")
+                .query::<Vec<redis::Value>>(c)
+            {
+                if stat(&stats, "serving") == 1 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "L1 never served");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut c = client.get_connection().unwrap();
+    serving(&mut c);
+
+    std::fs::write(
+        &conf,
+        policies("[[cache.policies]]\npattern = \"news:*\"\nttl = \"1h\"\n"),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // The reload turns L1 off until the new feed is up.
+    std::thread::sleep(Duration::from_millis(300));
+    serving(&mut c);
+
+    let mut direct = redis.conn();
+    let _: () = direct.set("news:1", "old").unwrap();
+    let hits = |c: &mut redis::Connection| {
+        stat(
+            &redis::cmd("NEARCACHE")
+                .arg("STATS")
+                .query::<Vec<redis::Value>>(c)
+                .unwrap(),
+            "hits",
+        )
+    };
+    let before = hits(&mut c);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hits(&mut c) == before {
+        assert_eq!(c.get::<_, String>("news:1").unwrap(), "old");
+        assert!(
+            Instant::now() < deadline,
+            "news:* never cached after the reload"
+        );
+    }
+    let _: () = direct.set("news:1", "new").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let v: String = c.get("news:1").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        v, "new",
+        "a write to a newly cached pattern was not invalidated"
+    );
+}
