@@ -39,11 +39,8 @@ impl Request {
     }
 
     /// The upper-cased command name, for dispatch (empty for an empty request).
-    pub fn name_upper(&self) -> Vec<u8> {
-        self.args
-            .first()
-            .map(|a| a.to_ascii_uppercase())
-            .unwrap_or_default()
+    pub fn name_upper(&self) -> CommandName {
+        CommandName::new(self.args.first().map(|a| a.as_ref()).unwrap_or_default())
     }
 
     /// The request in RESP form, as sent upstream.
@@ -51,6 +48,45 @@ impl Request {
         match &self.raw {
             Some(raw) => out.extend_from_slice(raw),
             None => encode_command(out, &self.args),
+        }
+    }
+}
+
+/// An upper-cased command name, kept on the stack: every request needs one.
+pub struct CommandName {
+    inline: [u8; 24],
+    len: usize,
+    long: Option<Vec<u8>>,
+}
+
+impl CommandName {
+    fn new(raw: &[u8]) -> CommandName {
+        if raw.len() <= 24 {
+            let mut inline = [0u8; 24];
+            for (d, s) in inline.iter_mut().zip(raw) {
+                *d = s.to_ascii_uppercase();
+            }
+            CommandName {
+                inline,
+                len: raw.len(),
+                long: None,
+            }
+        } else {
+            CommandName {
+                inline: [0; 24],
+                len: 0,
+                long: Some(raw.to_ascii_uppercase()),
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for CommandName {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.long {
+            Some(v) => v,
+            None => &self.inline[..self.len],
         }
     }
 }

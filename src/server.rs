@@ -416,7 +416,7 @@ impl Session {
     /// Handles one request; false when the connection must close.
     async fn handle(&mut self, req: Request) -> bool {
         let name = req.name_upper();
-        if !self.authed && !matches!(name.as_slice(), b"AUTH" | b"HELLO" | b"QUIT" | b"RESET") {
+        if !self.authed && !matches!(&name[..], b"AUTH" | b"HELLO" | b"QUIT" | b"RESET") {
             count_request(&name, Outcome::Error);
             self.push(Pending::Ready(protocol::error(
                 "NOAUTH Authentication required.",

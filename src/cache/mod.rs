@@ -500,9 +500,22 @@ fn compile(config: &CacheConfig) -> Vec<CompiledPolicy> {
         .collect()
 }
 
+const STATIC_SIGNATURES: &[&str] = &[
+    "GET", "STRLEN", "EXISTS", "TYPE", "HGETALL", "HLEN", "LLEN", "SMEMBERS", "SCARD", "ZCARD",
+];
+
 /// The cache signature of a command: its name and every argument but the key,
 /// length-prefixed so that no two commands share one.
 pub fn signature(name_upper: &[u8], args: &[Bytes]) -> Bytes {
+    if args.len() <= 2 {
+        // The common single-key forms share one static signature each.
+        if let Some(s) = STATIC_SIGNATURES
+            .iter()
+            .find(|s| s.as_bytes() == name_upper)
+        {
+            return Bytes::from_static(s.as_bytes());
+        }
+    }
     let mut out = BytesMut::with_capacity(
         name_upper.len() + 8 + args.iter().skip(2).map(|a| a.len() + 4).sum::<usize>(),
     );
