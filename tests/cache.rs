@@ -566,6 +566,16 @@ fn memory_stays_bounded_far_past_max_bytes() {
     );
 }
 
+/// A spawned nearcache binary, killed when the test ends (also on panic).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -586,7 +596,7 @@ fn resident_memory_of_the_binary_stays_bounded() {
     let conf = dir.join("rss.toml");
     std::fs::write(&conf, "[cache]\nmax_bytes = \"4MiB\"\n").unwrap();
     let port = free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
         .args([
             "--config",
             conf.to_str().unwrap(),
@@ -600,6 +610,7 @@ fn resident_memory_of_the_binary_stays_bounded() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let child = Child(child);
     wait_for_port(port, Duration::from_secs(10));
     let value = vec![b'v'; 1024];
     let mut direct = redis.conn();
@@ -620,12 +631,11 @@ fn resident_memory_of_the_binary_stays_bounded() {
         }
         let _: () = p.query(&mut c).unwrap();
         if batch == 9 {
-            baseline = rss_kib(child.id());
+            baseline = rss_kib(child.0.id());
         }
     }
-    let end = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let end = rss_kib(child.0.id());
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("nearcache RSS after 10 MB of fills: {baseline} KiB; after 100 MB: {end} KiB");
     assert!(end < 64 * 1024, "RSS {end} KiB: L1 is not bounded");
@@ -861,7 +871,7 @@ fn policy_reload_extends_the_feed_to_new_patterns() {
     };
     std::fs::write(&conf, policies("")).unwrap();
     let port = free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
         .args([
             "--config",
             conf.to_str().unwrap(),
@@ -875,6 +885,7 @@ fn policy_reload_extends_the_feed_to_new_patterns() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let child = Child(child);
     wait_for_port(port, Duration::from_secs(10));
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let serving = |c: &mut redis::Connection| {
@@ -901,7 +912,7 @@ fn policy_reload_extends_the_feed_to_new_patterns() {
     )
     .unwrap();
     let hup = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());
@@ -932,8 +943,7 @@ fn policy_reload_extends_the_feed_to_new_patterns() {
     let _: () = direct.set("news:1", "new").unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let v: String = c.get("news:1").unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         v, "new",
