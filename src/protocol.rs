@@ -483,16 +483,20 @@ pub fn frame_len(buf: &[u8]) -> Option<usize> {
     }
 }
 
-/// The element frames of an array or push reply, each still encoded.
+/// The element frames of an array, push or map reply, each still encoded.
 fn elements(bytes: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
-    if !matches!(bytes.first(), Some(b'*') | Some(b'>')) {
-        return None;
-    }
+    // A map's elements are its keys and values, alternating.
+    let per_entry = match bytes.first() {
+        Some(b'*') | Some(b'>') => 1,
+        Some(b'%') => 2,
+        _ => return None,
+    };
     let header_end = bytes.windows(2).position(|w| w == b"\r\n")?;
-    let n: i64 = std::str::from_utf8(&bytes[1..header_end])
+    let entries: i64 = std::str::from_utf8(&bytes[1..header_end])
         .ok()?
         .parse()
         .ok()?;
+    let n = entries * per_entry;
     let mut pos = header_end + 2;
     let mut out = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n.max(0) {
@@ -745,6 +749,22 @@ mod tests {
             ReplyKind::Normal
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn strings_of_arrays_pushes_and_maps() {
+        let map = b"%1\r\n$22\r\nnotify-keyspace-events\r\n$3\r\nAKE\r\n";
+        let parts = reply_strings(map).unwrap();
+        assert_eq!(
+            parts,
+            vec![
+                Bytes::from_static(b"notify-keyspace-events"),
+                Bytes::from_static(b"AKE")
+            ]
+        );
+        let push = b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n";
+        assert_eq!(reply_strings(push).unwrap()[2], Bytes::from_static(b"1"));
+        assert!(reply_strings(b"+OK\r\n").is_none());
     }
 
     #[test]

@@ -584,7 +584,7 @@ impl Session {
             ticket,
             move || {
                 let rx = conn.send(request);
-                async move { (flatten(rx.await), None) }.boxed()
+                async move { (crate::upstream::received(rx.await), None) }.boxed()
             },
             policy.ttl,
         );
@@ -617,7 +617,7 @@ impl Session {
             move || {
                 let rx = conn.send(request);
                 async move {
-                    match flatten(rx.await) {
+                    match crate::upstream::received(rx.await) {
                         Ok(first) if first.kind == ReplyKind::Nil => {
                             crate::tdengine::fill::fill(&td, &conn, &key2, proto).await
                         }
@@ -699,7 +699,7 @@ impl Session {
             // Nil elements of routed keys are filled from TDengine before the reply is assembled.
             let proto = self.proto;
             let fut = async move {
-                let reply = match flatten(rx.await) {
+                let reply = match crate::upstream::received(rx.await) {
                     Ok(r) if r.kind != ReplyKind::Error => r,
                     other => return reply_bytes(&other),
                 };
@@ -1191,13 +1191,6 @@ fn encode(req: &Request) -> Bytes {
     }
 }
 
-fn flatten(r: Result<ReplyResult, oneshot::error::RecvError>) -> ReplyResult {
-    match r {
-        Ok(r) => r,
-        Err(_) => Err(Arc::new(Error::Upstream("connection closed".into()))),
-    }
-}
-
 fn reply_bytes(r: &ReplyResult) -> Bytes {
     match r {
         Ok(reply) => reply.bytes.clone(),
@@ -1288,6 +1281,19 @@ async fn write_loop(
             }
         };
     }
+    // Takes a reply that is ready without writing anything; otherwise writes
+    // what is buffered before waiting, so earlier replies are not held back.
+    macro_rules! ready_or_flush {
+        ($fut:expr) => {
+            match (&mut $fut).now_or_never() {
+                Some(r) => r,
+                None => {
+                    flush!();
+                    $fut.await
+                }
+            }
+        };
+    }
     loop {
         let item = match rx.try_recv() {
             Ok(item) => item,
@@ -1327,34 +1333,16 @@ async fn write_loop(
         match item {
             Pending::Ready(bytes) => out.extend_from_slice(&bytes),
             Pending::Upstream { mut rx, post } => {
-                let result = match (&mut rx).now_or_never() {
-                    Some(r) => flatten(r),
-                    None => {
-                        flush!();
-                        flatten(rx.await)
-                    }
-                };
+                let result = crate::upstream::received(ready_or_flush!(rx));
                 apply_post(&cache, &post);
                 out.extend_from_slice(&reply_bytes(&result));
             }
             Pending::Shared(mut fut) => {
-                let result = match (&mut fut).now_or_never() {
-                    Some(r) => r,
-                    None => {
-                        flush!();
-                        fut.await
-                    }
-                };
+                let result = ready_or_flush!(fut);
                 out.extend_from_slice(&reply_bytes(&result));
             }
             Pending::Future(mut fut) => {
-                let bytes = match (&mut fut).now_or_never() {
-                    Some(b) => b,
-                    None => {
-                        flush!();
-                        fut.await
-                    }
-                };
+                let bytes = ready_or_flush!(fut);
                 out.extend_from_slice(&bytes);
             }
             Pending::MGet {
@@ -1363,13 +1351,7 @@ async fn write_loop(
                 fills,
                 proto,
             } => {
-                let result = match (&mut rx).now_or_never() {
-                    Some(r) => flatten(r),
-                    None => {
-                        flush!();
-                        flatten(rx.await)
-                    }
-                };
+                let result = crate::upstream::received(ready_or_flush!(rx));
                 out.extend_from_slice(&assemble_mget(&cache, parts, result, fills, proto));
             }
             Pending::Pinned {

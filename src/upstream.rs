@@ -35,6 +35,15 @@ pub type BoxStream = Box<dyn AsyncStream>;
 /// The reply to one request, or why there is none.
 pub type ReplyResult = Result<Reply, Arc<Error>>;
 
+/// A reply received from [`MuxConn::send`]'s receiver; a dropped sender
+/// means the connection went away.
+pub fn received(r: Result<ReplyResult, oneshot::error::RecvError>) -> ReplyResult {
+    match r {
+        Ok(r) => r,
+        Err(_) => Err(Arc::new(Error::Upstream("connection closed".into()))),
+    }
+}
+
 /// Opens connections to the configured upstream, with the handshake applied.
 #[derive(Clone)]
 pub struct Connector {

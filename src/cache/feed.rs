@@ -321,28 +321,10 @@ async fn read_keyspace_flags(conn: &mut FeedConn) -> Option<String> {
         return None;
     }
     // RESP3: %1 $22 notify-keyspace-events $N flags
-    let parts = protocol::reply_strings(&r.bytes).or_else(|| map_strings(&r.bytes))?;
+    let parts = protocol::reply_strings(&r.bytes)?;
     parts
         .get(1)
         .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
-fn map_strings(bytes: &Bytes) -> Option<Vec<Bytes>> {
-    // A RESP3 map reads like an array of alternating keys and values.
-    if bytes.first() != Some(&b'%') {
-        return None;
-    }
-    let mut fake = BytesMut::from(&bytes[..]);
-    fake[0] = b'*';
-    let header_end = fake.iter().position(|&c| c == b'\r')?;
-    let n: usize = std::str::from_utf8(&fake[1..header_end])
-        .ok()?
-        .parse()
-        .ok()?;
-    let mut rebuilt = BytesMut::new();
-    rebuilt.extend_from_slice(format!("*{}\r\n", n * 2).as_bytes());
-    rebuilt.extend_from_slice(&fake[header_end + 2..]);
-    protocol::reply_strings(&rebuilt)
 }
 
 fn handle_push(cache: &Cache, bytes: &Bytes, keyspace_prefix: &[u8]) {

@@ -10,13 +10,6 @@ use tracing::{debug, warn};
 use crate::protocol::{self, Reply, ReplyKind};
 use crate::upstream::{MuxConn, ReplyResult};
 
-fn flatten(r: Result<ReplyResult, tokio::sync::oneshot::error::RecvError>) -> ReplyResult {
-    match r {
-        Ok(r) => r,
-        Err(_) => Err(Arc::new(crate::Error::Upstream("connection closed".into()))),
-    }
-}
-
 /// The third tier: Redis said nil, so ask TDengine, write the rows back to
 /// Redis (`SET key value PX ttl NX`: never over a value written meanwhile) and
 /// answer with what Redis now holds. Returns the reply and the TTL under
@@ -38,11 +31,11 @@ pub async fn fill(
             let ttl_ms = ttl.as_millis().max(1).to_string();
             let set =
                 protocol::command([&b"SET"[..], key, &value, b"PX", ttl_ms.as_bytes(), b"NX"]);
-            match flatten(conn.send(set).await) {
+            match crate::upstream::received(conn.send(set).await) {
                 Ok(r) if r.kind == ReplyKind::Nil => {
                     // Someone wrote the key while we queried TDengine: theirs is newer.
                     let get = protocol::command([&b"GET"[..], key]);
-                    (flatten(conn.send(get).await), Some(ttl))
+                    (crate::upstream::received(conn.send(get).await), Some(ttl))
                 }
                 Ok(r) if r.kind == ReplyKind::Error => {
                     warn!("TDengine write-back to Redis refused; answering from TDengine without caching");
