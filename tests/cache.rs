@@ -569,6 +569,29 @@ fn memory_stays_bounded_far_past_max_bytes() {
 /// A spawned nearcache binary, killed when the test ends (also on panic).
 struct Child(std::process::Child);
 
+impl Child {
+    /// Runs the nearcache binary with a config file in front of `redis`;
+    /// returns once it listens, with its client port.
+    fn spawn(conf: &std::path::Path, redis: &RedisServer) -> (Child, u16) {
+        let port = free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
+            .args([
+                "--config",
+                conf.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--admin", "off", "--upstream", &redis.url()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let child = Child(child);
+        wait_for_port(port, Duration::from_secs(10));
+        (child, port)
+    }
+}
+
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -595,23 +618,7 @@ fn resident_memory_of_the_binary_stays_bounded() {
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("rss.toml");
     std::fs::write(&conf, "[cache]\nmax_bytes = \"4MiB\"\n").unwrap();
-    let port = free_port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
-        .args([
-            "--config",
-            conf.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            "off",
-        ])
-        .args(["--upstream", &redis.url()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Child(child);
-    wait_for_port(port, Duration::from_secs(10));
+    let (child, port) = Child::spawn(&conf, &redis);
     let value = vec![b'v'; 1024];
     let mut direct = redis.conn();
     let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
@@ -870,23 +877,7 @@ fn policy_reload_extends_the_feed_to_new_patterns() {
         format!("[cache]\ninvalidation = \"tracking\"\n[[cache.policies]]\npattern = \"quote:*\"\nttl = \"1h\"\n{extra}")
     };
     std::fs::write(&conf, policies("")).unwrap();
-    let port = free_port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
-        .args([
-            "--config",
-            conf.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            "off",
-        ])
-        .args(["--upstream", &redis.url()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Child(child);
-    wait_for_port(port, Duration::from_secs(10));
+    let (child, port) = Child::spawn(&conf, &redis);
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let serving = |c: &mut redis::Connection| {
         let deadline = Instant::now() + Duration::from_secs(10);
