@@ -30,7 +30,7 @@ use crate::command::{self, Class, Keys, Pin};
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics;
-use crate::protocol::{self, Limits, Parsed, Reply, ReplyKind, Request};
+use crate::protocol::{self, Limits, Reply, ReplyKind, Request};
 use crate::upstream::{PinnedConn, PinnedFrame, ReplyResult, Upstream};
 
 /// State shared by every session.
@@ -108,9 +108,9 @@ pub async fn serve(
         let shutdown2 = shutdown.clone();
         let done = done_tx.clone();
         tokio::spawn(async move {
+            // Released on drop, so a session that panics still gives its place back.
+            let _slot = ClientSlot(shared2.clone());
             run_session(socket, shared2.clone(), shutdown2).await;
-            shared2.clients.fetch_sub(1, Ordering::Relaxed);
-            metrics::get().client_connections.dec();
             debug!(client = id, "client disconnected");
             drop(done);
         });
@@ -125,6 +125,16 @@ pub async fn serve(
     );
     // Every session holds a clone of done_tx; recv() returns None when all are gone.
     let _ = tokio::time::timeout(grace, done_rx.recv()).await;
+}
+
+/// A client's place under `max_clients`.
+struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+        metrics::get().client_connections.dec();
+    }
 }
 
 // --- Pending replies ---------------------------------------------------------------
@@ -333,17 +343,17 @@ impl Session {
     async fn read_loop(&mut self, mut rd: OwnedReadHalf, shutdown: &mut watch::Receiver<bool>) {
         let limits = self.limits();
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut parser = protocol::RequestParser::default();
         let close = self.close.clone();
         loop {
             loop {
-                match protocol::parse_request(&mut buf, &limits) {
-                    Ok(Parsed::Request(req)) => {
+                match parser.next(&mut buf, &limits) {
+                    Ok(Some(req)) => {
                         if !self.handle(req).await {
                             return;
                         }
                     }
-                    Ok(Parsed::Empty) => {}
-                    Ok(Parsed::Incomplete) => break,
+                    Ok(None) => break,
                     Err(protocol::ProtocolError(msg)) => {
                         debug!(error = %msg, "client protocol error; closing");
                         count_request(b"", Outcome::Error);
@@ -353,8 +363,9 @@ impl Session {
                     }
                 }
             }
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(16 * 1024);
+            let wanted = parser.wanted(&buf);
+            if buf.capacity() - buf.len() < wanted.max(4096) {
+                buf.reserve(wanted.max(16 * 1024));
             }
             self.flush_ready().await;
             tokio::select! {
@@ -1229,7 +1240,7 @@ fn sub_kind(word: &[u8]) -> Option<(SubKind, bool)> {
 
 /// Is a frame from a pinned connection a message rather than a reply?
 fn out_of_band(reply: &Reply, subs: &Subscriptions) -> bool {
-    let first_word = || protocol::reply_strings(&reply.bytes).and_then(|p| p.first().cloned());
+    let first_word = || protocol::first_word(&reply.bytes);
     match reply.kind {
         ReplyKind::Push => first_word().is_none_or(|w| sub_kind(&w).is_none()),
         _ if subs.active() && reply.bytes.first() == Some(&b'*') => first_word()

@@ -12,7 +12,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -144,8 +146,9 @@ impl Connector {
 }
 
 async fn read_one(stream: &mut BoxStream, buf: &mut BytesMut) -> Result<Reply, Error> {
+    let mut framer = protocol::ReplyFramer::default();
     loop {
-        if let Some(r) = protocol::parse_reply(buf).map_err(Error::UpstreamProtocol)? {
+        if let Some(r) = framer.next(buf).map_err(Error::UpstreamProtocol)? {
             return Ok(r);
         }
         buf.reserve(4096);
@@ -237,7 +240,7 @@ impl MuxConn {
 }
 
 fn fail_all(inflight: &Mutex<VecDeque<InFlight>>, err: &Arc<Error>) {
-    let drained: Vec<InFlight> = inflight.lock().expect("inflight lock").drain(..).collect();
+    let drained: Vec<InFlight> = inflight.lock().drain(..).collect();
     for f in drained {
         let _ = f.reply.send(Err(err.clone()));
     }
@@ -263,7 +266,7 @@ async fn write_loop(
         let now = Instant::now();
         {
             // The reply slot must be queued before the request can reach Redis.
-            let mut q = inflight.lock().expect("inflight lock");
+            let mut q = inflight.lock();
             for job in batch.drain(..) {
                 out.extend_from_slice(&job.request);
                 q.push_back(InFlight {
@@ -303,16 +306,17 @@ async fn read_loop(
     command_timeout: Duration,
 ) {
     let m = metrics::get();
+    let mut framer = protocol::ReplyFramer::default();
     let failure: Error = loop {
         // Frame every complete reply already buffered.
         loop {
-            match protocol::parse_reply(&mut buf) {
+            match framer.next(&mut buf) {
                 Ok(Some(reply)) => {
                     if reply.kind == ReplyKind::Push {
                         // Shared connections never enable tracking or pub/sub; ignore strays.
                         continue;
                     }
-                    let slot = inflight.lock().expect("inflight lock").pop_front();
+                    let slot = inflight.lock().pop_front();
                     match slot {
                         Some(f) => {
                             m.upstream_latency_seconds
@@ -344,11 +348,7 @@ async fn read_loop(
                 }
             }
         }
-        let oldest = inflight
-            .lock()
-            .expect("inflight lock")
-            .front()
-            .map(|f| f.sent_at);
+        let oldest = inflight.lock().front().map(|f| f.sent_at);
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
@@ -441,7 +441,7 @@ impl Pool {
     /// The connection for a client bound to `slot`, or why there is none.
     pub fn conn(&self, slot: usize) -> Result<Arc<MuxConn>, Error> {
         let s = &self.slots[slot % self.slots.len()];
-        if let Some(c) = s.conn.read().expect("slot lock").as_ref() {
+        if let Some(c) = s.conn.read().as_ref() {
             if c.is_alive() {
                 return Ok(c.clone());
             }
@@ -449,19 +449,17 @@ impl Pool {
         // Another slot may be up while this one reconnects; a client's next
         // request only moves once its old connection is dead, so order holds.
         for other in &self.slots {
-            if let Some(c) = other.conn.read().expect("slot lock").as_ref() {
+            if let Some(c) = other.conn.read().as_ref() {
                 if c.is_alive() {
                     return Ok(c.clone());
                 }
             }
         }
-        Err(Error::Upstream(
-            self.last_error.read().expect("error lock").clone(),
-        ))
+        Err(Error::Upstream(self.last_error.read().clone()))
     }
 
     pub fn hello_reply(&self) -> Option<Bytes> {
-        self.hello.read().expect("hello lock").clone()
+        self.hello.read().clone()
     }
 
     pub fn connected(&self) -> usize {
@@ -485,9 +483,9 @@ async fn supervise(
         match connector.connect(proto).await {
             Ok((stream, leftover, hello_reply)) => {
                 backoff = Duration::from_millis(50);
-                *hello.write().expect("hello lock") = Some(hello_reply);
+                *hello.write() = Some(hello_reply);
                 let conn = MuxConn::start(stream, leftover, connector.cfg.command_timeout);
-                *slot.conn.write().expect("slot lock") = Some(conn.clone());
+                *slot.conn.write() = Some(conn.clone());
                 up.fetch_add(1, Ordering::Relaxed);
                 m.upstream_pool_connections.inc();
                 m.upstream_reconnects_total.inc();
@@ -504,7 +502,7 @@ async fn supervise(
                 }
                 up.fetch_sub(1, Ordering::Relaxed);
                 m.upstream_pool_connections.dec();
-                *slot.conn.write().expect("slot lock") = None;
+                *slot.conn.write() = None;
                 warn!(upstream = %connector.cfg.url.redacted(), "upstream connection lost; reconnecting");
             }
             Err(e) => {
@@ -518,7 +516,7 @@ async fn supervise(
                     .unwrap_or(&text)
                     .to_string();
                 debug!(error = %text, "upstream connect failed");
-                *last_error.write().expect("error lock") = text;
+                *last_error.write() = text;
             }
         }
         tokio::select! {
@@ -631,9 +629,10 @@ async fn pinned_read_loop(
     mut buf: BytesMut,
     tx: mpsc::Sender<PinnedFrame>,
 ) {
+    let mut framer = protocol::ReplyFramer::default();
     loop {
         loop {
-            match protocol::parse_reply(&mut buf) {
+            match framer.next(&mut buf) {
                 Ok(Some(reply)) => {
                     if tx.send(PinnedFrame::Reply(reply)).await.is_err() {
                         return;

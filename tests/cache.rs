@@ -566,49 +566,6 @@ fn memory_stays_bounded_far_past_max_bytes() {
     );
 }
 
-/// A spawned nearcache binary, killed when the test ends (also on panic).
-struct Child(std::process::Child);
-
-impl Child {
-    /// Runs the nearcache binary with a config file in front of `redis`;
-    /// returns once it listens, with its client port.
-    fn spawn(conf: &std::path::Path, redis: &RedisServer) -> (Child, u16) {
-        let port = free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_nearcache"))
-            .args([
-                "--config",
-                conf.to_str().unwrap(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--admin", "off", "--upstream", &redis.url()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let child = Child(child);
-        wait_for_port(port, Duration::from_secs(10));
-        (child, port)
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 /// The same with the real binary, measuring its resident memory: 100 MB of
 /// distinct cacheable replies through a 4 MiB L1.
 #[test]
@@ -618,7 +575,8 @@ fn resident_memory_of_the_binary_stays_bounded() {
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("rss.toml");
     std::fs::write(&conf, "[cache]\nmax_bytes = \"4MiB\"\n").unwrap();
-    let (child, port) = Child::spawn(&conf, &redis);
+    let child = Spawned::start(&conf, &redis.url());
+    let port = child.port;
     let value = vec![b'v'; 1024];
     let mut direct = redis.conn();
     let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
@@ -638,10 +596,10 @@ fn resident_memory_of_the_binary_stays_bounded() {
         }
         let _: () = p.query(&mut c).unwrap();
         if batch == 9 {
-            baseline = rss_kib(child.0.id());
+            baseline = child.rss_kib();
         }
     }
-    let end = rss_kib(child.0.id());
+    let end = child.rss_kib();
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("nearcache RSS after 10 MB of fills: {baseline} KiB; after 100 MB: {end} KiB");
@@ -877,7 +835,8 @@ fn policy_reload_extends_the_feed_to_new_patterns() {
         format!("[cache]\ninvalidation = \"tracking\"\n[[cache.policies]]\npattern = \"quote:*\"\nttl = \"1h\"\n{extra}")
     };
     std::fs::write(&conf, policies("")).unwrap();
-    let (child, port) = Child::spawn(&conf, &redis);
+    let child = Spawned::start(&conf, &redis.url());
+    let port = child.port;
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let serving = |c: &mut redis::Connection| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -902,11 +861,7 @@ fn policy_reload_extends_the_feed_to_new_patterns() {
         policies("[[cache.policies]]\npattern = \"news:*\"\nttl = \"1h\"\n"),
     )
     .unwrap();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    child.signal("HUP");
     // The reload turns L1 off until the new feed is up.
     std::thread::sleep(Duration::from_millis(300));
     serving(&mut c);

@@ -80,6 +80,7 @@ pub fn start(cache: Arc<Cache>, connector: Connector, shutdown: Arc<Notify>) {
 struct FeedConn {
     stream: BoxStream,
     buf: BytesMut,
+    framer: protocol::ReplyFramer,
 }
 
 impl FeedConn {
@@ -98,8 +99,10 @@ impl FeedConn {
 
     async fn next(&mut self) -> Result<protocol::Reply, Error> {
         loop {
-            if let Some(r) =
-                protocol::parse_reply(&mut self.buf).map_err(Error::UpstreamProtocol)?
+            if let Some(r) = self
+                .framer
+                .next(&mut self.buf)
+                .map_err(Error::UpstreamProtocol)?
             {
                 return Ok(r);
             }
@@ -131,7 +134,11 @@ pub fn keyspace_flags_sufficient(flags: &str) -> bool {
 
 async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error> {
     let (stream, buf, _) = connector.connect(3).await?;
-    let mut conn = FeedConn { stream, buf };
+    let mut conn = FeedConn {
+        stream,
+        buf,
+        framer: Default::default(),
+    };
     let db = connector.config().url.db;
 
     let mode = match cache.config.invalidation {
@@ -360,25 +367,21 @@ struct PushParts {
     strings: Vec<Bytes>,
 }
 
-/// Reads `>2 invalidate *N keys...` / `>2 invalidate _` / `>4 pmessage p ch ev`.
+/// Reads `>2 invalidate *N keys...` / `>2 invalidate _` / `>4 pmessage p ch ev`,
+/// one level deep (a deeper frame is just not a message we know).
 fn push_parts(bytes: &Bytes) -> Option<PushParts> {
-    use redis_protocol::resp3::decode::complete::decode_range;
-    use redis_protocol::resp3::types::RangeFrame as R3;
-    let (frame, _) = decode_range(bytes).ok()??;
-    let R3::Push { data, .. } = frame else {
+    if bytes.first() != Some(&b'>') {
         return None;
-    };
-    let text = |f: &R3| match f {
-        R3::BlobString { data: (s, e), .. } | R3::SimpleString { data: (s, e), .. } => {
-            Some(bytes.slice(*s..*e))
-        }
-        _ => None,
-    };
-    let kind = text(data.first()?)?.to_vec();
+    }
+    let items = protocol::elements(bytes)?;
+    let item = |i: usize| items.get(i).map(|r| &bytes[r.clone()]);
+    let kind = protocol::first_word(bytes)?.to_vec();
     if kind == b"invalidate" {
-        let keys = match data.get(1)? {
-            R3::Null => None,
-            R3::Array { data: items, .. } => Some(items.iter().filter_map(text).collect()),
+        let keys = item(1)?;
+        let keys = match keys.first() {
+            Some(b'_') => None,
+            Some(b'*') if keys.starts_with(b"*-1") => None,
+            Some(b'*') => Some(protocol::reply_strings(keys)?),
             _ => return None,
         };
         return Some(PushParts {
@@ -390,7 +393,10 @@ fn push_parts(bytes: &Bytes) -> Option<PushParts> {
     Some(PushParts {
         kind,
         keys: None,
-        strings: data.iter().skip(1).filter_map(text).collect(),
+        strings: protocol::reply_strings(bytes)?
+            .into_iter()
+            .skip(1)
+            .collect(),
     })
 }
 

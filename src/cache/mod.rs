@@ -18,7 +18,9 @@ pub mod feed;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -206,7 +208,7 @@ impl Cache {
     pub fn set_policies(&self, policies: Vec<crate::config::Policy>) {
         let mut cfg = self.config.clone();
         cfg.policies = policies;
-        *self.policies.write().expect("policies lock") = Arc::new(compile(&cfg));
+        *self.policies.write() = Arc::new(compile(&cfg));
         self.serving.store(false, Ordering::Release);
         self.clear_all("reload");
         self.feed_restart.notify_one();
@@ -214,7 +216,7 @@ impl Cache {
 
     /// Patterns of the policies that cache (for the feed's subscriptions).
     pub fn cached_patterns(&self) -> Vec<String> {
-        let policies = self.policies.read().expect("policies lock");
+        let policies = self.policies.read();
         policies
             .iter()
             .filter(|p| p.ttl.is_some())
@@ -236,16 +238,16 @@ impl Cache {
         } else {
             self.serving.store(true, Ordering::Release);
         }
-        *self.feed_state.write().expect("feed state lock") = state.to_string();
+        *self.feed_state.write() = state.to_string();
     }
 
     pub fn feed_state(&self) -> String {
-        self.feed_state.read().expect("feed state lock").clone()
+        self.feed_state.read().clone()
     }
 
     /// The policy for a key, if the key may be cached at all.
     pub fn policy(&self, key: &[u8]) -> Option<PolicyRef> {
-        let policies = self.policies.read().expect("policies lock").clone();
+        let policies = self.policies.read().clone();
         for (index, p) in policies.iter().enumerate() {
             if glob_match(&p.pattern, key) {
                 return p.ttl.map(|ttl| PolicyRef { index, ttl });
@@ -259,7 +261,7 @@ impl Cache {
 
     /// Key-pattern label for metrics ("other" for the default TTL).
     pub fn pattern_label(&self, policy: PolicyRef) -> String {
-        let policies = self.policies.read().expect("policies lock");
+        let policies = self.policies.read();
         policies
             .get(policy.index)
             .map(|p| String::from_utf8_lossy(&p.pattern).into_owned())
@@ -267,7 +269,7 @@ impl Cache {
     }
 
     fn count(&self, policy: PolicyRef, hit: bool) {
-        let policies = self.policies.read().expect("policies lock");
+        let policies = self.policies.read();
         match policies.get(policy.index) {
             Some(p) if hit => p.hits.inc(),
             Some(p) => p.misses.inc(),
@@ -318,7 +320,7 @@ impl Cache {
     /// Must be called before the fill's request is sent upstream.
     pub fn ticket(&self, key: &[u8]) -> Ticket {
         let slot = self.slot(key);
-        let gen = *self.gens[slot].lock().expect("gen lock");
+        let gen = *self.gens[slot].lock();
         Ticket {
             slot,
             gen,
@@ -340,7 +342,7 @@ impl Cache {
         if !self.is_serving() {
             return false;
         }
-        let gen = self.gens[ticket.slot].lock().expect("gen lock");
+        let gen = self.gens[ticket.slot].lock();
         if *gen != ticket.gen
             || self.epoch.load(Ordering::Acquire) != ticket.epoch
             || !self.is_serving()
@@ -382,7 +384,7 @@ impl Cache {
     /// Drops every cached reply of `key` and cancels fills in flight for it.
     pub fn invalidate(&self, key: &[u8], source: &str) {
         let slot = self.slot(key);
-        let mut gen = self.gens[slot].lock().expect("gen lock");
+        let mut gen = self.gens[slot].lock();
         *gen += 1;
         self.store.invalidate(key);
         drop(gen);
@@ -399,7 +401,7 @@ impl Cache {
         // A fill that read the old epoch holds its slot lock until its insert
         // is done; passing every lock once orders those inserts before the purge.
         for g in self.gens.iter() {
-            drop(g.lock().expect("gen lock"));
+            drop(g.lock());
         }
         self.store.invalidate_all();
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
@@ -425,7 +427,7 @@ impl Cache {
             sig: sig.clone(),
             proto,
         };
-        let mut flights = self.flights.lock().expect("flights lock");
+        let mut flights = self.flights.lock();
         if let Some(f) = flights.get(&fk) {
             if f.ticket == ticket {
                 self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -446,7 +448,7 @@ impl Cache {
                     cache.complete_fill(ticket, &fk2.key, &fk2.sig, fk2.proto, &reply.bytes, ttl);
                 }
             }
-            let mut flights = cache.flights.lock().expect("flights lock");
+            let mut flights = cache.flights.lock();
             if flights.get(&fk2).is_some_and(|f| f.id == id) {
                 flights.remove(&fk2);
             }
@@ -552,7 +554,7 @@ impl HotKeys {
         let shard = key.iter().fold(key.len(), |a, &b| {
             a.wrapping_mul(31).wrapping_add(b as usize)
         }) % HOT_SHARDS;
-        let mut map = self.shards[shard].lock().expect("hot lock");
+        let mut map = self.shards[shard].lock();
         if let Some(c) = map.get_mut(key) {
             *c += 1;
         } else if map.len() < HOT_PER_SHARD {
@@ -563,7 +565,7 @@ impl HotKeys {
     }
 
     fn maybe_decay(&self) {
-        let Ok(mut last) = self.last_decay.try_lock() else {
+        let Some(mut last) = self.last_decay.try_lock() else {
             return;
         };
         if last.elapsed() < Duration::from_secs(10) {
@@ -572,7 +574,7 @@ impl HotKeys {
         *last = Instant::now();
         drop(last);
         for shard in &self.shards {
-            let mut map = shard.lock().expect("hot lock");
+            let mut map = shard.lock();
             map.retain(|_, c| {
                 *c /= 2;
                 *c > 0
@@ -586,7 +588,6 @@ impl HotKeys {
             .iter()
             .flat_map(|s| {
                 s.lock()
-                    .expect("hot lock")
                     .iter()
                     .map(|(k, c)| (k.clone(), *c * HOT_SAMPLE))
                     .collect::<Vec<_>>()

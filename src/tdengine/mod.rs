@@ -14,7 +14,9 @@ mod route;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -114,8 +116,8 @@ impl Breaker {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, BreakerState> {
+        self.state.lock()
     }
 
     fn allow(&self) -> Option<Permit> {
@@ -270,7 +272,7 @@ impl Tdengine {
             }
         };
         let cell = {
-            let mut map = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = inner.inflight.lock();
             map.entry(key.to_vec()).or_default().clone()
         };
         let outcome = cell
@@ -300,7 +302,7 @@ impl Tdengine {
             .await
             .clone();
         {
-            let mut map = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = inner.inflight.lock();
             if map.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
                 map.remove(key);
             }

@@ -20,7 +20,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,20 +103,14 @@ impl Relay {
     pub fn arm(&self) -> Armed {
         self.armed.fetch_add(1, Ordering::SeqCst);
         // Forget errors of earlier attempts.
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.last_error.lock().take();
         Armed(self.armed.clone())
     }
 
     /// Why the relay's last outbound connect failed, if it did (the client
     /// itself only sees the relay close the connection).
     pub fn take_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        self.last_error.lock().take()
     }
 }
 
@@ -141,13 +137,13 @@ async fn relay_one(
             Ok(Err(e)) => {
                 let msg = format!("connect to {host}:{port}: {e}");
                 tracing::debug!(error = %msg, "TDengine relay");
-                *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+                *last_error.lock() = Some(msg);
                 return;
             }
             Err(_) => {
                 let msg = format!("connect to {host}:{port}: timed out after {CONNECT_TIMEOUT:?}");
                 tracing::debug!(error = %msg, "TDengine relay");
-                *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+                *last_error.lock() = Some(msg);
                 return;
             }
         };

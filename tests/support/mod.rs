@@ -4,6 +4,8 @@
 //! Everything is cleaned up on drop.
 #![allow(dead_code)]
 
+pub mod relay;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -340,4 +342,66 @@ pub fn raw_exchange(port: u16, input: &[u8], wait: Duration) -> (Vec<u8>, bool) 
         }
     };
     (out, closed)
+}
+
+/// The nearcache binary running as its own process (for resident memory,
+/// signals and crashes), killed when the test ends (also on panic).
+pub struct Spawned {
+    pub port: u16,
+    child: Child,
+}
+
+impl Spawned {
+    /// Runs the binary with a config file in front of `upstream`; returns
+    /// once it listens.
+    pub fn start(conf: &std::path::Path, upstream: &str) -> Spawned {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_nearcache"))
+            .args(["--config", conf.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", "off", "--upstream", upstream])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let spawned = Spawned { port, child };
+        wait_for_port(port, Duration::from_secs(10));
+        spawned
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Still running (not exited, not crashed)?
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// Sends a signal by name ("TERM", "HUP", "STOP", ...).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

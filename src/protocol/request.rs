@@ -1,0 +1,485 @@
+//! Client requests: RESP multibulk (`*N` of `$len` strings) and inline
+//! commands (`PING\r\n`, as `redis-cli` and telnet send them).
+//!
+//! The parser is incremental: a partial request's progress (argument count,
+//! the arguments already complete, where the next header starts) is kept
+//! between reads, so a 512 MB argument or a pipeline arriving in small reads
+//! is scanned once, not once per read. It has no recursion: a request is a
+//! flat list, and a nested aggregate is the error Redis gives for it.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Inline requests (and header lines) longer than this without a newline are
+/// refused (Redis: PROTO_INLINE_MAX_SIZE).
+pub const INLINE_MAX: usize = 64 * 1024;
+
+/// Limits applied to one client's input.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bulk_len: u64,
+    pub max_multibulk_len: u64,
+    pub max_query_buffer: u64,
+}
+
+/// A parsed client command: the arguments, binary-safe, sharing the read buffer.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub args: Vec<Bytes>,
+    /// The request as received when it was a RESP array, so it can be forwarded without re-encoding.
+    pub raw: Option<Bytes>,
+}
+
+impl Request {
+    pub fn from_args(args: Vec<Bytes>) -> Request {
+        Request { args, raw: None }
+    }
+
+    /// The upper-cased command name, for dispatch (empty for an empty request).
+    pub fn name_upper(&self) -> CommandName {
+        CommandName::new(self.args.first().map(|a| a.as_ref()).unwrap_or_default())
+    }
+
+    /// The request in RESP form, as sent upstream.
+    pub fn encoded(&self) -> Bytes {
+        match &self.raw {
+            Some(raw) => raw.clone(),
+            None => {
+                let mut out = BytesMut::new();
+                super::encode_command(&mut out, &self.args);
+                out.freeze()
+            }
+        }
+    }
+
+    /// Bytes this request holds on to (for memory accounting).
+    pub fn size(&self) -> usize {
+        match &self.raw {
+            Some(raw) => raw.len(),
+            None => self.args.iter().map(|a| a.len() + 16).sum(),
+        }
+    }
+}
+
+/// An upper-cased command name, kept on the stack: every request needs one.
+pub struct CommandName {
+    inline: [u8; 24],
+    len: usize,
+    long: Option<Vec<u8>>,
+}
+
+impl CommandName {
+    pub fn new(raw: &[u8]) -> CommandName {
+        if raw.len() <= 24 {
+            let mut inline = [0u8; 24];
+            for (d, s) in inline.iter_mut().zip(raw) {
+                *d = s.to_ascii_uppercase();
+            }
+            CommandName {
+                inline,
+                len: raw.len(),
+                long: None,
+            }
+        } else {
+            CommandName {
+                inline: [0; 24],
+                len: 0,
+                long: Some(raw.to_ascii_uppercase()),
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for CommandName {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.long {
+            Some(v) => v,
+            None => &self.inline[..self.len],
+        }
+    }
+}
+
+/// A framing error: the reply text Redis would send; the connection is then closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError(pub String);
+
+impl ProtocolError {
+    fn new(msg: &str) -> ProtocolError {
+        ProtocolError(format!("ERR Protocol error: {msg}"))
+    }
+}
+
+/// The position of the `\r\n` ending the line that starts at `from`.
+pub(crate) fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    loop {
+        let nl = at + memchr::memchr(b'\n', buf.get(at..)?)?;
+        if nl > from && buf[nl - 1] == b'\r' {
+            return Some(nl - 1);
+        }
+        at = nl + 1;
+    }
+}
+
+/// A decimal integer as RESP headers write it (optional `-`, at most 19 digits).
+pub(crate) fn parse_int(digits: &[u8]) -> Option<i64> {
+    let (neg, digits) = match digits.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add((d - b'0') as i64)?;
+    }
+    Some(if neg { -v } else { v })
+}
+
+/// Progress through a multibulk request that is not complete yet.
+struct Multibulk {
+    argc: usize,
+    /// Byte ranges of the arguments found so far.
+    args: Vec<(usize, usize)>,
+    /// Where the next argument's `$len` header starts.
+    pos: usize,
+}
+
+/// Splits requests off the front of a client's read buffer, remembering
+/// where it stopped inside a partial one.
+#[derive(Default)]
+pub struct RequestParser {
+    partial: Option<Multibulk>,
+}
+
+impl RequestParser {
+    /// The next complete request, `None` if more input is needed. Blank
+    /// inline lines and empty multibulks are skipped, as Redis does.
+    pub fn next(
+        &mut self,
+        buf: &mut BytesMut,
+        limits: &Limits,
+    ) -> Result<Option<Request>, ProtocolError> {
+        loop {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let parsed = if self.partial.is_none() && buf[0] != b'*' {
+                parse_inline(buf)?
+            } else {
+                self.multibulk(buf, limits)?
+            };
+            match parsed {
+                Step::Request(r) => return Ok(Some(r)),
+                Step::Empty => continue,
+                Step::Incomplete => {
+                    if buf.len() as u64 > limits.max_query_buffer {
+                        return Err(ProtocolError::new("query buffer limit exceeded"));
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// How many more bytes the partial request needs at least, when known
+    /// (inside a long argument): the caller can reserve them in one go.
+    pub fn wanted(&self, buf: &[u8]) -> usize {
+        let Some(mb) = &self.partial else { return 0 };
+        let Some(nl) = buf.get(mb.pos..).and_then(|_| find_crlf(buf, mb.pos)) else {
+            return 0;
+        };
+        match parse_int(&buf[mb.pos + 1..nl]) {
+            Some(len) if len > 0 => (nl + 2 + len as usize + 2).saturating_sub(buf.len()),
+            _ => 0,
+        }
+    }
+
+    fn multibulk(&mut self, buf: &mut BytesMut, limits: &Limits) -> Result<Step, ProtocolError> {
+        let mb = match &mut self.partial {
+            Some(mb) => mb,
+            None => {
+                let Some(cr) = find_crlf(buf, 0) else {
+                    if buf.len() > INLINE_MAX {
+                        return Err(ProtocolError::new("too big mbulk count string"));
+                    }
+                    return Ok(Step::Incomplete);
+                };
+                let count = match parse_int(&buf[1..cr]) {
+                    Some(n) if n <= limits.max_multibulk_len.min(i32::MAX as u64) as i64 => n,
+                    _ => return Err(ProtocolError::new("invalid multibulk length")),
+                };
+                if count <= 0 {
+                    buf.advance(cr + 2);
+                    return Ok(Step::Empty);
+                }
+                self.partial.insert(Multibulk {
+                    argc: count as usize,
+                    args: Vec::with_capacity((count as usize).min(1024)),
+                    pos: cr + 2,
+                })
+            }
+        };
+        while mb.args.len() < mb.argc {
+            let Some(&kind) = buf.get(mb.pos) else {
+                return Ok(Step::Incomplete);
+            };
+            if kind != b'$' {
+                return Err(ProtocolError(format!(
+                    "ERR Protocol error: expected '$', got '{}'",
+                    kind as char
+                )));
+            }
+            let Some(cr) = find_crlf(buf, mb.pos) else {
+                if buf.len() - mb.pos > INLINE_MAX {
+                    return Err(ProtocolError::new("too big bulk count string"));
+                }
+                return Ok(Step::Incomplete);
+            };
+            let len = match parse_int(&buf[mb.pos + 1..cr]) {
+                Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len => n as usize,
+                _ => return Err(ProtocolError::new("invalid bulk length")),
+            };
+            let start = cr + 2;
+            // Like Redis, the two bytes after the data are skipped unread.
+            if buf.len() < start + len + 2 {
+                return Ok(Step::Incomplete);
+            }
+            mb.args.push((start, start + len));
+            mb.pos = start + len + 2;
+        }
+        let Some(mb) = self.partial.take() else {
+            return Ok(Step::Incomplete);
+        };
+        let raw = buf.split_to(mb.pos).freeze();
+        let args = mb.args.iter().map(|&(s, e)| raw.slice(s..e)).collect();
+        Ok(Step::Request(Request {
+            args,
+            raw: Some(raw),
+        }))
+    }
+}
+
+enum Step {
+    Request(Request),
+    Empty,
+    Incomplete,
+}
+
+fn parse_inline(buf: &mut BytesMut) -> Result<Step, ProtocolError> {
+    let Some(nl) = memchr::memchr(b'\n', buf) else {
+        if buf.len() > INLINE_MAX {
+            return Err(ProtocolError::new("too big inline request"));
+        }
+        return Ok(Step::Incomplete);
+    };
+    let line = buf.split_to(nl + 1);
+    let mut line = &line[..nl];
+    if line.last() == Some(&b'\r') {
+        line = &line[..line.len() - 1];
+    }
+    match split_inline(line) {
+        Some(args) if args.is_empty() => Ok(Step::Empty),
+        Some(args) => Ok(Step::Request(Request::from_args(args))),
+        None => Err(ProtocolError::new("unbalanced quotes in request")),
+    }
+}
+
+/// Splits an inline command line the way Redis' `sdssplitargs` does: blanks
+/// separate arguments, "double quotes" take C escapes, 'single quotes' take \'.
+fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    let n = line.len();
+    loop {
+        while i < n && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= n {
+            return Some(args);
+        }
+        let mut cur = Vec::new();
+        let (mut in_dq, mut in_sq) = (false, false);
+        loop {
+            if in_dq {
+                if i >= n {
+                    return None;
+                }
+                if line[i] == b'\\' && i + 3 < n && line[i + 1] == b'x' {
+                    let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok();
+                    if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        cur.push(v);
+                        i += 4;
+                        continue;
+                    }
+                }
+                if line[i] == b'\\' && i + 1 < n {
+                    cur.push(match line[i + 1] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 8,
+                        b'a' => 7,
+                        c => c,
+                    });
+                    i += 2;
+                } else if line[i] == b'"' {
+                    // A closing quote must be followed by a blank or the end.
+                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(line[i]);
+                    i += 1;
+                }
+            } else if in_sq {
+                if i >= n {
+                    return None;
+                }
+                if line[i] == b'\\' && i + 1 < n && line[i + 1] == b'\'' {
+                    cur.push(b'\'');
+                    i += 2;
+                } else if line[i] == b'\'' {
+                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(line[i]);
+                    i += 1;
+                }
+            } else {
+                if i >= n || line[i].is_ascii_whitespace() {
+                    break;
+                }
+                match line[i] {
+                    b'"' => in_dq = true,
+                    b'\'' => in_sq = true,
+                    c => cur.push(c),
+                }
+                i += 1;
+            }
+        }
+        args.push(Bytes::from(cur));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_bulk_len: 1 << 20,
+        max_multibulk_len: 1024,
+        max_query_buffer: 1 << 24,
+    };
+
+    fn parse_with(
+        parser: &mut RequestParser,
+        buf: &mut BytesMut,
+    ) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
+        let mut out = Vec::new();
+        while let Some(r) = parser.next(buf, &LIMITS)? {
+            out.push(r.args.iter().map(|a| a.to_vec()).collect());
+        }
+        Ok(out)
+    }
+
+    fn parse(input: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
+        parse_with(&mut RequestParser::default(), &mut BytesMut::from(input))
+    }
+
+    #[test]
+    fn resp_and_inline_requests() {
+        let got = parse(
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\nset \"a b\" 'c\\'d'\r\n\r\n*0\r\n*-1\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                vec![b"GET".to_vec(), b"k".to_vec()],
+                vec![b"PING".to_vec()],
+                vec![b"set".to_vec(), b"a b".to_vec(), b"c'd".to_vec()]
+            ]
+        );
+    }
+
+    #[test]
+    fn partial_requests_wait_and_resume() {
+        assert_eq!(parse(b"*2\r\n$3\r\nGE").unwrap().len(), 0);
+        assert_eq!(parse(b"PIN").unwrap().len(), 0);
+        // Byte by byte: the same result as all at once.
+        let whole = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\nPING\r\n*1\r\n$4\r\nPING\r\n";
+        let mut parser = RequestParser::default();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in whole {
+            buf.extend_from_slice(&[*b]);
+            got.extend(parse_with(&mut parser, &mut buf).unwrap());
+        }
+        assert_eq!(got, parse(whole).unwrap());
+        assert_eq!(got.len(), 3);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn wanted_reports_the_rest_of_a_long_argument() {
+        let mut parser = RequestParser::default();
+        let mut buf = BytesMut::from(&b"*2\r\n$3\r\nSET\r\n$100\r\nabc"[..]);
+        assert!(parser.next(&mut buf, &LIMITS).unwrap().is_none());
+        assert_eq!(parser.wanted(&buf), 100 - 3 + 2);
+    }
+
+    #[test]
+    fn errors_match_redis() {
+        let e = |i: &[u8]| parse(i).unwrap_err().0;
+        assert_eq!(
+            e(b"*1\r\n$99999999999\r\n"),
+            "ERR Protocol error: invalid bulk length"
+        );
+        assert_eq!(
+            e(b"*99999999\r\n"),
+            "ERR Protocol error: invalid multibulk length"
+        );
+        assert_eq!(
+            e(b"*1\r\n+OK\r\n"),
+            "ERR Protocol error: expected '$', got '+'"
+        );
+        assert_eq!(e(b"*x\r\n"), "ERR Protocol error: invalid multibulk length");
+        assert_eq!(
+            e(b"GET \"unterminated\r\n"),
+            "ERR Protocol error: unbalanced quotes in request"
+        );
+        assert_eq!(
+            e(&vec![b'A'; INLINE_MAX + 1]),
+            "ERR Protocol error: too big inline request"
+        );
+    }
+
+    #[test]
+    fn deeply_nested_request_is_an_error_not_a_crash() {
+        let deep = b"*1\r\n".repeat(100_000);
+        assert_eq!(
+            parse(&deep).unwrap_err().0,
+            "ERR Protocol error: expected '$', got '*'"
+        );
+    }
+
+    #[test]
+    fn integers() {
+        assert_eq!(parse_int(b"-1"), Some(-1));
+        assert_eq!(parse_int(b"9223372036854775807"), Some(i64::MAX));
+        assert_eq!(parse_int(b"9223372036854775808"), None);
+        assert_eq!(parse_int(b""), None);
+        assert_eq!(parse_int(b"1a"), None);
+        assert_eq!(find_crlf(b"ab\nc\r\n", 0), Some(4));
+    }
+}
