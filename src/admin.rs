@@ -1,6 +1,6 @@
-//! Operator surfaces: the read-only admin HTTP endpoint (`/metrics`,
-//! `/healthz`, `/readyz`) and the `NEARCACHE` command clients send over RESP
-//! (`STATS`, `FLUSH`, `HOTKEYS [N]`).
+//! The operators' HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, read-only.
+//! (The `NEARCACHE` command clients send over RESP is answered by the
+//! session, in `server/local.rs`.)
 //!
 //! The HTTP side is deliberately tiny: GET (and HEAD) of three fixed paths, one
 //! request per connection, bounded header size and time. Nothing served over
@@ -10,29 +10,27 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::debug;
 
 use crate::metrics;
-use crate::protocol;
-use crate::server::Shared;
+use crate::server::Sidecar;
 
 /// Is this nearcache ready for traffic: upstream reachable, the invalidation
 /// feed up when caching, and not shutting down?
-pub fn readiness(shared: &Shared) -> Result<(), String> {
-    if shared.draining.load(Ordering::Acquire) {
+pub fn readiness(sidecar: &Sidecar) -> Result<(), String> {
+    if sidecar.draining.load(Ordering::Acquire) {
         return Err("shutting down".into());
     }
-    if !shared.upstream.is_up() {
+    if !sidecar.upstream.is_up() {
         return Err("upstream unreachable".into());
     }
-    if shared.cache.enabled() && !shared.cache.is_serving() {
+    if sidecar.cache.enabled() && !sidecar.cache.is_serving() {
         return Err(format!(
             "invalidation feed not up ({})",
-            shared.cache.feed_state()
+            sidecar.cache.feed_state()
         ));
     }
     Ok(())
@@ -40,17 +38,17 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
 
 /// Sets the gauges that are read from state rather than kept up to date by
 /// the data path, right before a scrape.
-pub fn refresh_gauges(shared: &Shared) {
+pub fn refresh_gauges(sidecar: &Sidecar) {
     let m = metrics::get();
-    shared.cache.update_gauges();
-    m.cache_serving.set(shared.cache.is_serving() as i64);
-    m.cache_max_bytes.set(shared.cache.config.max_bytes as i64);
-    m.ready.set(readiness(shared).is_ok() as i64);
+    sidecar.cache.update_gauges();
+    m.cache_serving.set(sidecar.cache.is_serving() as i64);
+    m.cache_max_bytes.set(sidecar.cache.config.max_bytes as i64);
+    m.ready.set(readiness(sidecar).is_ok() as i64);
 }
 
 pub async fn serve_http(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    sidecar: Arc<Sidecar>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -75,15 +73,15 @@ pub async fn serve_http(
                 continue;
             }
         };
-        let shared = shared.clone();
+        let sidecar = sidecar.clone();
         tokio::spawn(async move {
             let _ =
-                tokio::time::timeout(Duration::from_secs(5), handle_http(socket, &shared)).await;
+                tokio::time::timeout(Duration::from_secs(5), handle_http(socket, &sidecar)).await;
         });
     }
 }
 
-async fn handle_http(mut socket: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn handle_http(mut socket: TcpStream, sidecar: &Sidecar) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -107,7 +105,7 @@ async fn handle_http(mut socket: TcpStream, shared: &Shared) -> std::io::Result<
     } else {
         match path {
             "/metrics" => {
-                refresh_gauges(shared);
+                refresh_gauges(sidecar);
                 (
                     "200 OK",
                     "text/plain; version=0.0.4",
@@ -115,7 +113,7 @@ async fn handle_http(mut socket: TcpStream, shared: &Shared) -> std::io::Result<
                 )
             }
             "/healthz" | "/livez" => ("200 OK", "text/plain", "ok\n".into()),
-            "/readyz" => match readiness(shared) {
+            "/readyz" => match readiness(sidecar) {
                 Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
                 Err(why) => (
                     "503 Service Unavailable",
@@ -141,90 +139,4 @@ async fn handle_http(mut socket: TcpStream, shared: &Shared) -> std::io::Result<
     );
     socket.write_all(response.as_bytes()).await?;
     socket.shutdown().await
-}
-
-/// `NEARCACHE STATS | FLUSH | HOTKEYS [N] | HELP`.
-pub fn nearcache_command(shared: &Shared, args: &[Bytes], resp3: bool) -> Bytes {
-    let sub = args
-        .get(1)
-        .map(|a| a.to_ascii_uppercase())
-        .unwrap_or_default();
-    match sub.as_slice() {
-        b"STATS" if args.len() == 2 => stats(shared, resp3),
-        b"FLUSH" if args.len() == 2 => {
-            shared.cache.clear_all("admin");
-            protocol::ok()
-        }
-        b"HOTKEYS" if args.len() <= 3 => {
-            let n = match args.get(2) {
-                None => 10,
-                Some(n) => match std::str::from_utf8(n)
-                    .ok()
-                    .and_then(|n| n.parse::<usize>().ok())
-                {
-                    Some(n) if n > 0 => n.min(1000),
-                    _ => return protocol::error("ERR value is not an integer or out of range"),
-                },
-            };
-            let items: Vec<Bytes> = shared
-                .cache
-                .hot_keys(n)
-                .into_iter()
-                .map(|(k, c)| {
-                    protocol::array(&[protocol::bulk_bytes(&k), protocol::integer(c as i64)])
-                })
-                .collect();
-            protocol::array(&items)
-        }
-        b"HELP" => {
-            let lines = [
-                "NEARCACHE STATS -- L1 and feed counters.",
-                "NEARCACHE FLUSH -- Empty L1 (Redis is not touched).",
-                "NEARCACHE HOTKEYS [N] -- The N keys with the most recent L1 hits (default 10).",
-            ];
-            let items: Vec<Bytes> = lines.iter().map(|l| protocol::simple(l)).collect();
-            protocol::array(&items)
-        }
-        _ => protocol::error(&format!(
-            "ERR unknown subcommand or wrong number of arguments for '{}'. Try NEARCACHE HELP.",
-            String::from_utf8_lossy(args.get(1).map(|a| a.as_ref()).unwrap_or(b""))
-        )),
-    }
-}
-
-fn stats(shared: &Shared, resp3: bool) -> Bytes {
-    let cache = &shared.cache;
-    let c = &cache.counters;
-    let int = |v: u64| protocol::integer(v as i64);
-    let text = |s: &str| protocol::bulk_bytes(s.as_bytes());
-    let mut pairs: Vec<(&str, Bytes)> = vec![
-        ("enabled", int(cache.enabled() as u64)),
-        ("serving", int(cache.is_serving() as u64)),
-        ("feed", text(&cache.feed_state())),
-        ("hits", int(c.hits.load(Ordering::Relaxed))),
-        ("misses", int(c.misses.load(Ordering::Relaxed))),
-        ("entries", int(cache.entries())),
-        ("bytes", int(cache.weighted_bytes())),
-        ("max_bytes", int(cache.config.max_bytes)),
-        ("evictions", int(c.evictions.load(Ordering::Relaxed))),
-        (
-            "invalidations",
-            int(c.invalidations.load(Ordering::Relaxed)),
-        ),
-        ("flushes", int(c.flushes.load(Ordering::Relaxed))),
-        ("coalesced_misses", int(c.coalesced.load(Ordering::Relaxed))),
-        (
-            "clients",
-            int(shared.clients.load(Ordering::Relaxed) as u64),
-        ),
-        ("upstream_up", int(shared.upstream.is_up() as u64)),
-    ];
-    if let Some(td) = &shared.tdengine {
-        let s = td.stats();
-        pairs.push(("tdengine_queries", int(s.queries)));
-        pairs.push(("tdengine_errors", int(s.errors)));
-        pairs.push(("tdengine_rejected_keys", int(s.rejected)));
-        pairs.push(("tdengine_circuit", text(&s.circuit)));
-    }
-    protocol::map(resp3, &pairs)
 }

@@ -100,6 +100,8 @@ pub struct UpstreamConfig {
     pub url: UpstreamUrl,
     /// Multiplexed connections per protocol version.
     pub pool_size: usize,
+    /// Upstream connections pinned to one client each (in use or idle), at most.
+    pub max_pinned: usize,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     pub reconnect_backoff_max: Duration,
@@ -320,6 +322,7 @@ struct FileServer {
 struct FileUpstream {
     url: Option<String>,
     pool_size: Option<u64>,
+    max_pinned: Option<u64>,
     connect_timeout: Option<String>,
     command_timeout: Option<String>,
     reconnect_backoff_max: Option<String>,
@@ -793,6 +796,7 @@ fn resolve_upstream(
     Ok(UpstreamConfig {
         url,
         pool_size: positive("upstream.pool_size", file.pool_size, 2)? as usize,
+        max_pinned: positive("upstream.max_pinned", file.max_pinned, 1024)? as usize,
         connect_timeout: duration(
             "upstream.connect_timeout",
             file.connect_timeout.as_deref(),

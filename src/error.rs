@@ -11,6 +11,10 @@ pub enum Error {
     /// The upstream Redis could not be reached, timed out or closed the connection.
     #[error("upstream unavailable: {0}")]
     Upstream(String),
+    /// The upstream refused a login made for a client (its own AUTH or
+    /// HELLO AUTH): the server's error reply, passed to the client as is.
+    #[error("login refused")]
+    Refused(bytes::Bytes),
     /// The upstream answered something nearcache could not frame.
     #[error("upstream protocol error: {0}")]
     UpstreamProtocol(String),
@@ -33,7 +37,18 @@ impl Error {
     pub fn to_reply_text(&self) -> String {
         match self {
             Error::Client(msg) => msg.clone(),
+            Error::Refused(reply) => String::from_utf8_lossy(reply.get(1..).unwrap_or_default())
+                .trim_end()
+                .to_string(),
             other => format!("ERR {other}"),
+        }
+    }
+
+    /// The error as the reply a client gets.
+    pub fn to_reply(&self) -> bytes::Bytes {
+        match self {
+            Error::Refused(reply) => reply.clone(),
+            other => crate::protocol::error(&other.to_reply_text()),
         }
     }
 }

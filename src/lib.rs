@@ -5,24 +5,25 @@
 //! Layers, outermost first: [`server`] accepts clients and owns their
 //! connections; [`protocol`] frames requests and replies; [`command`] decides
 //! what a request is; [`cache`] answers from L1 and keeps it consistent;
-//! [`upstream`] talks to Redis; [`tdengine`] is the third tier; [`admin`] and
+//! [`upstream`] talks to Redis over [`net`]; [`tdengine`] is the third tier; [`admin`] and
 //! [`metrics`] serve operators.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cache;
+pub mod command;
 pub mod config;
 pub mod error;
+pub mod flight;
 pub mod metrics;
+pub mod net;
+pub mod protocol;
+pub mod server;
 pub mod tdengine;
+pub mod upstream;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub mod command;
-pub mod protocol;
-pub mod server;
-pub mod tls;
-pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -37,7 +38,7 @@ pub struct Handle {
     pub addr: SocketAddr,
     /// Where the admin HTTP endpoint listens, if enabled.
     pub admin_addr: Option<SocketAddr>,
-    pub shared: Arc<server::Shared>,
+    pub sidecar: Arc<server::Sidecar>,
     shutdown: watch::Sender<bool>,
     stop_background: Arc<Notify>,
     server: tokio::task::JoinHandle<()>,
@@ -47,14 +48,14 @@ impl Handle {
     /// Starts a graceful shutdown: readiness goes false, no new connections,
     /// requests in flight are answered within `shutdown_grace`.
     pub fn shutdown(&self) {
-        self.shared.draining.store(true, Ordering::Release);
+        self.sidecar.draining.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
     }
 
     /// Waits for the drain to finish, then stops upstream connections and the feed.
     pub async fn wait(self) {
         let _ = self.server.await;
-        self.shared.upstream.stop();
+        self.sidecar.upstream.stop();
         self.stop_background.notify_waiters();
     }
 }
@@ -92,20 +93,20 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         tdengine = tdengine.is_some(),
         "nearcache started"
     );
-    let shared = server::Shared::new(Arc::new(config), upstream, cache, tdengine);
+    let sidecar = server::Sidecar::new(Arc::new(config), upstream, cache, tdengine);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let Some(admin) = admin {
         tokio::spawn(admin::serve_http(
             admin,
-            shared.clone(),
+            sidecar.clone(),
             shutdown_rx.clone(),
         ));
     }
-    let server = tokio::spawn(server::serve(listener, shared.clone(), shutdown_rx));
+    let server = tokio::spawn(server::serve(listener, sidecar.clone(), shutdown_rx));
     Ok(Handle {
         addr,
         admin_addr,
-        shared,
+        sidecar,
         shutdown: shutdown_tx,
         stop_background,
         server,

@@ -64,8 +64,8 @@ fn main() {
         // Handlers first: a SIGTERM that arrives while binding must drain, not kill.
         let shutdown = shutdown_signal()?;
         let handle = nearcache::start(config).await?;
-        let shared = handle.shared.clone();
-        tokio::spawn(reload_on_sighup(shared, cli));
+        let sidecar = handle.sidecar.clone();
+        tokio::spawn(reload_on_sighup(sidecar, cli));
         shutdown.await;
         tracing::info!("shutdown requested; draining");
         handle.shutdown();
@@ -94,7 +94,7 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 /// SIGHUP re-reads the configuration file and applies the key policies.
-async fn reload_on_sighup(shared: std::sync::Arc<nearcache::server::Shared>, cli: Cli) {
+async fn reload_on_sighup(sidecar: std::sync::Arc<nearcache::server::Sidecar>, cli: Cli) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
@@ -102,7 +102,7 @@ async fn reload_on_sighup(shared: std::sync::Arc<nearcache::server::Shared>, cli
     while hup.recv().await.is_some() {
         match Config::resolve(&cli, &ProcessEnv) {
             Ok(c) => {
-                shared.cache.set_policies(c.cache.policies);
+                sidecar.cache.set_policies(c.cache.policies);
                 tracing::info!("configuration reloaded: key policies applied");
             }
             Err(e) => {

@@ -410,53 +410,55 @@ fn keyspace_mode_without_server_events_serves_from_upstream() {
     assert!(flags[1].contains('K'), "{flags:?}");
 }
 
-/// A fill whose reply is still being delivered when an invalidation of the
-/// same key arrives must not store the older value. Made deterministic by
-/// stalling the client that owns the fill: its writer is stuck writing a large
-/// reply the client does not read, so the fill cannot complete until we let it.
+/// A fill whose reply is still on its way when an invalidation of the same
+/// key arrives must not store the older value. Made deterministic by a relay
+/// between nearcache and Redis that holds the fill's reply (Redis has already
+/// read "old") until the test has seen the invalidation arrive.
 #[test]
 fn invalidation_during_a_fill_cancels_the_insert() {
-    use std::io::{Read, Write};
     let redis = RedisServer::start();
-    let mut cfg = test_config(&redis.url());
-    cfg.upstream.pool_size = 1;
-    let proxy = Proxy::with_config(cfg);
+    let relay = support::relay::Relay::start(redis.port);
+    let proxy = Proxy::with_config(test_config(&relay.url()));
     proxy.wait_serving();
     let mut direct = redis.conn();
-    let big = vec![b'x'; 48 << 20];
-    let _: () = direct.set("bigvalue", &big).unwrap();
     let _: () = direct.set("quote:race", "old").unwrap();
 
-    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    stalled.write_all(b"GET bigvalue\r\n").unwrap();
-    // The writer of this client is now blocked on 48 MB nobody reads...
-    std::thread::sleep(Duration::from_millis(500));
-    stalled.write_all(b"GET quote:race\r\n").unwrap();
-    // ...so the reply of this fill reaches nearcache but cannot be completed.
-    std::thread::sleep(Duration::from_millis(300));
+    relay.hold_replies_from(b"$3\r\nold\r\n");
+    let port = proxy.port;
+    let reader = std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let v: String = c.get("quote:race").unwrap();
+        v
+    });
+    relay.wait_holding(Duration::from_secs(5));
     let invalidations = proxy.stat("invalidations");
     let _: () = direct.set("quote:race", "new").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while proxy.stat("invalidations") == invalidations {
         assert!(Instant::now() < deadline, "the invalidation never arrived");
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
-    // Now let the stalled client read everything: its fill completes after the invalidation.
-    let mut sink = Vec::new();
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    while !sink.ends_with(b"$3\r\nold\r\n") {
-        let n = stalled.read(&mut buf).unwrap();
-        assert!(n > 0, "connection closed early");
-        sink.extend_from_slice(&buf[..n]);
-    }
-    std::thread::sleep(Duration::from_millis(50));
+    // The race happened: the fill read "old" before the write, and its reply
+    // reaches nearcache only now, after the invalidation.
+    relay.release();
+    assert_eq!(
+        reader.join().unwrap(),
+        "old",
+        "the fill's own reply is what Redis said"
+    );
+    let hits = proxy.stat("hits");
     let v: String = proxy.conn().get("quote:race").unwrap();
     assert_eq!(
         v, "new",
         "the fill stored a value older than the invalidation"
+    );
+    assert_eq!(
+        proxy.stat("hits"),
+        hits,
+        "nothing of the raced fill was in L1"
     );
 }
 

@@ -308,24 +308,43 @@ fn redis_on(port: u16) -> std::process::Child {
     child
 }
 
+/// Write integrity across an upstream crash: 8 clients INCR their own
+/// counters through nearcache while Redis (with every write fsynced to its
+/// AOF) is killed and restarted. A failed INCR may or may not have run, but
+/// nothing is ever retried: each final counter is its acknowledged
+/// increments plus at most the ones that got an error.
 #[test]
 fn upstream_killed_mid_load_fails_in_flight_and_never_retries() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let proxy = Proxy::start(&redis);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers: Vec<_> = (0..8)
         .map(|w| {
             let url = proxy.url();
+            let stop = stop.clone();
             std::thread::spawn(move || {
-                let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let client = redis::Client::open(url).unwrap();
+                let mut c = None;
                 let (mut ok, mut failed) = (0u64, 0u64);
-                let until = Instant::now() + Duration::from_secs(3);
-                while Instant::now() < until {
-                    match c.incr::<_, _, i64>(format!("w{w}"), 1) {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let conn = match &mut c {
+                        Some(conn) => conn,
+                        None => match client.get_connection() {
+                            Ok(conn) => c.insert(conn),
+                            Err(_) => {
+                                std::thread::sleep(Duration::from_millis(5));
+                                continue;
+                            }
+                        },
+                    };
+                    match conn.incr::<_, _, i64>(format!("w{w}"), 1) {
                         Ok(_) => ok += 1,
                         Err(e) => {
                             assert!(!e.to_string().is_empty());
                             failed += 1;
-                            std::thread::sleep(Duration::from_millis(5));
+                            // nearcache closes a client whose request was lost with its
+                            // connection; a new one carries on.
+                            c = None;
                         }
                     }
                 }
@@ -335,24 +354,22 @@ fn upstream_killed_mid_load_fails_in_flight_and_never_retries() {
         .collect();
     std::thread::sleep(Duration::from_millis(800));
     redis.restart();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results: Vec<_> = workers.into_iter().map(|t| t.join().unwrap()).collect();
     let mut direct = redis.conn();
-    let mut recovered = 0;
+    let mut total_failed = 0;
     for (w, ok, failed) in results {
         eprintln!("worker {w}: {ok} ok, {failed} failed");
-        assert!(failed > 0 || ok > 0);
-        let after: Option<i64> = direct.get(format!("w{w}")).unwrap();
-        // Everything before the restart is gone with the old server; what the
-        // new one holds must not exceed the acknowledged increments (no retries).
-        if let Some(after) = after {
-            assert!(
-                after as u64 <= ok,
-                "worker {w}: {after} increments applied but only {ok} acknowledged"
-            );
-            recovered += 1;
-        }
+        total_failed += failed;
+        let after: i64 = direct.get(format!("w{w}")).unwrap();
+        assert!(
+            after as u64 >= ok && after as u64 <= ok + failed,
+            "worker {w}: counter {after}, {ok} acknowledged, {failed} failed"
+        );
+        assert!(after > 0, "worker {w} made progress");
     }
-    assert!(recovered > 0, "traffic recovered after the restart");
+    assert!(total_failed > 0, "the crash hit requests in flight");
 }
 
 #[test]
@@ -374,8 +391,15 @@ fn a_hung_upstream_gets_prompt_errors_on_shared_and_pinned_connections() {
     let took = started.elapsed();
     assert!(err.to_string().contains("no reply within"), "{err}");
     assert!(took < Duration::from_millis(1500), "took {took:?}");
+    // The request may still run on Redis: nothing the client sends later may
+    // overtake it on another connection, so its connection is closed.
+    let r: redis::RedisResult<String> = c.get("x");
+    assert!(
+        r.is_err(),
+        "the client whose request was abandoned is closed"
+    );
     std::thread::sleep(Duration::from_millis(1700));
-    let v: String = c.get("x").unwrap();
+    let v: String = proxy.conn().get("x").unwrap();
     assert_eq!(v, "1", "recovered after the stall");
 
     // Pinned connection (a transaction): the same deadline applies.

@@ -53,14 +53,15 @@ impl Raw {
         self.reply()
     }
 
-    /// True once the peer has closed the connection (after reading what it sent).
+    /// True once the peer has closed the connection (after reading what it
+    /// sent; a reset counts: the peer closed with our input unread).
     fn closed(&mut self) -> bool {
         let mut chunk = [0u8; 4096];
         loop {
             match self.s.read(&mut chunk) {
                 Ok(0) => return true,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => return false,
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
             }
         }
     }

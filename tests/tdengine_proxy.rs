@@ -623,7 +623,12 @@ fn fill_mget_elements_fills_nil_elements_of_routed_keys() {
             };
             let mut mget = vec![Bytes::from_static(b"MGET")];
             mget.extend(keys.iter().cloned());
-            let reply = conn.send(protocol::command(mget)).await.unwrap().unwrap();
+            let reply = conn
+                .send(protocol::command(mget))
+                .await
+                .await
+                .unwrap()
+                .unwrap();
             let elements = protocol::split_array(&reply.bytes).expect("array");
             fill::fill_mget_elements_with_ttl(&td, &conn, &keys, elements, proto).await
         });

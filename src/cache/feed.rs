@@ -18,8 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -28,8 +27,9 @@ use crate::command::literal_prefix;
 use crate::config::InvalidationMode;
 use crate::error::Error;
 use crate::metrics;
+use crate::net::{Backoff, BoxStream, FrameReader};
 use crate::protocol::{self, ReplyKind};
-use crate::upstream::{BoxStream, Connector};
+use crate::upstream::{Connector, Login};
 
 /// A prefix no application key uses: tracking on it only ever reports flushes.
 const FLUSH_ONLY_PREFIX: &str = "__nearcache:flush-only__";
@@ -41,7 +41,7 @@ pub fn start(cache: Arc<Cache>, connector: Connector, shutdown: Arc<Notify>) {
         return;
     }
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_secs(1));
         let mut failing = false;
         loop {
             let run = run_once(&cache, &connector);
@@ -58,7 +58,7 @@ pub fn start(cache: Arc<Cache>, connector: Connector, shutdown: Arc<Notify>) {
             }
             match result {
                 Ok(()) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     failing = false;
                 }
                 // One warning per outage; the retries of the same outage go to debug.
@@ -69,54 +69,22 @@ pub fn start(cache: Arc<Cache>, connector: Connector, shutdown: Arc<Notify>) {
                 Err(e) => tracing::debug!(error = %e, "invalidation feed still down"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.step()) => {}
                 _ = shutdown.notified() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     });
 }
 
-struct FeedConn {
-    stream: BoxStream,
-    buf: BytesMut,
-    framer: protocol::ReplyFramer,
-}
+type FeedConn = FrameReader<BoxStream>;
 
-impl FeedConn {
-    async fn call(&mut self, args: &[&[u8]]) -> Result<protocol::Reply, Error> {
-        self.stream
-            .write_all(&protocol::command(args))
-            .await
-            .map_err(|e| Error::upstream_io(&e))?;
-        loop {
-            let r = self.next().await?;
-            if r.kind != ReplyKind::Push {
-                return Ok(r);
-            }
-        }
-    }
-
-    async fn next(&mut self) -> Result<protocol::Reply, Error> {
-        loop {
-            if let Some(r) = self
-                .framer
-                .next(&mut self.buf)
-                .map_err(Error::UpstreamProtocol)?
-            {
-                return Ok(r);
-            }
-            self.buf.reserve(16 * 1024);
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| Error::upstream_io(&e))?;
-            if n == 0 {
-                return Err(Error::Upstream(
-                    "invalidation feed closed by upstream".into(),
-                ));
-            }
+/// Sends a command and returns its reply, skipping pushes that arrive first.
+async fn call(conn: &mut FeedConn, args: &[&[u8]]) -> Result<protocol::Reply, Error> {
+    conn.write(&protocol::command(args)).await?;
+    loop {
+        let r = conn.next().await?;
+        if r.kind != ReplyKind::Push {
+            return Ok(r);
         }
     }
 }
@@ -133,12 +101,8 @@ pub fn keyspace_flags_sufficient(flags: &str) -> bool {
 }
 
 async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error> {
-    let (stream, buf, _) = connector.connect(3).await?;
-    let mut conn = FeedConn {
-        stream,
-        buf,
-        framer: Default::default(),
-    };
+    let connected = connector.connect(3, &Login::Configured, true).await?;
+    let mut conn = FrameReader::new(connected.stream, connected.leftover);
     let db = connector.config().url.db;
 
     let mode = match cache.config.invalidation {
@@ -150,9 +114,11 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
                 (_, true) => InvalidationMode::Keyspace,
                 (InvalidationMode::Auto, false) => InvalidationMode::Tracking,
                 (_, false) if cache.config.configure_upstream => {
-                    let r = conn
-                        .call(&[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"])
-                        .await?;
+                    let r = call(
+                        &mut conn,
+                        &[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"],
+                    )
+                    .await?;
                     if r.kind == ReplyKind::Error {
                         cache.set_serving(false, "keyspace events unavailable");
                         return Err(Error::Upstream(format!(
@@ -196,10 +162,7 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
                 }
             }
             let n = args.len() - 1;
-            conn.stream
-                .write_all(&protocol::command(&args))
-                .await
-                .map_err(|e| Error::upstream_io(&e))?;
+            conn.write(&protocol::command(&args)).await?;
             // One confirmation push per pattern.
             let mut confirmed = 0;
             while confirmed < n {
@@ -212,16 +175,18 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
                 }
                 confirmed += 1;
             }
-            let r = conn
-                .call(&[
+            let r = call(
+                &mut conn,
+                &[
                     b"CLIENT",
                     b"TRACKING",
                     b"ON",
                     b"BCAST",
                     b"PREFIX",
                     FLUSH_ONLY_PREFIX.as_bytes(),
-                ])
-                .await?;
+                ],
+            )
+            .await?;
             if r.kind == ReplyKind::Error {
                 return Err(Error::Upstream(format!(
                     "CLIENT TRACKING refused: {}",
@@ -259,7 +224,7 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
                 }
             }
             let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
-            let r = conn.call(&refs).await?;
+            let r = call(&mut conn, &refs).await?;
             if r.kind == ReplyKind::Error {
                 return Err(Error::Upstream(format!(
                     "CLIENT TRACKING refused: {}",
@@ -297,7 +262,7 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
                 if ping_sent.is_some() {
                     return Err(Error::Upstream(format!("invalidation feed stalled: no PONG within {interval:?}")));
                 }
-                conn.stream.write_all(&protocol::command([b"PING"])).await.map_err(|e| Error::upstream_io(&e))?;
+                conn.write(&protocol::command([b"PING"])).await?;
                 ping_sent = Some(tokio::time::Instant::now());
                 continue;
             }
@@ -320,8 +285,7 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
 }
 
 async fn read_keyspace_flags(conn: &mut FeedConn) -> Option<String> {
-    let r = conn
-        .call(&[b"CONFIG", b"GET", b"notify-keyspace-events"])
+    let r = call(conn, &[b"CONFIG", b"GET", b"notify-keyspace-events"])
         .await
         .ok()?;
     if r.kind == ReplyKind::Error {

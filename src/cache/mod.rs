@@ -1,36 +1,42 @@
-//! L1: the in-process store shared by every client of this nearcache, its key
-//! policies, the invalidation rules and single flight.
+//! L1: the in-process store shared by every client of this nearcache, its
+//! key policies, the invalidation rules and single flight.
 //!
 //! Entries live in a `moka` cache bounded by bytes (TinyLFU admission, per
 //! entry expiry). One moka entry holds every cached reply for one key (GET,
-//! HGET f, LRANGE 0 -1, ... in RESP2 and RESP3), so invalidating a key is one
-//! removal.
-//!
-//! Consistency rests on generations. Each key hashes to a slot with a
-//! counter; an invalidation bumps the counter and removes the key under the
-//! slot's lock, and a fill may only insert (under the same lock) if the
-//! counter still has the value it had before its request went upstream. A
-//! flush bumps a global epoch the same way. So a reply that raced with any
-//! invalidation of its key is never stored, whichever arrives first.
+//! HGET f, LRANGE 0 -1, ... in RESP2 and RESP3), so invalidating a key is
+//! one removal; a key holds at most [`MAX_VARIANTS`] replies, so a hit stays
+//! a short scan. How L1 stays consistent with Redis is in [`consistency`]
+//! and [`feed`]. An entry never outlives the key in Redis: a fill learns the
+//! key's remaining TTL in the same round trip as its read, and the entry
+//! expires at the earlier of that and the policy's TTL.
 
+mod consistency;
 pub mod feed;
+mod hotkeys;
+mod policy;
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-
-use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use futures::future::{BoxFuture, FutureExt, Shared};
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use moka::notification::RemovalCause;
 use moka::Expiry;
+use parking_lot::RwLock;
 
-use crate::command::glob_match;
+pub use consistency::Ticket;
+pub use policy::{signature, PolicyRef};
+
+use crate::command::Keys;
 use crate::config::CacheConfig;
+use crate::flight::{SingleFlight, Waiter};
 use crate::metrics;
+use crate::protocol::ReplyKind;
+use crate::upstream::ReplyResult;
+use consistency::Generations;
+use hotkeys::HotKeys;
+use policy::Policies;
 
 /// Fixed cost charged per key and per cached reply, on top of their bytes:
 /// moka's node and queues, our `Arc`, vectors, the copies' allocations and
@@ -39,8 +45,8 @@ use crate::metrics;
 /// by 713 bytes each (release build, glibc malloc).
 const ENTRY_OVERHEAD: usize = 480;
 const VARIANT_OVERHEAD: usize = 140;
-/// Generation slots; collisions only cost a spurious skipped insert.
-const GEN_SLOTS: usize = 4096;
+/// Cached replies per key; a new one beyond this replaces the oldest.
+pub const MAX_VARIANTS: usize = 16;
 
 /// One cached reply of one command on one key.
 #[derive(Clone)]
@@ -53,7 +59,7 @@ struct Variant {
 /// Everything cached for one key.
 struct KeyEntry {
     variants: Vec<Variant>,
-    ttl: Duration,
+    expires_at: Instant,
 }
 
 impl KeyEntry {
@@ -76,49 +82,45 @@ impl Expiry<Bytes, Arc<KeyEntry>> for EntryExpiry {
         &self,
         _: &Bytes,
         value: &Arc<KeyEntry>,
-        _: std::time::Instant,
+        now: Instant,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(value.expires_at.saturating_duration_since(now))
     }
-    // Adding a variant keeps the key's original deadline (the default for updates).
+
+    fn expire_after_update(
+        &self,
+        _: &Bytes,
+        value: &Arc<KeyEntry>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(now))
+    }
 }
 
-/// A cache policy resolved for a key.
-#[derive(Clone, Copy)]
-pub struct PolicyRef {
-    pub index: usize,
-    pub ttl: Duration,
+/// What L1 says about a read.
+pub enum Lookup {
+    Hit(Bytes),
+    /// Not cached: fill it with this ticket.
+    Miss(Ticket),
+    /// Not to be served from L1 or joined to a fill right now (a write of
+    /// the key is in flight): read upstream, behind the write.
+    Bypass,
 }
 
-struct CompiledPolicy {
-    pattern: Bytes,
-    ttl: Option<Duration>,
-    hits: prometheus::IntCounter,
-    misses: prometheus::IntCounter,
-}
+/// What a fill's upstream work returns: the reply, and how long L1 may keep
+/// it at most (the key's remaining TTL in Redis, a TDengine route's TTL;
+/// zero: not at all; `None`: the policy decides).
+pub type Fetched = (ReplyResult, Option<Duration>);
 
-/// Taken before a fill's request goes upstream; the fill may store its reply
-/// only if no invalidation of the key (or flush) happened since.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Ticket {
-    slot: usize,
-    gen: u64,
-    epoch: u64,
-}
-
-pub type SharedReply = Shared<BoxFuture<'static, crate::upstream::ReplyResult>>;
+/// Concurrent identical misses share one fill.
+pub type FillWaiter = Waiter<ReplyResult>;
 
 #[derive(Hash, PartialEq, Eq, Clone)]
-struct FlightKey {
+struct FillKey {
     key: Bytes,
     sig: Bytes,
     proto: u8,
-}
-
-struct Flight {
-    ticket: Ticket,
-    id: u64,
-    reply: SharedReply,
 }
 
 #[derive(Default)]
@@ -135,16 +137,12 @@ pub struct Counters {
 pub struct Cache {
     enabled: bool,
     store: moka::sync::Cache<Bytes, Arc<KeyEntry>>,
-    gens: Box<[Mutex<u64>]>,
-    epoch: AtomicU64,
-    hasher: std::collections::hash_map::RandomState,
-    policies: RwLock<Arc<Vec<CompiledPolicy>>>,
-    default_ttl: Option<Duration>,
+    gens: Generations,
+    policies: RwLock<Arc<Policies>>,
     /// False while the invalidation feed is down: nothing is served or stored.
     serving: AtomicBool,
     feed_state: RwLock<String>,
-    flights: Mutex<HashMap<FlightKey, Flight>>,
-    next_flight: AtomicU64,
+    fills: Arc<SingleFlight<FillKey, Ticket, ReplyResult>>,
     /// Tells the feed to reconnect with new subscriptions (policy reload).
     pub(crate) feed_restart: tokio::sync::Notify,
     pub counters: Counters,
@@ -167,26 +165,18 @@ impl Cache {
                 }
             })
             .build();
-        let gens = (0..GEN_SLOTS)
-            .map(|_| Mutex::new(0))
-            .collect::<Vec<_>>()
-            .into_boxed_slice();
-        let cache = Cache {
+        Arc::new(Cache {
             enabled: config.enabled,
             store,
-            gens,
-            epoch: AtomicU64::new(0),
-            hasher: Default::default(),
-            policies: RwLock::new(Arc::new(compile(&config))),
-            default_ttl: config.default_ttl,
+            gens: Generations::new(),
+            policies: RwLock::new(Arc::new(Policies::compile(&config))),
             serving: AtomicBool::new(false),
             feed_state: RwLock::new(if config.enabled {
                 "starting".into()
             } else {
                 "disabled".into()
             }),
-            flights: Mutex::new(HashMap::new()),
-            next_flight: AtomicU64::new(0),
+            fills: Arc::default(),
             feed_restart: tokio::sync::Notify::new(),
             counters: Counters {
                 evictions,
@@ -194,8 +184,7 @@ impl Cache {
             },
             hot: HotKeys::new(),
             config,
-        };
-        Arc::new(cache)
+        })
     }
 
     pub fn enabled(&self) -> bool {
@@ -208,7 +197,7 @@ impl Cache {
     pub fn set_policies(&self, policies: Vec<crate::config::Policy>) {
         let mut cfg = self.config.clone();
         cfg.policies = policies;
-        *self.policies.write() = Arc::new(compile(&cfg));
+        *self.policies.write() = Arc::new(Policies::compile(&cfg));
         self.serving.store(false, Ordering::Release);
         self.clear_all("reload");
         self.feed_restart.notify_one();
@@ -216,12 +205,7 @@ impl Cache {
 
     /// Patterns of the policies that cache (for the feed's subscriptions).
     pub fn cached_patterns(&self) -> Vec<String> {
-        let policies = self.policies.read();
-        policies
-            .iter()
-            .filter(|p| p.ttl.is_some())
-            .map(|p| String::from_utf8_lossy(&p.pattern).into_owned())
-            .collect()
+        self.policies.read().cached_patterns()
     }
 
     /// Is L1 answering reads now (enabled and the invalidation feed is healthy)?
@@ -247,51 +231,14 @@ impl Cache {
 
     /// The policy for a key, if the key may be cached at all.
     pub fn policy(&self, key: &[u8]) -> Option<PolicyRef> {
-        let policies = self.policies.read().clone();
-        for (index, p) in policies.iter().enumerate() {
-            if glob_match(&p.pattern, key) {
-                return p.ttl.map(|ttl| PolicyRef { index, ttl });
-            }
-        }
-        self.default_ttl.map(|ttl| PolicyRef {
-            index: usize::MAX,
-            ttl,
-        })
+        self.policies.read().lookup(key)
     }
 
-    /// Key-pattern label for metrics ("other" for the default TTL).
-    pub fn pattern_label(&self, policy: PolicyRef) -> String {
-        let policies = self.policies.read();
-        policies
-            .get(policy.index)
-            .map(|p| String::from_utf8_lossy(&p.pattern).into_owned())
-            .unwrap_or_else(|| "other".into())
-    }
-
-    fn count(&self, policy: PolicyRef, hit: bool) {
-        let policies = self.policies.read();
-        match policies.get(policy.index) {
-            Some(p) if hit => p.hits.inc(),
-            Some(p) => p.misses.inc(),
-            None if hit => metrics::get()
-                .cache_hits_total
-                .with_label_values(&["other"])
-                .inc(),
-            None => metrics::get()
-                .cache_misses_total
-                .with_label_values(&["other"])
-                .inc(),
-        }
-    }
-
-    fn slot(&self, key: &[u8]) -> usize {
-        (self.hasher.hash_one(key) as usize) % GEN_SLOTS
-    }
-
-    /// Looks a reply up; counts the hit or miss.
-    pub fn get(&self, key: &Bytes, sig: &Bytes, proto: u8, policy: PolicyRef) -> Option<Bytes> {
-        if !self.is_serving() {
-            return None;
+    /// Looks a read up; counts the hit or miss.
+    pub fn lookup(&self, key: &Bytes, sig: &Bytes, proto: u8, policy: PolicyRef) -> Lookup {
+        if self.gens.writing(key) {
+            self.count_miss(policy);
+            return Lookup::Bypass;
         }
         let found = self.store.get(key).and_then(|entry| {
             entry
@@ -300,36 +247,41 @@ impl Cache {
                 .find(|v| v.proto == proto && v.sig == *sig)
                 .map(|v| v.reply.clone())
         });
-        match &found {
-            Some(_) => {
+        match found {
+            Some(reply) => {
                 let n = self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                // One hit in HOT_SAMPLE is enough to rank keys, and keeps the hit path lock-free.
-                if n % HOT_SAMPLE == 0 {
+                // One hit in SAMPLE is enough to rank keys, and keeps the hit path lock-free.
+                if n % hotkeys::SAMPLE == 0 {
                     self.hot.record(key);
                 }
-                self.count(policy, true);
+                self.policies.read().count(policy, true);
+                Lookup::Hit(reply)
             }
             None => {
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                self.count(policy, false);
+                self.count_miss(policy);
+                Lookup::Miss(self.gens.ticket(key))
             }
         }
-        found
     }
 
-    /// Must be called before the fill's request is sent upstream.
+    fn count_miss(&self, policy: PolicyRef) {
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        self.policies.read().count(policy, false);
+    }
+
+    /// A ticket for a fill that did not come from [`Cache::lookup`] (MGET elements).
     pub fn ticket(&self, key: &[u8]) -> Ticket {
-        let slot = self.slot(key);
-        let gen = *self.gens[slot].lock();
-        Ticket {
-            slot,
-            gen,
-            epoch: self.epoch.load(Ordering::Acquire),
-        }
+        self.gens.ticket(key)
     }
 
-    /// Stores a reply fetched under `ticket`, unless the key was invalidated since.
-    /// Returns whether it was stored.
+    /// Is a write of `key` in flight (reads of it must not be served or filled)?
+    pub fn writing(&self, key: &[u8]) -> bool {
+        self.gens.writing(key)
+    }
+
+    /// Stores a reply fetched under `ticket` for at most `ttl`, unless the key
+    /// was invalidated since or a write of it is in flight. Returns whether
+    /// it was stored.
     pub fn complete_fill(
         &self,
         ticket: Ticket,
@@ -339,14 +291,7 @@ impl Cache {
         reply: &Bytes,
         ttl: Duration,
     ) -> bool {
-        if !self.is_serving() {
-            return false;
-        }
-        let gen = self.gens[ticket.slot].lock();
-        if *gen != ticket.gen
-            || self.epoch.load(Ordering::Acquire) != ticket.epoch
-            || !self.is_serving()
-        {
+        if !self.is_serving() || ttl.is_zero() {
             return false;
         }
         // Copies: the caller's bytes are slices of socket buffers, which a
@@ -356,38 +301,41 @@ impl Cache {
             proto,
             reply: Bytes::copy_from_slice(reply),
         };
-        let entry = match self.store.get(key) {
-            Some(old) => {
-                let mut variants: Vec<Variant> = old
-                    .variants
-                    .iter()
-                    .filter(|v| !(v.proto == proto && v.sig == *sig))
-                    .cloned()
-                    .collect();
-                variants.push(variant);
-                KeyEntry {
-                    variants,
-                    ttl: old.ttl,
-                }
+        let expires_at = Instant::now() + ttl;
+        self.gens.store_if_current(ticket, || {
+            if !self.is_serving() {
+                return;
             }
-            None => KeyEntry {
-                variants: vec![variant],
-                ttl,
-            },
-        };
-        self.store
-            .insert(Bytes::copy_from_slice(key), Arc::new(entry));
-        drop(gen);
-        true
+            let entry = match self.store.get(key) {
+                Some(old) => {
+                    let mut variants: Vec<Variant> = old
+                        .variants
+                        .iter()
+                        .filter(|v| !(v.proto == proto && v.sig == *sig))
+                        .cloned()
+                        .collect();
+                    if variants.len() >= MAX_VARIANTS {
+                        variants.remove(0);
+                    }
+                    variants.push(variant);
+                    KeyEntry {
+                        variants,
+                        expires_at: old.expires_at.min(expires_at),
+                    }
+                }
+                None => KeyEntry {
+                    variants: vec![variant],
+                    expires_at,
+                },
+            };
+            self.store
+                .insert(Bytes::copy_from_slice(key), Arc::new(entry));
+        })
     }
 
     /// Drops every cached reply of `key` and cancels fills in flight for it.
     pub fn invalidate(&self, key: &[u8], source: &str) {
-        let slot = self.slot(key);
-        let mut gen = self.gens[slot].lock();
-        *gen += 1;
-        self.store.invalidate(key);
-        drop(gen);
+        self.gens.bump(key, || self.store.invalidate(key));
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         metrics::get()
             .cache_invalidations_total
@@ -397,13 +345,7 @@ impl Cache {
 
     /// Empties L1 and cancels every fill in flight.
     pub fn clear_all(&self, source: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        // A fill that read the old epoch holds its slot lock until its insert
-        // is done; passing every lock once orders those inserts before the purge.
-        for g in self.gens.iter() {
-            drop(g.lock());
-        }
-        self.store.invalidate_all();
+        self.gens.bump_all(|| self.store.invalidate_all());
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         metrics::get()
             .cache_invalidations_total
@@ -411,60 +353,110 @@ impl Cache {
             .inc();
     }
 
-    /// Joins the upstream request in flight for the same reply, or registers
-    /// `start()` as the one every later identical miss will share.
-    pub fn single_flight(
+    /// Marks a write of `keys` as in flight (see [`consistency`]) and
+    /// invalidates them; the returned guard invalidates them again and ends
+    /// the write when it is dropped, which the session does when the write's
+    /// reply has arrived (or will never arrive).
+    pub fn begin_write(self: &Arc<Self>, keys: &Keys) -> Option<WriteGuard> {
+        if !self.enabled {
+            return None;
+        }
+        let keys = match keys {
+            Keys::None => return None,
+            Keys::All => {
+                self.gens.begin_all();
+                self.clear_all("local_write");
+                None
+            }
+            Keys::Some(list) => {
+                let cached: Vec<Bytes> = list
+                    .iter()
+                    .filter(|k| self.policy(k).is_some())
+                    .cloned()
+                    .collect();
+                if cached.is_empty() {
+                    return None;
+                }
+                for k in &cached {
+                    self.gens.begin_key(k);
+                    self.invalidate(k, "local_write");
+                }
+                Some(cached)
+            }
+        };
+        Some(WriteGuard {
+            cache: self.clone(),
+            keys,
+        })
+    }
+
+    /// The fill in flight for the same reply under the same ticket, if any.
+    pub fn join_fill(
+        &self,
+        key: &Bytes,
+        sig: &Bytes,
+        proto: u8,
+        ticket: Ticket,
+    ) -> Option<FillWaiter> {
+        let fk = FillKey {
+            key: key.clone(),
+            sig: sig.clone(),
+            proto,
+        };
+        let w = self.fills.join(&fk, &ticket)?;
+        self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+        metrics::get().cache_coalesced_total.inc();
+        Some(w)
+    }
+
+    /// Joins the upstream request in flight for the same reply and ticket, or
+    /// starts `fetch` as the one every later identical miss will share. What
+    /// it fetches is stored for the policy's TTL or the fetch's cap, if shorter.
+    pub fn fill(
         self: &Arc<Self>,
         key: &Bytes,
         sig: &Bytes,
         proto: u8,
         ticket: Ticket,
-        start: impl FnOnce() -> BoxFuture<'static, (crate::upstream::ReplyResult, Option<Duration>)>,
         ttl: Duration,
-    ) -> SharedReply {
-        let fk = FlightKey {
+        fetch: impl FnOnce() -> BoxFuture<'static, Fetched>,
+    ) -> FillWaiter {
+        let fk = FillKey {
             key: key.clone(),
             sig: sig.clone(),
             proto,
         };
-        let mut flights = self.flights.lock();
-        if let Some(f) = flights.get(&fk) {
-            if f.ticket == ticket {
-                self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
-                metrics::get().cache_coalesced_total.inc();
-                return f.reply.clone();
-            }
-        }
-        let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
-        let request = start();
         let cache = self.clone();
-        let fk2 = fk.clone();
-        let reply = async move {
-            // The request may shorten the TTL (a TDengine route's), or forbid storing (zero).
-            let (result, ttl_override) = request.await;
-            let ttl = ttl_override.map_or(ttl, |t| t.min(ttl));
-            if let Ok(reply) = &result {
-                if reply.kind != crate::protocol::ReplyKind::Error && !ttl.is_zero() {
-                    cache.complete_fill(ticket, &fk2.key, &fk2.sig, fk2.proto, &reply.bytes, ttl);
-                }
-            }
-            let mut flights = cache.flights.lock();
-            if flights.get(&fk2).is_some_and(|f| f.id == id) {
-                flights.remove(&fk2);
-            }
-            result
-        }
-        .boxed()
-        .shared();
-        flights.insert(
-            fk,
-            Flight {
-                ticket,
-                id,
-                reply: reply.clone(),
+        let (waiter, joined) = self.fills.run(
+            fk.clone(),
+            ticket,
+            move || {
+                let request = fetch();
+                Box::pin(async move {
+                    let (result, cap) = request.await;
+                    let ttl = cap.map_or(ttl, |c| c.min(ttl));
+                    if let Ok(reply) = &result {
+                        if reply.kind != ReplyKind::Error {
+                            cache.complete_fill(
+                                ticket,
+                                &fk.key,
+                                &fk.sig,
+                                fk.proto,
+                                &reply.bytes,
+                                ttl,
+                            );
+                        }
+                    }
+                    result
+                })
             },
+            |why| Err(Arc::new(crate::Error::Internal(why))),
         );
-        reply
+        if joined {
+            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+            metrics::get().cache_coalesced_total.inc();
+        }
+        waiter
     }
 
     pub fn entries(&self) -> u64 {
@@ -480,6 +472,11 @@ impl Cache {
         self.hot.top(n)
     }
 
+    /// Fills in the map right now (single flight).
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.len()
+    }
+
     /// Refreshes the entry and byte gauges (called by the metrics endpoint).
     pub fn update_gauges(&self) {
         let m = metrics::get();
@@ -488,114 +485,40 @@ impl Cache {
     }
 }
 
-fn compile(config: &CacheConfig) -> Vec<CompiledPolicy> {
-    let m = metrics::get();
-    config
-        .policies
-        .iter()
-        .map(|p| CompiledPolicy {
-            pattern: Bytes::copy_from_slice(p.pattern.as_bytes()),
-            ttl: p.ttl,
-            hits: m.cache_hits_total.with_label_values(&[&p.pattern]),
-            misses: m.cache_misses_total.with_label_values(&[&p.pattern]),
-        })
-        .collect()
+/// A write through nearcache in flight; see [`Cache::begin_write`].
+pub struct WriteGuard {
+    cache: Arc<Cache>,
+    /// `None`: the write's keys are unknown.
+    keys: Option<Vec<Bytes>>,
 }
 
-const STATIC_SIGNATURES: &[&str] = &[
-    "GET", "STRLEN", "EXISTS", "TYPE", "HGETALL", "HLEN", "LLEN", "SMEMBERS", "SCARD", "ZCARD",
-];
-
-/// The cache signature of a command: its name and every argument but the key,
-/// length-prefixed so that no two commands share one.
-pub fn signature(name_upper: &[u8], args: &[Bytes]) -> Bytes {
-    if args.len() <= 2 {
-        // The common single-key forms share one static signature each.
-        if let Some(s) = STATIC_SIGNATURES
-            .iter()
-            .find(|s| s.as_bytes() == name_upper)
-        {
-            return Bytes::from_static(s.as_bytes());
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        // Invalidate before the write stops counting, so a fill that read
+        // the old value while it was in flight can never store it.
+        match &self.keys {
+            None => {
+                self.cache.clear_all("local_write");
+                self.cache.gens.end_all();
+            }
+            Some(keys) => {
+                for k in keys {
+                    self.cache.invalidate(k, "local_write");
+                    self.cache.gens.end_key(k);
+                }
+            }
         }
     }
-    let mut out = BytesMut::with_capacity(
-        name_upper.len() + 8 + args.iter().skip(2).map(|a| a.len() + 4).sum::<usize>(),
-    );
-    out.extend_from_slice(name_upper);
-    for a in args.iter().skip(2) {
-        out.put_u32(a.len() as u32);
-        out.extend_from_slice(a);
-    }
-    out.freeze()
 }
 
-/// Recent hit counts per key (sampled: one hit in `HOT_SAMPLE`, reported
-/// scaled back up), halved every ten seconds so that "hot" means recent.
-struct HotKeys {
-    shards: Vec<Mutex<HashMap<Bytes, u64>>>,
-    last_decay: Mutex<Instant>,
-}
-
-const HOT_SHARDS: usize = 16;
-const HOT_SAMPLE: u64 = 8;
-const HOT_PER_SHARD: usize = 4096;
-
-impl HotKeys {
-    fn new() -> HotKeys {
-        HotKeys {
-            shards: (0..HOT_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
-            last_decay: Mutex::new(Instant::now()),
-        }
-    }
-
-    fn record(&self, key: &Bytes) {
-        let shard = key.iter().fold(key.len(), |a, &b| {
-            a.wrapping_mul(31).wrapping_add(b as usize)
-        }) % HOT_SHARDS;
-        let mut map = self.shards[shard].lock();
-        if let Some(c) = map.get_mut(key) {
-            *c += 1;
-        } else if map.len() < HOT_PER_SHARD {
-            map.insert(Bytes::copy_from_slice(key), 1);
-        }
-        drop(map);
-        self.maybe_decay();
-    }
-
-    fn maybe_decay(&self) {
-        let Some(mut last) = self.last_decay.try_lock() else {
-            return;
-        };
-        if last.elapsed() < Duration::from_secs(10) {
-            return;
-        }
-        *last = Instant::now();
-        drop(last);
-        for shard in &self.shards {
-            let mut map = shard.lock();
-            map.retain(|_, c| {
-                *c /= 2;
-                *c > 0
-            });
-        }
-    }
-
-    fn top(&self, n: usize) -> Vec<(Bytes, u64)> {
-        let mut all: Vec<(Bytes, u64)> = self
-            .shards
-            .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .iter()
-                    .map(|(k, c)| (k.clone(), *c * HOT_SAMPLE))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        all.truncate(n);
-        all
+/// The L1 lifetime of a fill whose key had `pttl_ms` left in Redis when its
+/// read was sent `since` ago: `None` for a key without expiry (the policy
+/// decides), zero when it has already expired.
+pub fn ttl_from_pttl(pttl_ms: i64, since: Duration) -> Option<Duration> {
+    match pttl_ms {
+        // -1: no expiry; -2: no such key (a nil reply; the policy decides).
+        ms if ms < 0 => None,
+        ms => Some(Duration::from_millis(ms as u64).saturating_sub(since)),
     }
 }
 
@@ -615,68 +538,123 @@ mod tests {
         Bytes::copy_from_slice(s.as_bytes())
     }
 
-    #[test]
-    fn policies_first_match_wins() {
-        let c = cache();
-        assert_eq!(c.policy(b"quote:1").unwrap().ttl, Duration::from_secs(5));
-        assert!(c.policy(b"lock:daily").is_none());
-        assert!(c.policy(b"other").is_none());
+    fn get(c: &Cache, key: &str, sig: &str, proto: u8) -> Option<Bytes> {
+        let p = c.policy(key.as_bytes()).unwrap();
+        match c.lookup(&b(key), &b(sig), proto, p) {
+            Lookup::Hit(r) => Some(r),
+            _ => None,
+        }
     }
+
+    const TTL: Duration = Duration::from_secs(5);
 
     #[test]
     fn invalidation_between_ticket_and_fill_cancels_the_insert() {
         let c = cache();
-        let p = c.policy(b"quote:1").unwrap();
         let t = c.ticket(b"quote:1");
         c.invalidate(b"quote:1", "test");
-        assert!(!c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), p.ttl));
-        assert!(c.get(&b("quote:1"), &b("GET"), 2, p).is_none());
+        assert!(!c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), TTL));
+        assert!(get(&c, "quote:1", "GET", 2).is_none());
         let t = c.ticket(b"quote:1");
-        assert!(c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\ny\r\n"), p.ttl));
-        assert_eq!(
-            c.get(&b("quote:1"), &b("GET"), 2, p).unwrap(),
-            b("$1\r\ny\r\n")
-        );
+        assert!(c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\ny\r\n"), TTL));
+        assert_eq!(get(&c, "quote:1", "GET", 2).unwrap(), b("$1\r\ny\r\n"));
     }
 
     #[test]
     fn flush_cancels_every_fill_and_feed_down_stops_serving() {
         let c = cache();
-        let p = c.policy(b"quote:1").unwrap();
         let t = c.ticket(b"quote:1");
         c.clear_all("test");
-        assert!(!c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), p.ttl));
+        assert!(!c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), TTL));
         let t = c.ticket(b"quote:1");
-        assert!(c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), p.ttl));
+        assert!(c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), TTL));
         c.set_serving(false, "down");
-        assert!(c.get(&b("quote:1"), &b("GET"), 2, p).is_none());
+        assert!(get(&c, "quote:1", "GET", 2).is_none());
         c.set_serving(true, "up");
         assert!(
-            c.get(&b("quote:1"), &b("GET"), 2, p).is_none(),
+            get(&c, "quote:1", "GET", 2).is_none(),
             "cleared when the feed went down"
         );
     }
 
     #[test]
-    fn variants_are_per_command_and_protocol() {
+    fn a_write_in_flight_bypasses_reads_and_blocks_fills() {
         let c = cache();
-        let p = c.policy(b"ind:x").unwrap();
-        let key = b("ind:x");
+        let key = b("quote:w");
         let t = c.ticket(&key);
-        c.complete_fill(t, &key, &b("HGETALL"), 2, &b("*0\r\n"), p.ttl);
+        assert!(c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
+        let guard = c.begin_write(&Keys::Some(vec![key.clone()])).unwrap();
+        let p = c.policy(&key).unwrap();
+        assert!(matches!(c.lookup(&key, &b("GET"), 2, p), Lookup::Bypass));
+        // A fill that started while the write is in flight (its ticket is
+        // current) still must not store what it read.
         let t = c.ticket(&key);
-        c.complete_fill(t, &key, &b("HGETALL"), 3, &b("%0\r\n"), p.ttl);
-        assert_eq!(c.get(&key, &b("HGETALL"), 2, p).unwrap(), b("*0\r\n"));
-        assert_eq!(c.get(&key, &b("HGETALL"), 3, p).unwrap(), b("%0\r\n"));
-        assert!(c.get(&key, &b("HLEN"), 3, p).is_none());
-        c.invalidate(&key, "test");
-        assert!(c.get(&key, &b("HGETALL"), 2, p).is_none());
+        assert!(!c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
+        drop(guard);
+        assert!(!c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
+        assert!(matches!(c.lookup(&key, &b("GET"), 2, p), Lookup::Miss(_)));
+        // Unknown keys: everything bypasses while it is in flight.
+        let all = c.begin_write(&Keys::All).unwrap();
+        assert!(matches!(
+            c.lookup(&b("ind:x"), &b("GET"), 2, c.policy(b"ind:x").unwrap()),
+            Lookup::Bypass
+        ));
+        drop(all);
+        assert!(!c.writing(b"ind:x"));
     }
 
     #[test]
-    fn signatures_differ_by_arguments() {
-        let a = signature(b"HGET", &[b("hget"), b("k"), b("ab")]);
-        let b2 = signature(b"HGET", &[b("hget"), b("k"), b("a"), b("b")]);
-        assert_ne!(a, b2);
+    fn variants_are_per_command_and_protocol_and_bounded() {
+        let c = cache();
+        let key = b("ind:x");
+        for (sig, proto, reply) in [("HGETALL", 2, "*0\r\n"), ("HGETALL", 3, "%0\r\n")] {
+            let t = c.ticket(&key);
+            c.complete_fill(t, &key, &b(sig), proto, &b(reply), TTL);
+        }
+        assert_eq!(get(&c, "ind:x", "HGETALL", 2).unwrap(), b("*0\r\n"));
+        assert_eq!(get(&c, "ind:x", "HGETALL", 3).unwrap(), b("%0\r\n"));
+        assert!(get(&c, "ind:x", "HLEN", 3).is_none());
+        for i in 0..MAX_VARIANTS + 5 {
+            let t = c.ticket(&key);
+            c.complete_fill(t, &key, &b(&format!("HGET{i}")), 2, &b(":1\r\n"), TTL);
+        }
+        let entry = c.store.get(&key).unwrap();
+        assert_eq!(entry.variants.len(), MAX_VARIANTS);
+        assert!(get(&c, "ind:x", &format!("HGET{}", MAX_VARIANTS + 4), 2).is_some());
+        c.invalidate(&key, "test");
+        assert!(get(&c, "ind:x", "HGETALL", 2).is_none());
+    }
+
+    #[test]
+    fn entries_never_outlive_the_shortest_ttl() {
+        let c = cache();
+        let key = b("quote:t");
+        let t = c.ticket(&key);
+        c.complete_fill(
+            t,
+            &key,
+            &b("GET"),
+            2,
+            &b(":1\r\n"),
+            Duration::from_millis(30),
+        );
+        let t = c.ticket(&key);
+        c.complete_fill(t, &key, &b("STRLEN"), 2, &b(":1\r\n"), TTL);
+        assert!(get(&c, "quote:t", "STRLEN", 2).is_some());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            get(&c, "quote:t", "STRLEN", 2).is_none(),
+            "the later variant kept the earlier deadline"
+        );
+        assert_eq!(ttl_from_pttl(-1, Duration::ZERO), None);
+        assert_eq!(ttl_from_pttl(-2, Duration::ZERO), None);
+        assert_eq!(
+            ttl_from_pttl(100, Duration::from_millis(30)),
+            Some(Duration::from_millis(70))
+        );
+        assert_eq!(
+            ttl_from_pttl(10, Duration::from_millis(30)),
+            Some(Duration::ZERO)
+        );
     }
 }

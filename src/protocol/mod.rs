@@ -18,6 +18,7 @@ mod request;
 
 pub use encode::*;
 pub use reply::{
-    elements, first_word, frame_len, reply_strings, split_array, Reply, ReplyFramer, ReplyKind,
+    elements, first_word, frame_len, reply_strings, scalar, split_array, Reply, ReplyFramer,
+    ReplyKind,
 };
 pub use request::{CommandName, Limits, ProtocolError, Request, RequestParser, INLINE_MAX};

@@ -180,7 +180,7 @@ pub fn elements(bytes: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
 
 /// The value of a string, integer or null frame as bytes (integers in
 /// decimal, nulls empty, aggregates as `*`), or `None` for anything else.
-fn scalar(item: &[u8]) -> Option<Bytes> {
+pub fn scalar(item: &[u8]) -> Option<Bytes> {
     let cr = find_crlf(item, 0)?;
     Some(match item.first()? {
         b'$' => {

@@ -31,11 +31,14 @@ pub async fn fill(
             let ttl_ms = ttl.as_millis().max(1).to_string();
             let set =
                 protocol::command([&b"SET"[..], key, &value, b"PX", ttl_ms.as_bytes(), b"NX"]);
-            match crate::upstream::received(conn.send(set).await) {
+            match crate::upstream::received(conn.send(set).await.await) {
                 Ok(r) if r.kind == ReplyKind::Nil => {
                     // Someone wrote the key while we queried TDengine: theirs is newer.
                     let get = protocol::command([&b"GET"[..], key]);
-                    (crate::upstream::received(conn.send(get).await), Some(ttl))
+                    (
+                        crate::upstream::received(conn.send(get).await.await),
+                        Some(ttl),
+                    )
                 }
                 Ok(r) if r.kind == ReplyKind::Error => {
                     warn!("TDengine write-back to Redis refused; answering from TDengine without caching");

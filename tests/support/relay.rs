@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 #[derive(Default)]
 struct State {
-    /// Upstream-bound bytes from the first occurrence of this pattern on are held.
-    hold: Option<Vec<u8>>,
+    /// Bytes in one direction (true: towards Redis) from the first
+    /// occurrence of this pattern on are held.
+    hold: Option<(bool, Vec<u8>)>,
     /// Set when a connection started holding.
     holding: bool,
     /// Drop all traffic both ways, keep the sockets open.
@@ -90,10 +91,20 @@ impl Relay {
         self.ctl.accepted.load(Ordering::Relaxed)
     }
 
-    /// Holds a connection's upstream-bound bytes from `pattern` on, until [`Relay::release`].
-    pub fn hold_from(&self, pattern: &[u8]) {
+    /// Holds a connection's upstream-bound bytes from `pattern` on (the
+    /// request does not reach Redis), until [`Relay::release`].
+    pub fn hold_requests_from(&self, pattern: &[u8]) {
         let mut s = self.ctl.state.lock().unwrap();
-        s.hold = Some(pattern.to_vec());
+        s.hold = Some((true, pattern.to_vec()));
+        s.holding = false;
+    }
+
+    /// Holds a connection's bytes from Redis from `pattern` on (Redis has
+    /// executed the request, nearcache does not have its reply yet), until
+    /// [`Relay::release`].
+    pub fn hold_replies_from(&self, pattern: &[u8]) {
+        let mut s = self.ctl.state.lock().unwrap();
+        s.hold = Some((false, pattern.to_vec()));
         s.holding = false;
     }
 
@@ -200,27 +211,30 @@ fn spawn_pump(
                     pending.clear();
                     continue;
                 }
-                if upstream_bound {
-                    if let Some(p) = s.hold.clone() {
-                        if let Some(at) = find(&pending, &p) {
-                            out.extend(pending.drain(..at));
-                            if to.write_all(&out).is_err() {
-                                break;
-                            }
-                            out.clear();
-                            s.holding = true;
-                            ctl.changed.notify_all();
-                            while s.hold.is_some() && s.generation == gen {
-                                s = ctl.changed.wait(s).unwrap();
-                            }
-                        } else {
-                            let keep = partial_suffix(&pending, &p);
-                            out.extend(pending.drain(..pending.len() - keep));
+                if let Some((_, p)) = s.hold.clone().filter(|(dir, _)| *dir == upstream_bound) {
+                    if let Some(at) = find(&pending, &p) {
+                        out.extend(pending.drain(..at));
+                        if to.write_all(&out).is_err() {
+                            break;
                         }
+                        out.clear();
+                        s.holding = true;
+                        ctl.changed.notify_all();
+                        while s.hold.is_some() && s.generation == gen {
+                            s = ctl.changed.wait(s).unwrap();
+                        }
+                    } else {
+                        let keep = partial_suffix(&pending, &p);
+                        out.extend(pending.drain(..pending.len() - keep));
+                        drop(s);
+                        if !out.is_empty() && to.write_all(&out).is_err() {
+                            break;
+                        }
+                        continue;
                     }
-                    if s.hold.is_none() {
-                        out.append(&mut pending);
-                    }
+                }
+                if upstream_bound {
+                    out.append(&mut pending);
                 } else {
                     loop {
                         let hit = s

@@ -8,9 +8,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
+use super::BoxStream;
 use crate::config::TlsConfig;
 use crate::error::Error;
-use crate::upstream::BoxStream;
 
 #[derive(Clone)]
 pub struct TlsConnector {

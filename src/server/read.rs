@@ -1,0 +1,349 @@
+//! The read path: a cacheable read is answered from L1, joined to a fill
+//! already in flight, or filled on the client's own multiplexed connection;
+//! MGET is answered partly from L1; GETs of TDengine-routed keys fall back
+//! to the third tier. L1 decides hit, miss or bypass; it never calls back.
+//!
+//! Every fill sends `PTTL key` right before its read on the same connection
+//! (one round trip), so the entry expires no later than the key in Redis;
+//! the generation check makes the pair as good as atomic (a write between
+//! them invalidates the fill).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt};
+use tokio::sync::oneshot;
+
+use super::replies::Owed;
+use super::session::{Flow, Path, Session};
+use super::{count_request, Outcome};
+use crate::cache::{self, Fetched, Lookup, PolicyRef, Ticket};
+use crate::command::Keys;
+use crate::protocol::{self, ReplyKind, Request};
+use crate::upstream::{received, MuxConn, ReplyResult};
+
+/// How long L1 may keep what a fill read, from the `PTTL` sent `sent` before
+/// it: `None` lets the policy decide; an unreadable PTTL forbids storing.
+fn cap_from_pttl(pttl: ReplyResult, sent: Instant) -> Option<Duration> {
+    let ms = pttl
+        .ok()
+        .filter(|r| r.bytes.first() == Some(&b':'))
+        .and_then(|r| protocol::scalar(&r.bytes))
+        .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok());
+    match ms {
+        Some(ms) => cache::ttl_from_pttl(ms, sent.elapsed()),
+        None => Some(Duration::ZERO),
+    }
+}
+
+fn pttl_request(key: &[u8]) -> Bytes {
+    protocol::command([&b"PTTL"[..], key])
+}
+
+/// Marks a TDengine write-back as done when dropped.
+struct WriteBackDone(Arc<AtomicBool>);
+
+impl Drop for WriteBackDone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A cacheable MGET element's fill: its key, ticket and policy.
+type ElementFill = Option<(Bytes, Ticket, PolicyRef)>;
+
+impl Session {
+    pub(super) async fn read(&mut self, name: &[u8], req: &Request, key: Bytes) -> Flow {
+        let cache = self.sidecar.cache.clone();
+        let td_route = name == b"GET"
+            && self
+                .sidecar
+                .tdengine
+                .as_ref()
+                .is_some_and(|t| t.matches(&key));
+        let policy = if cache.is_serving() {
+            cache.policy(&key)
+        } else {
+            None
+        };
+        let Some(policy) = policy else {
+            count_request(name, Outcome::Forward);
+            return self.plain_read(req, key, td_route).await;
+        };
+        let sig = cache::signature(name, &req.args);
+        let ticket = match cache.lookup(&key, &sig, self.proto, policy) {
+            Lookup::Hit(reply) => {
+                count_request(name, Outcome::Hit);
+                return self.answer(reply);
+            }
+            Lookup::Bypass => {
+                count_request(name, Outcome::Miss);
+                return self.plain_read(req, key, td_route).await;
+            }
+            Lookup::Miss(ticket) => ticket,
+        };
+        count_request(name, Outcome::Miss);
+        if let Some(waiter) = cache.join_fill(&key, &sig, self.proto, ticket) {
+            let silent = self.silent_reply();
+            self.replies.push(Owed::Fill(waiter), silent);
+            return Flow::Next;
+        }
+        let Some(fetch) = self.fetch(req, &key, td_route).await else {
+            return self.flow_after_failed_send();
+        };
+        let waiter = cache.fill(&key, &sig, self.proto, ticket, policy.ttl, move || fetch);
+        let silent = self.silent_reply();
+        self.replies.push(Owed::Fill(waiter), silent);
+        Flow::Next
+    }
+
+    /// A read that L1 must not answer or store: on the client's connection.
+    async fn plain_read(&mut self, req: &Request, key: Bytes, td_route: bool) -> Flow {
+        if !td_route {
+            return self.forward(req, &Keys::None).await;
+        }
+        let Some(fetch) = self.fetch(req, &key, true).await else {
+            return self.flow_after_failed_send();
+        };
+        let silent = self.silent_reply();
+        let reply = fetch
+            .map(|(r, _)| match r {
+                Ok(r) => r.bytes,
+                Err(e) => e.to_reply(),
+            })
+            .boxed();
+        self.replies.push(Owed::Composed(reply), silent);
+        Flow::Next
+    }
+
+    /// What `fetch` found when it could not send: a stall, or an error reply already queued.
+    fn flow_after_failed_send(&mut self) -> Flow {
+        if self.stalled_on_pool {
+            self.stalled_on_pool = false;
+            Flow::Stall
+        } else {
+            Flow::Next
+        }
+    }
+
+    /// Sends `PTTL key` and the read on the client's multiplexed connection;
+    /// returns the future of the reply and its TTL cap. A TDengine-routed GET
+    /// that Redis answers nil is filled from TDengine on the same connection,
+    /// and the client's later requests wait for it (its write-back must
+    /// neither overtake nor be overtaken by them). `None`: nothing was sent
+    /// (a stall, or the error is already queued).
+    async fn fetch(
+        &mut self,
+        req: &Request,
+        key: &Bytes,
+        td_route: bool,
+    ) -> Option<BoxFuture<'static, Fetched>> {
+        let conn = self.conn_for_read()?;
+        let sent = Instant::now();
+        let pttl = conn.send(pttl_request(key)).await;
+        let rx = conn.send(req.encoded()).await;
+        self.path_pool();
+        if !td_route {
+            return Some(
+                async move {
+                    let cap = cap_from_pttl(received(pttl.await), sent);
+                    (received(rx.await), cap)
+                }
+                .boxed(),
+            );
+        }
+        let td = self.sidecar.tdengine.clone()?;
+        let proto = self.proto;
+        let key = key.clone();
+        let done = self.expect_write_back(&key);
+        Some(
+            async move {
+                let _done = done;
+                let cap = cap_from_pttl(received(pttl.await), sent);
+                match received(rx.await) {
+                    Ok(first) if first.kind == ReplyKind::Nil => {
+                        crate::tdengine::fill::fill(&td, &conn, &key, proto).await
+                    }
+                    other => (other, cap),
+                }
+            }
+            .boxed(),
+        )
+    }
+
+    /// Registers a TDengine fill of `key` that may write back; it counts as
+    /// done when the returned guard is dropped (on every path out of the fill).
+    fn expect_write_back(&mut self, key: &Bytes) -> WriteBackDone {
+        let done = Arc::new(AtomicBool::new(false));
+        self.write_backs.push((key.clone(), done.clone()));
+        WriteBackDone(done)
+    }
+
+    /// The client's multiplexed connection for a read, or `None` after
+    /// queueing the error (or deciding to stall).
+    fn conn_for_read(&mut self) -> Option<Arc<MuxConn>> {
+        if !self.can_take(Path::Pool) {
+            self.stalled_on_pool = true;
+            return None;
+        }
+        match self.pool_conn() {
+            Ok(Some(c)) => Some(c),
+            Ok(None) => {
+                self.stalled_on_pool = true;
+                None
+            }
+            Err(e) => {
+                let silent = self.silent_reply();
+                self.replies.ready(e.to_reply(), silent);
+                None
+            }
+        }
+    }
+
+    pub(super) async fn mget(&mut self, name: &[u8], req: &Request) -> Flow {
+        let cache = self.sidecar.cache.clone();
+        let serving = cache.is_serving();
+        let keys = &req.args[1..];
+        let td = self
+            .sidecar
+            .tdengine
+            .clone()
+            .filter(|t| keys.iter().any(|k| t.matches(k)));
+        if !serving && td.is_none() {
+            count_request(name, Outcome::Forward);
+            return self.forward(req, &Keys::None).await;
+        }
+        let sig = Bytes::from_static(b"MGET");
+        let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        let mut fills: Vec<ElementFill> = Vec::new();
+        for k in keys {
+            let policy = if serving { cache.policy(k) } else { None };
+            let found = policy.map(|p| (p, cache.lookup(k, &sig, self.proto, p)));
+            match found {
+                Some((_, Lookup::Hit(h))) => parts.push(Some(h)),
+                other => {
+                    parts.push(None);
+                    missing.push(k.clone());
+                    fills.push(match other {
+                        Some((p, Lookup::Miss(t))) => Some((k.clone(), t, p)),
+                        _ => None,
+                    });
+                }
+            }
+        }
+        if missing.is_empty() {
+            count_request(name, Outcome::Hit);
+            let items: Vec<Bytes> = parts.into_iter().flatten().collect();
+            return self.answer(protocol::array(&items));
+        }
+        let Some(conn) = self.conn_for_read() else {
+            return self.flow_after_failed_send();
+        };
+        count_request(name, Outcome::Miss);
+        let sent = Instant::now();
+        let mut pttls: Vec<Option<oneshot::Receiver<ReplyResult>>> =
+            Vec::with_capacity(fills.len());
+        for f in &fills {
+            pttls.push(match f {
+                Some((k, _, _)) => Some(conn.send(pttl_request(k)).await),
+                None => None,
+            });
+        }
+        let request = if missing.len() == keys.len() {
+            req.encoded()
+        } else {
+            let mut args = Vec::with_capacity(missing.len() + 1);
+            args.push(req.args[0].clone());
+            args.extend(missing.iter().cloned());
+            let mut out = BytesMut::new();
+            protocol::encode_command(&mut out, &args);
+            out.freeze()
+        };
+        let rx = conn.send(request).await;
+        self.path_pool();
+        let done: Vec<_> = match &td {
+            Some(t) => missing
+                .iter()
+                .filter(|k| t.matches(k))
+                .map(|k| self.expect_write_back(k))
+                .collect(),
+            None => Vec::new(),
+        };
+        let proto = self.proto;
+        let assembled = async move {
+            let _done = done;
+            let mut caps = Vec::with_capacity(pttls.len());
+            for p in pttls {
+                caps.push(match p {
+                    Some(rx) => cap_from_pttl(received(rx.await), sent),
+                    None => Some(Duration::ZERO),
+                });
+            }
+            let reply = match received(rx.await) {
+                Ok(r) if r.kind != ReplyKind::Error => r,
+                Ok(r) => return r.bytes,
+                Err(e) => return e.to_reply(),
+            };
+            let Some(fetched) = protocol::split_array(&reply.bytes) else {
+                return reply.bytes;
+            };
+            if fetched.len() != missing.len() {
+                return protocol::error("ERR upstream protocol error: MGET reply length mismatch");
+            }
+            let elements = match td {
+                Some(td) => {
+                    crate::tdengine::fill::fill_mget_elements_with_ttl(
+                        &td, &conn, &missing, fetched, proto,
+                    )
+                    .await
+                }
+                None => fetched.into_iter().map(|e| (e, None)).collect(),
+            };
+            assemble_mget(&cache, parts, elements, fills, caps, proto)
+        }
+        .boxed();
+        let silent = self.silent_reply();
+        self.replies.push(Owed::Composed(assembled), silent);
+        Flow::Next
+    }
+}
+
+/// Puts L1 hits and fetched elements back in request order, storing each
+/// fetched element in L1 for the shortest of its policy's TTL, its key's
+/// remaining TTL in Redis and its TDengine cap.
+fn assemble_mget(
+    cache: &cache::Cache,
+    parts: Vec<Option<Bytes>>,
+    elements: Vec<(Bytes, Option<Duration>)>,
+    fills: Vec<ElementFill>,
+    caps: Vec<Option<Duration>>,
+    proto: u8,
+) -> Bytes {
+    let sig = Bytes::from_static(b"MGET");
+    let mut fetched = elements.into_iter().zip(fills).zip(caps);
+    let mut items = Vec::with_capacity(parts.len());
+    for part in parts {
+        match part {
+            Some(hit) => items.push(hit),
+            None => {
+                let Some((((value, td_cap), fill), pttl_cap)) = fetched.next() else {
+                    return protocol::error(
+                        "ERR upstream protocol error: MGET reply length mismatch",
+                    );
+                };
+                if let Some((key, ticket, policy)) = fill {
+                    let ttl = [td_cap, pttl_cap]
+                        .into_iter()
+                        .flatten()
+                        .fold(policy.ttl, Duration::min);
+                    cache.complete_fill(ticket, &key, &sig, proto, &value, ttl);
+                }
+                items.push(value);
+            }
+        }
+    }
+    protocol::array(&items)
+}

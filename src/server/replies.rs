@@ -1,0 +1,234 @@
+//! What a session owes its client, strictly in request order.
+//!
+//! Each request leaves one [`Owed`] here: a reply that is already known (an
+//! L1 hit, a local answer), one coming from a multiplexed or the control
+//! connection, a fill shared with other clients, a composed answer (MGET,
+//! TDengine), or replies coming from the client's pinned connection. Items
+//! complete in any order; they are moved to the output buffer front first,
+//! so the client sees replies in the order it sent requests. A reply owed
+//! while nothing is queued goes straight to the output buffer: a pipeline
+//! of hits costs no queueing at all.
+
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt};
+use tokio::sync::oneshot;
+
+use super::pinned::{ConnState, Effect};
+use crate::cache::{FillWaiter, WriteGuard};
+use crate::error::Error;
+use crate::protocol::Reply;
+use crate::upstream::{received, ReplyResult};
+
+/// Replies a pinned request owes, collected as its frames arrive.
+pub struct PinnedReplies {
+    pub expect: usize,
+    pub effect: Effect,
+    got: usize,
+    bytes: BytesMut,
+    /// nearcache's own request (SELECT on a fresh connection): never written.
+    pub internal: bool,
+    /// When to give up waiting (none for blocking and subscribe commands).
+    pub deadline: Option<Instant>,
+    pub guard: Option<WriteGuard>,
+}
+
+impl PinnedReplies {
+    pub fn new(expect: usize, effect: Effect, deadline: Option<Instant>) -> PinnedReplies {
+        PinnedReplies {
+            expect,
+            effect,
+            got: 0,
+            bytes: BytesMut::new(),
+            internal: false,
+            deadline,
+            guard: None,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.got >= self.expect
+    }
+}
+
+pub enum Owed {
+    Ready(Bytes),
+    /// From the client's multiplexed connection or the control connection;
+    /// the guard ends a write's in-flight marking once its reply is in.
+    Upstream {
+        rx: oneshot::Receiver<ReplyResult>,
+        guard: Option<WriteGuard>,
+    },
+    Fill(FillWaiter),
+    Composed(BoxFuture<'static, Bytes>),
+    Pinned(PinnedReplies),
+}
+
+struct Item {
+    owed: Owed,
+    /// CLIENT REPLY OFF/SKIP: the reply is consumed, never written.
+    silent: bool,
+}
+
+#[derive(Default)]
+pub struct Replies {
+    queue: VecDeque<Item>,
+    /// Bytes ready to be written to the client.
+    pub out: BytesMut,
+    /// A request was lost with its upstream connection (or timed out): what
+    /// it sent after it must not overtake it elsewhere, so the client is
+    /// closed once everything owed is written, as Redis would close it.
+    pub broken: bool,
+}
+
+impl Replies {
+    pub fn push(&mut self, owed: Owed, silent: bool) {
+        if self.queue.is_empty() {
+            if let Owed::Ready(bytes) = &owed {
+                if !silent {
+                    self.out.extend_from_slice(bytes);
+                }
+                return;
+            }
+        }
+        self.queue.push_back(Item { owed, silent });
+    }
+
+    pub fn ready(&mut self, bytes: Bytes, silent: bool) {
+        self.push(Owed::Ready(bytes), silent);
+    }
+
+    /// Nothing is owed that is not in the output buffer.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Moves every completed reply at the front to the output buffer;
+    /// ready when at least one moved.
+    pub fn poll_collect(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut moved = false;
+        while let Some(item) = self.queue.front_mut() {
+            let bytes = match &mut item.owed {
+                Owed::Ready(b) => std::mem::take(b),
+                Owed::Upstream { rx, .. } => match rx.poll_unpin(cx) {
+                    Poll::Ready(r) => self.reply_or_break(received(r)),
+                    Poll::Pending => break,
+                },
+                Owed::Fill(w) => match w.poll_unpin(cx) {
+                    Poll::Ready(Ok(r)) => r.bytes,
+                    Poll::Ready(Err(e)) => e.to_reply(),
+                    Poll::Pending => break,
+                },
+                Owed::Composed(f) => match f.poll_unpin(cx) {
+                    Poll::Ready(b) => b,
+                    Poll::Pending => break,
+                },
+                Owed::Pinned(p) if p.complete() => {
+                    if p.internal {
+                        Bytes::new()
+                    } else {
+                        p.bytes.split().freeze()
+                    }
+                }
+                Owed::Pinned(_) => break,
+            };
+            let Some(item) = self.queue.pop_front() else {
+                break;
+            };
+            if let Owed::Upstream { guard: Some(g), .. } = item.owed {
+                // The write is done: its keys are invalidated again before
+                // the client can see the reply.
+                drop(g);
+            }
+            if !item.silent {
+                self.out.extend_from_slice(&bytes);
+            }
+            moved = true;
+        }
+        if moved {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// [`Replies::poll_collect`] without waiting.
+    pub fn collect_now(&mut self) {
+        let _ = self.poll_collect(&mut Context::from_waker(futures::task::noop_waker_ref()));
+    }
+
+    fn reply_or_break(&mut self, r: ReplyResult) -> Bytes {
+        match r {
+            Ok(reply) => reply.bytes,
+            Err(e) => {
+                self.broken = true;
+                e.to_reply()
+            }
+        }
+    }
+
+    /// A frame from the pinned connection: the next reply owed on it, or a
+    /// message to pass on now (after every reply before the owed one).
+    pub fn pinned_frame(&mut self, reply: Reply, state: &mut ConnState) {
+        self.collect_now();
+        let owed = self.queue.iter_mut().find_map(|i| match &mut i.owed {
+            Owed::Pinned(p) if !p.complete() => Some(p),
+            _ => None,
+        });
+        match owed {
+            Some(p) if !state.out_of_band(&reply) => {
+                state.on_reply(&p.effect, &reply);
+                p.got += 1;
+                p.bytes.extend_from_slice(&reply.bytes);
+            }
+            _ => self.out.extend_from_slice(&reply.bytes),
+        }
+    }
+
+    /// Is a reply owed by the pinned connection?
+    pub fn awaiting_pinned(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|i| matches!(&i.owed, Owed::Pinned(p) if !p.complete()))
+    }
+
+    /// Is a reply owed that may never come (a blocking command, subscriptions)?
+    pub fn awaiting_open_ended(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|i| matches!(&i.owed, Owed::Pinned(p) if !p.complete() && p.deadline.is_none()))
+    }
+
+    /// The earliest deadline of a pinned reply still owed.
+    pub fn pinned_deadline(&self) -> Option<Instant> {
+        self.queue
+            .iter()
+            .filter_map(|i| match &i.owed {
+                Owed::Pinned(p) if !p.complete() => p.deadline,
+                _ => None,
+            })
+            .min()
+    }
+
+    /// The pinned connection is gone (or timed out): every reply it owes
+    /// becomes `err`, and the client is to be closed.
+    pub fn pinned_lost(&mut self, err: &Error) {
+        let reply = err.to_reply();
+        for item in self.queue.iter_mut() {
+            if let Owed::Pinned(p) = &mut item.owed {
+                while !p.complete() {
+                    p.got += 1;
+                    p.bytes.extend_from_slice(&reply);
+                }
+            }
+        }
+        self.broken = true;
+    }
+}

@@ -1,0 +1,507 @@
+//! One client connection: a single task that reads and frames requests,
+//! routes each one once, applies the route, and writes replies in request
+//! order as they become ready. One task (no reader/writer pair) means an L1
+//! hit costs no wake-up of another task: a batch of pipelined hits is read,
+//! answered and written in one turn, as Redis does it.
+//!
+//! Paths: the client's multiplexed connection (one at a time, kept until it
+//! dies, so its requests run in the order sent), its pinned connection
+//! (while its state needs one), and the control connection. Before a
+//! request takes another path than the requests still owed, it waits until
+//! they are answered (it stalls; later requests stay unread).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::debug;
+
+use super::clients::ClientInfo;
+use super::pinned::ConnState;
+use super::replies::{Owed, PinnedReplies, Replies};
+use super::route::{self, Route, View};
+use super::{count_request, Outcome, Sidecar};
+use crate::command::Keys;
+use crate::error::Error;
+use crate::protocol::{self, Limits, Request, RequestParser};
+use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame};
+
+/// Which connection the requests still owed went to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Path {
+    Pool,
+    Pinned,
+}
+
+/// What dispatching one request led to.
+pub(super) enum Flow {
+    Next,
+    /// Not dispatched yet: retry once every earlier reply is in.
+    Stall,
+    /// Answer what is owed, then close the connection.
+    Close,
+}
+
+/// Output the client has not read yet beyond which nearcache stops reading
+/// its requests (it resumes as the client reads).
+const PAUSE_OUTPUT: usize = 256 * 1024;
+
+pub(super) struct Session {
+    pub sidecar: Arc<Sidecar>,
+    pub info: Arc<ClientInfo>,
+    pub proto: u8,
+    pub authed: bool,
+    pub state: ConnState,
+    /// The login for new pinned connections (a client's own AUTH, once accepted).
+    pub login: Login,
+    slot: usize,
+    pub mux: Option<Arc<MuxConn>>,
+    pub pinned: Option<PinnedConn>,
+    pub replies: Replies,
+    path: Option<Path>,
+    /// CLIENT REPLY OFF / SKIP, emulated here: replies are read and dropped.
+    pub reply_off: bool,
+    pub skip_next: bool,
+    /// Keys whose TDengine fill (started by this client) may still write
+    /// back to Redis: the client's own later writes of them wait for it, so
+    /// neither overtakes the other.
+    pub write_backs: Vec<(Bytes, Arc<std::sync::atomic::AtomicBool>)>,
+    /// The read path found it must wait before sending (see `read.rs`).
+    pub stalled_on_pool: bool,
+}
+
+/// Runs a client's session until it disconnects, is killed, or shutdown
+/// drains it.
+pub(super) async fn run(
+    sidecar: Arc<Sidecar>,
+    socket: TcpStream,
+    info: Arc<ClientInfo>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let default_db = sidecar.config.upstream.url.db;
+    let mut session = Session {
+        slot: info.id as usize,
+        authed: sidecar.config.server.requirepass.is_none(),
+        proto: 2,
+        state: ConnState::new(default_db),
+        login: Login::Configured,
+        mux: None,
+        pinned: None,
+        replies: Replies::default(),
+        path: None,
+        reply_off: false,
+        skip_next: false,
+        write_backs: Vec::new(),
+        stalled_on_pool: false,
+        sidecar,
+        info,
+    };
+    session.serve(&socket, shutdown).await;
+    session.release_pinned();
+}
+
+impl Session {
+    fn limits(&self) -> Limits {
+        let s = &self.sidecar.config.server;
+        Limits {
+            max_bulk_len: s.proto_max_bulk_len,
+            max_multibulk_len: s.max_multibulk_len,
+            max_query_buffer: s.client_query_buffer_limit,
+        }
+    }
+
+    async fn serve(&mut self, socket: &TcpStream, mut shutdown: watch::Receiver<bool>) {
+        let limits = self.limits();
+        let max_pending = self.sidecar.config.server.max_pending_per_client;
+        let mut inbuf = BytesMut::with_capacity(16 * 1024);
+        let mut parser = RequestParser::default();
+        let mut stalled: Option<Request> = None;
+        let mut reading = true;
+        // The client closed its side (not a drain): it waits for nothing open-ended.
+        let mut hung_up = false;
+        let mut closing = false;
+        loop {
+            // Dispatch what is buffered, unless the client is not reading its replies.
+            while !closing
+                && self.replies.out.len() < PAUSE_OUTPUT
+                && self.replies.len() < max_pending
+                && !self.replies.broken
+            {
+                let req = match stalled.take() {
+                    Some(r) => r,
+                    None => match parser.next(&mut inbuf, &limits) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => break,
+                        Err(protocol::ProtocolError(msg)) => {
+                            debug!(client = self.info.id, error = %msg, "protocol error; closing");
+                            count_request(b"", Outcome::Error);
+                            self.replies.ready(protocol::error(&msg), false);
+                            closing = true;
+                            break;
+                        }
+                    },
+                };
+                match self.dispatch(&req).await {
+                    Flow::Next => {}
+                    Flow::Stall => {
+                        stalled = Some(req);
+                        break;
+                    }
+                    Flow::Close => {
+                        closing = true;
+                        break;
+                    }
+                }
+            }
+            self.replies.collect_now();
+            if !self.replies.out.is_empty() && !self.write_some(socket) {
+                return;
+            }
+            let owed = !self.replies.is_empty() || !self.replies.out.is_empty();
+            if !owed && (closing || self.replies.broken || (!reading && stalled.is_none())) {
+                return;
+            }
+            // The client hung up while blocked or subscribed: as Redis does,
+            // drop what may never come (replies before it were written above).
+            if hung_up && self.replies.awaiting_open_ended() {
+                return;
+            }
+            if self.info.is_killed() {
+                return;
+            }
+            let wants_input = reading
+                && !closing
+                && stalled.is_none()
+                && self.replies.out.len() < PAUSE_OUTPUT
+                && self.replies.len() < max_pending;
+            let deadline = self.replies.pinned_deadline();
+            tokio::select! {
+                biased;
+                _ = self.info.kill.notified() => return,
+                frame = next_frame(&mut self.pinned) => self.on_pinned_frame(frame),
+                _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
+                    let t = self.sidecar.config.upstream.command_timeout;
+                    crate::metrics::get().upstream_errors_total.with_label_values(&["timeout"]).inc();
+                    self.pinned = None;
+                    self.replies.pinned_lost(&Error::Upstream(format!("no reply within {t:?}")));
+                }
+                r = socket.readable(), if wants_input => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let wanted = parser.wanted(&inbuf);
+                    if inbuf.capacity() - inbuf.len() < wanted.max(4096) {
+                        inbuf.reserve(wanted.max(16 * 1024));
+                    }
+                    match socket.try_read_buf(&mut inbuf) {
+                        Ok(0) => {
+                            reading = false;
+                            hung_up = true;
+                        }
+                        Ok(_) => self.info.touch(),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                r = socket.writable(), if !self.replies.out.is_empty() => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
+                _ = shutdown.wait_for(|s| *s), if reading => reading = false,
+            }
+        }
+    }
+
+    /// Writes as much output as the socket takes now; false if the client is gone.
+    fn write_some(&mut self, socket: &TcpStream) -> bool {
+        while !self.replies.out.is_empty() {
+            match socket.try_write(&self.replies.out) {
+                Ok(n) => {
+                    let _ = self.replies.out.split_to(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return false,
+            }
+        }
+        if self.replies.out.is_empty() && self.replies.out.capacity() > 1 << 20 {
+            // A large reply grew the buffer: give the memory back.
+            self.replies.out = BytesMut::new();
+        }
+        true
+    }
+
+    /// Is the reply of this request to be dropped (CLIENT REPLY OFF/SKIP)?
+    pub fn silent_reply(&mut self) -> bool {
+        self.reply_off || std::mem::take(&mut self.skip_next)
+    }
+
+    async fn dispatch(&mut self, req: &Request) -> Flow {
+        let name = req.name_upper();
+        let view = View {
+            authed: self.authed,
+            pinned: self.state.needs_pin(),
+        };
+        let route = route::route(view, &name, &req.args);
+        if let Route::Pool { keys } | Route::Pinned { keys, .. } = &route {
+            if self.waits_for_write_back(keys) {
+                return Flow::Stall;
+            }
+        }
+        match route {
+            Route::Local => self.local(&name, req).await,
+            Route::Reject(msg) => {
+                count_request(&name, Outcome::Error);
+                let silent = self.silent_reply();
+                self.replies.ready(protocol::error(msg), silent);
+                Flow::Next
+            }
+            Route::Read { key } => self.read(&name, req, key).await,
+            Route::MGet => self.mget(&name, req).await,
+            Route::Pool { keys } => {
+                count_request(&name, Outcome::Forward);
+                self.forward(req, &keys).await
+            }
+            Route::Control => {
+                count_request(&name, Outcome::Forward);
+                self.control(req).await
+            }
+            Route::Pinned { keys, blocking } => {
+                count_request(&name, Outcome::Pinned);
+                self.pinned_request(&name, req, &keys, blocking).await
+            }
+        }
+    }
+
+    /// May a request take `path` now, given the ones still owed?
+    pub fn can_take(&mut self, path: Path) -> bool {
+        if self.replies.is_empty() {
+            return true;
+        }
+        if self.path == Some(path) {
+            return true;
+        }
+        self.replies.collect_now();
+        self.replies.is_empty()
+    }
+
+    /// The client's multiplexed connection. A client keeps one until it
+    /// dies; it takes another only when nothing it sent is still owed, so
+    /// nothing it sends later can overtake what it sent before.
+    pub fn pool_conn(&mut self) -> Result<Option<Arc<MuxConn>>, Error> {
+        if let Some(c) = &self.mux {
+            if c.is_alive() {
+                return Ok(Some(c.clone()));
+            }
+            self.replies.collect_now();
+            if !self.replies.is_empty() {
+                return Ok(None);
+            }
+        }
+        let c = self.sidecar.upstream.pool(self.proto).conn(self.slot)?;
+        self.mux = Some(c.clone());
+        Ok(Some(c))
+    }
+
+    /// Sends a request on the client's multiplexed connection; `keys` are
+    /// what it writes (invalidated now and again when its reply is in).
+    pub async fn forward(&mut self, req: &Request, keys: &Keys) -> Flow {
+        if !self.can_take(Path::Pool) {
+            return Flow::Stall;
+        }
+        let conn = match self.pool_conn() {
+            Ok(Some(c)) => c,
+            Ok(None) => return Flow::Stall,
+            Err(e) => {
+                let silent = self.silent_reply();
+                self.replies.ready(e.to_reply(), silent);
+                return Flow::Next;
+            }
+        };
+        let silent = self.silent_reply();
+        let guard = self.sidecar.cache.begin_write(keys);
+        let rx = conn.send(req.encoded()).await;
+        self.path = Some(Path::Pool);
+        self.replies.push(Owed::Upstream { rx, guard }, silent);
+        Flow::Next
+    }
+
+    /// Does a write of `keys` have to wait for a TDengine write-back of this client?
+    fn waits_for_write_back(&mut self, keys: &Keys) -> bool {
+        self.write_backs
+            .retain(|(_, done)| !done.load(std::sync::atomic::Ordering::Acquire));
+        match keys {
+            Keys::None => false,
+            Keys::All => !self.write_backs.is_empty(),
+            Keys::Some(list) => self
+                .write_backs
+                .iter()
+                .any(|(k, _)| list.iter().any(|w| w == k)),
+        }
+    }
+
+    /// Requests were just sent on the multiplexed connection.
+    pub fn path_pool(&mut self) {
+        self.path = Some(Path::Pool);
+    }
+
+    /// Opens (or takes from the idle list) the client's own connection,
+    /// after every earlier reply is in; in the client's database.
+    pub async fn attach_pinned(&mut self) -> Result<Flow, Error> {
+        if self.pinned.is_some() {
+            return Ok(Flow::Next);
+        }
+        if !self.can_take(Path::Pinned) {
+            return Ok(Flow::Stall);
+        }
+        let mut conn = self
+            .sidecar
+            .upstream
+            .pinned
+            .acquire(self.proto, &self.login)
+            .await?;
+        self.info
+            .upstream_id
+            .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
+        let default_db = self.sidecar.config.upstream.url.db;
+        if self.state.db() != default_db {
+            let select =
+                protocol::command([b"SELECT".to_vec(), self.state.db().to_string().into_bytes()]);
+            // Queued before it is written: the reply must find its slot waiting.
+            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline(false));
+            owed.internal = true;
+            self.replies.push(Owed::Pinned(owed), false);
+            conn.write(&select).await?;
+        }
+        self.pinned = Some(conn);
+        self.path = Some(Path::Pinned);
+        Ok(Flow::Next)
+    }
+
+    fn deadline(&self, open_ended: bool) -> Option<Instant> {
+        (!open_ended).then(|| Instant::now() + self.sidecar.config.upstream.command_timeout)
+    }
+
+    /// Sends a request on the client's own connection.
+    pub async fn pinned_request(
+        &mut self,
+        name: &[u8],
+        req: &Request,
+        keys: &Keys,
+        blocking: bool,
+    ) -> Flow {
+        match self.attach_pinned().await {
+            Ok(Flow::Next) => {}
+            Ok(other) => return other,
+            Err(e) => {
+                let silent = self.silent_reply();
+                self.replies.ready(e.to_reply(), silent);
+                return Flow::Next;
+            }
+        }
+        if !self.can_take(Path::Pinned) {
+            return Flow::Stall;
+        }
+        let silent = self.silent_reply();
+        // Writes queued in MULTI take effect at EXEC: that is when they are in flight.
+        let guard = if self.state.in_multi() {
+            if name == b"EXEC" {
+                let keys = self.state.take_multi_keys();
+                self.sidecar.cache.begin_write(&keys)
+            } else {
+                None
+            }
+        } else {
+            self.sidecar.cache.begin_write(keys)
+        };
+        let (expect, effect) = self.state.prepare(name, &req.args, keys, blocking);
+        let open_ended = blocking
+            || matches!(
+                effect,
+                super::pinned::Effect::Subscribe | super::pinned::Effect::Monitor
+            );
+        let mut owed =
+            PinnedReplies::new(self.state.count(expect), effect, self.deadline(open_ended));
+        owed.guard = guard;
+        // The slot is queued before the request is written: otherwise a fast
+        // reply could be taken for a push message.
+        self.replies.push(Owed::Pinned(owed), silent);
+        self.path = Some(Path::Pinned);
+        self.sync_details();
+        let written = match self.pinned.as_mut() {
+            Some(conn) => conn.write(&req.encoded()).await,
+            None => Err(Error::Upstream("connection closed".into())),
+        };
+        if let Err(e) = written {
+            self.pinned = None;
+            self.replies.pinned_lost(&e);
+        }
+        Flow::Next
+    }
+
+    fn on_pinned_frame(&mut self, frame: Option<PinnedFrame>) {
+        match frame {
+            Some(PinnedFrame::Reply(r)) => {
+                self.replies.pinned_frame(r, &mut self.state);
+                self.sync_details();
+                if !self.state.needs_pin() && !self.replies.awaiting_pinned() {
+                    self.release_pinned();
+                }
+            }
+            Some(PinnedFrame::Closed(e)) => {
+                // The server closed the client's own connection (CLIENT KILL,
+                // timeout): the client sees its connection closed, as on Redis.
+                self.pinned = None;
+                self.replies.pinned_lost(&e);
+            }
+            None => {
+                self.pinned = None;
+                self.replies
+                    .pinned_lost(&Error::Upstream("connection closed".into()));
+            }
+        }
+    }
+
+    /// Gives the pinned connection back (kept for reuse only if its state is clean).
+    pub fn release_pinned(&mut self) {
+        if let Some(conn) = self.pinned.take() {
+            let clean = !self.state.needs_pin() && !self.replies.awaiting_pinned();
+            self.sidecar.upstream.pinned.release(conn, clean);
+            self.info
+                .upstream_id
+                .store(-1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Mirrors the connection state into what CLIENT LIST shows.
+    pub fn sync_details(&self) {
+        let [sub, psub, ssub] = self.state.subscription_counts();
+        let mut d = self.info.details.lock();
+        d.db = self.state.db();
+        d.resp = self.proto;
+        d.sub = sub;
+        d.psub = psub;
+        d.ssub = ssub;
+        d.multi = self.state.in_multi();
+        d.blocked = self.state.blocked();
+        d.monitor = self.state.monitoring();
+        d.tracking = self.state.tracking();
+    }
+
+    /// Queues a reply nearcache produced itself.
+    pub fn answer(&mut self, reply: Bytes) -> Flow {
+        let silent = self.silent_reply();
+        self.replies.ready(reply, silent);
+        Flow::Next
+    }
+}
+
+async fn next_frame(pinned: &mut Option<PinnedConn>) -> Option<PinnedFrame> {
+    match pinned {
+        Some(p) => p.frames.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,227 @@
+//! Opening a connection to the upstream: TCP (and TLS), then the handshake
+//! that authenticates, picks the RESP version and the database.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+
+use crate::config::UpstreamConfig;
+use crate::error::Error;
+use crate::net::{self, BoxStream, FrameReader, TlsConnector};
+use crate::protocol::{self, Reply, ReplyKind};
+
+/// Whose credentials a connection is opened with.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// nearcache's configured user (the URL's user and password).
+    Configured,
+    /// A client's own `AUTH ...` command, sent first as it was given, so the
+    /// client gets exactly the answer Redis gives it.
+    Auth(Vec<Bytes>),
+    /// A client's `HELLO <v> AUTH <user> <pass>`: sent instead of our HELLO.
+    Hello { user: Bytes, pass: Bytes },
+}
+
+/// What the handshake learned about the server and the connection.
+#[derive(Clone, Debug, Default)]
+pub struct ServerInfo {
+    /// The HELLO reply as the server sent it (in the connection's protocol).
+    pub hello: Bytes,
+    /// The connection's client id on the server.
+    pub connection_id: i64,
+    pub version: String,
+    /// `run_id` from `INFO server`, when it was asked for.
+    pub run_id: Option<String>,
+}
+
+/// A connection after its handshake.
+pub struct Connected {
+    pub stream: BoxStream,
+    /// Bytes read past the handshake's replies.
+    pub leftover: BytesMut,
+    pub info: ServerInfo,
+}
+
+/// Opens connections to the configured upstream, with the handshake applied.
+#[derive(Clone)]
+pub struct Connector {
+    cfg: Arc<UpstreamConfig>,
+    tls: Option<TlsConnector>,
+}
+
+impl Connector {
+    pub fn new(cfg: UpstreamConfig) -> Result<Connector, Error> {
+        let tls = if cfg.tls.enabled {
+            Some(TlsConnector::new(&cfg.tls, &cfg.url.host)?)
+        } else {
+            None
+        };
+        Ok(Connector {
+            cfg: Arc::new(cfg),
+            tls,
+        })
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.cfg
+    }
+
+    /// Connects and runs the handshake: the login, `HELLO <proto>`, `SELECT`
+    /// of the configured database and, with `want_run_id`, `INFO server`,
+    /// pipelined in one round trip. A refused login is an
+    /// [`Error::Refused`] carrying the server's reply.
+    pub async fn connect(
+        &self,
+        proto: u8,
+        login: &Login,
+        want_run_id: bool,
+    ) -> Result<Connected, Error> {
+        let addr = self.cfg.url.address();
+        let stream = net::connect(&addr, self.tls.as_ref(), self.cfg.connect_timeout).await?;
+        match tokio::time::timeout(
+            self.cfg.connect_timeout,
+            self.handshake(stream, proto, login, want_run_id),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Error::Upstream(format!(
+                "handshake with {addr}: timed out after {:?}",
+                self.cfg.connect_timeout
+            ))),
+        }
+    }
+
+    async fn handshake(
+        &self,
+        mut stream: BoxStream,
+        proto: u8,
+        login: &Login,
+        want_run_id: bool,
+    ) -> Result<Connected, Error> {
+        let url = &self.cfg.url;
+        let mut out = BytesMut::new();
+        let mut hello: Vec<Bytes> =
+            vec![Bytes::from_static(b"HELLO"), Bytes::from(proto.to_string())];
+        match login {
+            Login::Configured => {
+                if let Some(pass) = &url.password {
+                    let user = url.username.as_deref().unwrap_or("default");
+                    hello.extend([
+                        Bytes::from_static(b"AUTH"),
+                        Bytes::copy_from_slice(user.as_bytes()),
+                        Bytes::copy_from_slice(pass.as_bytes()),
+                    ]);
+                }
+            }
+            Login::Auth(auth) => protocol::encode_command(&mut out, auth),
+            Login::Hello { user, pass } => {
+                hello.extend([Bytes::from_static(b"AUTH"), user.clone(), pass.clone()])
+            }
+        }
+        protocol::encode_command(&mut out, &hello);
+        if url.db != 0 {
+            out.extend_from_slice(&protocol::command([
+                b"SELECT".to_vec(),
+                url.db.to_string().into_bytes(),
+            ]));
+        }
+        if want_run_id {
+            out.extend_from_slice(&protocol::command(["INFO", "server"]));
+        }
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|e| Error::upstream_io(&e))?;
+        let mut reader = FrameReader::new(stream, BytesMut::with_capacity(4096));
+        if matches!(login, Login::Auth(_)) {
+            let auth = reader.next().await?;
+            if auth.kind == ReplyKind::Error {
+                return Err(Error::Refused(auth.bytes));
+            }
+        }
+        let hello = reader.next().await?;
+        if hello.kind == ReplyKind::Error {
+            return Err(match login {
+                Login::Hello { .. } => Error::Refused(hello.bytes),
+                _ => Error::Upstream(format!(
+                    "handshake refused: {}",
+                    hello.error_text().unwrap_or_default()
+                )),
+            });
+        }
+        if url.db != 0 {
+            let r = reader.next().await?;
+            if let Some(text) = r.error_text() {
+                return Err(Error::Upstream(format!("SELECT {}: {text}", url.db)));
+            }
+        }
+        let mut info = parse_hello(&hello);
+        if want_run_id {
+            info.run_id = run_id(&reader.next().await?);
+        }
+        let (stream, leftover) = reader.into_parts();
+        Ok(Connected {
+            stream,
+            leftover,
+            info,
+        })
+    }
+}
+
+/// Reads `id` and `version` from a HELLO reply (RESP3 map or RESP2 flat array).
+fn parse_hello(reply: &Reply) -> ServerInfo {
+    let mut info = ServerInfo {
+        hello: reply.bytes.clone(),
+        ..Default::default()
+    };
+    if let Some(parts) = protocol::reply_strings(&reply.bytes) {
+        for pair in parts.chunks(2) {
+            if let [name, value] = pair {
+                match name.as_ref() {
+                    b"id" => {
+                        info.connection_id = std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0)
+                    }
+                    b"version" => info.version = String::from_utf8_lossy(value).into_owned(),
+                    _ => {}
+                }
+            }
+        }
+    }
+    info
+}
+
+/// `run_id:...` from an `INFO server` reply.
+fn run_id(reply: &Reply) -> Option<String> {
+    let text = protocol::scalar(&reply.bytes)?;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|v| v.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_and_info_are_read() {
+        let resp3 = Reply {
+            bytes: Bytes::from_static(
+                b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$5\r\n7.0.1\r\n$2\r\nid\r\n:42\r\n",
+            ),
+            kind: ReplyKind::Normal,
+        };
+        let info = parse_hello(&resp3);
+        assert_eq!((info.connection_id, info.version.as_str()), (42, "7.0.1"));
+        let info_reply = Reply {
+            bytes: protocol::bulk_bytes(b"# Server\r\nredis_version:7.0.1\r\nrun_id:abc123\r\n"),
+            kind: ReplyKind::Normal,
+        };
+        assert_eq!(run_id(&info_reply).as_deref(), Some("abc123"));
+    }
+}
