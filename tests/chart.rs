@@ -905,6 +905,13 @@ fn chart_lints_renders_and_validates_with_each_toggle() {
         let r = render_chart(&scratch, CHART, case.values);
         let want: BTreeSet<String> = case.kinds.iter().map(|k| k.to_string()).collect();
         assert_eq!(r.kinds(), want, "{}: rendered kinds", case.name);
+        assert_eq!(
+            r.docs.len(),
+            want.len(),
+            "{}: one document of each kind:\n{}",
+            case.name,
+            r.text
+        );
         for doc in &r.docs {
             assert_eq!(
                 doc["metadata"]["labels"]["app.kubernetes.io/instance"],
