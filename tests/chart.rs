@@ -1,31 +1,46 @@
 //! Deployment artefacts agree with the binary: the Helm chart (helm/nearcache), the
 //! Compose stack (docker-compose.yml) and their nearcache configurations.
 //!
-//! There is no helm binary here, so this file carries a small renderer for the subset of
-//! Go templates + Sprig the chart uses (`if/else if/else`, `range`, `with`, `define`,
-//! `include`, variables, pipelines, parentheses and the functions in [`Renderer::call`]).
-//! Anything outside that subset fails the test loudly instead of being skipped, so a
-//! template change that the renderer does not understand is noticed, not silently passed.
+//! The chart is rendered by the real Helm 3 and the manifests are checked against the
+//! Kubernetes 1.30 schemas by `kubernetes-validate --strict`. `scripts/test` installs both
+//! (through `scripts/chart-tools`) into `~/.cache/nearcache-tools/bin`, or
+//! `$NEARCACHE_TOOLS/bin`, where this file looks for them before `PATH`; without them the
+//! chart tests fail and say so.
 //!
 //! What is checked:
-//! * Chart.yaml and values.yaml parse; every template renders to valid YAML with the
-//!   default values and with every optional feature enabled;
-//! * the sidecar's arguments only use flags `nearcache --help` lists, it listens on
-//!   127.0.0.1:6379, its probes and container port are the admin port of its arguments,
-//!   and its security context is the hardened one;
-//! * the same sidecar renders from an application chart's context (values under `nearcache:`);
+//! * Chart.yaml and values.yaml parse; `helm lint --strict` passes and `helm template`
+//!   renders manifests that pass `kubernetes-validate --strict`, with the default values
+//!   and with each optional part switched on ([`CASES`]), each rendering exactly the kinds
+//!   it should;
+//! * the sidecar (from the example Deployment) only uses flags `nearcache --help` lists, it
+//!   listens on 127.0.0.1:6379, its probes and container port are the admin port of its
+//!   arguments, its security context is the hardened one, and the pod's grace period
+//!   outlasts preStop + shutdown_grace;
+//! * passwords and DSNs reach it from Secrets, extraEnv is appended, the TLS Secret is
+//!   mounted where the config looks, the ServiceMonitor finds the sidecar's admin port,
+//!   and the pod annotation changes exactly when the config does;
+//! * the same sidecar renders from an application chart that depends on this one (values
+//!   under `nearcache:`), and its volume names the ConfigMap rendered beside it;
 //! * every key of the ConfigMap's TOML exists in conf/nearcache.toml and the rendered file
 //!   passes `nearcache --check-config`;
 //! * the Compose nearcache service publishes the ports its arguments bind, mounts the file
 //!   its `--config` names, and deploy/nearcache.compose.toml passes `--check-config`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
 
+use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const CHART: &str = "helm/nearcache";
+/// The Kubernetes version the manifests are validated against.
+const KUBERNETES: &str = "1.30.0";
 
 fn path(rel: &str) -> PathBuf {
     Path::new(ROOT).join(rel)
@@ -40,730 +55,422 @@ fn yaml(text: &str, what: &str) -> Value {
         .unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}\n---\n{text}"))
 }
 
-// ---------------------------------------------------------------------------
-// A Go-template subset renderer.
-
-#[derive(Debug, Clone)]
-enum Tok {
-    Str(String),
-    Num(i64),
-    Ident(String),
-    /// `$name.f.g` ("" for `$`).
-    Var(String, Vec<String>),
-    /// `.f.g` (empty for `.`).
-    Field(Vec<String>),
-    LParen,
-    RParen,
-    Pipe,
-}
-
-#[derive(Debug, Clone)]
-enum Operand {
-    Lit(Value),
-    Var(String, Vec<String>),
-    Field(Vec<String>),
-    Func(String),
-    Sub(Pipeline),
-}
-
-type Command_ = Vec<Operand>;
-type Pipeline = Vec<Command_>;
-
-#[derive(Debug, Clone)]
-enum Node {
-    Text(String),
-    Out(Pipeline),
-    Assign(String, Pipeline),
-    If(Vec<(Pipeline, Vec<Node>)>, Vec<Node>),
-    Range(Option<String>, Option<String>, Pipeline, Vec<Node>),
-    With(Pipeline, Vec<Node>),
-}
-
-fn lex_expr(src: &str) -> Vec<Tok> {
-    let b: Vec<char> = src.chars().collect();
-    let mut i = 0;
-    let mut out = Vec::new();
-    let ident = |c: char| c.is_alphanumeric() || c == '_';
-    let read_path = |i: &mut usize| {
-        let mut fields = Vec::new();
-        while *i < b.len() && b[*i] == '.' {
-            *i += 1;
-            let s = *i;
-            while *i < b.len() && ident(b[*i]) {
-                *i += 1;
-            }
-            if *i > s {
-                fields.push(b[s..*i].iter().collect::<String>());
-            }
-        }
-        fields
-    };
-    while i < b.len() {
-        let c = b[i];
-        match c {
-            ' ' | '\t' | '\n' => i += 1,
-            '(' => {
-                out.push(Tok::LParen);
-                i += 1
-            }
-            ')' => {
-                out.push(Tok::RParen);
-                i += 1
-            }
-            '|' => {
-                out.push(Tok::Pipe);
-                i += 1
-            }
-            '"' => {
-                let mut s = String::new();
-                i += 1;
-                while b[i] != '"' {
-                    if b[i] == '\\' {
-                        i += 1;
-                        s.push(match b[i] {
-                            'n' => '\n',
-                            't' => '\t',
-                            c => c,
-                        });
-                    } else {
-                        s.push(b[i]);
-                    }
-                    i += 1;
-                }
-                i += 1;
-                out.push(Tok::Str(s));
-            }
-            '$' => {
-                i += 1;
-                let s = i;
-                while i < b.len() && ident(b[i]) {
-                    i += 1;
-                }
-                let name: String = b[s..i].iter().collect();
-                out.push(Tok::Var(name, read_path(&mut i)));
-            }
-            '.' => out.push(Tok::Field(read_path(&mut i))),
-            c if c.is_ascii_digit() || c == '-' => {
-                let s = i;
-                i += 1;
-                while i < b.len() && b[i].is_ascii_digit() {
-                    i += 1;
-                }
-                let n: String = b[s..i].iter().collect();
-                out.push(Tok::Num(
-                    n.parse()
-                        .unwrap_or_else(|_| panic!("bad number {n:?} in {src:?}")),
-                ));
-            }
-            c if ident(c) => {
-                let s = i;
-                while i < b.len() && ident(b[i]) {
-                    i += 1;
-                }
-                out.push(Tok::Ident(b[s..i].iter().collect()));
-            }
-            other => panic!("template renderer: unsupported character {other:?} in {{{{{src}}}}}"),
-        }
-    }
-    out
-}
-
-fn parse_pipeline(toks: &[Tok], pos: &mut usize) -> Pipeline {
-    let mut pipe = vec![Vec::new()];
-    while *pos < toks.len() {
-        let t = toks[*pos].clone();
-        *pos += 1;
-        let op = match t {
-            Tok::RParen => {
-                *pos -= 1;
-                break;
-            }
-            Tok::Pipe => {
-                pipe.push(Vec::new());
-                continue;
-            }
-            Tok::LParen => {
-                let sub = parse_pipeline(toks, pos);
-                assert!(
-                    matches!(toks.get(*pos), Some(Tok::RParen)),
-                    "unbalanced parentheses"
-                );
-                *pos += 1;
-                Operand::Sub(sub)
-            }
-            Tok::Str(s) => Operand::Lit(Value::String(s)),
-            Tok::Num(n) => Operand::Lit(Value::Number(n.into())),
-            Tok::Ident(id) => match id.as_str() {
-                "true" => Operand::Lit(Value::Bool(true)),
-                "false" => Operand::Lit(Value::Bool(false)),
-                "nil" => Operand::Lit(Value::Null),
-                _ => Operand::Func(id),
-            },
-            Tok::Var(n, f) => Operand::Var(n, f),
-            Tok::Field(f) => Operand::Field(f),
-        };
-        pipe.last_mut().unwrap().push(op);
-    }
-    assert!(
-        pipe.iter().all(|c| !c.is_empty()),
-        "empty command in pipeline"
-    );
-    pipe
-}
-
-fn pipeline(src: &str) -> Pipeline {
-    let toks = lex_expr(src);
-    let mut pos = 0;
-    let p = parse_pipeline(&toks, &mut pos);
-    assert_eq!(pos, toks.len(), "trailing tokens in {src:?}");
-    p
-}
-
-/// Splits a template into text and actions, applying the `{{-` / `-}}` trim markers and
-/// dropping comments.
-fn tokenize(src: &str) -> Vec<(bool, String)> {
-    let mut out: Vec<(bool, String)> = Vec::new();
-    let mut rest = src;
-    let mut trim_next = false;
-    loop {
-        let Some(start) = rest.find("{{") else {
-            let mut t = rest.to_string();
-            if trim_next {
-                t = t.trim_start().to_string();
-            }
-            out.push((false, t));
-            break;
-        };
-        let mut text = rest[..start].to_string();
-        if trim_next {
-            text = text.trim_start().to_string();
-        }
-        let after = &rest[start + 2..];
-        let (trim_left, inner_start) = if after.starts_with("- ") {
-            (true, 2)
-        } else {
-            (false, 0)
-        };
-        if trim_left {
-            text = text.trim_end().to_string();
-        }
-        out.push((false, text));
-        let body = &after[inner_start..];
-        let (inner, consumed) = if body.trim_start().starts_with("/*") {
-            let end = body.find("*/").expect("unterminated comment") + 2;
-            let close = body[end..].find("}}").expect("unterminated comment action") + end;
-            (None, close)
-        } else {
-            (
-                Some(body[..body.find("}}").expect("unterminated action")].to_string()),
-                body.find("}}").unwrap(),
-            )
-        };
-        let raw = &body[..consumed];
-        trim_next = raw.ends_with(" -") || raw.ends_with("\t-");
-        if let Some(inner) = inner {
-            let inner = inner.trim();
-            let inner = inner.strip_suffix('-').unwrap_or(inner).trim();
-            out.push((true, inner.to_string()));
-        }
-        rest = &body[consumed + 2..];
-    }
-    out
-}
-
-/// Parses tokens into nodes until an `end`/`else` at this level; returns the terminator.
-fn parse_nodes(
-    toks: &[(bool, String)],
-    pos: &mut usize,
-    defines: &mut BTreeMap<String, Vec<Node>>,
-) -> (Vec<Node>, Option<String>) {
-    let mut nodes = Vec::new();
-    while *pos < toks.len() {
-        let (action, s) = &toks[*pos];
-        *pos += 1;
-        if !action {
-            if !s.is_empty() {
-                nodes.push(Node::Text(s.clone()));
-            }
-            continue;
-        }
-        let (word, rest) = s.split_once(' ').unwrap_or((s.as_str(), ""));
-        match word {
-            "end" => return (nodes, Some("end".into())),
-            "else" => return (nodes, Some(s.clone())),
-            "define" => {
-                let name = rest.trim().trim_matches('"').to_string();
-                let (body, term) = parse_nodes(toks, pos, defines);
-                assert_eq!(term.as_deref(), Some("end"), "define {name} not closed");
-                defines.insert(name, body);
-            }
-            "if" => {
-                let mut branches = Vec::new();
-                let mut cond = pipeline(rest);
-                let mut otherwise = Vec::new();
-                loop {
-                    let (body, term) = parse_nodes(toks, pos, defines);
-                    let term = term.expect("if not closed");
-                    branches.push((cond.clone(), body));
-                    if term == "end" {
-                        break;
-                    } else if let Some(c) = term.strip_prefix("else if ") {
-                        cond = pipeline(c);
-                    } else {
-                        assert_eq!(term, "else", "unsupported {term:?}");
-                        let (body, term) = parse_nodes(toks, pos, defines);
-                        assert_eq!(term.as_deref(), Some("end"), "if/else not closed");
-                        otherwise = body;
-                        break;
-                    }
-                }
-                nodes.push(Node::If(branches, otherwise));
-            }
-            "range" | "with" => {
-                let (vars, expr) = match rest.split_once(":=") {
-                    Some((vars, expr)) => (Some(vars), expr),
-                    None => (None, rest),
-                };
-                let (body, term) = parse_nodes(toks, pos, defines);
-                assert_eq!(
-                    term.as_deref(),
-                    Some("end"),
-                    "{word} with else is not supported by the test renderer"
-                );
-                if word == "with" {
-                    assert!(vars.is_none(), "with $x := is not supported");
-                    nodes.push(Node::With(pipeline(expr), body));
-                } else {
-                    let names: Vec<String> = vars
-                        .map(|v| {
-                            v.split(',')
-                                .map(|n| n.trim().trim_start_matches('$').to_string())
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    let (k, v) = match names.len() {
-                        0 => (None, None),
-                        1 => (None, Some(names[0].clone())),
-                        _ => (Some(names[0].clone()), Some(names[1].clone())),
-                    };
-                    nodes.push(Node::Range(k, v, pipeline(expr), body));
-                }
-            }
-            _ if s.starts_with('$') && s.contains(":=") => {
-                let (var, expr) = s.split_once(":=").unwrap();
-                nodes.push(Node::Assign(
-                    var.trim().trim_start_matches('$').to_string(),
-                    pipeline(expr),
-                ));
-            }
-            "block" | "template" | "break" | "continue" => {
-                panic!("template renderer: {word} is not supported")
-            }
-            _ => nodes.push(Node::Out(pipeline(s))),
-        }
-    }
-    (nodes, None)
-}
-
-fn truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Sequence(s) => !s.is_empty(),
-        Value::Mapping(m) => !m.is_empty(),
-        Value::Tagged(_) => true,
-    }
-}
-
 fn to_str(v: &Value) -> String {
     match v {
         Value::Null => String::new(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.clone(),
-        other => panic!("template renderer: cannot print {other:?} (Go would print a map/slice)"),
+        other => panic!("expected a scalar, got {other:?}"),
     }
 }
 
-fn to_json(v: &Value) -> String {
-    match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => {
-            let mut o = String::from("\"");
-            for c in s.chars() {
-                match c {
-                    '"' => o.push_str("\\\""),
-                    '\\' => o.push_str("\\\\"),
-                    '\n' => o.push_str("\\n"),
-                    '\t' => o.push_str("\\t"),
-                    '<' | '>' | '&' => o.push_str(&format!("\\u{:04x}", c as u32)),
-                    c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-                    c => o.push(c),
-                }
-            }
-            o.push('"');
-            o
-        }
-        Value::Sequence(s) => format!("[{}]", s.iter().map(to_json).collect::<Vec<_>>().join(",")),
-        Value::Mapping(m) => format!(
-            "{{{}}}",
-            m.iter()
-                .map(|(k, v)| format!("{}:{}", to_json(k), to_json(v)))
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
-        Value::Tagged(t) => to_json(&t.value),
-    }
+// ---------------------------------------------------------------------------
+// helm and kubernetes-validate.
+
+/// Where scripts/chart-tools installs the tools.
+fn tools_bin() -> Option<PathBuf> {
+    std::env::var_os("NEARCACHE_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/nearcache-tools")))
+        .map(|dir| dir.join("bin"))
 }
 
-fn field(v: &Value, name: &str, what: &str) -> Value {
-    match v {
-        Value::Mapping(m) => m.get(name).cloned().unwrap_or(Value::Null),
-        Value::Null => panic!("template error: nil pointer evaluating {what}.{name}"),
-        other => panic!("template error: can't evaluate field {name} in {other:?}"),
+fn find_tool(name: &str) -> PathBuf {
+    let installed = tools_bin().map(|bin| bin.join(name));
+    if let Some(p) = installed.as_ref().filter(|p| p.is_file()) {
+        return p.clone();
     }
-}
-
-fn indent(n: usize, s: &str) -> String {
-    let pad = " ".repeat(n);
-    s.split('\n')
-        .map(|l| format!("{pad}{l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut o = String::new();
-    for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                o.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                o.push('=');
-            }
-        }
-    }
-    o
-}
-
-struct Renderer {
-    defines: BTreeMap<String, Vec<Node>>,
-}
-
-struct Scope {
-    dot: Value,
-    root: Value,
-    vars: Vec<(String, Value)>,
-}
-
-impl Renderer {
-    /// Loads every `define` of the chart's templates.
-    fn new(chart: &Path) -> Renderer {
-        let mut defines = BTreeMap::new();
-        for entry in std::fs::read_dir(chart.join("templates")).unwrap() {
-            let p = entry.unwrap().path();
-            if p.extension().is_some_and(|e| e == "tpl") {
-                let toks = tokenize(&std::fs::read_to_string(&p).unwrap());
-                let mut pos = 0;
-                parse_nodes(&toks, &mut pos, &mut defines);
-            }
-        }
-        Renderer { defines }
-    }
-
-    fn render_file(&self, text: &str, ctx: &Value) -> String {
-        let toks = tokenize(text);
-        let mut pos = 0;
-        let mut defines = BTreeMap::new();
-        let (nodes, term) = parse_nodes(&toks, &mut pos, &mut defines);
-        assert!(term.is_none(), "unexpected {term:?} at top level");
-        let mut out = String::new();
-        let mut scope = Scope {
-            dot: ctx.clone(),
-            root: ctx.clone(),
-            vars: Vec::new(),
-        };
-        self.exec(&nodes, &mut scope, &mut out);
-        out
-    }
-
-    fn include(&self, name: &str, ctx: &Value) -> String {
-        let nodes = self
-            .defines
-            .get(name)
-            .unwrap_or_else(|| panic!("no template {name:?}"));
-        let mut out = String::new();
-        let mut scope = Scope {
-            dot: ctx.clone(),
-            root: ctx.clone(),
-            vars: Vec::new(),
-        };
-        self.exec(nodes, &mut scope, &mut out);
-        out
-    }
-
-    fn exec(&self, nodes: &[Node], scope: &mut Scope, out: &mut String) {
-        let saved = scope.vars.len();
-        for node in nodes {
-            match node {
-                Node::Text(t) => out.push_str(t),
-                Node::Out(p) => out.push_str(&to_str(&self.eval(p, scope))),
-                Node::Assign(name, p) => {
-                    let v = self.eval(p, scope);
-                    scope.vars.push((name.clone(), v));
-                }
-                Node::If(branches, otherwise) => {
-                    let body = branches
-                        .iter()
-                        .find(|(c, _)| truthy(&self.eval(c, scope)))
-                        .map(|(_, b)| b)
-                        .unwrap_or(otherwise);
-                    self.exec(body, scope, out);
-                }
-                Node::With(p, body) => {
-                    let v = self.eval(p, scope);
-                    if truthy(&v) {
-                        let dot = std::mem::replace(&mut scope.dot, v);
-                        self.exec(body, scope, out);
-                        scope.dot = dot;
-                    }
-                }
-                Node::Range(kvar, vvar, p, body) => {
-                    let items: Vec<(Value, Value)> = match self.eval(p, scope) {
-                        Value::Null => Vec::new(),
-                        Value::Sequence(s) => s
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, v)| (Value::Number((i as i64).into()), v))
-                            .collect(),
-                        Value::Mapping(m) => {
-                            let mut kv: Vec<_> = m.into_iter().collect();
-                            kv.sort_by_key(|(k, _)| to_str(k));
-                            kv
-                        }
-                        other => panic!("range over {other:?}"),
-                    };
-                    for (k, v) in items {
-                        let n = scope.vars.len();
-                        if let Some(kn) = kvar {
-                            scope.vars.push((kn.clone(), k));
-                        }
-                        if let Some(vn) = vvar {
-                            scope.vars.push((vn.clone(), v.clone()));
-                        }
-                        let dot = std::mem::replace(&mut scope.dot, v);
-                        self.exec(body, scope, out);
-                        scope.dot = dot;
-                        scope.vars.truncate(n);
-                    }
-                }
-            }
-        }
-        scope.vars.truncate(saved);
-    }
-
-    fn eval(&self, p: &Pipeline, scope: &Scope) -> Value {
-        let mut prev: Option<Value> = None;
-        for cmd in p {
-            let (head, rest) = cmd.split_first().unwrap();
-            let mut args: Vec<Value> = rest.iter().map(|o| self.operand(o, scope)).collect();
-            if let Some(v) = prev.take() {
-                args.push(v);
-            }
-            prev = Some(match head {
-                Operand::Func(name) => self.call(name, args, scope),
-                other => {
-                    assert!(
-                        args.is_empty(),
-                        "arguments given to a non-function {other:?}"
-                    );
-                    self.operand(other, scope)
-                }
-            });
-        }
-        prev.unwrap()
-    }
-
-    fn operand(&self, o: &Operand, scope: &Scope) -> Value {
-        match o {
-            Operand::Lit(v) => v.clone(),
-            Operand::Sub(p) => self.eval(p, scope),
-            Operand::Func(name) => self.call(name, Vec::new(), scope),
-            Operand::Field(fields) => fields
-                .iter()
-                .fold(scope.dot.clone(), |v, f| field(&v, f, ".")),
-            Operand::Var(name, fields) => {
-                let base = if name.is_empty() {
-                    scope.root.clone()
-                } else {
-                    scope
-                        .vars
-                        .iter()
-                        .rev()
-                        .find(|(n, _)| n == name)
-                        .unwrap_or_else(|| panic!("undefined variable ${name}"))
-                        .1
-                        .clone()
-                };
-                fields
-                    .iter()
-                    .fold(base, |v, f| field(&v, f, &format!("${name}")))
-            }
-        }
-    }
-
-    fn call(&self, name: &str, a: Vec<Value>, _scope: &Scope) -> Value {
-        let s = |v: &Value| {
-            Value::String(
-                v.clone()
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| to_str(v)),
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found in {} nor on PATH. Run scripts/test (or just \
+                 scripts/chart-tools): it installs helm and kubernetes-validate into \
+                 ~/.cache/nearcache-tools/bin, or $NEARCACHE_TOOLS/bin when that is set.",
+                installed.map_or("~/.cache/nearcache-tools/bin (HOME is unset)".into(), |p| p
+                    .display()
+                    .to_string())
             )
-        };
-        let n = |v: &Value| match v {
-            Value::Number(n) => n.as_i64().or(n.as_f64().map(|f| f as i64)).unwrap(),
-            Value::String(s) => s.parse().unwrap_or(0),
-            Value::Null => 0,
-            other => panic!("not a number: {other:?}"),
-        };
-        let arity = |k: usize| assert_eq!(a.len(), k, "{name} takes {k} arguments, got {a:?}");
-        match name {
-            "include" => {
-                arity(2);
-                Value::String(self.include(a[0].as_str().unwrap(), &a[1]))
-            }
-            "toYaml" => {
-                arity(1);
-                let y = serde_yaml_ng::to_string(&a[0]).unwrap();
-                Value::String(y.trim_end_matches('\n').to_string())
-            }
-            "fromYaml" => {
-                arity(1);
-                serde_yaml_ng::from_str(a[0].as_str().unwrap()).unwrap()
-            }
-            "toJson" => {
-                arity(1);
-                Value::String(to_json(&a[0]))
-            }
-            "toString" => {
-                arity(1);
-                match &a[0] {
-                    Value::Null => Value::String("<nil>".into()),
-                    v => s(v),
-                }
-            }
-            "quote" => {
-                arity(1);
-                let q = to_str(&a[0]).replace('\\', "\\\\").replace('"', "\\\"");
-                Value::String(format!("\"{q}\""))
-            }
-            "nindent" | "indent" => {
-                arity(2);
-                let body = indent(n(&a[0]) as usize, &to_str(&a[1]));
-                Value::String(if name == "nindent" {
-                    format!("\n{body}")
-                } else {
-                    body
-                })
-            }
-            "int" => {
-                arity(1);
-                Value::Number(n(&a[0]).into())
-            }
-            "default" => {
-                arity(2);
-                if truthy(&a[1]) {
-                    a[1].clone()
-                } else {
-                    a[0].clone()
-                }
-            }
-            "not" => {
-                arity(1);
-                Value::Bool(!truthy(&a[0]))
-            }
-            "and" => a
-                .iter()
-                .find(|v| !truthy(v))
-                .unwrap_or(a.last().unwrap())
-                .clone(),
-            "or" => a
-                .iter()
-                .find(|v| truthy(v))
-                .unwrap_or(a.last().unwrap())
-                .clone(),
-            "eq" | "ne" => {
-                arity(2);
-                Value::Bool((a[0] == a[1]) == (name == "eq"))
-            }
-            "hasKey" => {
-                arity(2);
-                Value::Bool(
-                    a[0].as_mapping()
-                        .is_some_and(|m| m.contains_key(a[1].as_str().unwrap())),
+        })
+}
+
+fn helm_bin() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        let helm = find_tool("helm");
+        let out = Command::new(&helm)
+            .args(["version", "--short"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", helm.display()));
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && version.starts_with("v3."),
+            "{} is not Helm 3 ({version}); run scripts/chart-tools",
+            helm.display()
+        );
+        helm
+    })
+}
+
+fn kubernetes_validate_bin() -> &'static Path {
+    static KV: OnceLock<PathBuf> = OnceLock::new();
+    KV.get_or_init(|| find_tool("kubernetes-validate"))
+}
+
+/// A directory of its own for one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(label: &str) -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "nearcache-chart-{}-{label}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs helm with its cache, config and data directories in `scratch` (nothing of the
+/// user's helm set-up is read or written) and returns its stdout; fails on an error.
+fn helm(scratch: &Scratch, args: &[&str]) -> String {
+    let home = scratch.0.join("helm-home");
+    let out = Command::new(helm_bin())
+        .args(args)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .current_dir(ROOT)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {} failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Values files (`helm -f`), one per snippet; helm merges them over the chart's defaults.
+fn values_files(scratch: &Scratch, values: &[&str]) -> Vec<String> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let file = scratch.write(&format!("values-{i}.yaml"), text);
+            file.to_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+fn with_values<'a>(mut args: Vec<&'a str>, files: &'a [String]) -> Vec<&'a str> {
+    for f in files {
+        args.push("-f");
+        args.push(f);
+    }
+    args
+}
+
+fn helm_lint(scratch: &Scratch, chart: &str, values: &[&str]) {
+    let files = values_files(scratch, values);
+    let out = helm(
+        scratch,
+        &with_values(vec!["lint", "--strict", chart], &files),
+    );
+    assert!(
+        out.contains("1 chart(s) linted, 0 chart(s) failed"),
+        "helm lint:\n{out}"
+    );
+}
+
+/// `helm template demo <chart> -n apps -f ...`, validated and split into documents.
+fn render_chart(scratch: &Scratch, chart: &str, values: &[&str]) -> Rendered {
+    let files = values_files(scratch, values);
+    let args = with_values(
+        vec!["template", "demo", chart, "--namespace", "apps"],
+        &files,
+    );
+    let text = helm(scratch, &args);
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| {
+            Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("helm template output is not YAML: {e}\n{text}"))
+        })
+        .collect();
+    for doc in &docs {
+        assert!(
+            doc["apiVersion"].is_string()
+                && doc["kind"].is_string()
+                && doc["metadata"]["name"].is_string(),
+            "a rendered document lacks apiVersion, kind or metadata.name:\n{text}"
+        );
+    }
+    let rendered = Rendered { text, docs };
+    rendered.validate();
+    rendered
+}
+
+/// The output of one `helm template`.
+struct Rendered {
+    text: String,
+    docs: Vec<Value>,
+}
+
+impl Rendered {
+    fn kinds(&self) -> BTreeSet<String> {
+        self.docs.iter().map(|d| to_str(&d["kind"])).collect()
+    }
+
+    fn all(&self, kind: &str) -> Vec<&Value> {
+        self.docs.iter().filter(|d| d["kind"] == kind).collect()
+    }
+
+    fn get(&self, kind: &str) -> Option<&Value> {
+        let all = self.all(kind);
+        assert!(all.len() <= 1, "more than one {kind}:\n{}", self.text);
+        all.first().copied()
+    }
+
+    fn one(&self, kind: &str) -> &Value {
+        self.get(kind)
+            .unwrap_or_else(|| panic!("no {kind} rendered:\n{}", self.text))
+    }
+
+    fn named(&self, kind: &str, name: &str) -> &Value {
+        self.all(kind)
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} rendered:\n{}", self.text))
+    }
+
+    /// The ConfigMap's nearcache.toml.
+    fn config(&self) -> String {
+        let cm = self.one("ConfigMap");
+        cm["data"]["nearcache.toml"]
+            .as_str()
+            .unwrap_or_else(|| panic!("ConfigMap without data.nearcache.toml:\n{}", self.text))
+            .to_string()
+    }
+
+    /// `kubernetes-validate --strict` against the Kubernetes schemas: every built-in
+    /// resource must be reported as passed; only the Prometheus Operator's
+    /// ServiceMonitor (a CRD) has no schema there.
+    fn validate(&self) {
+        let mut child = Command::new(kubernetes_validate_bin())
+            .args(["--strict", "--kubernetes-version", KUBERNETES, "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubernetes-validate");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(self.text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "kubernetes-validate --strict (Kubernetes {KUBERNETES}) rejects the rendered chart:\n{report}\n---\n{}",
+            self.text
+        );
+        let minor = KUBERNETES.rsplit_once('.').unwrap().0;
+        for doc in &self.docs {
+            let kind = to_str(&doc["kind"]);
+            let name = to_str(&doc["metadata"]["name"]);
+            let expected = if kind == "ServiceMonitor" {
+                "Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1"
+                    .to_string()
+            } else {
+                format!(
+                    "passed for resource {}/{name} against version {minor}",
+                    kind.to_lowercase()
                 )
-            }
-            "contains" => {
-                arity(2);
-                Value::Bool(to_str(&a[1]).contains(&to_str(&a[0])))
-            }
-            "trunc" => {
-                arity(2);
-                Value::String(to_str(&a[1]).chars().take(n(&a[0]) as usize).collect())
-            }
-            "trimSuffix" => {
-                arity(2);
-                let v = to_str(&a[1]);
-                Value::String(v.strip_suffix(&to_str(&a[0])).unwrap_or(&v).to_string())
-            }
-            "printf" => {
-                let fmt = to_str(&a[0]);
-                let mut args = a[1..].iter();
-                let mut o = String::new();
-                let mut chars = fmt.chars();
-                while let Some(c) = chars.next() {
-                    if c == '%' {
-                        match chars.next() {
-                            Some('s') | Some('d') | Some('v') => {
-                                o.push_str(&to_str(args.next().expect("printf: missing argument")))
-                            }
-                            other => panic!("printf verb {other:?} not supported"),
-                        }
-                    } else {
-                        o.push(c);
-                    }
-                }
-                Value::String(o)
-            }
-            "b64enc" => {
-                arity(1);
-                Value::String(base64(to_str(&a[0]).as_bytes()))
-            }
-            "sha256sum" => {
-                arity(1);
-                // Stand-in: only the shape matters here.
-                Value::String(format!("{:064x}", to_str(&a[0]).len()))
-            }
-            other => panic!(
-                "template renderer: function {other:?} is not supported; extend tests/chart.rs"
-            ),
+            };
+            assert!(
+                report.contains(&expected),
+                "kubernetes-validate did not report {expected:?}:\n{report}"
+            );
+        }
+        for line in report.lines().filter(|l| !l.starts_with("INFO ")) {
+            assert!(
+                line.contains("kind ServiceMonitor with api version monitoring.coreos.com/v1"),
+                "kubernetes-validate: {line}"
+            );
         }
     }
 }
 
 // ---------------------------------------------------------------------------
-// Fixtures.
+// Fixtures: values files that switch on each optional part of the chart.
 
-const CHART: &str = "helm/nearcache";
+const EXAMPLE: &str = "example: {enabled: true}";
+const SERVICE_MONITOR: &str =
+    "serviceMonitor: {enabled: true, labels: {release: kube-prometheus-stack}}";
+const MONITOR_SELECTOR: &str = "serviceMonitor: {selector: {app.kubernetes.io/name: shop}}";
+const PASSWORD: &str = "upstream: {password: s3cret}";
+const EXISTING_SECRET: &str = "upstream: {existingSecret: app-redis, existingSecretKey: password}";
+const TLS: &str =
+    "upstream: {tls: {existingSecret: redis-tls, clientCert: true, serverName: redis.internal}}";
+const BIND_POD_IP: &str = "admin: {bindPodIP: true, port: 9200}";
+const EXTRA_ENV: &str = "sidecar: {extraEnv: [{name: REDIS_DB, value: \"2\"}]}";
+const NO_PRESTOP: &str = "sidecar: {preStopSleepSeconds: 0}";
+const CACHE_OFF: &str = "cache: {enabled: false}";
+const FULLNAME: &str = "fullnameOverride: shop-cache";
+/// The Compose kline route.
+const TDENGINE: &str = r#"
+tdengine:
+  enabled: true
+  dsn: taos+ws://root:taosdata@tdengine:6041/market
+  routes:
+    - key: "kline:{symbol}:{freq}"
+      sql: "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500"
+      ttl: 15m
+      params:
+        symbol: { pattern: "^[0-9A-Za-z.\\-]{1,16}$", quote: true }
+        freq: { allow: ["1m", "5m", "15m", "30m", "60m", "1d", "1w"] }
+"#;
+const TDENGINE_SECRET: &str = "tdengine: {existingSecret: td-dsn}";
+
+/// Every optional part that adds to the output, at once.
+const EVERYTHING: &[&str] = &[
+    EXAMPLE,
+    SERVICE_MONITOR,
+    PASSWORD,
+    TLS,
+    BIND_POD_IP,
+    EXTRA_ENV,
+    TDENGINE,
+    TDENGINE_SECRET,
+];
+
+struct Case {
+    name: &'static str,
+    values: &'static [&'static str],
+    kinds: &'static [&'static str],
+}
+
+/// The default values, each toggle on (with the example Deployment, which carries the
+/// sidecar), and everything on.
+const CASES: &[Case] = &[
+    Case {
+        name: "defaults",
+        values: &[],
+        kinds: &["ConfigMap"],
+    },
+    Case {
+        name: "example.enabled",
+        values: &[EXAMPLE],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "serviceMonitor.enabled",
+        values: &[SERVICE_MONITOR],
+        kinds: &["ConfigMap", "Service", "ServiceMonitor"],
+    },
+    Case {
+        name: "serviceMonitor.selector",
+        values: &[EXAMPLE, SERVICE_MONITOR, MONITOR_SELECTOR],
+        kinds: &["ConfigMap", "Deployment", "Service", "ServiceMonitor"],
+    },
+    Case {
+        name: "upstream.password",
+        values: &[EXAMPLE, PASSWORD],
+        kinds: &["ConfigMap", "Deployment", "Secret"],
+    },
+    Case {
+        name: "upstream.existingSecret",
+        values: &[EXAMPLE, PASSWORD, EXISTING_SECRET],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "upstream.tls",
+        values: &[EXAMPLE, TLS],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "admin.bindPodIP",
+        values: &[EXAMPLE, BIND_POD_IP],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "sidecar.extraEnv",
+        values: &[EXAMPLE, EXTRA_ENV],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "sidecar.preStopSleepSeconds=0",
+        values: &[EXAMPLE, NO_PRESTOP],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "cache.enabled=false",
+        values: &[EXAMPLE, CACHE_OFF],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "fullnameOverride",
+        values: &[EXAMPLE, FULLNAME],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "tdengine.enabled",
+        values: &[EXAMPLE, TDENGINE],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "tdengine.existingSecret",
+        values: &[EXAMPLE, TDENGINE, TDENGINE_SECRET],
+        kinds: &["ConfigMap", "Deployment"],
+    },
+    Case {
+        name: "everything",
+        values: EVERYTHING,
+        kinds: &[
+            "ConfigMap",
+            "Deployment",
+            "Secret",
+            "Service",
+            "ServiceMonitor",
+        ],
+    },
+];
+
+/// Renders this chart with `values` (helm template, then kubernetes-validate).
+fn render(values: &[&str]) -> Rendered {
+    let scratch = Scratch::new("render");
+    render_chart(&scratch, CHART, values)
+}
 
 fn values() -> Value {
     yaml(&read(&format!("{CHART}/values.yaml")), "values.yaml")
@@ -771,89 +478,6 @@ fn values() -> Value {
 
 fn chart_meta() -> Value {
     yaml(&read(&format!("{CHART}/Chart.yaml")), "Chart.yaml")
-}
-
-fn context(values: Value) -> Value {
-    let meta = chart_meta();
-    yaml(
-        &format!(
-            "Release: {{Name: demo, Namespace: apps, Service: Helm}}\nChart: {{Name: {}, Version: {}, AppVersion: {:?}}}\n",
-            to_str(&meta["name"]),
-            to_str(&meta["version"]),
-            to_str(&meta["appVersion"])
-        ),
-        "context",
-    )
-    .as_mapping()
-    .cloned()
-    .map(|mut m| {
-        m.insert("Values".into(), values);
-        Value::Mapping(m)
-    })
-    .unwrap()
-}
-
-/// Sets `a.b.c` in a values tree (creating maps on the way).
-fn set(v: &mut Value, dotted: &str, new: Value) {
-    let mut cur = v;
-    let parts: Vec<&str> = dotted.split('.').collect();
-    for p in &parts[..parts.len() - 1] {
-        if cur.get(*p).is_none() {
-            cur.as_mapping_mut()
-                .unwrap()
-                .insert((*p).into(), Value::Mapping(Mapping::new()));
-        }
-        cur = cur.get_mut(*p).unwrap();
-    }
-    cur.as_mapping_mut()
-        .unwrap()
-        .insert(parts[parts.len() - 1].into(), new);
-}
-
-/// The values with every optional part switched on, including the Compose kline route.
-fn everything_on() -> Value {
-    let mut v = values();
-    set(&mut v, "example.enabled", true.into());
-    set(&mut v, "serviceMonitor.enabled", true.into());
-    set(
-        &mut v,
-        "serviceMonitor.labels",
-        yaml("release: kube-prometheus-stack", "labels"),
-    );
-    set(&mut v, "upstream.password", "s3cret".into());
-    set(&mut v, "upstream.tls.existingSecret", "redis-tls".into());
-    set(&mut v, "upstream.tls.serverName", "redis.internal".into());
-    set(
-        &mut v,
-        "sidecar.extraEnv",
-        yaml("- {name: REDIS_DB, value: \"2\"}", "extraEnv"),
-    );
-    set(&mut v, "tdengine.enabled", true.into());
-    set(
-        &mut v,
-        "tdengine.dsn",
-        "taos+ws://root:taosdata@tdengine:6041/market".into(),
-    );
-    set(
-        &mut v,
-        "tdengine.routes",
-        yaml(
-            r#"
-- key: "kline:{symbol}:{freq}"
-  sql: "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500"
-  ttl: 15m
-  params:
-    symbol: { pattern: "^[0-9A-Za-z.\\-]{1,16}$", quote: true }
-    freq: { allow: ["1m", "5m", "15m", "30m", "60m", "1d", "1w"] }
-"#,
-            "routes",
-        ),
-    );
-    v
-}
-
-fn renderer() -> Renderer {
-    Renderer::new(&path(CHART))
 }
 
 fn templates() -> Vec<(String, String)> {
@@ -1067,63 +691,6 @@ fn chart_metadata_and_values_parse() {
     }
 }
 
-#[test]
-fn every_template_renders_to_yaml() {
-    let r = renderer();
-    for (label, values) in [
-        ("default values", values()),
-        ("everything enabled", everything_on()),
-    ] {
-        let ctx = context(values);
-        let mut kinds = BTreeSet::new();
-        for (name, text) in templates() {
-            let out = r.render_file(&text, &ctx);
-            if out.trim().is_empty() {
-                continue;
-            }
-            let doc = yaml(&out, &format!("{name} ({label})"));
-            let kind = to_str(&doc["kind"]);
-            assert!(
-                !kind.is_empty() && doc["apiVersion"].is_string(),
-                "{name}: no kind/apiVersion"
-            );
-            assert!(
-                doc["metadata"]["name"].is_string(),
-                "{name}: no metadata.name"
-            );
-            kinds.insert(kind);
-        }
-        if label == "everything enabled" {
-            let want: BTreeSet<String> = [
-                "ConfigMap",
-                "Secret",
-                "Deployment",
-                "Service",
-                "ServiceMonitor",
-            ]
-            .map(String::from)
-            .into();
-            assert_eq!(kinds, want, "{label}");
-        } else {
-            assert_eq!(kinds, BTreeSet::from(["ConfigMap".to_string()]), "{label}");
-        }
-    }
-}
-
-fn render_sidecar(values: Value) -> Mapping {
-    let out = renderer().include("nearcache.sidecar", &context(values));
-    let list = yaml(&out, "nearcache.sidecar");
-    let items = list
-        .as_sequence()
-        .expect("nearcache.sidecar renders a list item");
-    assert_eq!(
-        items.len(),
-        1,
-        "nearcache.sidecar renders exactly one container"
-    );
-    items[0].as_mapping().unwrap().clone()
-}
-
 fn check_sidecar(c: &Mapping, flags: &BTreeSet<String>) {
     let c = Value::Mapping(c.clone());
     let args = flag_map(&strings(&c["args"]), flags);
@@ -1206,54 +773,250 @@ fn check_sidecar(c: &Mapping, flags: &BTreeSet<String>) {
     );
 }
 
-#[test]
-fn sidecar_matches_the_cli_and_its_probes() {
-    let flags = cli_flags();
-    let c = render_sidecar(values());
-    check_sidecar(&c, &flags);
-    assert!(Value::Mapping(c.clone())["env"]
+fn pod_spec(dep: &Value) -> &Value {
+    &dep["spec"]["template"]["spec"]
+}
+
+/// The nearcache container of a Deployment.
+fn sidecar_of(dep: &Value) -> Mapping {
+    let containers = pod_spec(dep)["containers"]
         .as_sequence()
-        .unwrap()
+        .unwrap_or_else(|| panic!("a Deployment without containers: {dep:?}"));
+    let ours: Vec<_> = containers
         .iter()
-        .all(|e| e["name"] != "REDIS_PASSWORD"));
+        .filter(|c| c["name"] == "nearcache")
+        .collect();
+    assert_eq!(
+        ours.len(),
+        1,
+        "exactly one nearcache container: {containers:?}"
+    );
+    ours[0].as_mapping().unwrap().clone()
+}
 
-    // Admin bound to the pod IP via the downward API.
-    let mut v = values();
-    set(&mut v, "admin.bindPodIP", true.into());
-    set(&mut v, "admin.port", 9200.into());
-    check_sidecar(&render_sidecar(v), &flags);
-
-    // Secrets: the password comes from a secretKeyRef, to the chart's or an existing Secret.
-    let c = Value::Mapping(render_sidecar(everything_on()));
-    check_sidecar(c.as_mapping().unwrap(), &flags);
-    let env = c["env"].as_sequence().unwrap();
-    let pw = env
+fn env_var<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_sequence()
+        .expect("the sidecar has env")
         .iter()
-        .find(|e| e["name"] == "REDIS_PASSWORD")
-        .expect("REDIS_PASSWORD");
+        .find(|e| e["name"] == name)
+}
+
+fn config_checksum(dep: &Value) -> String {
+    let sum =
+        to_str(&dep["spec"]["template"]["metadata"]["annotations"]["checksum/nearcache-config"]);
+    assert!(
+        sum.len() == 64 && sum.chars().all(|c| c.is_ascii_hexdigit()),
+        "checksum/nearcache-config is not a sha256: {sum:?}"
+    );
+    sum
+}
+
+/// A pod that runs the sidecar: the sidecar itself ([`check_sidecar`]), its volumes (the
+/// config volume is the ConfigMap of the same release), the config checksum annotation,
+/// and a grace period that outlasts the preStop sleep plus nearcache's shutdown_grace.
+fn check_pod(r: &Rendered, dep: &Value, flags: &BTreeSet<String>) {
+    let c = Value::Mapping(sidecar_of(dep));
+    check_sidecar(c.as_mapping().unwrap(), flags);
+    let spec = pod_spec(dep);
+    let volumes = spec["volumes"].as_sequence().expect("pod volumes");
+    for m in c["volumeMounts"].as_sequence().unwrap() {
+        assert!(
+            volumes.iter().any(|v| v["name"] == m["name"]),
+            "the sidecar mounts {:?}, which the pod lacks: {volumes:?}",
+            m["name"]
+        );
+    }
+    let config = volumes
+        .iter()
+        .find(|v| v["name"] == "nearcache-config")
+        .expect("nearcache-config volume");
+    assert_eq!(
+        config["configMap"]["name"],
+        r.one("ConfigMap")["metadata"]["name"],
+        "the config volume is the ConfigMap rendered beside it"
+    );
+    config_checksum(dep);
+
+    let pre_stop = match &c["lifecycle"]["preStop"]["exec"]["command"] {
+        Value::Null => 0,
+        cmd => {
+            let cmd = strings(cmd);
+            assert_eq!(cmd.len(), 2, "preStop {cmd:?}");
+            assert_eq!(cmd[0], "sleep", "preStop {cmd:?}");
+            cmd[1].parse().expect("preStop sleep seconds")
+        }
+    };
+    let table: toml::Table = toml::from_str(&r.config()).expect("the ConfigMap's TOML parses");
+    let shutdown = humantime::parse_duration(table["shutdown_grace"].as_str().unwrap()).unwrap();
+    let grace = spec["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        Duration::from_secs(grace) > Duration::from_secs(pre_stop) + shutdown,
+        "terminationGracePeriodSeconds {grace} must exceed preStop sleep {pre_stop}s + shutdown_grace {shutdown:?}"
+    );
+}
+
+/// The ConfigMap's keys all exist in conf/nearcache.toml and `nearcache --check-config`
+/// accepts it (the TLS files, mounted from a Secret in the pod, stood in under `scratch`).
+/// Returns the file as checked.
+fn check_rendered_config(
+    scratch: &Scratch,
+    r: &Rendered,
+    documented: &BTreeSet<String>,
+    label: &str,
+) -> String {
+    let text = r.config();
+    let table: toml::Table = toml::from_str(&text)
+        .unwrap_or_else(|e| panic!("ConfigMap TOML ({label}) does not parse: {e}\n{text}"));
+    let mut keys = BTreeSet::new();
+    toml_keys(&table, "", &mut keys);
+    let unknown: Vec<_> = keys.difference(documented).collect();
+    assert!(
+        unknown.is_empty(),
+        "ConfigMap ({label}) renders keys conf/nearcache.toml lacks: {unknown:?}"
+    );
+    let tls = scratch.0.join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    for f in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::write(tls.join(f), "test").unwrap();
+    }
+    let local = text.replace("/etc/nearcache-tls/", &format!("{}/", tls.display()));
+    let file = scratch.write("nearcache.toml", &local);
+    let out = check_config(&file);
+    assert!(
+        out.status.success(),
+        "nearcache --check-config rejects the chart's ConfigMap ({label}; if the message is about \
+         [tdengine], the TDengine module may not have landed yet): {}\n{local}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local
+}
+
+#[test]
+fn chart_lints_renders_and_validates_with_each_toggle() {
+    let flags = cli_flags();
+    let documented = documented_keys();
+    for case in CASES {
+        eprintln!("case {}: {:?}", case.name, case.values);
+        let scratch = Scratch::new("case");
+        helm_lint(&scratch, CHART, case.values);
+        let r = render_chart(&scratch, CHART, case.values);
+        let want: BTreeSet<String> = case.kinds.iter().map(|k| k.to_string()).collect();
+        assert_eq!(r.kinds(), want, "{}: rendered kinds", case.name);
+        assert_eq!(
+            r.docs.len(),
+            want.len(),
+            "{}: one document of each kind:\n{}",
+            case.name,
+            r.text
+        );
+        for doc in &r.docs {
+            assert_eq!(
+                doc["metadata"]["labels"]["app.kubernetes.io/instance"],
+                Value::from("demo"),
+                "{}: {} labels",
+                case.name,
+                to_str(&doc["kind"])
+            );
+        }
+        if let Some(dep) = r.get("Deployment") {
+            check_pod(&r, dep, &flags);
+        }
+        check_rendered_config(&scratch, &r, &documented, case.name);
+    }
+}
+
+#[test]
+fn sidecar_defaults_match_the_values_and_the_docs() {
+    let r = render(&[EXAMPLE]);
+    let c = Value::Mapping(sidecar_of(r.one("Deployment")));
+    let args = strings(&c["args"]).join(" ");
+    assert_eq!(
+        args,
+        "--listen 127.0.0.1:6379 --admin 0.0.0.0:9121 --config /etc/nearcache/nearcache.toml --log-format json"
+    );
+    for doc in ["docs/deploy.md", "helm/nearcache/README.md"] {
+        assert!(
+            read(doc).contains(&args),
+            "{doc} should show the sidecar's arguments as rendered: {args}"
+        );
+    }
+    assert!(env_var(&c, "REDIS_PASSWORD").is_none(), "no password set");
+    assert!(
+        env_var(&c, "TDENGINE_DSN").is_none(),
+        "no TDengine Secret set"
+    );
+    assert_eq!(
+        env_var(&c, "RUST_LOG").unwrap()["value"],
+        Value::from("info")
+    );
+    let v = values();
+    assert_eq!(
+        strings(&c["lifecycle"]["preStop"]["exec"]["command"]),
+        ["sleep", &to_str(&v["sidecar"]["preStopSleepSeconds"])]
+    );
+    assert_eq!(c["resources"], v["sidecar"]["resources"]);
+    assert_eq!(c["securityContext"], v["sidecar"]["securityContext"]);
+    assert_eq!(
+        c["image"],
+        Value::from(format!(
+            "ghcr.io/example/nearcache:{}",
+            env!("CARGO_PKG_VERSION")
+        ))
+    );
+
+    // preStopSleepSeconds: 0 drops the hook.
+    let r = render(&[EXAMPLE, NO_PRESTOP]);
+    let c = Value::Mapping(sidecar_of(r.one("Deployment")));
+    assert!(c["lifecycle"].is_null(), "lifecycle: {:?}", c["lifecycle"]);
+}
+
+#[test]
+fn admin_can_bind_the_pod_ip() {
+    let r = render(&[EXAMPLE, BIND_POD_IP]);
+    let c = Value::Mapping(sidecar_of(r.one("Deployment")));
+    let args = flag_map(&strings(&c["args"]), &cli_flags());
+    assert_eq!(args["--admin"], "$(POD_IP):9200");
+    assert_eq!(c["ports"][0]["containerPort"], Value::from(9200));
+}
+
+#[test]
+fn passwords_and_dsns_come_from_secrets() {
+    // upstream.password: the chart's Secret, referenced by name and key.
+    let r = render(&[EXAMPLE, PASSWORD]);
+    let c = Value::Mapping(sidecar_of(r.one("Deployment")));
+    let secret = r.one("Secret");
+    assert_eq!(secret["metadata"]["name"], Value::from("demo-nearcache"));
+    assert_eq!(
+        secret["data"]["redis-password"],
+        Value::from("czNjcmV0"),
+        "base64 of s3cret"
+    );
+    let pw = env_var(&c, "REDIS_PASSWORD").expect("REDIS_PASSWORD");
     assert_eq!(
         pw["valueFrom"]["secretKeyRef"]["name"],
-        Value::from("demo-nearcache")
+        secret["metadata"]["name"]
     );
     assert_eq!(
         pw["valueFrom"]["secretKeyRef"]["key"],
         Value::from("redis-password")
     );
     assert!(
-        env.iter().any(|e| e["name"] == "REDIS_DB"),
-        "extraEnv is appended"
+        !r.config().contains("s3cret"),
+        "the password must not be in the ConfigMap"
     );
-    let mut v = values();
-    set(&mut v, "upstream.existingSecret", "app-redis".into());
-    set(&mut v, "upstream.existingSecretKey", "password".into());
-    let c = Value::Mapping(render_sidecar(v.clone()));
-    let pw = c["env"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "REDIS_PASSWORD")
-        .cloned();
-    let pw = pw.expect("REDIS_PASSWORD from existingSecret");
+
+    // upstream.existingSecret wins over password, and the chart creates no Secret.
+    let r = render(&[EXAMPLE, PASSWORD, EXISTING_SECRET]);
+    assert!(
+        r.get("Secret").is_none(),
+        "no Secret with existingSecret:\n{}",
+        r.text
+    );
+    let c = Value::Mapping(sidecar_of(r.one("Deployment")));
+    let pw = env_var(&c, "REDIS_PASSWORD").expect("REDIS_PASSWORD from existingSecret");
     assert_eq!(
         pw["valueFrom"]["secretKeyRef"]["name"],
         Value::from("app-redis")
@@ -1262,158 +1025,312 @@ fn sidecar_matches_the_cli_and_its_probes() {
         pw["valueFrom"]["secretKeyRef"]["key"],
         Value::from("password")
     );
-    // ...and then the chart creates no Secret of its own.
-    let secret = renderer().render_file(
-        &read(&format!("{CHART}/templates/secret.yaml")),
-        &context(v),
+
+    // tdengine.existingSecret: the whole DSN as TDENGINE_DSN.
+    let r = render(&[EXAMPLE, TDENGINE, TDENGINE_SECRET]);
+    let c = Value::Mapping(sidecar_of(r.one("Deployment")));
+    let dsn = env_var(&c, "TDENGINE_DSN").expect("TDENGINE_DSN");
+    assert_eq!(
+        dsn["valueFrom"]["secretKeyRef"]["name"],
+        Value::from("td-dsn")
     );
-    assert!(
-        secret.trim().is_empty(),
-        "secret.yaml must render nothing with existingSecret:\n{secret}"
+    assert_eq!(
+        dsn["valueFrom"]["secretKeyRef"]["key"],
+        Value::from("tdengine-dsn")
+    );
+
+    // sidecar.extraEnv is appended after the chart's own variables.
+    let r = render(&[EXAMPLE, PASSWORD, EXTRA_ENV]);
+    let c = Value::Mapping(sidecar_of(r.one("Deployment")));
+    let env = c["env"].as_sequence().unwrap();
+    assert_eq!(
+        env.len(),
+        4,
+        "POD_IP, RUST_LOG, REDIS_PASSWORD, REDIS_DB: {env:?}"
+    );
+    assert_eq!(env[3], yaml("{name: REDIS_DB, value: \"2\"}", "REDIS_DB"));
+}
+
+#[test]
+fn tls_secret_is_mounted_where_the_config_looks() {
+    let r = render(&[EXAMPLE, TLS]);
+    let dep = r.one("Deployment");
+    let c = Value::Mapping(sidecar_of(dep));
+    let vol = pod_spec(dep)["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "nearcache-tls")
+        .expect("nearcache-tls volume");
+    assert_eq!(vol["secret"]["secretName"], Value::from("redis-tls"));
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "nearcache-tls")
+        .expect("nearcache-tls mount");
+    assert_eq!(mount["readOnly"], Value::from(true));
+    let dir = format!("{}/", to_str(&mount["mountPath"]));
+    let table: toml::Table = toml::from_str(&r.config()).unwrap();
+    let tls = table["upstream"]["tls"]
+        .as_table()
+        .expect("[upstream.tls] rendered");
+    for (key, file) in [
+        ("ca_file", "ca.crt"),
+        ("cert_file", "tls.crt"),
+        ("key_file", "tls.key"),
+    ] {
+        assert_eq!(
+            tls.get(key).and_then(|v| v.as_str()),
+            Some(format!("{dir}{file}").as_str()),
+            "{key} in the mounted Secret"
+        );
+    }
+    assert_eq!(tls["server_name"].as_str(), Some("redis.internal"));
+
+    // Without a TLS Secret: no volume, no mount, no [upstream.tls].
+    let r = render(&[EXAMPLE]);
+    let dep = r.one("Deployment");
+    assert_eq!(pod_spec(dep)["volumes"].as_sequence().unwrap().len(), 1);
+    assert_eq!(
+        Value::Mapping(sidecar_of(dep))["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .len(),
+        1
+    );
+    let table: toml::Table = toml::from_str(&r.config()).unwrap();
+    assert!(table["upstream"].get("tls").is_none());
+}
+
+#[test]
+fn configmap_carries_the_values() {
+    // The policies arrive exactly as in the values (lock:* uncached).
+    let r = render(&[]);
+    let cfg =
+        nearcache::Config::from_toml(&r.config()).unwrap_or_else(|e| panic!("{e}\n{}", r.config()));
+    let lock = cfg
+        .cache
+        .policies
+        .iter()
+        .find(|p| p.pattern == "lock:*")
+        .unwrap();
+    assert!(lock.ttl.is_none(), "lock:* must not be cached");
+    assert_eq!(cfg.cache.policies.len(), 4);
+    let table: toml::Table = toml::from_str(&r.config()).unwrap();
+    assert_eq!(table["cache"]["enabled"].as_bool(), Some(true));
+    assert!(table.get("tdengine").is_none());
+
+    let r = render(&[CACHE_OFF]);
+    let table: toml::Table = toml::from_str(&r.config()).unwrap();
+    assert_eq!(table["cache"]["enabled"].as_bool(), Some(false));
+
+    // The Compose kline route, with its escapes intact.
+    let scratch = Scratch::new("tdengine");
+    let r = render_chart(&scratch, CHART, EVERYTHING);
+    let local = check_rendered_config(&scratch, &r, &documented_keys(), "everything");
+    let cfg = nearcache::Config::from_toml(&local).unwrap();
+    let td = cfg.tdengine.expect("tdengine section rendered");
+    assert_eq!(td.dsn, "taos+ws://root:taosdata@tdengine:6041/market");
+    assert_eq!(td.routes.len(), 1);
+    assert_eq!(td.routes[0].key, "kline:{symbol}:{freq}");
+    assert_eq!(td.routes[0].ttl, Duration::from_secs(15 * 60));
+    let symbol = &td.routes[0]
+        .params
+        .iter()
+        .find(|(n, _)| n == "symbol")
+        .unwrap()
+        .1;
+    assert_eq!(
+        symbol.pattern.as_deref(),
+        Some("^[0-9A-Za-z.\\-]{1,16}$"),
+        "escapes survive rendering"
+    );
+    assert!(symbol.quote);
+    let freq = &td.routes[0]
+        .params
+        .iter()
+        .find(|(n, _)| n == "freq")
+        .unwrap()
+        .1;
+    assert_eq!(freq.allow.as_ref().map(Vec::len), Some(7));
+    assert!(!freq.quote);
+}
+
+#[test]
+fn pod_annotation_changes_exactly_when_the_config_does() {
+    let checksum = |values: &[&str]| config_checksum(render(values).one("Deployment"));
+    let base = checksum(&[EXAMPLE]);
+    assert_eq!(
+        base,
+        checksum(&[EXAMPLE, EXTRA_ENV]),
+        "extraEnv is not part of the config"
+    );
+    assert_ne!(base, checksum(&[EXAMPLE, CACHE_OFF]));
+    assert_ne!(base, checksum(&[EXAMPLE, TDENGINE]));
+}
+
+#[test]
+fn service_monitor_scrapes_the_sidecar_admin_port() {
+    let r = render(EVERYTHING);
+    let dep = r.one("Deployment");
+    let c = Value::Mapping(sidecar_of(dep));
+    let admin = port_of(&flag_map(&strings(&c["args"]), &cli_flags())["--admin"]);
+    let svc = r.one("Service");
+    let sm = r.one("ServiceMonitor");
+    assert_eq!(svc["spec"]["clusterIP"], Value::from("None"));
+
+    let subset = |small: &Value, big: &Value, what: &str| {
+        let small = small
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{what}: {small:?}"));
+        assert!(!small.is_empty(), "{what} is empty");
+        for (k, v) in small {
+            assert_eq!(big.get(k), Some(v), "{what}: {k:?} vs {big:?}");
+        }
+    };
+    subset(
+        &sm["spec"]["selector"]["matchLabels"],
+        &svc["metadata"]["labels"],
+        "the ServiceMonitor selects the metrics Service",
+    );
+    subset(
+        &svc["spec"]["selector"],
+        &dep["spec"]["template"]["metadata"]["labels"],
+        "the Service selects the example pods",
+    );
+    assert_eq!(
+        strings(&sm["spec"]["namespaceSelector"]["matchNames"]),
+        ["apps"]
+    );
+    assert_eq!(
+        sm["metadata"]["labels"]["release"],
+        Value::from("kube-prometheus-stack")
+    );
+    let endpoint = &sm["spec"]["endpoints"][0];
+    assert_eq!(endpoint["path"], Value::from("/metrics"));
+    let svc_port = svc["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == endpoint["port"])
+        .unwrap_or_else(|| panic!("the Service has no port {:?}", endpoint["port"]));
+    assert_eq!(svc_port["port"].as_u64(), Some(admin as u64));
+    let target = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == svc_port["targetPort"])
+        .unwrap_or_else(|| panic!("the sidecar has no port {:?}", svc_port["targetPort"]));
+    assert_eq!(target["containerPort"].as_u64(), Some(admin as u64));
+
+    // serviceMonitor.selector points the Service at the application's pods instead.
+    let r = render(&[SERVICE_MONITOR, MONITOR_SELECTOR]);
+    assert_eq!(
+        r.one("Service")["spec"]["selector"],
+        yaml("{app.kubernetes.io/name: shop}", "selector")
     );
 }
+
+#[test]
+fn fullname_override_names_the_configmap_the_pod_mounts() {
+    for (values, name) in [
+        (&[EXAMPLE][..], "demo-nearcache"),
+        (&[EXAMPLE, FULLNAME][..], "shop-cache"),
+    ] {
+        let r = render(values);
+        assert_eq!(r.one("ConfigMap")["metadata"]["name"], Value::from(name));
+        let vols = &pod_spec(r.one("Deployment"))["volumes"];
+        assert_eq!(vols[0]["name"], Value::from("nearcache-config"));
+        assert_eq!(vols[0]["configMap"]["name"], Value::from(name));
+    }
+}
+
+/// The pod template of an application's Deployment, as helm/nearcache/README.md shows it.
+const APP_DEPLOYMENT: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ .Release.Name }}-shop
+spec:
+  replicas: {{ .Values.replicaCount }}
+  selector:
+    matchLabels:
+      app.kubernetes.io/name: shop
+  template:
+    metadata:
+      labels:
+        app.kubernetes.io/name: shop
+      annotations:
+        {{- include "nearcache.podAnnotations" . | nindent 8 }}
+    spec:
+      terminationGracePeriodSeconds: 30
+      containers:
+        - name: app
+          image: {{ .Values.image.repository }}:1.2.3
+          env:
+            - name: REDIS_HOST
+              value: 127.0.0.1
+            - name: REDIS_PORT
+              value: "6379"
+        {{- include "nearcache.sidecar" . | nindent 8 }}
+      volumes:
+        {{- include "nearcache.volumes" . | nindent 8 }}
+"#;
 
 #[test]
 fn sidecar_renders_from_an_application_chart() {
     // An application chart that depends on nearcache: our values live under `nearcache:`.
-    let mut app = yaml(
+    let scratch = Scratch::new("app");
+    let meta = chart_meta();
+    scratch.write(
+        "shop/Chart.yaml",
+        &format!(
+            "apiVersion: v2\nname: shop\nversion: 1.0.0\ndependencies:\n  - name: nearcache\n    version: {}\n    repository: file://{}\n",
+            to_str(&meta["version"]),
+            path(CHART).display()
+        ),
+    );
+    scratch.write(
+        "shop/values.yaml",
         "replicaCount: 2\nimage: {repository: my/app}\n",
-        "app values",
     );
-    set(&mut app, "nearcache", values());
-    let r = renderer();
-    let ctx = context(app);
-    let from_app = r.include("nearcache.sidecar", &ctx);
-    let own = r.include("nearcache.sidecar", &context(values()));
-    assert_eq!(
-        from_app, own,
-        "the sidecar must not depend on the including chart"
-    );
-    check_sidecar(
-        yaml(&from_app, "sidecar from the app chart")[0]
-            .as_mapping()
-            .unwrap(),
-        &cli_flags(),
-    );
-    // The volume points at the ConfigMap this chart renders, under the same name.
-    let vols = yaml(&r.include("nearcache.volumes", &ctx), "nearcache.volumes");
-    let cm = yaml(
-        &r.render_file(
-            &read(&format!("{CHART}/templates/configmap.yaml")),
-            &context(values()),
-        ),
-        "configmap",
-    );
-    assert_eq!(vols[0]["name"], Value::from("nearcache-config"));
-    assert_eq!(vols[0]["configMap"]["name"], cm["metadata"]["name"]);
-    // The example Deployment wires the same pieces together.
-    let mut v = values();
-    set(&mut v, "example.enabled", true.into());
-    let dep = yaml(
-        &r.render_file(
-            &read(&format!("{CHART}/templates/deployment-example.yaml")),
-            &context(v),
-        ),
-        "example",
-    );
-    let spec = &dep["spec"]["template"]["spec"];
-    let containers = spec["containers"].as_sequence().unwrap();
-    assert!(containers.iter().any(|c| c["name"] == "nearcache"));
-    assert_eq!(
-        spec["volumes"][0]["configMap"]["name"],
-        cm["metadata"]["name"]
-    );
-    let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(
-        grace > 15,
-        "terminationGracePeriodSeconds {grace} must exceed preStop sleep + shutdown_grace"
-    );
-}
+    scratch.write("shop/templates/deployment.yaml", APP_DEPLOYMENT);
+    let app = scratch.0.join("shop");
+    let app = app.to_str().unwrap();
+    helm(&scratch, &["dependency", "build", app]);
+    helm_lint(&scratch, app, &[]);
+    let flags = cli_flags();
 
-fn rendered_config(values: Value) -> String {
-    let cm = renderer().render_file(
-        &read(&format!("{CHART}/templates/configmap.yaml")),
-        &context(values),
-    );
-    let cm = yaml(&cm, "configmap.yaml");
-    to_str(&cm["data"]["nearcache.toml"])
-}
-
-#[test]
-fn configmap_keys_exist_and_pass_check_config() {
-    let documented = documented_keys();
-    let dir = std::env::temp_dir().join(format!("nearcache-chart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for (label, values) in [("default", values()), ("everything", everything_on())] {
-        let text = rendered_config(values);
-        let table: toml::Table = toml::from_str(&text)
-            .unwrap_or_else(|e| panic!("ConfigMap TOML ({label}) does not parse: {e}\n{text}"));
-        let mut keys = BTreeSet::new();
-        toml_keys(&table, "", &mut keys);
-        let unknown: Vec<_> = keys.difference(&documented).collect();
-        assert!(
-            unknown.is_empty(),
-            "ConfigMap ({label}) renders keys conf/nearcache.toml lacks: {unknown:?}"
+    for (app_values, own_values) in [(&[][..], &[EXAMPLE][..]), (EVERYTHING, EVERYTHING)] {
+        let nested: Vec<String> = app_values
+            .iter()
+            .map(|v| {
+                let mut m = Mapping::new();
+                m.insert("nearcache".into(), yaml(v, "values"));
+                serde_yaml_ng::to_string(&m).unwrap()
+            })
+            .collect();
+        let nested: Vec<&str> = nested.iter().map(String::as_str).collect();
+        let from_app = render_chart(&scratch, app, &nested);
+        let own = render_chart(&scratch, CHART, own_values);
+        let shop = from_app.named("Deployment", "demo-shop");
+        let example = own.one("Deployment");
+        assert_eq!(
+            sidecar_of(shop),
+            sidecar_of(example),
+            "the sidecar must not depend on the including chart"
         );
-
-        // The policies arrive exactly as in the values (lock:* uncached).
-        let cfg = nearcache::Config::from_toml(
-            &text.replace("/etc/nearcache-tls/", &format!("{}/", dir.display())),
+        assert_eq!(pod_spec(shop)["volumes"], pod_spec(example)["volumes"]);
+        assert_eq!(config_checksum(shop), config_checksum(example));
+        assert_eq!(
+            from_app.one("ConfigMap"),
+            own.one("ConfigMap"),
+            "the dependency renders the same ConfigMap"
         );
-        if label == "default" {
-            let cfg = cfg.unwrap_or_else(|e| panic!("{e}\n{text}"));
-            let lock = cfg
-                .cache
-                .policies
-                .iter()
-                .find(|p| p.pattern == "lock:*")
-                .unwrap();
-            assert!(lock.ttl.is_none(), "lock:* must not be cached");
-            assert_eq!(cfg.cache.policies.len(), 4);
-            let file = dir.join("default.toml");
-            std::fs::write(&file, &text).unwrap();
-            let out = check_config(&file);
-            assert!(
-                out.status.success(),
-                "nearcache --check-config rejects the chart's ConfigMap: {}\n{text}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        } else {
-            // The TLS files are mounted from a Secret in the pod; stand them in here.
-            assert!(
-                text.contains("ca_file = \"/etc/nearcache-tls/ca.crt\""),
-                "{text}"
-            );
-            std::fs::write(dir.join("ca.crt"), "test").unwrap();
-            let local = text.replace("/etc/nearcache-tls/", &format!("{}/", dir.display()));
-            let file = dir.join("everything.toml");
-            std::fs::write(&file, &local).unwrap();
-            let out = check_config(&file);
-            assert!(
-                out.status.success(),
-                "nearcache --check-config rejects the chart's ConfigMap with TDengine and TLS (if the message is about \
-                 [tdengine], the TDengine module may not have landed yet): {}\n{local}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let cfg = nearcache::Config::from_toml(&local).unwrap();
-            let td = cfg.tdengine.expect("tdengine section rendered");
-            assert_eq!(td.routes.len(), 1);
-            assert_eq!(td.routes[0].key, "kline:{symbol}:{freq}");
-            let symbol = &td.routes[0]
-                .params
-                .iter()
-                .find(|(n, _)| n == "symbol")
-                .unwrap()
-                .1;
-            assert_eq!(
-                symbol.pattern.as_deref(),
-                Some("^[0-9A-Za-z.\\-]{1,16}$"),
-                "escapes survive rendering"
-            );
-            assert!(symbol.quote);
-        }
+        check_pod(&from_app, shop, &flags);
+        let app_container = &pod_spec(shop)["containers"][0];
+        assert_eq!(app_container["image"], Value::from("my/app:1.2.3"));
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------
@@ -1609,23 +1526,5 @@ fn dashboard_and_guide_use_real_metric_names() {
             unknown.is_empty(),
             "{doc} names metrics src/metrics.rs does not define: {unknown:?}"
         );
-    }
-}
-
-/// `cargo test --test chart -- --ignored --nocapture` prints what the chart renders with
-/// every feature on (a stand-in for `helm template`).
-#[test]
-#[ignore]
-fn print_rendered_chart() {
-    let r = renderer();
-    let ctx = context(everything_on());
-    for (name, text) in templates() {
-        let out = r.render_file(&text, &ctx);
-        if !out.trim().is_empty() {
-            println!(
-                "---\n# Source: nearcache/templates/{name}\n{}",
-                out.trim_start_matches('\n')
-            );
-        }
     }
 }
