@@ -234,6 +234,8 @@ pub struct CacheConfig {
     pub policies: Vec<Policy>,
     /// How long the invalidation feed may stay silent before it counts as stalled.
     pub feed_health_interval: Duration,
+    /// Prove the feed with a canary write (`__nearcache__:canary:*`) every interval, not just a PING.
+    pub feed_canary: bool,
 }
 
 /// One `[[cache.policies]]` entry; the first whose pattern matches a key wins.
@@ -348,6 +350,7 @@ struct FileCache {
     configure_upstream: Option<bool>,
     default_ttl: Option<String>,
     feed_health_interval: Option<String>,
+    feed_canary: Option<bool>,
     policies: Option<Vec<FilePolicy>>,
 }
 
@@ -894,6 +897,7 @@ fn resolve_cache(env: &dyn Env, file: FileCache) -> Result<CacheConfig, ConfigEr
             file.feed_health_interval.as_deref(),
             "1s",
         )?,
+        feed_canary: file.feed_canary.unwrap_or(true),
     })
 }
 

@@ -78,10 +78,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
 
     let connector = upstream::Connector::new(config.upstream.clone())?;
-    let upstream = Arc::new(upstream::Upstream::start(connector.clone()));
+    let upstream = Arc::new(upstream::Upstream::start(connector));
     let cache = cache::Cache::new(config.cache.clone());
     let stop_background = Arc::new(Notify::new());
-    cache::feed::start(cache.clone(), connector, stop_background.clone());
+    cache::feed::start(cache.clone(), upstream.clone(), stop_background.clone());
     let tdengine = match config.tdengine.clone() {
         Some(td) => Some(Arc::new(tdengine::Tdengine::new(td)?)),
         None => None,

@@ -21,19 +21,6 @@ fn cached_proxy(redis: &RedisServer, mode: InvalidationMode) -> Proxy {
     p
 }
 
-fn cmdstat(redis: &RedisServer, cmd: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.conn())
-        .unwrap();
-    info.lines()
-        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|r| r.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Polls `read` until it returns `want`; returns how long that took.
 fn time_until(want: &str, mut read: impl FnMut() -> Option<String>, limit: Duration) -> Duration {
     let start = Instant::now();

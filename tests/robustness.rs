@@ -6,8 +6,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use support::relay::Relay;
@@ -16,56 +15,6 @@ use support::*;
 /// The script from Redis' own test suite: a table that contains itself.
 /// Redis answers with ~8,000 nested one-element arrays ending in an error.
 const RECURSIVE: &str = "local a = {}; local b = {a}; a[1] = b; return a";
-
-struct Raw {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    fn connect(port: u16) -> Raw {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw { s, buf: Vec::new() }
-    }
-
-    fn send(&mut self, args: &[&[u8]]) {
-        self.s
-            .write_all(&nearcache::protocol::command(args))
-            .unwrap();
-    }
-
-    /// Reads one whole reply frame.
-    fn reply(&mut self) -> Vec<u8> {
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            if let Some(len) = nearcache::protocol::frame_len(&self.buf) {
-                return self.buf.drain(..len).collect();
-            }
-            let n = self.s.read(&mut chunk).expect("a reply in time");
-            assert!(n > 0, "connection closed while a reply was owed");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    fn cmd(&mut self, args: &[&[u8]]) -> Vec<u8> {
-        self.send(args);
-        self.reply()
-    }
-
-    /// True once the peer has closed the connection (after reading what it
-    /// sent; a reset counts: the peer closed with our input unread).
-    fn closed(&mut self) -> bool {
-        let mut chunk = [0u8; 4096];
-        loop {
-            match self.s.read(&mut chunk) {
-                Ok(0) => return true,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
-            }
-        }
-    }
-}
 
 fn conf(cache: bool) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("nearcache-robust-{}", std::process::id()));
@@ -81,10 +30,10 @@ fn conf(cache: bool) -> std::path::PathBuf {
 }
 
 /// The process is up and answers both an old connection and a new one.
-fn still_serving(proxy: &mut Spawned, old: &mut Raw) {
+fn still_serving(proxy: &mut Spawned, old: &mut RawClient) {
     assert!(proxy.is_running(), "nearcache exited");
     assert_eq!(old.cmd(&[b"PING"]), b"+PONG\r\n".to_vec());
-    let mut other = Raw::connect(proxy.port);
+    let mut other = RawClient::connect(proxy.port);
     assert_eq!(other.cmd(&[b"SET", b"after", b"1"]), b"+OK\r\n".to_vec());
     assert_eq!(other.cmd(&[b"GET", b"after"]), b"$1\r\n1\r\n".to_vec());
 }
@@ -111,8 +60,8 @@ fn recursive_script_gets_redis_own_answer_and_nearcache_keeps_running() {
         let mut proxy = Spawned::start(&conf, &redis.url());
         wait_until_proxied(proxy.port);
         for proto in [2u8, 3] {
-            let mut direct = Raw::connect(redis.port);
-            let mut through = Raw::connect(proxy.port);
+            let mut direct = RawClient::connect(redis.port);
+            let mut through = RawClient::connect(proxy.port);
             if proto == 3 {
                 direct.cmd(&[b"HELLO", b"3"]);
                 through.cmd(&[b"HELLO", b"3"]);
@@ -150,7 +99,7 @@ fn hundred_thousand_deep_reply_is_forwarded_unchanged() {
         let mut proxy = Spawned::start(&conf, &relay.url());
         wait_until_proxied(proxy.port);
         for proto in [2u8, 3] {
-            let mut c = Raw::connect(proxy.port);
+            let mut c = RawClient::connect(proxy.port);
             if proto == 3 {
                 c.cmd(&[b"HELLO", b"3"]);
             }
@@ -177,10 +126,10 @@ fn hundred_thousand_deep_request_gets_redis_error_and_only_that_client_closes() 
     let mut proxy = Spawned::start(&conf, &redis.url());
     wait_until_proxied(proxy.port);
     let deep = b"*1\r\n".repeat(100_000);
-    let mut bystander = Raw::connect(proxy.port);
+    let mut bystander = RawClient::connect(proxy.port);
     assert_eq!(bystander.cmd(&[b"PING"]), b"+PONG\r\n".to_vec());
 
-    let mut direct = Raw::connect(redis.port);
+    let mut direct = RawClient::connect(redis.port);
     direct.s.write_all(&deep).unwrap();
     let expected = direct.reply();
     assert_eq!(
@@ -191,7 +140,7 @@ fn hundred_thousand_deep_request_gets_redis_error_and_only_that_client_closes() 
     memory_returns(
         &proxy,
         || {
-            let mut c = Raw::connect(proxy.port);
+            let mut c = RawClient::connect(proxy.port);
             c.s.write_all(&deep).unwrap();
             assert_eq!(c.reply(), expected);
             assert!(c.closed(), "broken framing closes that connection");
@@ -205,7 +154,7 @@ fn hundred_thousand_deep_request_gets_redis_error_and_only_that_client_closes() 
 fn wait_until_proxied(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut c = Raw::connect(port);
+        let mut c = RawClient::connect(port);
         if c.cmd(&[b"ECHO", b"up"]) == b"$2\r\nup\r\n" {
             return;
         }

@@ -11,15 +11,22 @@
 //!   enables tracking on a prefix no key uses: Redis sends every tracking
 //!   client an `invalidate` with a null key list on a flush.
 //!
-//! L1 serves only while the feed is up: on connect it is cleared and then
-//! enabled; when the feed drops or a health PING goes unanswered it is
-//! disabled and cleared before anything else happens.
+//! L1 serves only while the feed proves that it sees writes: every
+//! `feed_health_interval` a canary write through the pool
+//! (`SET __nearcache__:canary:<instance>`) must come back on the feed within
+//! that interval. That catches a dropped subscription, `CONFIG SET
+//! notify-keyspace-events ""` after start, and a feed connected to another
+//! server than the pool. And a pool connection that finds a different
+//! `run_id` (another server behind the same address) ends the feed too. On
+//! connect L1 is cleared and then enabled; when the feed fails it is disabled
+//! and cleared before anything else happens.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::Cache;
@@ -29,22 +36,31 @@ use crate::error::Error;
 use crate::metrics;
 use crate::net::{Backoff, BoxStream, FrameReader};
 use crate::protocol::{self, ReplyKind};
-use crate::upstream::{Connector, Login};
+use crate::upstream::{received, Login, ReplyResult, Upstream};
 
 /// A prefix no application key uses: tracking on it only ever reports flushes.
 const FLUSH_ONLY_PREFIX: &str = "__nearcache:flush-only__";
+/// Where the canary keys live; nothing else uses it.
+pub const CANARY_PREFIX: &str = "__nearcache__:canary:";
 
 /// Starts the feed task; it runs until `shutdown` is notified.
-pub fn start(cache: Arc<Cache>, connector: Connector, shutdown: Arc<Notify>) {
+pub fn start(cache: Arc<Cache>, upstream: Arc<Upstream>, shutdown: Arc<Notify>) {
     if !cache.enabled() {
         cache.set_serving(false, "disabled");
         return;
     }
+    let canary_key = Bytes::from(format!(
+        "{CANARY_PREFIX}{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
     tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_secs(1));
         let mut failing = false;
         loop {
-            let run = run_once(&cache, &connector);
+            let run = run_once(&cache, &upstream, &canary_key);
             let result = tokio::select! {
                 r = run => r,
                 _ = shutdown.notified() => return,
@@ -100,140 +116,179 @@ pub fn keyspace_flags_sufficient(flags: &str) -> bool {
     has('K') && (has('A') || "g$lshzxetd".chars().all(has))
 }
 
-async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error> {
-    let connected = connector.connect(3, &Login::Configured, true).await?;
-    let mut conn = FrameReader::new(connected.stream, connected.leftover);
-    let db = connector.config().url.db;
-
-    let mode = match cache.config.invalidation {
-        InvalidationMode::Tracking => InvalidationMode::Tracking,
-        forced_or_auto => {
-            let flags = read_keyspace_flags(&mut conn).await;
-            let sufficient = flags.as_deref().is_some_and(keyspace_flags_sufficient);
-            match (forced_or_auto, sufficient) {
-                (_, true) => InvalidationMode::Keyspace,
-                (InvalidationMode::Auto, false) => InvalidationMode::Tracking,
-                (_, false) if cache.config.configure_upstream => {
-                    let r = call(
-                        &mut conn,
-                        &[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"],
-                    )
-                    .await?;
-                    if r.kind == ReplyKind::Error {
-                        cache.set_serving(false, "keyspace events unavailable");
-                        return Err(Error::Upstream(format!(
-                            "CONFIG SET notify-keyspace-events refused: {}",
-                            error_text(&r)
-                        )));
-                    }
-                    info!("enabled notify-keyspace-events KEA on the upstream (cache.configure_upstream = true)");
-                    InvalidationMode::Keyspace
-                }
-                (_, false) => {
-                    warn!(
-                        flags = flags.as_deref().unwrap_or("unknown"),
-                        "cache.invalidation = \"keyspace\" but the upstream's notify-keyspace-events lacks K and A; \
-                         serving everything from upstream (set cache.configure_upstream = true or use \"tracking\")"
-                    );
-                    cache.set_serving(
-                        false,
-                        "keyspace events not enabled upstream: serving from upstream only",
-                    );
-                    // Re-check now and then: the operator may fix the server.
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    return Ok(());
-                }
-            }
-        }
-    };
-
-    let patterns = cache.cached_patterns();
-    let cached_patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
-    let everything = cache.config.default_ttl.is_some();
-
-    let mode_label = match mode {
-        InvalidationMode::Keyspace => {
-            let mut args: Vec<Vec<u8>> = vec![b"PSUBSCRIBE".to_vec()];
-            if everything || cached_patterns.is_empty() {
-                args.push(format!("__keyspace@{db}__:*").into_bytes());
-            } else {
-                for p in &cached_patterns {
-                    args.push(format!("__keyspace@{db}__:{p}").into_bytes());
-                }
-            }
-            let n = args.len() - 1;
-            conn.write(&protocol::command(&args)).await?;
-            // One confirmation push per pattern.
-            let mut confirmed = 0;
-            while confirmed < n {
-                let r = conn.next().await?;
-                if r.kind == ReplyKind::Error {
-                    return Err(Error::Upstream(format!(
-                        "PSUBSCRIBE refused: {}",
-                        error_text(&r)
-                    )));
-                }
-                confirmed += 1;
-            }
+/// Which mechanism to use on this server, or `None` to serve nothing from
+/// L1 for now (keyspace forced but the server has no events).
+async fn choose_mode(
+    cache: &Cache,
+    conn: &mut FeedConn,
+) -> Result<Option<InvalidationMode>, Error> {
+    if cache.config.invalidation == InvalidationMode::Tracking {
+        return Ok(Some(InvalidationMode::Tracking));
+    }
+    let flags = read_keyspace_flags(conn).await;
+    let sufficient = flags.as_deref().is_some_and(keyspace_flags_sufficient);
+    match (cache.config.invalidation, sufficient) {
+        (_, true) => Ok(Some(InvalidationMode::Keyspace)),
+        (InvalidationMode::Auto, false) => Ok(Some(InvalidationMode::Tracking)),
+        (_, false) if cache.config.configure_upstream => {
             let r = call(
-                &mut conn,
-                &[
-                    b"CLIENT",
-                    b"TRACKING",
-                    b"ON",
-                    b"BCAST",
-                    b"PREFIX",
-                    FLUSH_ONLY_PREFIX.as_bytes(),
-                ],
+                conn,
+                &[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"],
             )
             .await?;
             if r.kind == ReplyKind::Error {
+                cache.set_serving(false, "keyspace events unavailable");
                 return Err(Error::Upstream(format!(
-                    "CLIENT TRACKING refused: {}",
+                    "CONFIG SET notify-keyspace-events refused: {}",
                     error_text(&r)
                 )));
             }
-            "keyspace"
+            info!("enabled notify-keyspace-events KEA on the upstream (cache.configure_upstream = true)");
+            Ok(Some(InvalidationMode::Keyspace))
         }
-        _ => {
-            let mut args: Vec<Vec<u8>> = vec![
-                b"CLIENT".to_vec(),
-                b"TRACKING".to_vec(),
-                b"ON".to_vec(),
-                b"BCAST".to_vec(),
-            ];
-            let mut prefixes: Vec<&[u8]> = cached_patterns
+        (_, false) => {
+            warn!(
+                flags = flags.as_deref().unwrap_or("unknown"),
+                "cache.invalidation = \"keyspace\" but the upstream's notify-keyspace-events lacks K and A; \
+                 serving everything from upstream (set cache.configure_upstream = true or use \"tracking\")"
+            );
+            cache.set_serving(
+                false,
+                "keyspace events not enabled upstream: serving from upstream only",
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Subscribes the feed connection; returns the mode's label.
+async fn subscribe(
+    cache: &Cache,
+    conn: &mut FeedConn,
+    mode: InvalidationMode,
+    db: u32,
+) -> Result<&'static str, Error> {
+    let patterns = cache.cached_patterns();
+    let everything = cache.config.default_ttl.is_some() || patterns.is_empty();
+    if mode == InvalidationMode::Keyspace {
+        let mut args: Vec<Vec<u8>> = vec![b"PSUBSCRIBE".to_vec()];
+        if everything {
+            args.push(format!("__keyspace@{db}__:*").into_bytes());
+        } else {
+            for p in patterns
                 .iter()
-                .map(|p| literal_prefix(p.as_bytes()))
-                .collect();
-            prefixes.sort();
-            prefixes.dedup();
-            // Redis refuses overlapping prefixes, and an empty one means every key anyway.
-            let all_keys =
-                everything || prefixes.iter().any(|p| p.is_empty()) || prefixes.is_empty();
-            if !all_keys {
-                let mut kept: Vec<&[u8]> = Vec::new();
-                for p in prefixes {
-                    if !kept.iter().any(|k| p.starts_with(k)) {
-                        kept.push(p);
-                    }
-                }
-                for p in kept {
-                    args.push(b"PREFIX".to_vec());
-                    args.push(p.to_vec());
-                }
+                .map(String::as_str)
+                .chain([&*format!("{CANARY_PREFIX}*")])
+            {
+                args.push(format!("__keyspace@{db}__:{p}").into_bytes());
             }
-            let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
-            let r = call(&mut conn, &refs).await?;
+        }
+        let n = args.len() - 1;
+        conn.write(&protocol::command(&args)).await?;
+        // One confirmation push per pattern.
+        for _ in 0..n {
+            let r = conn.next().await?;
             if r.kind == ReplyKind::Error {
                 return Err(Error::Upstream(format!(
-                    "CLIENT TRACKING refused: {}",
+                    "PSUBSCRIBE refused: {}",
                     error_text(&r)
                 )));
             }
-            "tracking"
         }
+        let r = call(
+            conn,
+            &[
+                b"CLIENT",
+                b"TRACKING",
+                b"ON",
+                b"BCAST",
+                b"PREFIX",
+                FLUSH_ONLY_PREFIX.as_bytes(),
+            ],
+        )
+        .await?;
+        if r.kind == ReplyKind::Error {
+            return Err(Error::Upstream(format!(
+                "CLIENT TRACKING refused: {}",
+                error_text(&r)
+            )));
+        }
+        return Ok("keyspace");
+    }
+    let mut args: Vec<Vec<u8>> = vec![
+        b"CLIENT".to_vec(),
+        b"TRACKING".to_vec(),
+        b"ON".to_vec(),
+        b"BCAST".to_vec(),
+    ];
+    let mut prefixes: Vec<&[u8]> = patterns
+        .iter()
+        .map(|p| literal_prefix(p.as_bytes()))
+        .collect();
+    prefixes.push(CANARY_PREFIX.as_bytes());
+    prefixes.sort();
+    prefixes.dedup();
+    // Redis refuses overlapping prefixes, and an empty one means every key anyway.
+    if !everything && !prefixes.iter().any(|p| p.is_empty()) {
+        let mut kept: Vec<&[u8]> = Vec::new();
+        for p in prefixes {
+            if !kept.iter().any(|k| p.starts_with(k)) {
+                kept.push(p);
+            }
+        }
+        for p in kept {
+            args.push(b"PREFIX".to_vec());
+            args.push(p.to_vec());
+        }
+    }
+    let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+    let r = call(conn, &refs).await?;
+    if r.kind == ReplyKind::Error {
+        return Err(Error::Upstream(format!(
+            "CLIENT TRACKING refused: {}",
+            error_text(&r)
+        )));
+    }
+    Ok("tracking")
+}
+
+/// Writes the canary through the pool; the reply comes back on the receiver.
+async fn write_canary(upstream: &Upstream, key: &Bytes, n: u64) -> oneshot::Receiver<ReplyResult> {
+    let set = protocol::command([&b"SET"[..], key, n.to_string().as_bytes(), b"PX", b"60000"]);
+    match upstream.pool(2).conn(0) {
+        Ok(conn) => conn.send(set).await,
+        Err(e) => {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(Arc::new(e)));
+            rx
+        }
+    }
+}
+
+async fn run_once(
+    cache: &Arc<Cache>,
+    upstream: &Upstream,
+    canary_key: &Bytes,
+) -> Result<(), Error> {
+    let connector = &upstream.connector;
+    let connected = connector.connect(3, &Login::Configured, true).await?;
+    let feed_run_id = connected.info.run_id.clone();
+    let mut conn = FrameReader::new(connected.stream, connected.leftover);
+    let db = connector.config().url.db;
+    let Some(mode) = choose_mode(cache, &mut conn).await? else {
+        // Re-check now and then: the operator may fix the server.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        return Ok(());
     };
+    let mode_label = subscribe(cache, &mut conn, mode, db).await?;
+    let mut run_ids = upstream.run_id();
+    let other_server =
+        |seen: &Option<String>| seen.is_some() && feed_run_id.is_some() && *seen != feed_run_id;
+    if other_server(&run_ids.borrow_and_update()) {
+        return Err(Error::Upstream(
+            "the pool and the feed reach different servers (run_id)".into(),
+        ));
+    }
 
     // Whatever was cached before this point may have missed invalidations.
     cache.clear_all("feed_reconnect");
@@ -245,12 +300,21 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
 
     let keyspace_prefix = format!("__keyspace@{db}__:").into_bytes();
     let interval = cache.config.feed_health_interval;
-    let mut ping_sent: Option<tokio::time::Instant> = None;
-    let mut next_ping = tokio::time::Instant::now() + interval;
+    let canary = cache.config.feed_canary;
+    // The canary (or, without it, a PING) in flight: when it was sent, and
+    // the canary write's own reply while it is owed.
+    let mut probe: Option<(Instant, Option<oneshot::Receiver<ReplyResult>>)> = None;
+    let mut next_probe = Instant::now();
+    let mut count = 0u64;
     loop {
-        let deadline = match ping_sent {
-            Some(sent) => sent + interval,
-            None => next_ping,
+        let deadline = probe
+            .as_ref()
+            .map_or(next_probe, |(sent, _)| *sent + interval);
+        let write_reply = async {
+            match probe.as_mut().and_then(|(_, rx)| rx.as_mut()) {
+                Some(rx) => received(rx.await),
+                None => std::future::pending().await,
+            }
         };
         let frame = tokio::select! {
             r = conn.next() => r?,
@@ -258,27 +322,51 @@ async fn run_once(cache: &Arc<Cache>, connector: &Connector) -> Result<(), Error
                 info!("key policies changed; re-establishing the invalidation feed");
                 return Ok(());
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                if ping_sent.is_some() {
-                    return Err(Error::Upstream(format!("invalidation feed stalled: no PONG within {interval:?}")));
+            r = run_ids.changed() => {
+                if r.is_ok() && other_server(&run_ids.borrow_and_update()) {
+                    return Err(Error::Upstream("the upstream is a different server now (run_id changed)".into()));
                 }
-                conn.write(&protocol::command([b"PING"])).await?;
-                ping_sent = Some(tokio::time::Instant::now());
+                continue;
+            }
+            r = write_reply => {
+                if let Err(e) = r {
+                    return Err(Error::Upstream(format!("canary write failed: {e}")));
+                }
+                if let Some((_, rx)) = probe.as_mut() {
+                    *rx = None;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if probe.is_some() {
+                    let what = if canary { "the canary write was not seen on the feed" } else { "no PONG" };
+                    return Err(Error::Upstream(format!("invalidation feed stalled: {what} within {interval:?}")));
+                }
+                count += 1;
+                let reply = if canary {
+                    Some(write_canary(upstream, canary_key, count).await)
+                } else {
+                    conn.write(&protocol::command([b"PING"])).await?;
+                    None
+                };
+                probe = Some((Instant::now(), reply));
                 continue;
             }
         };
-        match frame.kind {
-            ReplyKind::Push => handle_push(cache, &frame.bytes, &keyspace_prefix),
+        let answered = match frame.kind {
+            ReplyKind::Push => handle_push(cache, &frame.bytes, &keyspace_prefix, canary_key),
             ReplyKind::Error => {
                 return Err(Error::Upstream(format!(
                     "invalidation feed error: {}",
                     error_text(&frame)
                 )));
             }
-            _ => {
-                // The PONG of our health check.
-                ping_sent = None;
-                next_ping = tokio::time::Instant::now() + interval;
+            // The PONG of the health check without a canary.
+            _ => !canary,
+        };
+        if answered {
+            if let Some((sent, _)) = probe.take() {
+                next_probe = sent + interval;
             }
         }
     }
@@ -298,29 +386,37 @@ async fn read_keyspace_flags(conn: &mut FeedConn) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-fn handle_push(cache: &Cache, bytes: &Bytes, keyspace_prefix: &[u8]) {
+/// Applies one push; true if it reported the canary key.
+fn handle_push(cache: &Cache, bytes: &Bytes, keyspace_prefix: &[u8], canary_key: &[u8]) -> bool {
     let Some(parts) = push_parts(bytes) else {
-        return;
+        return false;
+    };
+    let mut canary = false;
+    let mut invalidate = |key: &[u8]| {
+        if key == canary_key {
+            canary = true;
+        } else {
+            cache.invalidate(key, "feed");
+        }
     };
     match parts.kind.as_slice() {
         b"invalidate" => match parts.keys {
             None => cache.clear_all("flush"),
-            Some(keys) => {
-                for k in keys {
-                    cache.invalidate(&k, "feed");
-                }
-            }
+            Some(keys) => keys.iter().for_each(|k| invalidate(k)),
         },
         b"pmessage" => {
             // [pmessage, pattern, channel, event]
-            if let Some(channel) = parts.strings.get(1) {
-                if let Some(key) = channel.strip_prefix(keyspace_prefix) {
-                    cache.invalidate(key, "feed");
-                }
+            if let Some(key) = parts
+                .strings
+                .get(1)
+                .and_then(|c| c.strip_prefix(keyspace_prefix))
+            {
+                invalidate(key);
             }
         }
         _ => {}
     }
+    canary
 }
 
 struct PushParts {

@@ -179,16 +179,24 @@ pub fn elements(bytes: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
 }
 
 /// The value of a string, integer or null frame as bytes (integers in
-/// decimal, nulls empty, aggregates as `*`), or `None` for anything else.
+/// decimal, nulls empty, a verbatim string without its format, aggregates
+/// as `*`), or `None` for anything else.
 pub fn scalar(item: &[u8]) -> Option<Bytes> {
     let cr = find_crlf(item, 0)?;
     Some(match item.first()? {
-        b'$' => {
+        b'$' | b'=' => {
             let len = parse_int(&item[1..cr])?;
             if len < 0 {
                 Bytes::new()
             } else {
-                Bytes::copy_from_slice(item.get(cr + 2..cr + 2 + len as usize)?)
+                let data = item.get(cr + 2..cr + 2 + len as usize)?;
+                // A verbatim string starts with its three-letter format and a colon.
+                let data = if item[0] == b'=' {
+                    data.get(4..)?
+                } else {
+                    data
+                };
+                Bytes::copy_from_slice(data)
             }
         }
         b'+' | b':' => Bytes::copy_from_slice(&item[1..cr]),
@@ -343,6 +351,10 @@ mod tests {
         assert_eq!(reply_strings(push).unwrap()[2], Bytes::from_static(b"1"));
         assert_eq!(first_word(push).unwrap(), Bytes::from_static(b"subscribe"));
         assert!(reply_strings(b"+OK\r\n").is_none());
+        assert_eq!(
+            scalar(b"=9\r\ntxt:a b c\r\n").unwrap(),
+            Bytes::from_static(b"a b c")
+        );
     }
 
     #[test]

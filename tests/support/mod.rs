@@ -405,3 +405,100 @@ impl Drop for Spawned {
         let _ = self.child.wait();
     }
 }
+
+/// A client on a raw socket: sends RESP commands, reads whole reply frames
+/// (framed with nearcache's own framer, which tests/framing.rs checks
+/// against redis-protocol), so tests can pipeline and see exact bytes.
+pub struct RawClient {
+    pub s: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    pub fn connect(port: u16) -> RawClient {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        RawClient { s, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, args: &[&[u8]]) {
+        use std::io::Write;
+        self.s
+            .write_all(&nearcache::protocol::command(args))
+            .unwrap();
+    }
+
+    /// Reads one whole reply frame.
+    pub fn reply(&mut self) -> Vec<u8> {
+        self.try_reply(Duration::from_secs(10))
+            .expect("a reply in time")
+    }
+
+    /// One whole reply frame, or `None` if none came within `wait`.
+    pub fn try_reply(&mut self, wait: Duration) -> Option<Vec<u8>> {
+        use std::io::Read;
+        self.s.set_read_timeout(Some(wait)).unwrap();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(len) = nearcache::protocol::frame_len(&self.buf) {
+                return Some(self.buf.drain(..len).collect());
+            }
+            match self.s.read(&mut chunk) {
+                Ok(0) => panic!("connection closed while a reply was owed"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, args: &[&[u8]]) -> Vec<u8> {
+        self.send(args);
+        self.reply()
+    }
+
+    /// `cmd` with a text command line split on spaces.
+    pub fn line(&mut self, line: &str) -> Vec<u8> {
+        let args: Vec<&[u8]> = line.split(' ').map(|a| a.as_bytes()).collect();
+        self.cmd(&args)
+    }
+
+    /// True once the peer has closed the connection (after reading what it
+    /// sent; a reset counts: the peer closed with our input unread).
+    pub fn closed(&mut self) -> bool {
+        use std::io::Read;
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.s.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        }
+    }
+}
+
+/// Calls of a command on a redis-server so far (`INFO commandstats`).
+pub fn cmdstat(redis: &RedisServer, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}

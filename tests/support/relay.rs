@@ -1,18 +1,40 @@
 //! A TCP relay between nearcache and a real redis-server, with controls the
-//! tests drive: hold the upstream-bound bytes of one connection from a given
-//! request on until released (so the test decides when Redis executes it),
-//! black-hole everything without closing (a network cut), cut every
-//! connection, and rewrite a reply (so a test can deliver a frame Redis
-//! itself cannot produce, such as a 100,000-deep array).
+//! tests drive:
+//! - hold one connection's bytes in one direction from a pattern on until
+//!   released (so the test decides when Redis executes a request, or when
+//!   nearcache gets its reply);
+//! - black-hole everything without closing (a network cut), or mute what
+//!   Redis sends on the connections that sent a given command (a feed that
+//!   silently stops);
+//! - cut connections (all, or all but those that sent a given command), and
+//!   send new connections to another server (a failover behind one address);
+//! - rewrite a reply (so a test can deliver a frame Redis itself cannot
+//!   produce, such as a 100,000-deep array).
 //!
 //! It forwards bytes only; it never answers for Redis.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// What a relayed connection has sent towards Redis (its first bytes: the
+/// handshake and the subscriptions that tell a feed from a pool
+/// connection), and whether it was cut.
+struct Conn {
+    head: Mutex<Vec<u8>>,
+    cut: AtomicBool,
+}
+
+const HEAD: usize = 8192;
+
+impl Conn {
+    fn sent(&self, pattern: &[u8]) -> bool {
+        find(&self.head.lock().unwrap(), pattern).is_some()
+    }
+}
 
 #[derive(Default)]
 struct State {
@@ -23,10 +45,11 @@ struct State {
     holding: bool,
     /// Drop all traffic both ways, keep the sockets open.
     blackhole: bool,
+    /// Drop what Redis sends on connections that sent one of these.
+    mute: Vec<Vec<u8>>,
     /// Downstream-bound replacements (bytes from Redis → bytes to nearcache).
     rewrites: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Bumped by `cut`: connections of an older generation close.
-    generation: usize,
+    conns: Vec<Arc<Conn>>,
 }
 
 struct Ctl {
@@ -34,6 +57,7 @@ struct Ctl {
     changed: Condvar,
     stop: AtomicBool,
     accepted: AtomicUsize,
+    upstream: AtomicU16,
 }
 
 pub struct Relay {
@@ -52,6 +76,7 @@ impl Relay {
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
             accepted: AtomicUsize::new(0),
+            upstream: AtomicU16::new(upstream),
         });
         let c = ctl.clone();
         std::thread::spawn(move || {
@@ -59,21 +84,21 @@ impl Relay {
                 match listener.accept() {
                     Ok((down, _)) => {
                         down.set_nonblocking(false).unwrap();
-                        let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        let target = c.upstream.load(Ordering::Relaxed);
+                        let Ok(up) = TcpStream::connect(("127.0.0.1", target)) else {
                             continue;
                         };
                         c.accepted.fetch_add(1, Ordering::Relaxed);
                         down.set_nodelay(true).ok();
                         up.set_nodelay(true).ok();
-                        let gen = c.state.lock().unwrap().generation;
-                        spawn_pump(
-                            c.clone(),
-                            down.try_clone().unwrap(),
-                            up.try_clone().unwrap(),
-                            true,
-                            gen,
-                        );
-                        spawn_pump(c.clone(), up, down, false, gen);
+                        let conn = Arc::new(Conn {
+                            head: Mutex::new(Vec::new()),
+                            cut: AtomicBool::new(false),
+                        });
+                        c.state.lock().unwrap().conns.push(conn.clone());
+                        let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                        spawn_pump(c.clone(), conn.clone(), d2, u2, true);
+                        spawn_pump(c.clone(), conn, up, down, false);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -131,11 +156,38 @@ impl Relay {
         self.ctl.state.lock().unwrap().blackhole = on;
     }
 
+    /// From now on, drops everything Redis sends on connections that sent
+    /// `pattern` (they stay open: a peer that silently stops talking).
+    pub fn mute_replies_of(&self, pattern: &[u8]) {
+        self.ctl.state.lock().unwrap().mute.push(pattern.to_vec());
+    }
+
     /// Closes every relayed connection (new ones are accepted).
     pub fn cut(&self) {
+        self.cut_where(|_| true);
+    }
+
+    /// Closes every relayed connection except those that sent `pattern`.
+    pub fn cut_except(&self, pattern: &[u8]) {
+        self.cut_where(|c| !c.sent(pattern));
+    }
+
+    fn cut_where(&self, pick: impl Fn(&Conn) -> bool) {
         let mut s = self.ctl.state.lock().unwrap();
-        s.generation += 1;
+        s.conns.retain(|c| {
+            if pick(c) {
+                c.cut.store(true, Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
         self.ctl.changed.notify_all();
+    }
+
+    /// New connections go to 127.0.0.1:`port` from now on (existing ones stay).
+    pub fn retarget(&self, port: u16) {
+        self.ctl.upstream.store(port, Ordering::Relaxed);
     }
 
     /// Replaces `from` with `to` in everything Redis sends.
@@ -172,28 +224,57 @@ fn partial_suffix(buf: &[u8], pattern: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
+/// Applies the rewrites to what Redis sent; keeps back a tail that may be
+/// the start of a pattern.
+fn rewrite(pending: &mut Vec<u8>, rewrites: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
+    loop {
+        let hit = rewrites
+            .iter()
+            .filter_map(|(f, t)| find(pending, f).map(|at| (at, f.len(), t)))
+            .min_by_key(|h| h.0);
+        match hit {
+            Some((at, len, replacement)) => {
+                out.extend(pending.drain(..at));
+                pending.drain(..len);
+                out.extend_from_slice(replacement);
+            }
+            None => break,
+        }
+    }
+    let keep = rewrites
+        .iter()
+        .map(|(f, _)| partial_suffix(pending, f))
+        .max()
+        .unwrap_or(0);
+    out.extend(pending.drain(..pending.len() - keep));
+}
+
 fn spawn_pump(
     ctl: Arc<Ctl>,
+    conn: Arc<Conn>,
     mut from: TcpStream,
     mut to: TcpStream,
     upstream_bound: bool,
-    gen: usize,
 ) {
     std::thread::spawn(move || {
         from.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         let mut pending: Vec<u8> = Vec::new();
         let mut chunk = vec![0u8; 64 * 1024];
-        let alive = |ctl: &Ctl| {
-            ctl.state.lock().unwrap().generation == gen && !ctl.stop.load(Ordering::Relaxed)
-        };
         loop {
-            if !alive(&ctl) {
+            if conn.cut.load(Ordering::Relaxed) || ctl.stop.load(Ordering::Relaxed) {
                 break;
             }
             match from.read(&mut chunk) {
                 Ok(0) => break,
-                Ok(n) => pending.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    pending.extend_from_slice(&chunk[..n]);
+                    if upstream_bound {
+                        let mut head = conn.head.lock().unwrap();
+                        let room = HEAD.saturating_sub(head.len()).min(n);
+                        head.extend_from_slice(&chunk[..room]);
+                    }
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -207,59 +288,41 @@ fn spawn_pump(
             let mut out = Vec::new();
             {
                 let mut s = ctl.state.lock().unwrap();
-                if s.blackhole {
+                let muted = !upstream_bound && s.mute.iter().any(|p| conn.sent(p));
+                if s.blackhole || muted {
                     pending.clear();
                     continue;
                 }
-                if let Some((_, p)) = s.hold.clone().filter(|(dir, _)| *dir == upstream_bound) {
-                    if let Some(at) = find(&pending, &p) {
-                        out.extend(pending.drain(..at));
-                        if to.write_all(&out).is_err() {
-                            break;
+                let hold = s.hold.clone().filter(|(dir, _)| *dir == upstream_bound);
+                if let Some((_, p)) = hold {
+                    match find(&pending, &p) {
+                        Some(at) => {
+                            out.extend(pending.drain(..at));
+                            if to.write_all(&out).is_err() {
+                                break;
+                            }
+                            out.clear();
+                            s.holding = true;
+                            ctl.changed.notify_all();
+                            while s.hold.is_some() && !conn.cut.load(Ordering::Relaxed) {
+                                s = ctl.changed.wait(s).unwrap();
+                            }
                         }
-                        out.clear();
-                        s.holding = true;
-                        ctl.changed.notify_all();
-                        while s.hold.is_some() && s.generation == gen {
-                            s = ctl.changed.wait(s).unwrap();
+                        None => {
+                            let keep = partial_suffix(&pending, &p);
+                            out.extend(pending.drain(..pending.len() - keep));
+                            drop(s);
+                            if !out.is_empty() && to.write_all(&out).is_err() {
+                                break;
+                            }
+                            continue;
                         }
-                    } else {
-                        let keep = partial_suffix(&pending, &p);
-                        out.extend(pending.drain(..pending.len() - keep));
-                        drop(s);
-                        if !out.is_empty() && to.write_all(&out).is_err() {
-                            break;
-                        }
-                        continue;
                     }
                 }
                 if upstream_bound {
                     out.append(&mut pending);
                 } else {
-                    loop {
-                        let hit = s
-                            .rewrites
-                            .iter()
-                            .filter_map(|(f, t)| {
-                                find(&pending, f).map(|at| (at, f.len(), t.clone()))
-                            })
-                            .min_by_key(|h| h.0);
-                        match hit {
-                            Some((at, len, replacement)) => {
-                                out.extend(pending.drain(..at));
-                                pending.drain(..len);
-                                out.extend(replacement);
-                            }
-                            None => break,
-                        }
-                    }
-                    let keep = s
-                        .rewrites
-                        .iter()
-                        .map(|(f, _)| partial_suffix(&pending, f))
-                        .max()
-                        .unwrap_or(0);
-                    out.extend(pending.drain(..pending.len() - keep));
+                    rewrite(&mut pending, &s.rewrites, &mut out);
                 }
             }
             if !out.is_empty() && to.write_all(&out).is_err() {
