@@ -115,8 +115,10 @@ impl Session {
                     String::from_utf8_lossy(sub_raw)
                 )))
             }
-            "GETREDIR" if args.len() == 2 && !self.state.tracking() => {
-                self.answer(protocol::integer(-1))
+            "GETREDIR" if args.len() == 2 => {
+                // The id the client redirected to is the one nearcache gave it.
+                let redirect = if self.state.tracking() { self.redirect } else { -1 };
+                self.answer(protocol::integer(redirect))
             }
             "TRACKINGINFO" if args.len() == 2 && !self.state.tracking() => {
                 let reply = protocol::map(
@@ -135,6 +137,7 @@ impl Session {
             "TRACKING" => {
                 // Tracking lives on a connection: the client gets its own, and
                 // REDIRECT names another nearcache client by the id we gave it.
+                self.redirect = redirect_target(args).unwrap_or(0);
                 let req = self.translate_redirect(req);
                 self.pinned_request(b"CLIENT", &req, &Keys::None, false).await
             }
@@ -277,6 +280,14 @@ impl Session {
         }
         Flow::Next
     }
+}
+
+/// The client id after REDIRECT in `CLIENT TRACKING ...`.
+fn redirect_target(args: &[Bytes]) -> Option<i64> {
+    let at = args
+        .iter()
+        .position(|a| a.eq_ignore_ascii_case(b"REDIRECT"))?;
+    std::str::from_utf8(args.get(at + 1)?).ok()?.parse().ok()
 }
 
 /// CLIENT INFO / LIST text: a verbatim string in RESP3, a bulk string in RESP2.

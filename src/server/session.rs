@@ -64,6 +64,8 @@ pub(super) struct Session {
     /// CLIENT REPLY OFF / SKIP, emulated here: replies are read and dropped.
     pub reply_off: bool,
     pub skip_next: bool,
+    /// The nearcache client id this client's tracking redirects to (CLIENT GETREDIR).
+    pub redirect: i64,
     /// Keys whose TDengine fill (started by this client) may still write
     /// back to Redis: the client's own later writes of them wait for it, so
     /// neither overtakes the other.
@@ -93,6 +95,7 @@ pub(super) async fn run(
         path: None,
         reply_off: false,
         skip_next: false,
+        redirect: -1,
         write_backs: Vec::new(),
         stalled_on_pool: false,
         sidecar,
