@@ -1,4 +1,5 @@
-//! A TCP relay between nearcache and a real redis-server, with controls the
+//! A TCP relay between nearcache and a real redis-server (or, in the ignored
+//! real-TDengine test, between the `taos` client and taosAdapter), with controls the
 //! tests drive: hold the upstream-bound bytes of one connection from a given
 //! request on until released (so the test decides when Redis executes it),
 //! black-hole everything without closing (a network cut), cut every
@@ -43,6 +44,12 @@ pub struct Relay {
 impl Relay {
     /// Relays 127.0.0.1:`port` (returned) to 127.0.0.1:`upstream`.
     pub fn start(upstream: u16) -> Relay {
+        Relay::start_to("127.0.0.1", upstream)
+    }
+
+    /// Relays 127.0.0.1:`port` (returned) to `host`:`upstream`.
+    pub fn start_to(host: &str, upstream: u16) -> Relay {
+        let host = host.to_string();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -58,7 +65,7 @@ impl Relay {
                 match listener.accept() {
                     Ok((down, _)) => {
                         down.set_nonblocking(false).unwrap();
-                        let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        let Ok(up) = TcpStream::connect((host.as_str(), upstream)) else {
                             continue;
                         };
                         c.accepted.fetch_add(1, Ordering::Relaxed);
