@@ -259,6 +259,18 @@ pub struct TdengineConfig {
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
     pub routes: Vec<TdRoute>,
+    /// Used for `wss` DSNs only.
+    pub tls: TdTlsConfig,
+}
+
+/// TLS towards taosAdapter (`taos+wss://`, `wss://`), terminated by
+/// nearcache's relay (see `docs/tdengine.md`).
+#[derive(Debug, Clone, Default)]
+pub struct TdTlsConfig {
+    /// PEM CA certificates to trust instead of the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// The name to verify the certificate for instead of the DSN's host.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,6 +389,15 @@ struct FileTdengine {
     breaker_cooldown: Option<String>,
     #[serde(default)]
     routes: Vec<FileRoute>,
+    #[serde(default)]
+    tls: FileTdTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTdTls {
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -912,12 +933,24 @@ fn resolve_tdengine(
         .get("TDENGINE_DSN")
         .or(file.dsn)
         .ok_or_else(|| ConfigError::new("tdengine.dsn", "required (or set TDENGINE_DSN)"))?;
-    if !(dsn.starts_with("taos+ws://") || dsn.starts_with("taosws://") || dsn.starts_with("ws://"))
-    {
+    const SCHEMES: [&str; 5] = ["taos+ws://", "taos+wss://", "taosws://", "ws://", "wss://"];
+    if !SCHEMES.iter().any(|s| dsn.starts_with(s)) {
         return Err(ConfigError::new(
             "tdengine.dsn",
-            "must be a WebSocket DSN such as taos+ws://user:pass@host:6041/db",
+            "must be a WebSocket DSN such as taos+ws://user:pass@host:6041/db (or taos+wss:// for TLS)",
         ));
+    }
+    let tls = TdTlsConfig {
+        ca_file: file.tls.ca_file.filter(|p| !p.as_os_str().is_empty()),
+        server_name: file.tls.server_name.filter(|s| !s.is_empty()),
+    };
+    if let Some(p) = &tls.ca_file {
+        if !p.is_file() {
+            return Err(ConfigError::new(
+                "tdengine.tls.ca_file",
+                format!("{} is not a readable file", p.display()),
+            ));
+        }
     }
     let on = |key: &str, v: Option<&str>, default: &str| match v.unwrap_or(default) {
         "error" => Ok(TdOnError::Error),
@@ -996,6 +1029,7 @@ fn resolve_tdengine(
             "5s",
         )?,
         routes,
+        tls,
     }))
 }
 
@@ -1113,6 +1147,31 @@ mod tests {
         assert_eq!(e.key, "cache.policies[0].ttl");
         let e = Config::from_toml("[upstream]\npool_size = 0\n").unwrap_err();
         assert_eq!(e.key, "upstream.pool_size");
+    }
+
+    #[test]
+    fn tdengine_tls_dsn_and_keys() {
+        let c = Config::from_toml(
+            "[tdengine]\ndsn = \"taos+wss://root:taosdata@td.example:443/market\"\n\
+             [tdengine.tls]\nserver_name = \"td.internal\"\n",
+        )
+        .unwrap();
+        let td = c.tdengine.unwrap();
+        assert_eq!(td.dsn, "taos+wss://root:taosdata@td.example:443/market");
+        assert_eq!(td.tls.server_name.as_deref(), Some("td.internal"));
+        assert_eq!(td.tls.ca_file, None);
+        let c = Config::from_toml("[tdengine]\ndsn = \"wss://td.example/market\"\n").unwrap();
+        assert!(c.tdengine.is_some());
+        let e = Config::from_toml(
+            "[tdengine]\ndsn = \"wss://td.example/market\"\n[tdengine.tls]\nca_file = \"/nonexistent/ca.pem\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "tdengine.tls.ca_file");
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        let e = Config::from_toml("[tdengine]\ndsn = \"https://td.example/market\"\n").unwrap_err();
+        assert_eq!(e.key, "tdengine.dsn");
+        let e = Config::from_toml("[tdengine.tls]\nverify = false\n").unwrap_err();
+        assert!(e.to_string().contains("verify"), "{e}");
     }
 
     #[test]

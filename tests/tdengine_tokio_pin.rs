@@ -8,6 +8,7 @@
 //! with tokio >= 1.54 every TDengine connect panics. Lift the pin only with a
 //! taos release that sets non-zero buffers.
 
+#[macro_use]
 #[path = "support/taosadapter.rs"]
 mod taosadapter;
 
@@ -52,19 +53,22 @@ fn zero_capacity_bufstream_does_not_panic() {
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn taos_client_connects_to_the_stand_in_without_panicking() {
-    let ta = taosadapter::TaosAdapter::start().await;
+for_each_path!(
+/// The connect itself (BufStream with zero capacity), on both query paths:
+/// the version the stand-in reports only decides what comes after it.
+async fn taos_client_connects_to_the_stand_in_without_panicking(mode) {
+    let ta = taosadapter::TaosAdapter::start(mode).await;
     let dsn = ta.dsn();
     let task = tokio::spawn(async move {
         let conn = taos::query::asyn::WsTaos::from_dsn(dsn.as_str())
             .await
             .expect("connect");
-        conn.version().to_string()
+        (conn.version().to_string(), conn.is_support_binary_sql())
     });
-    let version = tokio::time::timeout(Duration::from_secs(10), task)
+    let (version, binary) = tokio::time::timeout(Duration::from_secs(10), task)
         .await
         .expect("connect must not hang")
         .expect("connect must not panic");
-    assert_eq!(version, "3.0.0.0");
-}
+    assert_eq!(version, mode.version);
+    assert_eq!(binary, mode.path() == taosadapter::QueryPath::Binary, "{mode}");
+});

@@ -253,10 +253,25 @@ async fn subscribe(
 }
 
 /// Writes the canary through the pool; the reply comes back on the receiver.
-async fn write_canary(upstream: &Upstream, key: &Bytes, n: u64) -> oneshot::Receiver<ReplyResult> {
-    let set = protocol::command([&b"SET"[..], key, n.to_string().as_bytes(), b"PX", b"60000"]);
+/// The canary write: a script that creates and deletes the key at once, so
+/// it is reported to the feed but never seen in the keyspace (DBSIZE, SCAN),
+/// or, where scripts are not allowed, a SET that expires in a minute. (INCR
+/// and UNLINK: command statistics of SET and DEL stay the application's.)
+async fn write_canary(
+    upstream: &Upstream,
+    key: &Bytes,
+    n: u64,
+    plain: bool,
+) -> oneshot::Receiver<ReplyResult> {
+    const SCRIPT: &[u8] = b"redis.call('INCR', KEYS[1]) return redis.call('UNLINK', KEYS[1])";
+    let n = n.to_string();
+    let write = if plain {
+        protocol::command([&b"SET"[..], key, n.as_bytes(), b"PX", b"60000"])
+    } else {
+        protocol::command([&b"EVAL"[..], SCRIPT, b"1", key, n.as_bytes()])
+    };
     match upstream.pool(2).conn(0) {
-        Ok(conn) => conn.send(set).await,
+        Ok(conn) => conn.send(write).await,
         Err(e) => {
             let (tx, rx) = oneshot::channel();
             let _ = tx.send(Err(Arc::new(e)));
@@ -306,6 +321,7 @@ async fn run_once(
     let mut probe: Option<(Instant, Option<oneshot::Receiver<ReplyResult>>)> = None;
     let mut next_probe = Instant::now();
     let mut count = 0u64;
+    let mut plain = false;
     loop {
         let deadline = probe
             .as_ref()
@@ -329,11 +345,23 @@ async fn run_once(
                 continue;
             }
             r = write_reply => {
-                if let Err(e) = r {
-                    return Err(Error::Upstream(format!("canary write failed: {e}")));
-                }
-                if let Some((_, rx)) = probe.as_mut() {
-                    *rx = None;
+                let refused = match r {
+                    Err(e) => return Err(Error::Upstream(format!("canary write failed: {e}"))),
+                    Ok(reply) => reply.error_text(),
+                };
+                match refused {
+                    Some(why) if !plain => {
+                        warn!(error = %why, "the canary script was refused; using a plain SET (it stays a minute)");
+                        plain = true;
+                        let rx = write_canary(upstream, canary_key, count, plain).await;
+                        probe = Some((Instant::now(), Some(rx)));
+                    }
+                    Some(why) => return Err(Error::Upstream(format!("canary write refused: {why}"))),
+                    None => {
+                        if let Some((_, rx)) = probe.as_mut() {
+                            *rx = None;
+                        }
+                    }
                 }
                 continue;
             }
@@ -344,7 +372,7 @@ async fn run_once(
                 }
                 count += 1;
                 let reply = if canary {
-                    Some(write_canary(upstream, canary_key, count).await)
+                    Some(write_canary(upstream, canary_key, count, plain).await)
                 } else {
                     conn.write(&protocol::command([b"PING"])).await?;
                     None

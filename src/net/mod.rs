@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use tls::TlsConnector;
+pub use tls::{root_store, TlsConnector};
 
 use crate::error::Error;
 use crate::protocol::{Reply, ReplyFramer};

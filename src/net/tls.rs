@@ -1,6 +1,8 @@
 //! TLS towards the upstream (`rediss://`), with rustls: a CA file or the
 //! webpki roots, an optional client certificate, and the server name to verify.
+//! [`root_store`] also serves the TDengine relay's TLS (`tdengine.tls.ca_file`).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
@@ -22,34 +24,32 @@ fn cfg_err(key: &str, problem: impl std::fmt::Display) -> Error {
     Error::Config(crate::config::ConfigError::new(key, problem.to_string()))
 }
 
+/// Trust anchors: the PEM certificates in `ca_file`, or the webpki roots.
+/// Errors name `key` (the config key that gave the file).
+pub fn root_store(ca_file: Option<&Path>, key: &str) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| cfg_err(key, format!("{}: {e}", path.display())))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| cfg_err(key, format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(cfg_err(key, format!("{}: no certificates", path.display())));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| cfg_err(key, e))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(roots)
+}
+
 impl TlsConnector {
     pub fn new(cfg: &TlsConfig, host: &str) -> Result<TlsConnector, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        match &cfg.ca_file {
-            Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| {
-                        cfg_err("upstream.tls.ca_file", format!("{}: {e}", path.display()))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| {
-                        cfg_err("upstream.tls.ca_file", format!("{}: {e}", path.display()))
-                    })?;
-                if certs.is_empty() {
-                    return Err(cfg_err(
-                        "upstream.tls.ca_file",
-                        format!("{}: no certificates", path.display()),
-                    ));
-                }
-                for c in certs {
-                    roots
-                        .add(c)
-                        .map_err(|e| cfg_err("upstream.tls.ca_file", e))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
+        let roots = root_store(cfg.ca_file.as_deref(), "upstream.tls.ca_file")?;
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| cfg_err("upstream.tls", e))?

@@ -5,8 +5,9 @@
 //! the background warm-up) and dropped after a connection-level failure or a
 //! timeout, so that the next query on that slot reconnects.
 //!
-//! Plain `ws` connections go through a loopback relay (see `relay.rs`) that
-//! removes the client's ~40 ms delayed-ACK × Nagle stall per request frame.
+//! Connections go through a loopback relay (see `relay.rs`) that removes the
+//! client's ~40 ms delayed-ACK × Nagle stall per request frame and, for `wss`
+//! DSNs, speaks TLS to taosAdapter.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,8 +17,11 @@ use taos::query::asyn::WsTaos;
 use taos::taos_query::{Address, Dsn};
 use taos::{AsyncFetchable, BorrowedValue, Precision, RawError};
 
+use rustls_pki_types::ServerName;
+
 use super::encode::{Cell, Rows};
-use super::relay::Relay;
+use super::relay::{Relay, Target};
+use crate::config::TdTlsConfig;
 
 /// Why a query failed, by metrics kind.
 #[derive(Debug, Clone)]
@@ -33,37 +37,88 @@ pub struct Pool {
     redacted: String,
     slots: Vec<tokio::sync::Mutex<Option<Arc<WsTaos>>>>,
     next: AtomicUsize,
-    /// The parsed DSN and the real taosAdapter address, when the connection
-    /// can go through the relay (plain `ws`; TLS connects directly).
-    relay_target: Option<(Dsn, String, u16)>,
+    /// The DSN the client gets (its address is replaced by the relay's) and
+    /// where the relay connects; `None` if the DSN has no host to relay to.
+    relayed: Option<(Dsn, Arc<Target>)>,
     relay: tokio::sync::OnceCell<Option<Relay>>,
 }
 
-/// The DSN and the address taos-ws would connect to, if it is a plain
-/// WebSocket DSN that the relay can carry. Mirrors `TaosBuilder::from_dsn`:
-/// only the first address is used, and a missing port is 6041 for
-/// `localhost` (or no host), 80 otherwise.
-fn relay_target(dsn: &str) -> Option<(Dsn, String, u16)> {
-    let d: Dsn = dsn.parse().ok()?;
-    let tls = matches!(d.driver.as_str(), "wss" | "https")
-        || matches!(d.protocol.as_deref(), Some("wss" | "https"));
-    if tls {
-        // The relay cannot terminate TLS, and the client would check the
-        // certificate against 127.0.0.1.
-        return None;
-    }
-    let (host, port) = match d.addresses.first() {
-        None => ("localhost".to_string(), 6041),
-        Some(a) if a.path.is_some() => return None,
+fn is_tls(d: &Dsn) -> bool {
+    matches!(d.driver.as_str(), "wss" | "https")
+        || matches!(d.protocol.as_deref(), Some("wss" | "https"))
+}
+
+fn cfg_err(key: &str, problem: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Config(crate::config::ConfigError::new(key, problem.to_string()))
+}
+
+/// The client's DSN and the relay's target, if the DSN names a host.
+/// Mirrors `TaosBuilder::from_dsn` and ws-tool: only the first address is
+/// used; a missing port is 6041 for `localhost` (or no host), else 80 for
+/// `ws` and 443 for `wss`; the `Host` header is `host[:port]` as written
+/// (`localhost:6041` for a bare `localhost`).
+///
+/// For a TLS DSN the client is handed the same DSN as plain `ws` (the relay
+/// terminates TLS), and the relay verifies the certificate for
+/// `tls.server_name`, or the DSN's host.
+fn relay_plan(dsn: &str, tls: &TdTlsConfig) -> Result<Option<(Dsn, Target)>, crate::Error> {
+    let d: Dsn = dsn.parse().map_err(|e| cfg_err("tdengine.dsn", e))?;
+    let tls_on = is_tls(&d);
+    let (host, port, authority) = match d.addresses.first() {
+        None => ("localhost".to_string(), 6041, "localhost:6041".to_string()),
+        Some(a) if a.path.is_some() || a.host.is_none() => {
+            if tls_on {
+                return Err(cfg_err(
+                    "tdengine.dsn",
+                    "a TLS DSN needs a host name or address",
+                ));
+            }
+            return Ok(None);
+        }
         Some(a) => {
-            let host = a.host.clone().unwrap_or_else(|| "localhost".to_string());
-            let port = a
-                .port
-                .unwrap_or(if host == "localhost" { 6041 } else { 80 });
-            (host, port)
+            let host = a.host.clone().unwrap_or_default();
+            match a.port {
+                Some(p) => (host.clone(), p, format!("{host}:{p}")),
+                None if host == "localhost" => (host, 6041, "localhost:6041".to_string()),
+                None => (host.clone(), if tls_on { 443 } else { 80 }, host),
+            }
         }
     };
-    Some((d, host, port))
+    let tls = if tls_on {
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let roots = crate::net::root_store(tls.ca_file.as_deref(), "tdengine.tls.ca_file")?;
+        let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| cfg_err("tdengine.tls", e))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (key, name) = match &tls.server_name {
+            Some(n) => ("tdengine.tls.server_name", n.clone()),
+            None => ("tdengine.dsn", host.clone()),
+        };
+        let name = ServerName::try_from(name.clone())
+            .map_err(|e| cfg_err(key, format!("{name:?} is not a valid TLS server name: {e}")))?;
+        Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+    } else {
+        None
+    };
+    let mut client = d;
+    if tls_on {
+        if matches!(client.driver.as_str(), "wss" | "https") {
+            client.driver = "ws".to_string();
+        } else {
+            client.protocol = Some("ws".to_string());
+        }
+    }
+    Ok(Some((
+        client,
+        Target {
+            host,
+            port,
+            authority,
+            tls,
+        },
+    )))
 }
 
 /// `taos+ws://user:secret@host/db` → `taos+ws://user:***@host/db`.
@@ -100,29 +155,35 @@ fn classify(e: RawError) -> QueryError {
 }
 
 impl Pool {
-    pub fn new(dsn: String, size: usize) -> Pool {
-        Pool {
+    /// `Err` names the config key (a bad DSN, CA file or TLS server name).
+    pub fn new(dsn: String, size: usize, tls: &TdTlsConfig) -> Result<Pool, crate::Error> {
+        Ok(Pool {
             redacted: redact_dsn(&dsn),
-            relay_target: relay_target(&dsn),
+            relayed: relay_plan(&dsn, tls)?.map(|(d, t)| (d, Arc::new(t))),
             dsn,
             slots: (0..size.max(1))
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
             next: AtomicUsize::new(0),
             relay: tokio::sync::OnceCell::new(),
-        }
+        })
     }
 
-    /// The relay, started on first use; `None` for TLS DSNs or if it could
-    /// not listen (then the client connects directly).
+    /// Does the pool speak TLS to taosAdapter (through the relay)?
+    pub fn tls(&self) -> bool {
+        self.relayed.as_ref().is_some_and(|(_, t)| t.tls.is_some())
+    }
+
+    /// The relay, started on first use; `None` if there is nothing to relay
+    /// to or it could not listen.
     async fn relay(&self) -> Option<&Relay> {
-        let (_, host, port) = self.relay_target.as_ref()?;
+        let (_, target) = self.relayed.as_ref()?;
         self.relay
             .get_or_init(|| async {
-                match Relay::start(host.clone(), *port).await {
+                match Relay::start(target.clone()).await {
                     Ok(r) => Some(r),
                     Err(e) => {
-                        tracing::warn!(error = %e, "TDengine relay could not listen; connecting directly");
+                        tracing::warn!(error = %e, "TDengine relay could not listen");
                         None
                     }
                 }
@@ -133,8 +194,8 @@ impl Pool {
 
     /// Open one client connection, through the relay when there is one.
     async fn connect(&self) -> Result<WsTaos, String> {
-        match (self.relay().await, &self.relay_target) {
-            (Some(relay), Some((dsn, _, _))) => {
+        match (self.relay().await, &self.relayed) {
+            (Some(relay), Some((dsn, _))) => {
                 let _armed = relay.arm();
                 let mut dsn = dsn.clone();
                 dsn.addresses = vec![Address::new("127.0.0.1", relay.addr().port())];
@@ -145,6 +206,12 @@ impl Pool {
                         None => e.to_string(),
                     })
             }
+            // The `taos` crate is built without TLS (a `wss` connect of its
+            // own panics): TLS only goes through the relay.
+            _ if self.tls() => {
+                Err("TLS to TDengine needs the relay, which could not listen".into())
+            }
+            // Plain: connecting directly works, with the ~40 ms stall per request.
             _ => WsTaos::from_dsn(self.dsn.as_str())
                 .await
                 .map_err(|e| e.to_string()),
@@ -278,21 +345,74 @@ mod tests {
     }
 
     #[test]
-    fn relay_targets() {
-        let t = |dsn: &str| relay_target(dsn).map(|(_, h, p)| (h, p));
+    fn relay_plans() {
+        let none = TdTlsConfig::default();
+        let t = |dsn: &str| {
+            relay_plan(dsn, &none)
+                .unwrap()
+                .map(|(d, t)| (d.to_string(), t.host, t.port, t.authority, t.tls.is_some()))
+        };
+        let s = String::from;
         assert_eq!(
             t("taos+ws://root:taosdata@10.0.0.5:6041/market"),
-            Some(("10.0.0.5".to_string(), 6041))
+            Some((
+                s("taos+ws://root:taosdata@10.0.0.5:6041/market"),
+                s("10.0.0.5"),
+                6041,
+                s("10.0.0.5:6041"),
+                false
+            ))
         );
         assert_eq!(
             t("ws://localhost/db"),
-            Some(("localhost".to_string(), 6041))
+            Some((
+                s("ws://localhost/db"),
+                s("localhost"),
+                6041,
+                s("localhost:6041"),
+                false
+            ))
         );
         assert_eq!(
             t("taos+ws://tdengine/db"),
-            Some(("tdengine".to_string(), 80))
+            Some((
+                s("taos+ws://tdengine/db"),
+                s("tdengine"),
+                80,
+                s("tdengine"),
+                false
+            ))
         );
-        assert_eq!(t("taos+wss://cloud.example:443/db"), None);
-        assert_eq!(t("wss://cloud.example/db"), None);
+        // TLS: the client speaks plain ws to the relay; the relay speaks TLS.
+        assert_eq!(
+            t("taos+wss://u:p@cloud.example:443/db?token=abc"),
+            Some((
+                s("taos+ws://u:p@cloud.example:443/db?token=abc"),
+                s("cloud.example"),
+                443,
+                s("cloud.example:443"),
+                true
+            ))
+        );
+        assert_eq!(
+            t("wss://cloud.example/db"),
+            Some((
+                s("ws://cloud.example/db"),
+                s("cloud.example"),
+                443,
+                s("cloud.example"),
+                true
+            ))
+        );
+        let e = relay_plan(
+            "taos+wss://10.0.0.5:6041/db",
+            &TdTlsConfig {
+                ca_file: None,
+                server_name: Some("bad name!".into()),
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("tdengine.tls.server_name"), "{e}");
     }
 }

@@ -206,8 +206,8 @@ impl Tdengine {
         }
         taos::TaosBuilder::from_dsn(cfg.dsn.as_str())
             .map_err(|e| crate::config::ConfigError::new("tdengine.dsn", e.to_string()))?;
-        let pool = client::Pool::new(cfg.dsn.clone(), cfg.pool_size);
-        tracing::info!(dsn = %pool.redacted_dsn(), routes = routes.len(), "TDengine tier configured");
+        let pool = client::Pool::new(cfg.dsn.clone(), cfg.pool_size, &cfg.tls)?;
+        tracing::info!(dsn = %pool.redacted_dsn(), tls = pool.tls(), routes = routes.len(), "TDengine tier configured");
         let inner = Arc::new(Inner {
             routes,
             pool,

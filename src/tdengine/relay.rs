@@ -1,4 +1,5 @@
-//! A loopback TCP relay between the `taos` WebSocket client and taosAdapter.
+//! A loopback relay between the `taos` WebSocket client and taosAdapter,
+//! which also terminates TLS for `wss` DSNs.
 //!
 //! Why: taos-ws 0.12.3 writes every WebSocket frame as two `write` calls (the
 //! header, then the payload) on a socket without `TCP_NODELAY`, and nearcache
@@ -9,8 +10,19 @@
 //! The relay is the peer the client talks to instead. It re-arms
 //! `TCP_QUICKACK` on the accepted socket after every read, so the client's
 //! header is acknowledged at once and Nagle releases the payload immediately;
-//! its own connection to taosAdapter has `TCP_NODELAY`, so what it forwards
-//! leaves at once too. The extra hop is a loopback copy (microseconds).
+//! its own connection to taosAdapter has `TCP_NODELAY` (and, for TLS, each
+//! chunk is flushed as its own record at once), so what it forwards leaves at
+//! once too. The extra hop is a loopback copy (microseconds).
+//!
+//! TLS: the client always speaks plain `ws` to the relay; for a `wss` DSN the
+//! relay speaks TLS to taosAdapter and verifies its certificate for the DSN's
+//! host (or the configured server name) — not for 127.0.0.1, which is all the
+//! client would know. (The `taos` crate as built here has no TLS of its own:
+//! without its `rustls`/`native-tls` features a `wss` connect panics.)
+//!
+//! The client's WebSocket handshake names the relay in its `Host` header; the
+//! relay rewrites it to what the client would have sent to taosAdapter, so a
+//! reverse proxy that routes by `Host` (common in front of TLS) still works.
 //!
 //! One relay per pool (started lazily, once), listening on `127.0.0.1:0`;
 //! one outbound connection per accepted connection; bounded buffers; when
@@ -18,22 +30,37 @@
 //! pool is connecting (see [`Relay::arm`]) and only from loopback peers, so
 //! it is not an open door to TDengine for other local processes in between.
 
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use parking_lot::Mutex;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Per direction, per connection.
 const BUF_SIZE: usize = 64 * 1024;
 /// The fetch timeout bounds the client; this bounds a relay task whose
-/// outbound connect hangs after the client has given up.
+/// outbound connect (or TLS handshake) hangs after the client has given up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The client's handshake request is a few hundred bytes.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Where the relay connects, and how.
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    /// The `Host` header the client would have sent to taosAdapter.
+    pub authority: String,
+    /// For `wss` DSNs: TLS towards taosAdapter, verified for this name.
+    pub tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+}
 
 pub struct Relay {
     addr: SocketAddr,
@@ -59,13 +86,12 @@ impl Drop for Armed {
 }
 
 impl Relay {
-    /// Listen on `127.0.0.1:0` and relay every accepted connection to `host:port`.
-    pub async fn start(host: String, port: u16) -> std::io::Result<Relay> {
+    /// Listen on `127.0.0.1:0` and relay every accepted connection to `target`.
+    pub async fn start(target: Arc<Target>) -> std::io::Result<Relay> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let armed = Arc::new(AtomicUsize::new(0));
         let last_error = Arc::new(Mutex::new(None));
-        let target: Arc<str> = Arc::from(host);
         let (a, errs) = (armed.clone(), last_error.clone());
         let accept = tokio::spawn(async move {
             loop {
@@ -82,7 +108,8 @@ impl Relay {
                     tracing::debug!(%peer, "TDengine relay: unexpected connection refused");
                     continue;
                 }
-                tokio::spawn(relay_one(client, target.clone(), port, errs.clone()));
+                let (target, errs) = (target.clone(), errs.clone());
+                tokio::spawn(async move { relay_one(client, &target, &errs).await });
             }
         });
         tracing::debug!(%addr, "TDengine relay listening");
@@ -107,49 +134,192 @@ impl Relay {
         Armed(self.armed.clone())
     }
 
-    /// Why the relay's last outbound connect failed, if it did (the client
-    /// itself only sees the relay close the connection).
+    /// Why the relay's last outbound connect or TLS handshake failed, if it
+    /// did (the client itself only sees the relay close the connection).
     pub fn take_error(&self) -> Option<String> {
         self.last_error.lock().take()
     }
 }
 
-fn quickack(stream: &TcpStream) {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
+/// A TCP stream that re-arms `TCP_QUICKACK` after every read (Linux leaves
+/// quick-ACK mode on its own, so it is set again each time).
+struct QuickAck(TcpStream);
+
+impl QuickAck {
+    fn new(s: TcpStream) -> QuickAck {
+        let _ = s.set_nodelay(true);
+        let q = QuickAck(s);
+        q.rearm();
+        q
     }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let _ = stream;
+
+    fn rearm(&self) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+        }
+    }
 }
 
-async fn relay_one(
-    client: TcpStream,
-    host: Arc<str>,
-    port: u16,
-    last_error: Arc<Mutex<Option<String>>>,
-) {
-    let _ = client.set_nodelay(true);
-    quickack(&client);
-    let server =
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((&*host, port))).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let msg = format!("connect to {host}:{port}: {e}");
-                tracing::debug!(error = %msg, "TDengine relay");
-                *last_error.lock() = Some(msg);
-                return;
+impl AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let res = Pin::new(&mut self.0).poll_read(cx, buf);
+        if res.is_ready() {
+            self.rearm();
+        }
+        res
+    }
+}
+
+impl AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// taosAdapter's side of a relayed connection.
+enum Upstream {
+    Plain(QuickAck),
+    Tls(Box<tokio_rustls::client::TlsStream<QuickAck>>),
+}
+
+/// Relay one client connection. If taosAdapter cannot be reached, the
+/// reason is stored in `errors` before the client's socket is closed, so
+/// that the pool finds it when the client reports the closed connection.
+async fn relay_one(client: TcpStream, target: &Target, errors: &Mutex<Option<String>>) {
+    let mut client = QuickAck::new(client);
+    let Some(head) = read_head(&mut client).await else {
+        return; // the client went away or sent no handshake
+    };
+    let head = rewrite_host(head, &target.authority);
+    match open(target).await {
+        Ok(Upstream::Plain(s)) => splice(client, s, &head).await,
+        Ok(Upstream::Tls(s)) => splice(client, *s, &head).await,
+        Err(msg) => {
+            tracing::debug!(error = %msg, "TDengine relay");
+            *errors.lock() = Some(msg);
+        }
+    }
+}
+
+/// Connect to taosAdapter (TCP_NODELAY, quick ACKs), with TLS if configured.
+async fn open(target: &Target) -> Result<Upstream, String> {
+    let (host, port) = (&target.host, target.port);
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((&**host, port))).await
+    {
+        Ok(Ok(s)) => QuickAck::new(s),
+        Ok(Err(e)) => return Err(format!("connect to {host}:{port}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "connect to {host}:{port}: timed out after {CONNECT_TIMEOUT:?}"
+            ))
+        }
+    };
+    let Some((connector, name)) = &target.tls else {
+        return Ok(Upstream::Plain(tcp));
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp)).await {
+        Ok(Ok(s)) => Ok(Upstream::Tls(Box::new(s))),
+        Ok(Err(e)) => Err(format!(
+            "TLS handshake with {host}:{port} (verifying {}): {e}",
+            name.to_str()
+        )),
+        Err(_) => Err(format!(
+            "TLS handshake with {host}:{port}: timed out after {CONNECT_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// The client's HTTP upgrade request, up to and including the blank line
+/// (and whatever followed it in the same reads). `None` if the client
+/// closed, stalled or sent something too long to be one.
+async fn read_head(client: &mut QuickAck) -> Option<Vec<u8>> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            let n = client.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
             }
-            Err(_) => {
-                let msg = format!("connect to {host}:{port}: timed out after {CONNECT_TIMEOUT:?}");
-                tracing::debug!(error = %msg, "TDengine relay");
-                *last_error.lock() = Some(msg);
-                return;
+            head.extend_from_slice(&buf[..n]);
+            if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Some(());
             }
-        };
-    let _ = server.set_nodelay(true);
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
+            if head.len() > MAX_HEAD {
+                return None;
+            }
+        }
+    })
+    .await
+    .ok()??;
+    Some(head)
+}
+
+/// Replace the `Host` header of the request head with `authority`. Anything
+/// after the head is kept as it is.
+fn rewrite_host(head: Vec<u8>, authority: &str) -> Vec<u8> {
+    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return head;
+    };
+    let mut out = Vec::with_capacity(head.len() + authority.len());
+    for (i, line) in head[..end].split(|&b| b == b'\n').enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        let is_host = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:");
+        if i > 0 && is_host {
+            out.extend_from_slice(b"Host: ");
+            out.extend_from_slice(authority.as_bytes());
+            if line.ends_with(b"\r") {
+                out.push(b'\r');
+            }
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(&head[end..]);
+    out
+}
+
+/// Send `head` to the server, then copy both ways until either side ends.
+async fn splice<S>(client: QuickAck, mut server: S, head: &[u8])
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if server.write_all(head).await.is_err() || server.flush().await.is_err() {
+        return;
+    }
+    let (cr, cw) = tokio::io::split(client);
+    let (sr, sw) = tokio::io::split(server);
     // When either direction ends, dropping the other closes both sockets.
     tokio::select! {
         _ = pump(cr, sw) => {}
@@ -157,16 +327,44 @@ async fn relay_one(
     }
 }
 
-/// Copy until EOF or an error, re-arming quick ACKs after every read.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) -> std::io::Result<()> {
+/// Copy until EOF or an error. Every chunk is flushed at once: for TLS that
+/// seals and sends it as its own record instead of waiting for more.
+async fn pump<R, W>(mut from: R, mut to: W) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let n = from.read(&mut buf).await?;
-        quickack(from.as_ref());
         if n == 0 {
             let _ = to.shutdown().await;
             return Ok(());
         }
         to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_is_rewritten_and_the_rest_kept() {
+        let head = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:40001\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nrest".to_vec();
+        let out = rewrite_host(head, "td.example:6041");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "GET /ws HTTP/1.1\r\nHost: td.example:6041\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nrest"
+        );
+        let lower = b"GET /rest/ws?token=x HTTP/1.1\r\nhost: 127.0.0.1:1\r\n\r\n".to_vec();
+        assert_eq!(
+            rewrite_host(lower, "cloud.example"),
+            b"GET /rest/ws?token=x HTTP/1.1\r\nHost: cloud.example\r\n\r\n"
+        );
+        // Not a complete head: untouched.
+        let partial = b"GET /ws HTTP/1.1\r\nHost: a\r\n".to_vec();
+        assert_eq!(rewrite_host(partial.clone(), "b"), partial);
     }
 }

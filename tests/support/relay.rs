@@ -57,6 +57,7 @@ struct Ctl {
     changed: Condvar,
     stop: AtomicBool,
     accepted: AtomicUsize,
+    host: String,
     upstream: AtomicU16,
 }
 
@@ -68,6 +69,11 @@ pub struct Relay {
 impl Relay {
     /// Relays 127.0.0.1:`port` (returned) to 127.0.0.1:`upstream`.
     pub fn start(upstream: u16) -> Relay {
+        Relay::start_to("127.0.0.1", upstream)
+    }
+
+    /// Relays 127.0.0.1:`port` (returned) to `host`:`upstream`.
+    pub fn start_to(host: &str, upstream: u16) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -76,6 +82,7 @@ impl Relay {
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
             accepted: AtomicUsize::new(0),
+            host: host.to_string(),
             upstream: AtomicU16::new(upstream),
         });
         let c = ctl.clone();
@@ -85,7 +92,7 @@ impl Relay {
                     Ok((down, _)) => {
                         down.set_nonblocking(false).unwrap();
                         let target = c.upstream.load(Ordering::Relaxed);
-                        let Ok(up) = TcpStream::connect(("127.0.0.1", target)) else {
+                        let Ok(up) = TcpStream::connect((c.host.as_str(), target)) else {
                             continue;
                         };
                         c.accepted.fetch_add(1, Ordering::Relaxed);
@@ -185,7 +192,7 @@ impl Relay {
         self.ctl.changed.notify_all();
     }
 
-    /// New connections go to 127.0.0.1:`port` from now on (existing ones stay).
+    /// New connections go to the same host's `port` from now on (existing ones stay).
     pub fn retarget(&self, port: u16) {
         self.ctl.upstream.store(port, Ordering::Relaxed);
     }

@@ -1,24 +1,52 @@
-//! A **protocol stand-in** for taosAdapter, for tests only. It is NOT TDengine.
+//! A **protocol stand-in** for taosAdapter, for tests only. It is NOT
+//! TDengine and runs no TDengine code: it speaks the part of taosAdapter's
+//! WebSocket protocol that the official `taos` 0.12.3 client uses to query,
+//! and answers from in-memory tables.
 //!
-//! It speaks the subset of taosAdapter's WebSocket protocol (`/ws`, with
-//! `/rest/ws` accepted too) that the official `taos` 0.12.3 client uses on its
-//! JSON query path: `version`, `conn`, `query`, `fetch`, `fetch_block`
-//! (binary reply: u64 timing, u64 result id, raw block) and `free_result` (no
-//! reply). It answers from in-memory tables, understands only
+//! The client picks its query path from the version the server reports in
+//! answer to `version` (taos-ws 0.12.3, `src/query/asyn.rs`:
+//! `is_support_binary_sql`, >= 3.3.0.8), so the stand-in's [`Mode`] is that
+//! version string:
+//!
+//! * **JSON path** (< 3.3.0.8, e.g. [`JSON_PATH`] = 3.0.0.0): text `query`,
+//!   `fetch` (JSON), `fetch_block` (binary reply: u64 timing, u64 result id,
+//!   raw block), `free_result` (no reply).
+//! * **Binary path** (>= 3.3.0.8, e.g. [`BINARY_PATH`] = 3.3.6.0, what
+//!   `docker-compose.yml` runs): a binary `query` message (action 6: u64
+//!   req_id, u64 result id 0, u64 action, u16 version 1, u32 SQL length,
+//!   SQL), answered with a text `binary_query` reply; then binary `fetch`
+//!   messages (action 7) answered with binary `fetch_raw_block` frames (u64
+//!   0xFFFF_FFFF_FFFF_FFFF, u64 action 7, u16 version 1, u64 timing, u64
+//!   req_id, u32 code, u32 length + message, u64 result id, u8 finished, then
+//!   u32 length + raw block unless finished). The layouts follow
+//!   taosAdapter's `controller/ws/ws` (`binaryQuery`, `fetchRawBlock`,
+//!   `fetchRawBlockMessage`), and the query reply carries the
+//!   `fields_precisions`/`fields_scales` a 3.3 server adds.
+//!
+//! Both paths share `version`, `conn` and `free_result` (the client frees an
+//! unfinished result with the JSON message on either path). Like
+//! taosAdapter, a result is freed once its last block has been fetched.
+//! Unlike taosAdapter, which accepts both query paths from 3.3.0.8 on, the
+//! stand-in answers the other path's query messages with an error, so a test
+//! cannot pass on the path it did not mean to exercise
+//! ([`TaosAdapter::accept_both_paths`] makes it as lenient as taosAdapter).
+//!
+//! Blocks are encoded with `taos-query`'s own `ColumnView`s. The stand-in
+//! understands only
 //! `SELECT cols FROM table [WHERE col = 'x'] [ORDER BY col [ASC|DESC]] [LIMIT n]`,
-//! records every SQL text it receives, and can simulate faults: down
-//! (connections closed at once), hang (accept, never answer), error replies
-//! and slow replies.
+//! records every SQL text it receives (with the path it came by), and can
+//! simulate faults: down (connections closed at once), hang (accept, never
+//! answer), error replies, slow replies, a connection closed on a query. It
+//! can serve `wss` ([`TaosAdapter::start_tls`]) with a throwaway CA made by
+//! the test.
 //!
-//! It reports version `3.0.0.0` so the client stays on the JSON query path
-//! (binary SQL needs >= 3.3.0.8).
-//!
-//! Include it with `#[path = "support/taosadapter.rs"] mod taosadapter;`.
+//! Include it with `#[macro_use] #[path = "support/taosadapter.rs"] mod taosadapter;`.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,10 +55,111 @@ use serde_json::{json, Value};
 use taos::taos_query::common::raw::views::views_to_raw_block;
 use taos::taos_query::common::ColumnView;
 use taos::Ty;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// Which query path the client takes against the stand-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryPath {
+    Json,
+    Binary,
+}
+
+/// The version string the stand-in reports, which decides the client's
+/// query path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    pub version: &'static str,
+}
+
+/// A server older than 3.3.0.8: the client queries with JSON messages.
+pub const JSON_PATH: Mode = Mode { version: "3.0.0.0" };
+/// A current server (the version `docker-compose.yml` runs): binary queries.
+pub const BINARY_PATH: Mode = Mode { version: "3.3.6.0" };
+pub const MODES: [Mode; 2] = [JSON_PATH, BINARY_PATH];
+
+/// `a.b.c.d` compared numerically; the client's own rule, restated so that
+/// the stand-in knows which path to expect.
+fn version_at_least(v: &str, min: &str) -> bool {
+    let nums = |s: &str| -> Vec<u32> {
+        s.split('.')
+            .take(4)
+            .map(|p| p.parse().unwrap_or(0))
+            .collect()
+    };
+    nums(v) >= nums(min)
+}
+
+impl Mode {
+    pub fn path(&self) -> QueryPath {
+        if version_at_least(self.version, "3.3.0.8") {
+            QueryPath::Binary
+        } else {
+            QueryPath::Json
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = match self.path() {
+            QueryPath::Json => "JSON",
+            QueryPath::Binary => "binary",
+        };
+        write!(f, "{path} query path (stand-in reports {})", self.version)
+    }
+}
+
+/// Defines `mod $name` with one test per [`Mode`]: `$name::json_path_v3_0_0_0`
+/// and `$name::binary_path_v3_3_6_0`, each running the body with `$mode`
+/// bound to that mode. `async fn` bodies run on a 2-thread tokio runtime,
+/// `fn` bodies as plain tests; doc comments go on the module.
+#[allow(unused_macros)]
+macro_rules! for_each_path {
+    ($(#[$attr:meta])* async fn $name:ident($mode:ident) $body:block) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($mode: taosadapter::Mode) $body
+
+            // The names spell out JSON_PATH's and BINARY_PATH's versions.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn json_path_v3_0_0_0() {
+                run(taosadapter::JSON_PATH).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn binary_path_v3_3_6_0() {
+                run(taosadapter::BINARY_PATH).await
+            }
+        }
+    };
+    ($(#[$attr:meta])* fn $name:ident($mode:ident) $body:block) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($mode: taosadapter::Mode) $body
+
+            #[test]
+            fn json_path_v3_0_0_0() {
+                run(taosadapter::JSON_PATH)
+            }
+
+            #[test]
+            fn binary_path_v3_3_6_0() {
+                run(taosadapter::BINARY_PATH)
+            }
+        }
+    };
+}
 
 /// A value in an in-memory table.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,12 +199,20 @@ pub enum Fault {
 }
 
 struct State {
+    mode: Mode,
     quickack: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     tables: Mutex<HashMap<String, Table>>,
-    sql_log: Mutex<Vec<String>>,
+    sql_log: Mutex<Vec<(QueryPath, String)>>,
+    hosts: Mutex<Vec<String>>,
     fault: watch::Sender<Fault>,
     next_id: AtomicU64,
     connections: AtomicU64,
+    open_results: AtomicUsize,
+    /// Rows per block (0: all rows in one block).
+    block_rows: AtomicUsize,
+    /// Answer JSON queries in binary mode too, as taosAdapter >= 3.3.0.8 does.
+    both_paths: std::sync::atomic::AtomicBool,
 }
 
 /// A running stand-in; dropping it stops accepting (open connections linger
@@ -83,6 +220,7 @@ struct State {
 pub struct TaosAdapter {
     pub addr: SocketAddr,
     state: Arc<State>,
+    pki: Option<Pki>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -168,34 +306,136 @@ pub fn default_tables() -> HashMap<String, Table> {
     out
 }
 
+/// A throwaway PKI for the TLS listener: a CA, a server certificate for the
+/// name `localhost` only (so a client that verifies for 127.0.0.1 fails), and
+/// an unrelated CA. PEM files in a temporary directory, removed on drop.
+pub struct Pki {
+    pub dir: PathBuf,
+    /// The CA that signed the server certificate.
+    pub ca: PathBuf,
+    /// A CA that signed nothing here.
+    pub other_ca: PathBuf,
+    server: tokio_rustls::rustls::ServerConfig,
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "nearcache-taosadapter-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            (p.self_signed(&key).unwrap(), key)
+        };
+        let (ca_cert, ca_key) = ca("taosAdapter stand-in test CA");
+        let (other, _) = ca("an unrelated CA");
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.distinguished_name
+            .push(DnType::CommonName, "taosadapter stand-in");
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        let ca_path = dir.join("ca.pem");
+        let other_path = dir.join("other-ca.pem");
+        std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+        std::fs::write(&other_path, other.pem()).unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let server = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone(), ca_cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        Pki {
+            dir,
+            ca: ca_path,
+            other_ca: other_path,
+            server,
+        }
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Pki::new()
+    }
+}
+
 impl TaosAdapter {
     /// Start on an ephemeral loopback port with [`default_tables`], with
     /// TCP_NODELAY and TCP_QUICKACK on its sockets (see `docs/tdengine.md`:
     /// without quick ACKs each client request stalls ~40 ms).
-    pub async fn start() -> TaosAdapter {
-        Self::start_with("127.0.0.1:0".parse().unwrap(), true).await
+    pub async fn start(mode: Mode) -> TaosAdapter {
+        Self::start_with(mode, "127.0.0.1:0".parse().unwrap(), true, None).await
     }
 
     /// Like [`TaosAdapter::start`] but with the kernel's default delayed ACKs,
     /// as a stock server has them.
-    pub async fn start_without_quickack() -> TaosAdapter {
-        Self::start_with("127.0.0.1:0".parse().unwrap(), false).await
+    pub async fn start_without_quickack(mode: Mode) -> TaosAdapter {
+        Self::start_with(mode, "127.0.0.1:0".parse().unwrap(), false, None).await
     }
 
-    pub async fn start_on(addr: SocketAddr) -> TaosAdapter {
-        Self::start_with(addr, true).await
+    /// A `wss` listener with a fresh [`Pki`] (its certificate names
+    /// `localhost`); `quickack` as for the plain listeners.
+    pub async fn start_tls(mode: Mode, quickack: bool) -> TaosAdapter {
+        Self::start_with(
+            mode,
+            "127.0.0.1:0".parse().unwrap(),
+            quickack,
+            Some(Pki::new()),
+        )
+        .await
     }
 
-    pub async fn start_with(addr: SocketAddr, quickack: bool) -> TaosAdapter {
+    pub async fn start_with(
+        mode: Mode,
+        addr: SocketAddr,
+        quickack: bool,
+        pki: Option<Pki>,
+    ) -> TaosAdapter {
         let listener = TcpListener::bind(addr).await.expect("bind stand-in");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
+            mode,
             quickack,
+            tls: pki
+                .as_ref()
+                .map(|p| tokio_rustls::TlsAcceptor::from(Arc::new(p.server.clone()))),
             tables: Mutex::new(default_tables()),
             sql_log: Mutex::new(Vec::new()),
+            hosts: Mutex::new(Vec::new()),
             fault: watch::channel(Fault::None).0,
             next_id: AtomicU64::new(1),
             connections: AtomicU64::new(0),
+            open_results: AtomicUsize::new(0),
+            block_rows: AtomicUsize::new(0),
+            both_paths: std::sync::atomic::AtomicBool::new(false),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -210,22 +450,57 @@ impl TaosAdapter {
         TaosAdapter {
             addr,
             state,
+            pki,
             accept,
         }
     }
 
-    /// A DSN for the `taos` client.
+    pub fn mode(&self) -> Mode {
+        self.state.mode
+    }
+
+    /// A DSN for the `taos` client: `taos+ws://` to 127.0.0.1, or for a TLS
+    /// stand-in `taos+wss://` to `localhost` (the name its certificate has).
     pub fn dsn(&self) -> String {
-        format!("taos+ws://root:taosdata@{}/market", self.addr)
+        match self.pki {
+            None => format!("taos+ws://root:taosdata@{}/market", self.addr),
+            Some(_) => format!(
+                "taos+wss://root:taosdata@localhost:{}/market",
+                self.addr.port()
+            ),
+        }
+    }
+
+    /// The TLS stand-in's certificates.
+    pub fn pki(&self) -> &Pki {
+        self.pki.as_ref().expect("not a TLS stand-in")
     }
 
     pub fn set_fault(&self, fault: Fault) {
         self.state.fault.send_replace(fault);
     }
 
+    /// Rows per block in the results (0, the default: all rows in one block).
+    pub fn set_block_rows(&self, n: usize) {
+        self.state.block_rows.store(n, Ordering::Relaxed);
+    }
+
+    /// Serve JSON queries also when reporting >= 3.3.0.8, as taosAdapter
+    /// does (by default the stand-in refuses them).
+    pub fn accept_both_paths(&self) {
+        self.state.both_paths.store(true, Ordering::Relaxed);
+    }
+
     /// Every SQL text received, in order.
     pub fn sql_log(&self) -> Vec<String> {
-        self.state.sql_log.lock().unwrap().clone()
+        let log = self.state.sql_log.lock().unwrap();
+        log.iter().map(|(_, s)| s.clone()).collect()
+    }
+
+    /// The path each logged query came by.
+    pub fn query_paths(&self) -> Vec<QueryPath> {
+        let log = self.state.sql_log.lock().unwrap();
+        log.iter().map(|(p, _)| *p).collect()
     }
 
     pub fn query_count(&self) -> usize {
@@ -236,9 +511,19 @@ impl TaosAdapter {
         self.state.sql_log.lock().unwrap().clear();
     }
 
+    /// The `Host` header of every WebSocket handshake, in order.
+    pub fn hosts(&self) -> Vec<String> {
+        self.state.hosts.lock().unwrap().clone()
+    }
+
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::Relaxed)
+    }
+
+    /// Query results not yet fetched to the end nor freed, over all connections.
+    pub fn open_results(&self) -> usize {
+        self.state.open_results.load(Ordering::Relaxed)
     }
 
     /// Adds `symbol`'s generated rows to every `kline_*` table (600 in
@@ -269,7 +554,36 @@ impl TaosAdapter {
 struct Pending {
     fields: Vec<(String, Ty)>,
     rows: Vec<Vec<Val>>,
-    sent: bool,
+    /// Rows already handed out in blocks.
+    next: usize,
+    /// The block announced by a JSON `fetch`, for the following `fetch_block`.
+    announced: Option<std::ops::Range<usize>>,
+}
+
+/// One connection's results; counted in [`State::open_results`] while held.
+struct Results<'a> {
+    map: HashMap<u64, Pending>,
+    open: &'a AtomicUsize,
+}
+
+impl Results<'_> {
+    fn insert(&mut self, id: u64, p: Pending) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.map.insert(id, p);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if self.map.remove(&id).is_some() {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Results<'_> {
+    fn drop(&mut self) {
+        // taosAdapter frees a connection's results when it closes.
+        self.open.fetch_sub(self.map.len(), Ordering::Relaxed);
+    }
 }
 
 // The handshake callback signature is tungstenite's.
@@ -293,7 +607,15 @@ async fn serve(stream: TcpStream, st: Arc<State>) {
         }
         return;
     }
-    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+    let stream = QuickAck {
+        inner: stream,
+        enabled: st.quickack,
+    };
+    let hosts = st.clone();
+    let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if let Some(h) = req.headers().get("host").and_then(|h| h.to_str().ok()) {
+            hosts.hosts.lock().unwrap().push(h.to_string());
+        }
         match req.uri().path() {
             "/ws" | "/rest/ws" => Ok(resp),
             _ => {
@@ -303,14 +625,38 @@ async fn serve(stream: TcpStream, st: Arc<State>) {
             }
         }
     };
-    let stream = QuickAck {
-        inner: stream,
-        enabled: st.quickack,
+    match &st.tls {
+        None => {
+            if let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await {
+                serve_ws(ws, &st, fault).await;
+            }
+        }
+        Some(acceptor) => {
+            let Ok(tls) = acceptor.accept(stream).await else {
+                return; // e.g. the client rejected our certificate
+            };
+            if let Ok(ws) = tokio_tungstenite::accept_hdr_async(tls, callback).await {
+                serve_ws(ws, &st, fault).await;
+            }
+        }
+    }
+}
+
+/// What to do after a query message.
+enum Step {
+    Reply(Message),
+    Close,
+}
+
+async fn serve_ws<S>(mut ws: WebSocketStream<S>, st: &State, mut fault: watch::Receiver<Fault>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut results = Results {
+        map: HashMap::new(),
+        open: &st.open_results,
     };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
-        return;
-    };
-    let mut results: HashMap<u64, Pending> = HashMap::new();
+    let mode = st.mode;
     loop {
         let msg = tokio::select! {
             m = ws.next() => m,
@@ -322,114 +668,103 @@ async fn serve(stream: TcpStream, st: Arc<State>) {
             }
         };
         let Some(Ok(msg)) = msg else { return };
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Close(_) => return,
-            _ => continue, // pings are answered by tungstenite
-        };
         let current = fault.borrow().clone();
-        if current == Fault::Hang {
-            continue;
-        }
-        let Ok(req) = serde_json::from_str::<Value>(&text) else {
-            continue;
-        };
-        let action = req["action"].as_str().unwrap_or_default().to_string();
-        let args = &req["args"];
-        let req_id = args["req_id"].as_u64().unwrap_or(0);
-        let reply: Option<Message> = match action.as_str() {
-            "version" => Some(text_msg(
-                json!({"code":0,"message":"","action":"version","req_id":req_id,"version":"3.0.0.0"}),
-            )),
-            "conn" => Some(text_msg(
-                json!({"code":0,"message":"","action":"conn","req_id":req_id,"timing":1000}),
-            )),
-            "query" => {
-                let sql = args["sql"].as_str().unwrap_or_default().to_string();
-                st.sql_log.lock().unwrap().push(sql.clone());
-                match current {
-                    Fault::CloseOnQuery => return,
-                    Fault::Error { code, message } => Some(text_msg(
-                        json!({"code":code,"message":message,"action":"query","req_id":req_id}),
+        let reply: Option<Message> = match msg {
+            Message::Close(_) => return,
+            _ if current == Fault::Hang => continue,
+            Message::Text(text) => {
+                let Ok(req) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
+                let action = req["action"].as_str().unwrap_or_default().to_string();
+                let args = &req["args"];
+                let req_id = args["req_id"].as_u64().unwrap_or(0);
+                let id = args["id"].as_u64().unwrap_or(0);
+                match action.as_str() {
+                    "version" => Some(text_msg(json!({
+                        "code":0,"message":"","action":"version","req_id":req_id,
+                        "version":mode.version
+                    }))),
+                    "conn" => Some(text_msg(
+                        json!({"code":0,"message":"","action":"conn","req_id":req_id,"timing":1000}),
                     )),
-                    other => {
-                        if let Fault::Slow(d) = other {
-                            tokio::time::sleep(d).await;
+                    "query" | "fetch" | "fetch_block"
+                        if mode.path() == QueryPath::Binary
+                            && !st.both_paths.load(Ordering::Relaxed) =>
+                    {
+                        Some(error_msg(
+                            &action,
+                            req_id,
+                            0xffff,
+                            &format!("protocol stand-in reporting {}: JSON {action} sent, but a client must use the binary query path from 3.3.0.8 on", mode.version),
+                        ))
+                    }
+                    "query" => {
+                        let sql = args["sql"].as_str().unwrap_or_default().to_string();
+                        match query(st, &mut results, &current, QueryPath::Json, req_id, sql).await
+                        {
+                            Step::Reply(m) => Some(m),
+                            Step::Close => return,
                         }
-                        let answer = {
-                            let tables = st.tables.lock().unwrap();
-                            run_sql(&sql, &tables)
-                        };
-                        Some(match answer {
-                            Ok((fields, rows)) => {
-                                let id = st.next_id.fetch_add(1, Ordering::Relaxed);
-                                let msg = json!({
-                                    "code":0,"message":"","action":"query","req_id":req_id,"timing":12000,
-                                    "id":id,"is_update":false,"affected_rows":0,
-                                    "fields_count":fields.len(),
-                                    "fields_names":fields.iter().map(|f| f.0.clone()).collect::<Vec<_>>(),
-                                    "fields_types":fields.iter().map(|f| f.1 as u8).collect::<Vec<_>>(),
-                                    "fields_lengths":fields.iter().map(|f| field_len(f.1)).collect::<Vec<_>>(),
-                                    "precision":0
-                                });
-                                results.insert(
-                                    id,
-                                    Pending {
-                                        fields,
-                                        rows,
-                                        sent: false,
-                                    },
-                                );
-                                text_msg(msg)
+                    }
+                    "fetch" => Some(json_fetch(st, &mut results, req_id, id)),
+                    "fetch_block" => Some(json_fetch_block(&mut results, req_id, id)),
+                    "free_result" => {
+                        results.remove(id);
+                        None // taosAdapter never answers free_result
+                    }
+                    // Unknown actions get no reply: an unknown action in a
+                    // reply would kill the client's reader task.
+                    _ => None,
+                }
+            }
+            Message::Binary(b) if b.len() >= 26 => {
+                let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+                let (req_id, id, action) = (u64_at(0), u64_at(8), u64_at(16));
+                let version = u16::from_le_bytes([b[24], b[25]]);
+                match action {
+                    6 if mode.path() == QueryPath::Json => Some(error_msg(
+                        "binary_query",
+                        req_id,
+                        0xffff,
+                        &format!(
+                            "protocol stand-in reporting {}: binary query sent, but it needs 3.3.0.8",
+                            mode.version
+                        ),
+                    )),
+                    6 => {
+                        let sql = (version == 1 && b.len() >= 30)
+                            .then(|| {
+                                let len = u32::from_le_bytes(b[26..30].try_into().unwrap()) as usize;
+                                b.get(30..30 + len)
+                                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                            })
+                            .flatten();
+                        match sql {
+                            None => Some(error_msg(
+                                "binary_query",
+                                req_id,
+                                0xffff,
+                                "uncompleted message",
+                            )),
+                            Some(sql) => {
+                                match query(st, &mut results, &current, QueryPath::Binary, req_id, sql)
+                                    .await
+                                {
+                                    Step::Reply(m) => Some(m),
+                                    Step::Close => return,
+                                }
                             }
-                            Err((code, message)) => text_msg(
-                                json!({"code":code,"message":message,"action":"query","req_id":req_id}),
-                            ),
-                        })
+                        }
                     }
-                }
-            }
-            "fetch" => {
-                let id = args["id"].as_u64().unwrap_or(0);
-                match results.get_mut(&id) {
-                    Some(p) if !p.sent && !p.rows.is_empty() => Some(text_msg(json!({
-                        "code":0,"message":"","action":"fetch","req_id":req_id,"timing":3000,"id":id,
-                        "completed":false,"rows":p.rows.len(),
-                        "lengths":p.fields.iter().map(|f| field_len(f.1)).collect::<Vec<_>>()
-                    }))),
-                    Some(_) => Some(text_msg(json!({
-                        "code":0,"message":"","action":"fetch","req_id":req_id,"timing":1000,"id":id,"completed":true
-                    }))),
-                    None => Some(text_msg(json!({
-                        "code":0x2602,"message":"result not found","action":"fetch","req_id":req_id,"id":id
-                    }))),
-                }
-            }
-            "fetch_block" => {
-                let id = args["id"].as_u64().unwrap_or(0);
-                match results.get_mut(&id) {
-                    Some(p) => {
-                        p.sent = true;
-                        let block = encode_block(&p.fields, &p.rows);
-                        let mut frame = Vec::with_capacity(block.len() + 16);
-                        frame.extend_from_slice(&5000u64.to_le_bytes());
-                        frame.extend_from_slice(&id.to_le_bytes());
-                        frame.extend_from_slice(&block);
-                        Some(Message::Binary(frame))
+                    7 if mode.path() == QueryPath::Json || version != 1 => {
+                        Some(fetch_raw_block_msg(req_id, id, 0xffff, "unexpected fetch_raw_block", None))
                     }
-                    None => Some(text_msg(json!({
-                        "code":0x2602,"message":"result not found","action":"fetch_block","req_id":req_id
-                    }))),
+                    7 => Some(binary_fetch(st, &mut results, req_id, id)),
+                    _ => None,
                 }
             }
-            "free_result" => {
-                let id = args["id"].as_u64().unwrap_or(0);
-                results.remove(&id);
-                None // taosAdapter never answers free_result
-            }
-            // Unknown actions get no reply: an unknown action in a reply
-            // would kill the client's reader task.
-            _ => None,
+            _ => continue, // pings are answered by tungstenite
         };
         if let Some(reply) = reply {
             if ws.send(reply).await.is_err() {
@@ -437,6 +772,174 @@ async fn serve(stream: TcpStream, st: Arc<State>) {
             }
         }
     }
+}
+
+/// Run a query (applying the current fault) and answer it: `query` on the
+/// JSON path, `binary_query` on the binary path.
+async fn query(
+    st: &State,
+    results: &mut Results<'_>,
+    current: &Fault,
+    path: QueryPath,
+    req_id: u64,
+    sql: String,
+) -> Step {
+    let action = match path {
+        QueryPath::Json => "query",
+        QueryPath::Binary => "binary_query",
+    };
+    st.sql_log.lock().unwrap().push((path, sql.clone()));
+    match current {
+        Fault::CloseOnQuery => return Step::Close,
+        Fault::Error { code, message } => {
+            return Step::Reply(error_msg(action, req_id, *code, message))
+        }
+        Fault::Slow(d) => tokio::time::sleep(*d).await,
+        _ => {}
+    }
+    let answer = {
+        let tables = st.tables.lock().unwrap();
+        run_sql(&sql, &tables)
+    };
+    Step::Reply(match answer {
+        Ok((fields, rows)) => {
+            let id = st.next_id.fetch_add(1, Ordering::Relaxed);
+            let mut msg = json!({
+                "code":0,"message":"","action":action,"req_id":req_id,"timing":12000,
+                "id":id,"is_update":false,"affected_rows":0,
+                "fields_count":fields.len(),
+                "fields_names":fields.iter().map(|f| f.0.clone()).collect::<Vec<_>>(),
+                "fields_types":fields.iter().map(|f| f.1 as u8).collect::<Vec<_>>(),
+                "fields_lengths":fields.iter().map(|f| field_len(f.1)).collect::<Vec<_>>(),
+                "precision":0
+            });
+            if path == QueryPath::Binary {
+                // What a 3.3 taosAdapter adds (for DECIMAL columns).
+                msg["fields_precisions"] = json!(vec![0; fields.len()]);
+                msg["fields_scales"] = json!(vec![0; fields.len()]);
+            }
+            results.insert(
+                id,
+                Pending {
+                    fields,
+                    rows,
+                    next: 0,
+                    announced: None,
+                },
+            );
+            text_msg(msg)
+        }
+        Err((code, message)) => error_msg(action, req_id, code, &message),
+    })
+}
+
+/// The next block's row range, or `None` when every row has been handed out.
+fn next_block(st: &State, p: &mut Pending) -> Option<std::ops::Range<usize>> {
+    if p.next >= p.rows.len() {
+        return None;
+    }
+    let per = match st.block_rows.load(Ordering::Relaxed) {
+        0 => usize::MAX,
+        n => n,
+    };
+    let end = p.rows.len().min(p.next.saturating_add(per));
+    let range = p.next..end;
+    p.next = end;
+    Some(range)
+}
+
+/// JSON `fetch`: announce the next block's row count, or completion (and
+/// free the result, as taosAdapter does).
+fn json_fetch(st: &State, results: &mut Results<'_>, req_id: u64, id: u64) -> Message {
+    let Some(p) = results.map.get_mut(&id) else {
+        return error_msg("fetch", req_id, 0xffff, "result is nil");
+    };
+    match next_block(st, p) {
+        Some(range) => {
+            let msg = json!({
+                "code":0,"message":"","action":"fetch","req_id":req_id,"timing":3000,"id":id,
+                "completed":false,"rows":range.len(),
+                "lengths":p.fields.iter().map(|f| field_len(f.1)).collect::<Vec<_>>()
+            });
+            p.announced = Some(range);
+            text_msg(msg)
+        }
+        None => {
+            results.remove(id);
+            text_msg(json!({
+                "code":0,"message":"","action":"fetch","req_id":req_id,"timing":1000,"id":id,"completed":true
+            }))
+        }
+    }
+}
+
+/// JSON `fetch_block`: the announced block as u64 timing, u64 result id, raw block.
+fn json_fetch_block(results: &mut Results<'_>, req_id: u64, id: u64) -> Message {
+    match results.map.get_mut(&id) {
+        Some(Pending {
+            fields,
+            rows,
+            announced: Some(range),
+            ..
+        }) => {
+            let block = encode_block(fields, &rows[range.clone()]);
+            let mut frame = Vec::with_capacity(block.len() + 16);
+            frame.extend_from_slice(&5000u64.to_le_bytes());
+            frame.extend_from_slice(&id.to_le_bytes());
+            frame.extend_from_slice(&block);
+            Message::Binary(frame)
+        }
+        Some(_) => error_msg("fetch_block", req_id, 0xffff, "block is nil"),
+        None => error_msg("fetch_block", req_id, 0xffff, "result is nil"),
+    }
+}
+
+/// Binary `fetch` (action 7): the next block, or `finished` (and the result
+/// is freed, as taosAdapter does).
+fn binary_fetch(st: &State, results: &mut Results<'_>, req_id: u64, id: u64) -> Message {
+    let Some(p) = results.map.get_mut(&id) else {
+        return fetch_raw_block_msg(req_id, id, 0xffff, "result is nil", None);
+    };
+    match next_block(st, p) {
+        Some(range) => {
+            let block = encode_block(&p.fields, &p.rows[range]);
+            fetch_raw_block_msg(req_id, id, 0, "", Some(&block))
+        }
+        None => {
+            results.remove(id);
+            fetch_raw_block_msg(req_id, id, 0, "", None)
+        }
+    }
+}
+
+/// taosAdapter's binary `fetch_raw_block` reply: a block, or `finished`
+/// (also for errors, with a code and message).
+fn fetch_raw_block_msg(
+    req_id: u64,
+    result_id: u64,
+    code: u32,
+    message: &str,
+    block: Option<&[u8]>,
+) -> Message {
+    let mut b = Vec::with_capacity(64 + message.len() + block.map_or(0, |x| x.len()));
+    b.extend_from_slice(&u64::MAX.to_le_bytes()); // marks the new block format
+    b.extend_from_slice(&7u64.to_le_bytes()); // action: fetch_raw_block
+    b.extend_from_slice(&1u16.to_le_bytes()); // version
+    b.extend_from_slice(&4000u64.to_le_bytes()); // timing, ns
+    b.extend_from_slice(&req_id.to_le_bytes());
+    b.extend_from_slice(&code.to_le_bytes());
+    b.extend_from_slice(&(message.len() as u32).to_le_bytes());
+    b.extend_from_slice(message.as_bytes());
+    b.extend_from_slice(&result_id.to_le_bytes());
+    match block {
+        Some(block) => {
+            b.push(0);
+            b.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            b.extend_from_slice(block);
+        }
+        None => b.push(1),
+    }
+    Message::Binary(b)
 }
 
 /// A TCP stream that re-arms TCP_QUICKACK after every read (Linux clears it
@@ -457,7 +960,7 @@ impl QuickAck {
     }
 }
 
-impl tokio::io::AsyncRead for QuickAck {
+impl AsyncRead for QuickAck {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -471,7 +974,7 @@ impl tokio::io::AsyncRead for QuickAck {
     }
 }
 
-impl tokio::io::AsyncWrite for QuickAck {
+impl AsyncWrite for QuickAck {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -495,6 +998,10 @@ impl tokio::io::AsyncWrite for QuickAck {
 
 fn text_msg(v: Value) -> Message {
     Message::Text(v.to_string())
+}
+
+fn error_msg(action: &str, req_id: u64, code: i32, message: &str) -> Message {
+    text_msg(json!({"code":code,"message":message,"action":action,"req_id":req_id}))
 }
 
 fn field_len(ty: Ty) -> u32 {
