@@ -223,3 +223,86 @@ fn a_different_server_behind_the_same_address_empties_l1() {
     let v: String = proxy.conn().get("ind:srv").unwrap();
     assert_eq!(v, "new");
 }
+
+/// After a client has seen a newer value of a key through one read command,
+/// no other cached command of that key returns an older one, even while the
+/// invalidation of the write between them is still on its way: the relay
+/// holds the feed's notification of the write while the client reads the
+/// key with a new command (a fill that sees the new value) and then with the
+/// old one (cached before the write) — one after the other (the fill waits
+/// for a feed barrier before it answers) and pipelined (the later read goes
+/// upstream behind the fill).
+#[test]
+fn never_back_in_time_across_commands_of_one_key() {
+    for mode in [InvalidationMode::Tracking, InvalidationMode::Keyspace] {
+        let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]);
+        let relay = Relay::start(redis.port);
+        let mut cfg = test_config(&relay.url());
+        cfg.cache.invalidation = mode;
+        // The canary must not end the feed while the test holds it.
+        cfg.cache.feed_health_interval = Duration::from_secs(10);
+        let proxy = Proxy::with_config(cfg);
+        proxy.wait_serving();
+        let mut direct = redis.conn();
+        for (key, pipelined) in [("ind:seq", false), ("ind:pip", true)] {
+            let _: () = direct.hset(key, "f", "old").unwrap();
+            let mut c = RawClient::connect(proxy.port);
+            let hget = format!("HGET {key} f");
+            // Until the HSET's own invalidation has passed, a fill may race with it.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let hits = proxy.stat("hits");
+                assert_eq!(c.line(&hget), b"$3\r\nold\r\n".to_vec());
+                if proxy.stat("hits") == hits + 1 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "HGET never cached");
+            }
+
+            let held = match mode {
+                InvalidationMode::Keyspace => format!("__keyspace@0__:{key}"),
+                _ => format!("invalidate\r\n*1\r\n${}\r\n{key}", key.len()),
+            };
+            relay.hold_replies_from(held.as_bytes());
+            let _: () = direct.hset(key, "f", "new").unwrap();
+            relay.wait_holding(Duration::from_secs(5));
+            // The write's invalidation is held back. A new command sees the new value...
+            let barriers = proxy.stat("barriers");
+            c.send(&[b"HGETALL", key.as_bytes()]);
+            if pipelined {
+                c.send(&[b"HGET", key.as_bytes(), b"f"]);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut early = None;
+            while proxy.stat("barriers") == barriers && early.is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{mode:?}: neither a barrier nor a reply"
+                );
+                early = c.try_reply(Duration::from_millis(10));
+            }
+            // A reply that came back while the invalidation is still held must
+            // not be followed by an older one: ask the old command before the
+            // relay lets the invalidation through.
+            let all = match early {
+                Some(reply) => reply,
+                None => {
+                    relay.release();
+                    c.reply()
+                }
+            };
+            assert_eq!(all, b"*2\r\n$1\r\nf\r\n$3\r\nnew\r\n".to_vec(), "{mode:?}");
+            // ...and the old command, asked after it, must not go back to the old one.
+            if !pipelined {
+                c.send(&[b"HGET", key.as_bytes(), b"f"]);
+            }
+            let old_command = c.reply();
+            relay.release();
+            assert_eq!(
+                old_command,
+                b"$3\r\nnew\r\n".to_vec(),
+                "{mode:?}: back in time (pipelined: {pipelined})"
+            );
+        }
+    }
+}

@@ -21,6 +21,7 @@
 //! connect L1 is cleared and then enabled; when the feed fails it is disabled
 //! and cleared before anything else happens.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -305,6 +306,12 @@ async fn run_once(
         ));
     }
 
+    // Barriers (see `Cache::store_fills`): a `PING sync` per batch of
+    // requests; its reply comes after every push Redis queued before it.
+    let (barrier_tx, mut barrier_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _barriers = BarriersOpen::new(cache, barrier_tx);
+    let mut syncs: VecDeque<Vec<oneshot::Sender<()>>> = VecDeque::new();
+
     // Whatever was cached before this point may have missed invalidations.
     cache.clear_all("feed_reconnect");
     cache.set_serving(true, mode_label);
@@ -337,6 +344,15 @@ async fn run_once(
             _ = cache.feed_restart.notified() => {
                 info!("key policies changed; re-establishing the invalidation feed");
                 return Ok(());
+            }
+            Some(first) = barrier_rx.recv() => {
+                let mut batch = vec![first];
+                while let Ok(more) = barrier_rx.try_recv() {
+                    batch.push(more);
+                }
+                conn.write(&protocol::command([&b"PING"[..], b"sync"])).await?;
+                syncs.push_back(batch);
+                continue;
             }
             r = run_ids.changed() => {
                 if r.is_ok() && other_server(&run_ids.borrow_and_update()) {
@@ -389,6 +405,12 @@ async fn run_once(
                     error_text(&frame)
                 )));
             }
+            _ if frame.bytes[..] == b"$4\r\nsync\r\n"[..] => {
+                for waiter in syncs.pop_front().unwrap_or_default() {
+                    let _ = waiter.send(());
+                }
+                false
+            }
             // The PONG of the health check without a canary.
             _ => !canary,
         };
@@ -412,6 +434,23 @@ async fn read_keyspace_flags(conn: &mut FeedConn) -> Option<String> {
     parts
         .get(1)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Makes the feed take barrier requests while it runs; when it ends,
+/// waiting requests fail (their fills drop what they would have raced with).
+struct BarriersOpen<'a>(&'a Cache);
+
+impl<'a> BarriersOpen<'a> {
+    fn new(cache: &'a Cache, requests: super::BarrierRequests) -> Self {
+        cache.set_barriers(Some(requests));
+        BarriersOpen(cache)
+    }
+}
+
+impl Drop for BarriersOpen<'_> {
+    fn drop(&mut self) {
+        self.0.set_barriers(None);
+    }
 }
 
 /// Applies one push; true if it reported the canary key.

@@ -113,6 +113,29 @@ pub enum Lookup {
 /// zero: not at all; `None`: the policy decides).
 pub type Fetched = (ReplyResult, Option<Duration>);
 
+/// A reply fetched from Redis, to be stored in L1.
+pub struct Fill {
+    pub ticket: Ticket,
+    pub key: Bytes,
+    pub sig: Bytes,
+    pub proto: u8,
+    pub reply: Bytes,
+    pub ttl: Duration,
+}
+
+/// What [`Cache::try_store`] did.
+enum Store {
+    Stored,
+    /// The ticket is no longer current (or L1 is off): not stored.
+    Stale,
+    /// The key holds replies of other commands: a feed barrier first.
+    NeedsBarrier,
+}
+
+/// Barrier requests to the feed: each sender is answered once the feed has
+/// read everything Redis sent it before the request.
+pub type BarrierRequests = tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>;
+
 /// Concurrent identical misses share one fill.
 pub type FillWaiter = Waiter<ReplyResult>;
 
@@ -131,6 +154,8 @@ pub struct Counters {
     pub invalidations: AtomicU64,
     pub evictions: Arc<AtomicU64>,
     pub flushes: AtomicU64,
+    /// Fills that waited for a feed barrier before they were stored.
+    pub barriers: AtomicU64,
 }
 
 /// The shared L1.
@@ -143,6 +168,7 @@ pub struct Cache {
     serving: AtomicBool,
     feed_state: RwLock<String>,
     fills: Arc<SingleFlight<FillKey, Ticket, ReplyResult>>,
+    barriers: parking_lot::Mutex<Option<BarrierRequests>>,
     /// Tells the feed to reconnect with new subscriptions (policy reload).
     pub(crate) feed_restart: tokio::sync::Notify,
     pub counters: Counters,
@@ -177,6 +203,7 @@ impl Cache {
                 "disabled".into()
             }),
             fills: Arc::default(),
+            barriers: parking_lot::Mutex::new(None),
             feed_restart: tokio::sync::Notify::new(),
             counters: Counters {
                 evictions,
@@ -281,7 +308,7 @@ impl Cache {
 
     /// Stores a reply fetched under `ticket` for at most `ttl`, unless the key
     /// was invalidated since or a write of it is in flight. Returns whether
-    /// it was stored.
+    /// it was stored. (No feed barrier: see [`Cache::store_fill`].)
     pub fn complete_fill(
         &self,
         ticket: Ticket,
@@ -291,22 +318,127 @@ impl Cache {
         reply: &Bytes,
         ttl: Duration,
     ) -> bool {
-        if !self.is_serving() || ttl.is_zero() {
-            return false;
-        }
-        // Copies: the caller's bytes are slices of socket buffers, which a
-        // long-lived entry would otherwise keep alive whole.
-        let variant = Variant {
+        let fill = Fill {
+            ticket,
+            key: key.clone(),
             sig: sig.clone(),
             proto,
-            reply: Bytes::copy_from_slice(reply),
+            reply: reply.clone(),
+            ttl,
         };
+        matches!(self.try_store(&fill, true), Store::Stored)
+    }
+
+    /// Stores a fill the way reads see it never going back in time: if the
+    /// key holds replies of other commands (or protocols), the feed first
+    /// has to catch up with everything Redis did before this reply (a
+    /// barrier), so that an older reply of another command is invalidated
+    /// before the caller hands this newer one to a client. Without a feed to
+    /// ask, the key's other replies are dropped instead.
+    pub async fn store_fill(
+        &self,
+        ticket: Ticket,
+        key: &Bytes,
+        sig: &Bytes,
+        proto: u8,
+        reply: &Bytes,
+        ttl: Duration,
+    ) -> bool {
+        let fill = Fill {
+            ticket,
+            key: key.clone(),
+            sig: sig.clone(),
+            proto,
+            reply: reply.clone(),
+            ttl,
+        };
+        self.store_fills(vec![fill]).await == 1
+    }
+
+    /// [`Cache::store_fill`] for several fills (an MGET's), with at most one
+    /// barrier; returns how many were stored.
+    pub async fn store_fills(&self, fills: Vec<Fill>) -> usize {
+        let mut stored = 0;
+        let mut waiting = Vec::new();
+        for f in fills {
+            match self.try_store(&f, false) {
+                Store::Stored => stored += 1,
+                Store::Stale => {}
+                Store::NeedsBarrier => waiting.push(f),
+            }
+        }
+        if waiting.is_empty() {
+            return stored;
+        }
+        self.counters.barriers.fetch_add(1, Ordering::Relaxed);
+        let synced = self.feed_barrier().await;
+        for f in waiting {
+            if !synced {
+                self.invalidate(&f.key, "no_barrier");
+            } else if matches!(self.try_store(&f, true), Store::Stored) {
+                stored += 1;
+            }
+        }
+        stored
+    }
+
+    /// Waits until the feed has received everything Redis sent it before now.
+    async fn feed_barrier(&self) -> bool {
+        let Some(requests) = self.barriers.lock().clone() else {
+            return false;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if requests.send(tx).is_err() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(self.config.feed_health_interval, rx).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Where the feed takes barrier requests while it is up (see [`feed`]).
+    pub(crate) fn set_barriers(&self, requests: Option<BarrierRequests>) {
+        *self.barriers.lock() = requests;
+    }
+
+    fn try_store(&self, fill: &Fill, past_barrier: bool) -> Store {
+        let Fill {
+            ticket,
+            key,
+            sig,
+            proto,
+            reply,
+            ttl,
+        } = fill;
+        let (ticket, proto, ttl) = (*ticket, *proto, *ttl);
+        if !self.is_serving() || ttl.is_zero() {
+            return Store::Stale;
+        }
         let expires_at = Instant::now() + ttl;
+        let mut outcome = Store::Stale;
         self.gens.store_if_current(ticket, || {
             if !self.is_serving() {
                 return;
             }
-            let entry = match self.store.get(key) {
+            let old = self.store.get(key);
+            let others = old.as_ref().is_some_and(|e| {
+                e.variants
+                    .iter()
+                    .any(|v| !(v.proto == proto && v.sig == *sig))
+            });
+            if others && !past_barrier {
+                outcome = Store::NeedsBarrier;
+                return;
+            }
+            // Copies: the caller's bytes are slices of socket buffers, which a
+            // long-lived entry would otherwise keep alive whole.
+            let variant = Variant {
+                sig: sig.clone(),
+                proto,
+                reply: Bytes::copy_from_slice(reply),
+            };
+            let entry = match old {
                 Some(old) => {
                     let mut variants: Vec<Variant> = old
                         .variants
@@ -330,7 +462,9 @@ impl Cache {
             };
             self.store
                 .insert(Bytes::copy_from_slice(key), Arc::new(entry));
-        })
+            outcome = Store::Stored;
+        });
+        outcome
     }
 
     /// Drops every cached reply of `key` and cancels fills in flight for it.
@@ -404,9 +538,14 @@ impl Cache {
             proto,
         };
         let w = self.fills.join(&fk, &ticket)?;
+        self.count_coalesced();
+        Some(w)
+    }
+
+    /// A miss that shares a fill already in flight.
+    pub fn count_coalesced(&self) {
         self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
         metrics::get().cache_coalesced_total.inc();
-        Some(w)
     }
 
     /// Joins the upstream request in flight for the same reply and ticket, or
@@ -437,14 +576,9 @@ impl Cache {
                     let ttl = cap.map_or(ttl, |c| c.min(ttl));
                     if let Ok(reply) = &result {
                         if reply.kind != ReplyKind::Error {
-                            cache.complete_fill(
-                                ticket,
-                                &fk.key,
-                                &fk.sig,
-                                fk.proto,
-                                &reply.bytes,
-                                ttl,
-                            );
+                            cache
+                                .store_fill(ticket, &fk.key, &fk.sig, fk.proto, &reply.bytes, ttl)
+                                .await;
                         }
                     }
                     result
@@ -453,8 +587,7 @@ impl Cache {
             |why| Err(Arc::new(crate::Error::Internal(why))),
         );
         if joined {
-            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
-            metrics::get().cache_coalesced_total.inc();
+            self.count_coalesced();
         }
         waiter
     }

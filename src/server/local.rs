@@ -427,6 +427,7 @@ impl Session {
             ("invalidations", load(&c.invalidations)),
             ("flushes", load(&c.flushes)),
             ("coalesced_misses", load(&c.coalesced)),
+            ("barriers", load(&c.barriers)),
             ("fills_in_flight", int(cache.fills_in_flight() as u64)),
             ("clients", int(s.clients.count() as u64)),
             ("pinned_connections", int(s.upstream.pinned.open() as u64)),

@@ -42,12 +42,111 @@ fn pttl_request(key: &[u8]) -> Bytes {
     protocol::command([&b"PTTL"[..], key])
 }
 
-/// Marks a TDengine write-back as done when dropped.
-struct WriteBackDone(Arc<AtomicBool>);
+/// Reads of one client still owed, by key. A later read of the same key
+/// must not be answered from L1 before them: the value they will return may
+/// be newer than the cached one, and Redis would run the later read after
+/// them. A later write of a key whose TDengine fill may still write back
+/// waits for that fill, so that neither overtakes the other.
+#[derive(Default)]
+pub(super) struct Outstanding {
+    reads: Vec<(Bytes, Done, bool)>,
+}
 
-impl Drop for WriteBackDone {
+/// What an earlier read still owed means for a new read of the same key.
+pub(super) enum Earlier {
+    None,
+    /// The same command in flight: share its reply (never older than it).
+    Join(cache::FillWaiter),
+    /// Another command: read upstream, behind it.
+    Behind,
+}
+
+/// When an outstanding read is answered.
+enum Done {
+    Flag(Arc<AtomicBool>),
+    /// A fill, with the command signature and protocol it reads.
+    Fill(cache::FillWaiter, Bytes, u8),
+}
+
+impl Done {
+    fn is_done(&self) -> bool {
+        match self {
+            Done::Flag(f) => f.load(Ordering::Acquire),
+            Done::Fill(w, _, _) => w.peek().is_some(),
+        }
+    }
+}
+
+/// Marks reads as answered when dropped (on every path out of their future).
+pub(super) struct Answered(Arc<AtomicBool>);
+
+impl Drop for Answered {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Release);
+    }
+}
+
+impl Outstanding {
+    fn prune(&mut self) {
+        self.reads.retain(|(_, done, _)| !done.is_done());
+    }
+
+    /// Tracks reads of `keys`; they count as answered when the guard drops.
+    fn track<'k>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'k Bytes>,
+        writes_back: bool,
+    ) -> Answered {
+        let flag = Arc::new(AtomicBool::new(false));
+        for k in keys {
+            self.reads
+                .push((k.clone(), Done::Flag(flag.clone()), writes_back));
+        }
+        Answered(flag)
+    }
+
+    fn track_fill(&mut self, key: &Bytes, waiter: &cache::FillWaiter, sig: &Bytes, proto: u8) {
+        let done = Done::Fill(waiter.clone(), sig.clone(), proto);
+        self.reads.push((key.clone(), done, false));
+    }
+
+    /// What an earlier read of `key` still owed means for a read of it with
+    /// `sig` in `proto`.
+    fn earlier(&mut self, key: &[u8], sig: &Bytes, proto: u8) -> Earlier {
+        if !self.reading(key) {
+            return Earlier::None;
+        }
+        let same = self.reads.iter().rev().find_map(|(k, done, _)| match done {
+            Done::Fill(w, s, p) if k == key && s == sig && *p == proto => Some(w.clone()),
+            _ => None,
+        });
+        match same {
+            Some(w) => Earlier::Join(w),
+            None => Earlier::Behind,
+        }
+    }
+
+    /// Is a read of `key` still owed?
+    pub fn reading(&mut self, key: &[u8]) -> bool {
+        if self.reads.is_empty() {
+            return false;
+        }
+        self.prune();
+        self.reads.iter().any(|(k, _, _)| k == key)
+    }
+
+    /// Must a write of `keys` wait for a TDengine write-back?
+    pub fn blocks_write(&mut self, keys: &Keys) -> bool {
+        if self.reads.is_empty() {
+            return false;
+        }
+        self.prune();
+        let mut writing_back = self.reads.iter().filter(|(_, _, wb)| *wb);
+        match keys {
+            Keys::None => false,
+            Keys::All => writing_back.next().is_some(),
+            Keys::Some(list) => writing_back.any(|(k, _, _)| list.contains(k)),
+        }
     }
 }
 
@@ -73,6 +172,22 @@ impl Session {
             return self.plain_read(req, key, td_route).await;
         };
         let sig = cache::signature(name, &req.args);
+        match self.outstanding.earlier(&key, &sig, self.proto) {
+            Earlier::None => {}
+            Earlier::Join(waiter) => {
+                count_request(name, Outcome::Miss);
+                cache.count_coalesced();
+                let silent = self.silent_reply();
+                self.replies.push(Owed::Fill(waiter), silent);
+                return Flow::Next;
+            }
+            Earlier::Behind => {
+                // An earlier read of this key is still owed: behind it, on the
+                // client's connection, as Redis would run it.
+                count_request(name, Outcome::Miss);
+                return self.plain_read(req, key, td_route).await;
+            }
+        }
         let ticket = match cache.lookup(&key, &sig, self.proto, policy) {
             Lookup::Hit(reply) => {
                 count_request(name, Outcome::Hit);
@@ -86,6 +201,7 @@ impl Session {
         };
         count_request(name, Outcome::Miss);
         if let Some(waiter) = cache.join_fill(&key, &sig, self.proto, ticket) {
+            self.outstanding.track_fill(&key, &waiter, &sig, self.proto);
             let silent = self.silent_reply();
             self.replies.push(Owed::Fill(waiter), silent);
             return Flow::Next;
@@ -94,6 +210,7 @@ impl Session {
             return self.flow_after_failed_send();
         };
         let waiter = cache.fill(&key, &sig, self.proto, ticket, policy.ttl, move || fetch);
+        self.outstanding.track_fill(&key, &waiter, &sig, self.proto);
         let silent = self.silent_reply();
         self.replies.push(Owed::Fill(waiter), silent);
         Flow::Next
@@ -157,7 +274,7 @@ impl Session {
         let td = self.sidecar.tdengine.clone()?;
         let proto = self.proto;
         let key = key.clone();
-        let done = self.expect_write_back(&key);
+        let done = self.outstanding.track([&key], true);
         Some(
             async move {
                 let _done = done;
@@ -171,14 +288,6 @@ impl Session {
             }
             .boxed(),
         )
-    }
-
-    /// Registers a TDengine fill of `key` that may write back; it counts as
-    /// done when the returned guard is dropped (on every path out of the fill).
-    fn expect_write_back(&mut self, key: &Bytes) -> WriteBackDone {
-        let done = Arc::new(AtomicBool::new(false));
-        self.write_backs.push((key.clone(), done.clone()));
-        WriteBackDone(done)
     }
 
     /// The client's multiplexed connection for a read, or `None` after
@@ -220,7 +329,12 @@ impl Session {
         let mut missing = Vec::new();
         let mut fills: Vec<ElementFill> = Vec::new();
         for k in keys {
-            let policy = if serving { cache.policy(k) } else { None };
+            // A key with an earlier read still owed is read upstream, behind it.
+            let policy = if serving && !self.outstanding.reading(k) {
+                cache.policy(k)
+            } else {
+                None
+            };
             let found = policy.map(|p| (p, cache.lookup(k, &sig, self.proto, p)));
             match found {
                 Some((_, Lookup::Hit(h))) => parts.push(Some(h)),
@@ -264,14 +378,7 @@ impl Session {
         };
         let rx = conn.send(request).await;
         self.path_pool();
-        let done: Vec<_> = match &td {
-            Some(t) => missing
-                .iter()
-                .filter(|k| t.matches(k))
-                .map(|k| self.expect_write_back(k))
-                .collect(),
-            None => Vec::new(),
-        };
+        let done = self.outstanding.track(&missing, td.is_some());
         let proto = self.proto;
         let assembled = async move {
             let _done = done;
@@ -302,7 +409,7 @@ impl Session {
                 }
                 None => fetched.into_iter().map(|e| (e, None)).collect(),
             };
-            assemble_mget(&cache, parts, elements, fills, caps, proto)
+            assemble_mget(&cache, parts, elements, fills, caps, proto).await
         }
         .boxed();
         let silent = self.silent_reply();
@@ -314,7 +421,7 @@ impl Session {
 /// Puts L1 hits and fetched elements back in request order, storing each
 /// fetched element in L1 for the shortest of its policy's TTL, its key's
 /// remaining TTL in Redis and its TDengine cap.
-fn assemble_mget(
+async fn assemble_mget(
     cache: &cache::Cache,
     parts: Vec<Option<Bytes>>,
     elements: Vec<(Bytes, Option<Duration>)>,
@@ -325,6 +432,7 @@ fn assemble_mget(
     let sig = Bytes::from_static(b"MGET");
     let mut fetched = elements.into_iter().zip(fills).zip(caps);
     let mut items = Vec::with_capacity(parts.len());
+    let mut stores = Vec::new();
     for part in parts {
         match part {
             Some(hit) => items.push(hit),
@@ -339,11 +447,19 @@ fn assemble_mget(
                         .into_iter()
                         .flatten()
                         .fold(policy.ttl, Duration::min);
-                    cache.complete_fill(ticket, &key, &sig, proto, &value, ttl);
+                    stores.push(cache::Fill {
+                        ticket,
+                        key,
+                        sig: sig.clone(),
+                        proto,
+                        reply: value.clone(),
+                        ttl,
+                    });
                 }
                 items.push(value);
             }
         }
     }
+    cache.store_fills(stores).await;
     protocol::array(&items)
 }

@@ -66,10 +66,8 @@ pub(super) struct Session {
     pub skip_next: bool,
     /// The nearcache client id this client's tracking redirects to (CLIENT GETREDIR).
     pub redirect: i64,
-    /// Keys whose TDengine fill (started by this client) may still write
-    /// back to Redis: the client's own later writes of them wait for it, so
-    /// neither overtakes the other.
-    pub write_backs: Vec<(Bytes, Arc<std::sync::atomic::AtomicBool>)>,
+    /// Reads of this client still owed (see `read.rs`).
+    pub outstanding: super::read::Outstanding,
     /// The read path found it must wait before sending (see `read.rs`).
     pub stalled_on_pool: bool,
 }
@@ -96,7 +94,7 @@ pub(super) async fn run(
         reply_off: false,
         skip_next: false,
         redirect: -1,
-        write_backs: Vec::new(),
+        outstanding: Default::default(),
         stalled_on_pool: false,
         sidecar,
         info,
@@ -250,7 +248,7 @@ impl Session {
         };
         let route = route::route(view, &name, &req.args);
         if let Route::Pool { keys } | Route::Pinned { keys, .. } = &route {
-            if self.waits_for_write_back(keys) {
+            if self.outstanding.blocks_write(keys) {
                 return Flow::Stall;
             }
         }
@@ -330,20 +328,6 @@ impl Session {
         self.path = Some(Path::Pool);
         self.replies.push(Owed::Upstream { rx, guard }, silent);
         Flow::Next
-    }
-
-    /// Does a write of `keys` have to wait for a TDengine write-back of this client?
-    fn waits_for_write_back(&mut self, keys: &Keys) -> bool {
-        self.write_backs
-            .retain(|(_, done)| !done.load(std::sync::atomic::Ordering::Acquire));
-        match keys {
-            Keys::None => false,
-            Keys::All => !self.write_backs.is_empty(),
-            Keys::Some(list) => self
-                .write_backs
-                .iter()
-                .any(|(k, _)| list.iter().any(|w| w == k)),
-        }
     }
 
     /// Requests were just sent on the multiplexed connection.
