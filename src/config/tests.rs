@@ -1,0 +1,161 @@
+//! Configuration: defaults, precedence, shipped file, errors naming keys.
+
+use super::*;
+
+#[test]
+fn defaults_match_the_documented_ones() {
+    let c = Config::defaults();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:6380");
+    assert_eq!(c.admin.unwrap().to_string(), "127.0.0.1:9121");
+    assert_eq!(c.upstream.url.address(), "127.0.0.1:6379");
+    assert_eq!(c.server.proto_max_bulk_len, 512 << 20);
+    assert_eq!(c.cache.max_bytes, 256 << 20);
+    assert_eq!(c.cache.policies.len(), 4);
+    assert!(c.tdengine.is_none());
+}
+
+#[test]
+fn shipped_conf_file_states_the_defaults() {
+    let shipped = Config::from_toml(include_str!("../../conf/nearcache.toml")).unwrap();
+    let d = Config::defaults();
+    assert_eq!(shipped.listen, d.listen);
+    assert_eq!(shipped.admin, d.admin);
+    assert_eq!(shipped.shutdown_grace, d.shutdown_grace);
+    assert_eq!(shipped.server.max_clients, d.server.max_clients);
+    assert_eq!(
+        shipped.server.proto_max_bulk_len,
+        d.server.proto_max_bulk_len
+    );
+    assert_eq!(
+        shipped.server.client_query_buffer_limit,
+        d.server.client_query_buffer_limit
+    );
+    assert_eq!(shipped.server.worker_threads, d.server.worker_threads);
+    assert_eq!(shipped.upstream.url, d.upstream.url);
+    assert_eq!(shipped.upstream.pool_size, d.upstream.pool_size);
+    assert_eq!(shipped.upstream.command_timeout, d.upstream.command_timeout);
+    assert_eq!(shipped.cache.max_bytes, d.cache.max_bytes);
+    assert_eq!(shipped.cache.invalidation, d.cache.invalidation);
+    assert_eq!(shipped.cache.default_ttl, d.cache.default_ttl);
+    let pats = |c: &Config| {
+        c.cache
+            .policies
+            .iter()
+            .map(|p| (p.pattern.clone(), p.ttl))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pats(&shipped), pats(&d));
+    assert!(shipped.tdengine.is_none());
+}
+
+#[test]
+fn flag_beats_env_beats_file() {
+    let dir = std::env::temp_dir().join(format!("nc-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("f.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:1111\"\n[upstream]\nurl = \"redis://file:1\"\n",
+    )
+    .unwrap();
+    let env = [
+        ("NEARCACHE_LISTEN", "127.0.0.1:2222"),
+        ("NEARCACHE_UPSTREAM", "redis://env:2"),
+    ];
+    let cli = Cli {
+        config: Some(path.clone()),
+        ..Default::default()
+    };
+    let c = Config::resolve(&cli, &env).unwrap();
+    assert_eq!(c.listen.port(), 2222);
+    assert_eq!(c.upstream.url.host, "env");
+    let cli = Cli {
+        config: Some(path),
+        listen: Some("127.0.0.1:3333".into()),
+        upstream: Some("redis://flag:3/4".into()),
+        ..Default::default()
+    };
+    let c = Config::resolve(&cli, &env).unwrap();
+    assert_eq!(c.listen.port(), 3333);
+    assert_eq!(
+        (c.upstream.url.host.as_str(), c.upstream.url.db),
+        ("flag", 4)
+    );
+}
+
+#[test]
+fn application_redis_variables_build_the_upstream() {
+    let env = [
+        ("REDIS_HOST", "redis.internal"),
+        ("REDIS_PORT", "6390"),
+        ("REDIS_PASSWORD", "s3cret"),
+        ("REDIS_DB", "2"),
+        ("ENABLE_REDIS_CACHE", "False"),
+    ];
+    let c = Config::resolve(&Cli::default(), &env).unwrap();
+    assert_eq!(c.upstream.url.address(), "redis.internal:6390");
+    assert_eq!(c.upstream.url.password.as_deref(), Some("s3cret"));
+    assert_eq!(c.upstream.url.db, 2);
+    assert!(!c.cache.enabled);
+    assert!(!format!("{:?}", c.upstream.url).contains("s3cret"));
+}
+
+#[test]
+fn errors_name_the_key() {
+    let e = Config::from_toml("[cache]\nmax_bytes = \"lots\"\n").unwrap_err();
+    assert_eq!(e.key, "cache.max_bytes");
+    let e = Config::from_toml("[upstream]\nurl = \"http://x\"\n").unwrap_err();
+    assert_eq!(e.key, "upstream.url");
+    let e = Config::from_toml("[cache]\nbogus = 1\n").unwrap_err();
+    assert!(e.to_string().contains("bogus"), "{e}");
+    let e = Config::from_toml("[[cache.policies]]\npattern = \"a*\"\n").unwrap_err();
+    assert_eq!(e.key, "cache.policies[0].ttl");
+    let e = Config::from_toml("[upstream]\npool_size = 0\n").unwrap_err();
+    assert_eq!(e.key, "upstream.pool_size");
+}
+
+#[test]
+fn tdengine_tls_dsn_and_keys() {
+    let c = Config::from_toml(
+        "[tdengine]\ndsn = \"taos+wss://root:taosdata@td.example:443/market\"\n\
+         [tdengine.tls]\nserver_name = \"td.internal\"\n",
+    )
+    .unwrap();
+    let td = c.tdengine.unwrap();
+    assert_eq!(td.dsn, "taos+wss://root:taosdata@td.example:443/market");
+    assert_eq!(td.tls.server_name.as_deref(), Some("td.internal"));
+    assert_eq!(td.tls.ca_file, None);
+    let c = Config::from_toml("[tdengine]\ndsn = \"wss://td.example/market\"\n").unwrap();
+    assert!(c.tdengine.is_some());
+    let e = Config::from_toml(
+        "[tdengine]\ndsn = \"wss://td.example/market\"\n[tdengine.tls]\nca_file = \"/nonexistent/ca.pem\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "tdengine.tls.ca_file");
+    assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    let e = Config::from_toml("[tdengine]\ndsn = \"https://td.example/market\"\n").unwrap_err();
+    assert_eq!(e.key, "tdengine.dsn");
+    let e = Config::from_toml("[tdengine.tls]\nverify = false\n").unwrap_err();
+    assert!(e.to_string().contains("verify"), "{e}");
+}
+
+#[test]
+fn sizes_and_durations() {
+    assert_eq!(parse_bytes("256MiB").unwrap(), 256 << 20);
+    assert_eq!(parse_bytes("1gb").unwrap(), 1 << 30);
+    assert_eq!(parse_bytes("4096").unwrap(), 4096);
+    assert!(parse_bytes("12XB").is_err());
+    assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+}
+
+#[test]
+fn url_forms() {
+    let u = UpstreamUrl::parse("rediss://app:p%40ss@[::1]:7000/3").unwrap();
+    assert!(u.tls);
+    assert_eq!(u.username.as_deref(), Some("app"));
+    assert_eq!(u.password.as_deref(), Some("p@ss"));
+    assert_eq!(u.address(), "[::1]:7000");
+    assert_eq!(u.db, 3);
+    assert!(UpstreamUrl::parse("redis://h/x").is_err());
+}
