@@ -57,6 +57,18 @@ pub fn start(cache: Arc<Cache>, upstream: Arc<Upstream>, shutdown: Arc<Notify>) 
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
     ));
+    let decaying = cache.clone();
+    let stop_decay = shutdown.clone();
+    tokio::spawn(async move {
+        // "Hot" means recent: hit counts halve every ten seconds.
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = every.tick() => decaying.decay_hits(),
+                _ = stop_decay.notified() => return,
+            }
+        }
+    });
     tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_secs(1));
         let mut failing = false;

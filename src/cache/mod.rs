@@ -1,8 +1,8 @@
 //! L1: the in-process store shared by every client of this nearcache, its
 //! key policies, the invalidation rules and single flight.
 //!
-//! Entries live in a `moka` cache bounded by bytes (TinyLFU admission, per
-//! entry expiry). One moka entry holds every cached reply for one key (GET,
+//! Entries live in [`store`]: bounded by bytes, CLOCK eviction, TinyLFU
+//! admission, per-entry expiry. One entry holds every cached reply for one key (GET,
 //! HGET f, LRANGE 0 -1, ... in RESP2 and RESP3), so invalidating a key is
 //! one removal; a key holds at most [`MAX_VARIANTS`] replies, so a hit stays
 //! a short scan. How L1 stays consistent with Redis is in [`consistency`]
@@ -11,18 +11,16 @@
 //! expires at the earlier of that and the policy's TTL.
 
 mod consistency;
-mod entry;
 pub mod feed;
-mod hotkeys;
 mod policy;
+mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use moka::notification::RemovalCause;
 use parking_lot::RwLock;
 
 pub use consistency::Ticket;
@@ -35,14 +33,14 @@ use crate::metrics;
 use crate::protocol::ReplyKind;
 use crate::upstream::ReplyResult;
 use consistency::Generations;
-pub use entry::MAX_VARIANTS;
-use entry::{EntryExpiry, KeyEntry, Variant};
-use hotkeys::HotKeys;
 use policy::Policies;
+pub use store::MAX_VARIANTS;
+use store::{Inserted, Packed};
 
 /// What L1 says about a read.
 pub enum Lookup {
-    Hit(Bytes),
+    /// Served: the reply went to the caller's `on_hit`.
+    Hit,
     /// Not cached: fill it with this ticket.
     Miss(Ticket),
     /// Not to be served from L1 or joined to a fill right now (a write of
@@ -94,7 +92,7 @@ pub struct Counters {
     pub misses: AtomicU64,
     pub coalesced: AtomicU64,
     pub invalidations: AtomicU64,
-    pub evictions: Arc<AtomicU64>,
+
     pub flushes: AtomicU64,
     /// Fills that waited for a feed barrier before they were stored.
     pub barriers: AtomicU64,
@@ -103,7 +101,7 @@ pub struct Counters {
 /// The shared L1.
 pub struct Cache {
     enabled: bool,
-    store: moka::sync::Cache<Bytes, Arc<KeyEntry>>,
+    store: store::Store,
     gens: Generations,
     policies: RwLock<Arc<Policies>>,
     /// False while the invalidation feed is down: nothing is served or stored.
@@ -114,25 +112,13 @@ pub struct Cache {
     /// Tells the feed to reconnect with new subscriptions (policy reload).
     pub(crate) feed_restart: tokio::sync::Notify,
     pub counters: Counters,
-    hot: HotKeys,
     pub config: CacheConfig,
 }
 
 impl Cache {
     pub fn new(config: CacheConfig) -> Arc<Cache> {
-        let evictions = Arc::new(AtomicU64::new(0));
-        let ev = evictions.clone();
-        let store = moka::sync::Cache::builder()
-            .max_capacity(config.max_bytes)
-            .weigher(|k: &Bytes, v: &Arc<KeyEntry>| v.weight(k))
-            .expire_after(EntryExpiry)
-            .eviction_listener(move |_k, _v, cause| {
-                if cause == RemovalCause::Size {
-                    ev.fetch_add(1, Ordering::Relaxed);
-                    metrics::get().cache_evictions_total.inc();
-                }
-            })
-            .build();
+        // The sketch is sized for entries of about this many bytes.
+        let store = store::Store::new(config.max_bytes, 512);
         Arc::new(Cache {
             enabled: config.enabled,
             store,
@@ -147,11 +133,7 @@ impl Cache {
             fills: Arc::default(),
             barriers: parking_lot::Mutex::new(None),
             feed_restart: tokio::sync::Notify::new(),
-            counters: Counters {
-                evictions,
-                ..Default::default()
-            },
-            hot: HotKeys::new(),
+            counters: Counters::default(),
             config,
         })
     }
@@ -203,33 +185,34 @@ impl Cache {
         self.policies.read().lookup(key)
     }
 
-    /// Looks a read up; counts the hit or miss.
-    pub fn lookup(&self, key: &Bytes, sig: &Bytes, proto: u8, policy: PolicyRef) -> Lookup {
+    /// Looks a read up; counts the hit or miss. A hit's reply is handed to
+    /// `on_hit` in place (the caller copies it out; no clone per hit).
+    pub fn lookup(
+        &self,
+        key: &Bytes,
+        sig: &Bytes,
+        proto: u8,
+        policy: PolicyRef,
+        on_hit: impl FnOnce(&[u8]),
+    ) -> Lookup {
         if self.gens.writing(key) {
             self.count_miss(policy);
             return Lookup::Bypass;
         }
-        let found = self.store.get(key).and_then(|entry| {
-            entry
-                .variants
-                .iter()
-                .find(|v| v.proto == proto && v.sig == *sig)
-                .map(|v| v.reply.clone())
-        });
-        match found {
-            Some(reply) => {
-                let n = self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                // One hit in SAMPLE is enough to rank keys, and keeps the hit path lock-free.
-                if n % hotkeys::SAMPLE == 0 {
-                    self.hot.record(key);
-                }
-                self.policies.read().count(policy, true);
-                Lookup::Hit(reply)
-            }
-            None => {
-                self.count_miss(policy);
-                Lookup::Miss(self.gens.ticket(key))
-            }
+        let hit = self
+            .store
+            .get(key, |entry| {
+                on_hit(entry.find(sig, proto)?);
+                Some(())
+            })
+            .is_some();
+        if hit {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            self.policies.read().count(policy, true);
+            Lookup::Hit
+        } else {
+            self.count_miss(policy);
+            Lookup::Miss(self.gens.ticket(key))
         }
     }
 
@@ -357,61 +340,32 @@ impl Cache {
         if !self.is_serving() || ttl.is_zero() {
             return Store::Stale;
         }
-        let expires_at = Instant::now() + ttl;
+        let expires_at = quanta::Instant::now() + ttl;
         let mut outcome = Store::Stale;
         self.gens.store_if_current(ticket, || {
             if !self.is_serving() {
                 return;
             }
-            let old = self.store.get(key);
-            let others = old.as_ref().is_some_and(|e| {
-                e.variants
-                    .iter()
-                    .any(|v| !(v.proto == proto && v.sig == *sig))
-            });
-            if others && !past_barrier {
-                outcome = Store::NeedsBarrier;
-                return;
-            }
-            // Copies: the caller's bytes are slices of socket buffers, which a
-            // long-lived entry would otherwise keep alive whole.
-            let variant = Variant {
-                sig: sig.clone(),
-                proto,
-                reply: Bytes::copy_from_slice(reply),
-            };
-            let entry = match old {
-                Some(old) => {
-                    let mut variants: Vec<Variant> = old
-                        .variants
-                        .iter()
-                        .filter(|v| !(v.proto == proto && v.sig == *sig))
-                        .cloned()
-                        .collect();
-                    if variants.len() >= MAX_VARIANTS {
-                        variants.remove(0);
-                    }
-                    variants.push(variant);
-                    KeyEntry {
-                        variants,
-                        expires_at: old.expires_at.min(expires_at),
-                    }
+            // The store copies the bytes: the caller's are slices of socket
+            // buffers, which a long-lived entry would otherwise keep alive.
+            let stored = self.store.upsert(key, expires_at, |old| match old {
+                Some(p) if p.has_other_than(sig, proto) && !past_barrier => {
+                    outcome = Store::NeedsBarrier;
+                    None
                 }
-                None => KeyEntry {
-                    variants: vec![variant],
-                    expires_at,
-                },
-            };
-            self.store
-                .insert(Bytes::copy_from_slice(key), Arc::new(entry));
-            outcome = Store::Stored;
+                Some(p) => Some(p.with(proto, sig, reply)),
+                None => Some(Packed::new(key, proto, sig, reply)),
+            });
+            if let Some(Inserted::Stored) = stored {
+                outcome = Store::Stored;
+            }
         });
         outcome
     }
 
     /// Drops every cached reply of `key` and cancels fills in flight for it.
     pub fn invalidate(&self, key: &[u8], source: &str) {
-        self.gens.bump(key, || self.store.invalidate(key));
+        self.gens.bump(key, || self.store.remove(key));
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         metrics::get()
             .cache_invalidations_total
@@ -421,7 +375,7 @@ impl Cache {
 
     /// Empties L1 and cancels every fill in flight.
     pub fn clear_all(&self, source: &str) {
-        self.gens.bump_all(|| self.store.invalidate_all());
+        self.gens.bump_all(|| self.store.clear());
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         metrics::get()
             .cache_invalidations_total
@@ -535,16 +489,25 @@ impl Cache {
     }
 
     pub fn entries(&self) -> u64 {
-        self.store.run_pending_tasks();
-        self.store.entry_count()
+        self.store.entries()
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.store.evictions.load(Ordering::Relaxed)
     }
 
     pub fn weighted_bytes(&self) -> u64 {
         self.store.weighted_size()
     }
 
+    /// The keys with the most hits lately (halved every ten seconds).
     pub fn hot_keys(&self, n: usize) -> Vec<(Bytes, u64)> {
-        self.hot.top(n)
+        self.store.hottest(n)
+    }
+
+    /// Halves the recent-hit counts; called every ten seconds.
+    pub fn decay_hits(&self) {
+        self.store.decay_hits();
     }
 
     /// Fills in the map right now (single flight).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::command::glob_match;
+use crate::command::{glob_match, literal_prefix};
 use crate::config::CacheConfig;
 use crate::metrics;
 
@@ -18,6 +18,8 @@ pub struct PolicyRef {
 
 pub(super) struct CompiledPolicy {
     pub pattern: Bytes,
+    /// `prefix*` patterns (the common form) match by a prefix comparison.
+    prefix: Option<Bytes>,
     pub ttl: Option<Duration>,
     pub hits: prometheus::IntCounter,
     pub misses: prometheus::IntCounter,
@@ -26,6 +28,9 @@ pub(super) struct CompiledPolicy {
 pub(super) struct Policies {
     list: Vec<CompiledPolicy>,
     default_ttl: Option<Duration>,
+    /// Counters of keys that match no pattern (the default TTL).
+    other_hits: prometheus::IntCounter,
+    other_misses: prometheus::IntCounter,
 }
 
 impl Policies {
@@ -37,19 +42,30 @@ impl Policies {
                 .iter()
                 .map(|p| CompiledPolicy {
                     pattern: Bytes::copy_from_slice(p.pattern.as_bytes()),
+                    prefix: p
+                        .pattern
+                        .strip_suffix('*')
+                        .filter(|pre| literal_prefix(pre.as_bytes()).len() == pre.len())
+                        .map(|pre| Bytes::copy_from_slice(pre.as_bytes())),
                     ttl: p.ttl,
                     hits: m.cache_hits_total.with_label_values(&[&p.pattern]),
                     misses: m.cache_misses_total.with_label_values(&[&p.pattern]),
                 })
                 .collect(),
             default_ttl: config.default_ttl,
+            other_hits: m.cache_hits_total.with_label_values(&["other"]),
+            other_misses: m.cache_misses_total.with_label_values(&["other"]),
         }
     }
 
     /// The first policy whose pattern matches; `None` if the key may not be cached.
     pub fn lookup(&self, key: &[u8]) -> Option<PolicyRef> {
         for (index, p) in self.list.iter().enumerate() {
-            if glob_match(&p.pattern, key) {
+            let matched = match &p.prefix {
+                Some(prefix) => key.starts_with(prefix),
+                None => glob_match(&p.pattern, key),
+            };
+            if matched {
                 return p.ttl.map(|ttl| PolicyRef { index, ttl });
             }
         }
@@ -60,18 +76,11 @@ impl Policies {
     }
 
     pub fn count(&self, policy: PolicyRef, hit: bool) {
-        match self.list.get(policy.index) {
-            Some(p) if hit => p.hits.inc(),
-            Some(p) => p.misses.inc(),
-            None => {
-                let m = metrics::get();
-                let family = if hit {
-                    &m.cache_hits_total
-                } else {
-                    &m.cache_misses_total
-                };
-                family.with_label_values(&["other"]).inc()
-            }
+        match (self.list.get(policy.index), hit) {
+            (Some(p), true) => p.hits.inc(),
+            (Some(p), false) => p.misses.inc(),
+            (None, true) => self.other_hits.inc(),
+            (None, false) => self.other_misses.inc(),
         }
     }
 
@@ -133,5 +142,9 @@ mod tests {
         assert_eq!(p.lookup(b"quote:1").unwrap().ttl, Duration::from_secs(5));
         assert!(p.lookup(b"lock:daily").is_none());
         assert!(p.lookup(b"other").is_none());
+        assert!(
+            p.lookup(b"quote").is_none(),
+            "a prefix pattern needs the whole prefix"
+        );
     }
 }

@@ -16,8 +16,11 @@ fn b(s: &str) -> Bytes {
 
 fn get(c: &Cache, key: &str, sig: &str, proto: u8) -> Option<Bytes> {
     let p = c.policy(key.as_bytes()).unwrap();
-    match c.lookup(&b(key), &b(sig), proto, p) {
-        Lookup::Hit(r) => Some(r),
+    let mut hit = None;
+    match c.lookup(&b(key), &b(sig), proto, p, |r| {
+        hit = Some(Bytes::copy_from_slice(r))
+    }) {
+        Lookup::Hit => hit,
         _ => None,
     }
 }
@@ -61,18 +64,30 @@ fn a_write_in_flight_bypasses_reads_and_blocks_fills() {
     assert!(c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
     let guard = c.begin_write(&Keys::Some(vec![key.clone()])).unwrap();
     let p = c.policy(&key).unwrap();
-    assert!(matches!(c.lookup(&key, &b("GET"), 2, p), Lookup::Bypass));
+    assert!(matches!(
+        c.lookup(&key, &b("GET"), 2, p, |_| {}),
+        Lookup::Bypass
+    ));
     // A fill that started while the write is in flight (its ticket is
     // current) still must not store what it read.
     let t = c.ticket(&key);
     assert!(!c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
     drop(guard);
     assert!(!c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
-    assert!(matches!(c.lookup(&key, &b("GET"), 2, p), Lookup::Miss(_)));
+    assert!(matches!(
+        c.lookup(&key, &b("GET"), 2, p, |_| {}),
+        Lookup::Miss(_)
+    ));
     // Unknown keys: everything bypasses while it is in flight.
     let all = c.begin_write(&Keys::All).unwrap();
     assert!(matches!(
-        c.lookup(&b("ind:x"), &b("GET"), 2, c.policy(b"ind:x").unwrap()),
+        c.lookup(
+            &b("ind:x"),
+            &b("GET"),
+            2,
+            c.policy(b"ind:x").unwrap(),
+            |_| {}
+        ),
         Lookup::Bypass
     ));
     drop(all);
@@ -94,8 +109,8 @@ fn variants_are_per_command_and_protocol_and_bounded() {
         let t = c.ticket(&key);
         c.complete_fill(t, &key, &b(&format!("HGET{i}")), 2, &b(":1\r\n"), TTL);
     }
-    let entry = c.store.get(&key).unwrap();
-    assert_eq!(entry.variants.len(), MAX_VARIANTS);
+    let variants = c.store.get(&key, |e| Some(e.variants().count())).unwrap();
+    assert_eq!(variants, MAX_VARIANTS);
     assert!(get(&c, "ind:x", &format!("HGET{}", MAX_VARIANTS + 4), 2).is_some());
     c.invalidate(&key, "test");
     assert!(get(&c, "ind:x", "HGETALL", 2).is_none());

@@ -21,17 +21,23 @@ pub struct Limits {
     pub max_query_buffer: u64,
 }
 
+/// Arguments of one request; most commands have a few, kept inline.
+pub type Args = smallvec::SmallVec<[Bytes; 4]>;
+
 /// A parsed client command: the arguments, binary-safe, sharing the read buffer.
 #[derive(Debug, Clone)]
 pub struct Request {
-    pub args: Vec<Bytes>,
+    pub args: Args,
     /// The request as received when it was a RESP array, so it can be forwarded without re-encoding.
     pub raw: Option<Bytes>,
 }
 
 impl Request {
-    pub fn from_args(args: Vec<Bytes>) -> Request {
-        Request { args, raw: None }
+    pub fn from_args(args: impl IntoIterator<Item = Bytes>) -> Request {
+        Request {
+            args: args.into_iter().collect(),
+            raw: None,
+        }
     }
 
     /// The upper-cased command name, for dispatch (empty for an empty request).
@@ -111,6 +117,17 @@ impl ProtocolError {
 
 /// The position of the `\r\n` ending the line that starts at `from`.
 pub(crate) fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
+    // Header lines are a few bytes long: a plain scan finds them before a
+    // vectorised search would have set itself up.
+    let short = buf.get(from..)?;
+    for (i, &c) in short.iter().take(24).enumerate() {
+        if c == b'\n' {
+            if i > 0 && short[i - 1] == b'\r' {
+                return Some(from + i - 1);
+            }
+            break;
+        }
+    }
     let mut at = from;
     loop {
         let nl = at + memchr::memchr(b'\n', buf.get(at..)?)?;
@@ -144,7 +161,7 @@ pub(crate) fn parse_int(digits: &[u8]) -> Option<i64> {
 struct Multibulk {
     argc: usize,
     /// Byte ranges of the arguments found so far.
-    args: Vec<(usize, usize)>,
+    args: smallvec::SmallVec<[(usize, usize); 4]>,
     /// Where the next argument's `$len` header starts.
     pos: usize,
 }
@@ -219,7 +236,7 @@ impl RequestParser {
                 }
                 self.partial.insert(Multibulk {
                     argc: count as usize,
-                    args: Vec::with_capacity((count as usize).min(1024)),
+                    args: smallvec::SmallVec::with_capacity((count as usize).min(1024)),
                     pos: cr + 2,
                 })
             }

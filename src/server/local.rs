@@ -112,7 +112,7 @@ impl Session {
         let login = if self.is_configured_login(user, pass) {
             Login::Configured
         } else {
-            Login::Auth(args.clone())
+            Login::Auth(args.to_vec())
         };
         match self
             .switch_login(login, args.get(2).map(|_| args[1].clone()))
@@ -423,7 +423,7 @@ impl Session {
             ("entries", int(cache.entries())),
             ("bytes", int(cache.weighted_bytes())),
             ("max_bytes", int(cache.config.max_bytes)),
-            ("evictions", load(&c.evictions)),
+            ("evictions", int(cache.evictions())),
             ("invalidations", load(&c.invalidations)),
             ("flushes", load(&c.flushes)),
             ("coalesced_misses", load(&c.coalesced)),

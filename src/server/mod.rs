@@ -88,8 +88,10 @@ const OUTCOMES: [&str; 6] = ["hit", "miss", "forward", "pinned", "local", "error
 
 type CounterRow = [prometheus::IntCounter; 6];
 
-fn counters() -> &'static (HashMap<&'static [u8], CounterRow>, CounterRow) {
-    static COUNTERS: OnceLock<(HashMap<&'static [u8], CounterRow>, CounterRow)> = OnceLock::new();
+type CounterMap = HashMap<&'static [u8], CounterRow, foldhash::fast::FixedState>;
+
+fn counters() -> &'static (CounterMap, CounterRow) {
+    static COUNTERS: OnceLock<(CounterMap, CounterRow)> = OnceLock::new();
     COUNTERS.get_or_init(|| {
         let m = metrics::get();
         let row = |name: &str| -> CounterRow {

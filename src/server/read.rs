@@ -188,10 +188,15 @@ impl Session {
                 return self.plain_read(req, key, td_route).await;
             }
         }
-        let ticket = match cache.lookup(&key, &sig, self.proto, policy) {
-            Lookup::Hit(reply) => {
+        let silent = self.reply_off || self.skip_next;
+        let replies = &mut self.replies;
+        let ticket = match cache.lookup(&key, &sig, self.proto, policy, |r| {
+            replies.ready_ref(r, silent)
+        }) {
+            Lookup::Hit => {
                 count_request(name, Outcome::Hit);
-                return self.answer(reply);
+                self.skip_next = false;
+                return Flow::Next;
             }
             Lookup::Bypass => {
                 count_request(name, Outcome::Miss);
@@ -335,9 +340,17 @@ impl Session {
             } else {
                 None
             };
-            let found = policy.map(|p| (p, cache.lookup(k, &sig, self.proto, p)));
+            let mut hit = None;
+            let found = policy.map(|p| {
+                (
+                    p,
+                    cache.lookup(k, &sig, self.proto, p, |r| {
+                        hit = Some(Bytes::copy_from_slice(r))
+                    }),
+                )
+            });
             match found {
-                Some((_, Lookup::Hit(h))) => parts.push(Some(h)),
+                Some((_, Lookup::Hit)) => parts.push(hit),
                 other => {
                     parts.push(None);
                     missing.push(k.clone());

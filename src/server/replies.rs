@@ -101,6 +101,21 @@ impl Replies {
         self.push(Owed::Ready(bytes), silent);
     }
 
+    /// A reply known now, borrowed (an L1 hit): copied straight to the
+    /// output when nothing is owed before it.
+    pub fn ready_ref(&mut self, bytes: &[u8], silent: bool) {
+        if self.queue.is_empty() {
+            if !silent {
+                self.out.extend_from_slice(bytes);
+            }
+        } else {
+            self.queue.push_back(Item {
+                owed: Owed::Ready(Bytes::copy_from_slice(bytes)),
+                silent,
+            });
+        }
+    }
+
     /// Nothing is owed that is not in the output buffer.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()

@@ -123,6 +123,8 @@ impl Session {
         // The client closed its side (not a drain): it waits for nothing open-ended.
         let mut hung_up = false;
         let mut closing = false;
+        // A batch was read (and answered) since the last yield.
+        let mut served = false;
         loop {
             // Dispatch what is buffered, unless the client is not reading its replies.
             while !closing
@@ -177,6 +179,13 @@ impl Session {
                 && stalled.is_none()
                 && self.replies.out.len() < PAUSE_OUTPUT
                 && self.replies.len() < max_pending;
+            if served {
+                // Like Redis's event loop, one read per client per turn: a
+                // client whose next batch is already waiting must not keep
+                // the worker from every other client.
+                served = false;
+                tokio::task::yield_now().await;
+            }
             let deadline = self.replies.pinned_deadline();
             tokio::select! {
                 biased;
@@ -202,7 +211,10 @@ impl Session {
                             reading = false;
                             hung_up = true;
                         }
-                        Ok(_) => self.info.touch(),
+                        Ok(_) => {
+                            self.info.touch();
+                            served = true;
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(_) => return,
                     }
