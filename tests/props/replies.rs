@@ -24,9 +24,10 @@
 //!    headers at line starts (a bound on its depth). Frames Redis never
 //!    sends are not compared: HELLO (a request), and RESP3 streamed parts.
 //!    Nor are frames ours refuses because a bulk string is not followed by
-//!    CRLF (redis-protocol takes any two bytes there) or because they hold
-//!    a streamed part (`;` chunk, `.` end, `?` length) or HELLO, which
-//!    redis-protocol accepts inside aggregates too.
+//!    CRLF (redis-protocol takes any two bytes there), because a length
+//!    has a `+` sign, or because they hold a streamed part (`;` chunk, `.`
+//!    end, `?` length) or HELLO, which redis-protocol accepts inside
+//!    aggregates too.
 
 use bytes::{Bytes, BytesMut};
 use nearcache::protocol::{
@@ -149,6 +150,8 @@ fn not_from_redis(error: &str) -> bool {
         || error.starts_with("invalid frame type ';'")
         || error.starts_with("invalid frame type 'H'")
         || error.starts_with("bad length \"?\"")
+        // redis-protocol parses lengths with `str::parse`, which takes a `+`.
+        || error.starts_with("bad length \"+")
 }
 
 /// Lines starting with an aggregate (or attribute) type byte: a bound on the
