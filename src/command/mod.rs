@@ -336,6 +336,18 @@ mod tests {
         assert!(matches!(class("PSYNC ? -1"), Class::Refused(_)));
     }
 
+    /// Found by fuzz/ (commands, against Redis' key specs): PFCOUNT
+    /// rewrites the HLL's cached cardinality (Redis flags its keys RW).
+    #[test]
+    fn pfcount_invalidates_its_keys() {
+        assert_eq!(
+            class("PFCOUNT a b"),
+            Class::Write {
+                keys: keys(&["a", "b"])
+            }
+        );
+    }
+
     #[test]
     fn globs() {
         assert!(glob_match(b"quote:*", b"quote:000001"));

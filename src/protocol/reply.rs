@@ -78,7 +78,10 @@ impl ReplyFramer {
             let Some(cr) = find_crlf(buf, self.pos) else {
                 return Ok(None);
             };
-            let line = &buf[self.pos + 1..cr];
+            // An empty line ("\r\n" where a frame should start) has no type byte.
+            let Some(line) = buf.get(self.pos + 1..cr) else {
+                return Err(format!("invalid frame type {:?}", t as char));
+            };
             let number = || {
                 parse_int(line).ok_or_else(|| {
                     format!(
@@ -126,7 +129,10 @@ impl ReplyFramer {
                 }
                 other => return Err(format!("invalid frame type {:?}", other as char)),
             }
-            if self.kind.is_none() && t != b'|' {
+            // The reply's kind is its first element outside attributes: while
+            // a leading attribute's entries are read, the reply itself is
+            // still owed, so more than one element is.
+            if self.kind.is_none() && t != b'|' && self.remaining == 1 {
                 self.kind = Some(match t {
                     b'-' | b'!' => ReplyKind::Error,
                     b'>' => ReplyKind::Push,
@@ -334,6 +340,29 @@ mod tests {
         assert!(f
             .scan(b"*9223372036854775807\r\n%9223372036854775807\r\n")
             .is_err());
+    }
+
+    /// Found by fuzz/ (replies): an empty line where a frame starts
+    /// panicked (slice index) instead of being a framing error.
+    #[test]
+    fn empty_line_is_an_error_not_a_panic() {
+        assert!(ReplyFramer::default().scan(b"\r\n").is_err());
+        assert!(ReplyFramer::default().scan(b"*2\r\n:1\r\n\r\n").is_err());
+        assert_eq!(frame_len(b"*1\r\n\r\n"), None);
+    }
+
+    /// Found by fuzz/ (replies, against redis-protocol): the kind of a reply
+    /// with an attribute came from the attribute's first key.
+    #[test]
+    fn attributed_reply_has_the_kind_of_the_reply() {
+        let (kinds, rest) = all_kinds(
+            b"|1\r\n+a\r\n+b\r\n-ERR x\r\n|1\r\n$1\r\nk\r\n*1\r\n-E\r\n_\r\n|1\r\n-k\r\n:1\r\n>1\r\n+m\r\n",
+        );
+        assert_eq!(
+            kinds,
+            vec![ReplyKind::Error, ReplyKind::Nil, ReplyKind::Push]
+        );
+        assert!(rest.is_empty());
     }
 
     #[test]

@@ -138,6 +138,19 @@ pub(crate) fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
     }
 }
 
+/// A length in a request header, read as Redis reads it (`string2ll`):
+/// [`parse_int`] without leading zeros or `-0`. A multibulk request is
+/// forwarded upstream as received, so a header Redis would refuse (`$01`)
+/// must be refused here too: Redis answers it with a protocol error and
+/// closes the connection, which other clients' requests share.
+fn parse_len(digits: &[u8]) -> Option<i64> {
+    let unsigned = digits.strip_prefix(b"-").unwrap_or(digits);
+    if unsigned.first() == Some(&b'0') && digits.len() > 1 {
+        return None;
+    }
+    parse_int(digits)
+}
+
 /// A decimal integer as RESP headers write it (optional `-`, at most 19 digits).
 pub(crate) fn parse_int(digits: &[u8]) -> Option<i64> {
     let (neg, digits) = match digits.split_first() {
@@ -210,7 +223,7 @@ impl RequestParser {
         let Some(nl) = buf.get(mb.pos..).and_then(|_| find_crlf(buf, mb.pos)) else {
             return 0;
         };
-        match parse_int(&buf[mb.pos + 1..nl]) {
+        match buf.get(mb.pos + 1..nl).and_then(parse_len) {
             Some(len) if len > 0 => (nl + 2 + len as usize + 2).saturating_sub(buf.len()),
             _ => 0,
         }
@@ -226,7 +239,7 @@ impl RequestParser {
                     }
                     return Ok(Step::Incomplete);
                 };
-                let count = match parse_int(&buf[1..cr]) {
+                let count = match parse_len(&buf[1..cr]) {
                     Some(n) if n <= limits.max_multibulk_len.min(i32::MAX as u64) as i64 => n,
                     _ => return Err(ProtocolError::new("invalid multibulk length")),
                 };
@@ -257,7 +270,7 @@ impl RequestParser {
                 }
                 return Ok(Step::Incomplete);
             };
-            let len = match parse_int(&buf[mb.pos + 1..cr]) {
+            let len = match parse_len(&buf[mb.pos + 1..cr]) {
                 Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len => n as usize,
                 _ => return Err(ProtocolError::new("invalid bulk length")),
             };
@@ -306,14 +319,23 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Step, ProtocolError> {
     }
 }
 
+/// C's `isspace` (the C locale): what `sdssplitargs` skips between arguments
+/// and wants after a closing quote.
+fn c_isspace(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
 /// Splits an inline command line the way Redis' `sdssplitargs` does: blanks
 /// separate arguments, "double quotes" take C escapes, 'single quotes' take \'.
+/// As there, `\v` and `\f` are skipped between arguments but do not end an
+/// unquoted one, and `\xHH` needs two hex digits. (A NUL byte is kept as
+/// data; Redis would not find the line's end.)
 fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
     let mut args = Vec::new();
     let mut i = 0;
     let n = line.len();
     loop {
-        while i < n && line[i].is_ascii_whitespace() {
+        while i < n && c_isspace(line[i]) {
             i += 1;
         }
         if i >= n {
@@ -326,13 +348,16 @@ fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
                 if i >= n {
                     return None;
                 }
-                if line[i] == b'\\' && i + 3 < n && line[i + 1] == b'x' {
-                    let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok();
-                    if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        cur.push(v);
-                        i += 4;
-                        continue;
-                    }
+                if line[i] == b'\\'
+                    && i + 3 < n
+                    && line[i + 1] == b'x'
+                    && line[i + 2].is_ascii_hexdigit()
+                    && line[i + 3].is_ascii_hexdigit()
+                {
+                    let hex = |d: u8| (d as char).to_digit(16).unwrap_or(0) as u8;
+                    cur.push(hex(line[i + 2]) << 4 | hex(line[i + 3]));
+                    i += 4;
+                    continue;
                 }
                 if line[i] == b'\\' && i + 1 < n {
                     cur.push(match line[i + 1] {
@@ -346,7 +371,7 @@ fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
                     i += 2;
                 } else if line[i] == b'"' {
                     // A closing quote must be followed by a blank or the end.
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < n && !c_isspace(line[i + 1]) {
                         return None;
                     }
                     i += 1;
@@ -363,7 +388,7 @@ fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
                     cur.push(b'\'');
                     i += 2;
                 } else if line[i] == b'\'' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < n && !c_isspace(line[i + 1]) {
                         return None;
                     }
                     i += 1;
@@ -373,7 +398,7 @@ fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
                     i += 1;
                 }
             } else {
-                if i >= n || line[i].is_ascii_whitespace() {
+                if i >= n || matches!(line[i], b' ' | b'\n' | b'\r' | b'\t') {
                     break;
                 }
                 match line[i] {
@@ -478,6 +503,64 @@ mod tests {
         assert_eq!(
             e(&vec![b'A'; INLINE_MAX + 1]),
             "ERR Protocol error: too big inline request"
+        );
+    }
+
+    /// Found by fuzz/ (requests): headers Redis' string2ll refuses were
+    /// accepted and forwarded as received, so Redis answered a protocol
+    /// error and closed the upstream connection the request shared.
+    #[test]
+    fn headers_are_read_as_redis_reads_them() {
+        let e = |i: &[u8]| parse(i).unwrap_err().0;
+        assert_eq!(
+            e(b"*1\r\n$01\r\nk\r\n"),
+            "ERR Protocol error: invalid bulk length"
+        );
+        assert_eq!(
+            e(b"*1\r\n$-0\r\n\r\n"),
+            "ERR Protocol error: invalid bulk length"
+        );
+        assert_eq!(
+            e(b"*01\r\n$1\r\nk\r\n"),
+            "ERR Protocol error: invalid multibulk length"
+        );
+        assert_eq!(
+            e(b"*-0\r\n"),
+            "ERR Protocol error: invalid multibulk length"
+        );
+        assert_eq!(
+            parse(b"*1\r\n$0\r\n\r\n").unwrap(),
+            vec![vec![b"".to_vec()]]
+        );
+        assert_eq!(parse(b"*-1\r\n*0\r\n").unwrap().len(), 0);
+    }
+
+    /// Found by fuzz/ (requests): inline commands split as Redis'
+    /// sdssplitargs splits them.
+    #[test]
+    fn inline_blanks_and_escapes_match_sdssplitargs() {
+        let one = |i: &[u8]| parse(i).unwrap().remove(0);
+        // \f and \v are skipped between arguments, but do not end one.
+        assert_eq!(
+            one(b"ECHO a\x0cb\r\n"),
+            vec![b"ECHO".to_vec(), b"a\x0cb".to_vec()]
+        );
+        assert_eq!(
+            one(b"\x0bECHO x\r\n"),
+            vec![b"ECHO".to_vec(), b"x".to_vec()]
+        );
+        assert_eq!(
+            one(b"ECHO \"a\"\x0b\r\n"),
+            vec![b"ECHO".to_vec(), b"a".to_vec()]
+        );
+        // \xHH needs two hex digits (no sign).
+        assert_eq!(
+            one(b"ECHO \"\\x+1\"\r\n"),
+            vec![b"ECHO".to_vec(), b"x+1".to_vec()]
+        );
+        assert_eq!(
+            one(b"ECHO \"\\x4a\"\r\n"),
+            vec![b"ECHO".to_vec(), b"J".to_vec()]
         );
     }
 

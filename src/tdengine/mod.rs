@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{OnceCell, Semaphore};
 
-use crate::config::{TdFormat, TdOnError, TdengineConfig};
+use crate::config::{TdFormat, TdOnError, TdRoute, TdengineConfig};
 use crate::metrics;
 
 pub use client::redact_dsn;
@@ -256,7 +256,7 @@ impl Tdengine {
     /// (an over-long key of a route's shape matches, and `fetch` then calls
     /// it `Invalid`, so `on_invalid_key` applies to it like to any other).
     pub fn matches(&self, key: &[u8]) -> bool {
-        self.inner.routes.iter().any(|r| r.split(key).is_some())
+        matches(&self.inner.routes, key)
     }
 
     /// Validate, build the SQL, coalesce, query and encode.
@@ -320,18 +320,58 @@ impl Tdengine {
     }
 }
 
+fn matches(routes: &[route::Route], key: &[u8]) -> bool {
+    routes.iter().any(|r| r.split(key).is_some())
+}
+
+/// Route and SQL for a key, or why it is invalid.
+fn plan(routes: &[route::Route], key: &[u8]) -> Result<(usize, String), String> {
+    if key.len() > route::MAX_KEY_LEN {
+        return Err(format!("key longer than {} bytes", route::MAX_KEY_LEN));
+    }
+    for (i, r) in routes.iter().enumerate() {
+        if let Some(values) = r.split(key) {
+            return r.build_sql(&values).map(|sql| (i, sql));
+        }
+    }
+    Err("key matches no tdengine route".to_string())
+}
+
+/// The routes of a `[tdengine]` config compiled exactly as [`Tdengine::new`]
+/// compiles them, planning keys without a connection: the shape test of
+/// [`Tdengine::matches`], and the validation and SQL of [`Tdengine::fetch`].
+/// For `fuzz/` and `tests/fuzz_props.rs`; the proxy goes through [`Tdengine`].
+pub struct RoutePlanner {
+    routes: Vec<route::Route>,
+}
+
+impl RoutePlanner {
+    /// Compiles `routes` (config paths `tdengine.routes[i]`); `Err` is the
+    /// message `Tdengine::new` would report.
+    pub fn compile(routes: &[TdRoute]) -> Result<RoutePlanner, String> {
+        let routes = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| route::Route::compile(&format!("tdengine.routes[{i}]"), r))
+            .collect::<Result<_, _>>()?;
+        Ok(RoutePlanner { routes })
+    }
+
+    /// [`Tdengine::matches`].
+    pub fn matches(&self, key: &[u8]) -> bool {
+        matches(&self.routes, key)
+    }
+
+    /// The index of the route and the SQL that [`Tdengine::fetch`] would send
+    /// for `key`, or why it would answer `Fetch::Invalid`.
+    pub fn plan(&self, key: &[u8]) -> Result<(usize, String), String> {
+        plan(&self.routes, key)
+    }
+}
+
 impl Inner {
-    /// Route and SQL for a key, or why it is invalid.
     fn plan(&self, key: &[u8]) -> Result<(usize, String), String> {
-        if key.len() > route::MAX_KEY_LEN {
-            return Err(format!("key longer than {} bytes", route::MAX_KEY_LEN));
-        }
-        for (i, r) in self.routes.iter().enumerate() {
-            if let Some(values) = r.split(key) {
-                return r.build_sql(&values).map(|sql| (i, sql));
-            }
-        }
-        Err("key matches no tdengine route".to_string())
+        plan(&self.routes, key)
     }
 
     async fn query(self: Arc<Self>, ri: usize, sql: String) -> Outcome {

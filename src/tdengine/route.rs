@@ -239,6 +239,12 @@ impl Route {
         let pattern = match &p.pattern {
             None => None,
             Some(pat) => {
+                // The pattern must be a regex on its own: anchored as
+                // `\A(?:{pat})\z`, a pattern like `[0-9]+)|(.*` would
+                // otherwise compile and match anything.
+                regex_syntax::Parser::new()
+                    .parse(pat)
+                    .map_err(|e| format!("{ctx}.pattern: {e}"))?;
                 let re = Regex::new(&format!(r"\A(?:{pat})\z"))
                     .map_err(|e| format!("{ctx}.pattern: {e}"))?;
                 if !p.quote
@@ -535,6 +541,22 @@ mod tests {
         // Neither pattern nor allow.
         let e = route("k:{t}", "SELECT {t}", &[("t", None, None, true)]).unwrap_err();
         assert!(e.starts_with("tdengine.routes[0].params.t:"), "{e}");
+    }
+
+    /// Found by fuzz/ (routes): a pattern that is no regex on its own
+    /// escaped its anchors once wrapped (`\A(?:[0-9]+)|(.*)\z`), and matched
+    /// anything.
+    #[test]
+    fn patterns_must_be_regexes_on_their_own() {
+        for pat in ["[0-9]+)|(.*", "x)|(?:y", "[0-9]+)|("] {
+            let e = route(
+                "k:{s}",
+                "SELECT 1 FROM t WHERE s = {s}",
+                &[("s", Some(pat), None, true)],
+            )
+            .unwrap_err();
+            assert!(e.starts_with("tdengine.routes[0].params.s.pattern:"), "{e}");
+        }
     }
 
     #[test]

@@ -1,0 +1,7 @@
+//! See tests/props/replies.rs for the input layout and the properties checked.
+#![no_main]
+
+#[path = "../../tests/props/mod.rs"]
+mod props;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| props::replies::check(data));
