@@ -13,7 +13,7 @@ mod taosadapter;
 
 use std::time::{Duration, Instant};
 
-use nearcache::config::{TdFormat, TdOnError, TdRoute, TdengineConfig};
+use nearcache::config::{InvalidationMode, TdFormat, TdOnError, TdRoute, TdengineConfig};
 use serde_json::{json, Value};
 use support::{Proxy, RedisServer};
 use taosadapter::{kline_row, Fault, Mode, TaosAdapter, Val};
@@ -61,7 +61,17 @@ impl Env {
 
     /// With `tls`, the stand-in serves `wss` and nearcache trusts its CA.
     fn start_with(mode: Mode, tls: bool, tweak: impl FnOnce(&mut TdengineConfig)) -> Env {
-        let redis = RedisServer::start();
+        Env::start_full(mode, tls, InvalidationMode::Tracking, tweak)
+    }
+
+    /// With the invalidation feed in `feed` mode (Redis has every keyspace event on).
+    fn start_full(
+        mode: Mode,
+        tls: bool,
+        feed: InvalidationMode,
+        tweak: impl FnOnce(&mut TdengineConfig),
+    ) -> Env {
+        let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -80,6 +90,7 @@ impl Env {
         }
         tweak(&mut td);
         let mut config = support::test_config(&redis.url());
+        config.cache.invalidation = feed;
         config.tdengine = Some(td);
         let proxy = Proxy::with_config(config);
         proxy.wait_serving();
@@ -191,23 +202,48 @@ for_each_path!(fn cold_get_fills_from_tdengine_writes_back_and_serves_from_l1(mo
 });
 
 for_each_path!(
-/// After a fill, Redis holds the value and L1 takes it from there: the
-/// write-back SET is itself reported by the invalidation feed (it cannot be
-/// told apart from anyone else's write), so the fill's own L1 entry may be
-/// dropped and the next GET reads Redis once; after that GETs are L1 hits and
-/// TDengine is never asked again.
-fn after_a_fill_reads_come_from_redis_then_l1_never_tdengine(mode) {
-    let env = Env::start(mode, |_| {});
-    let mut c = env.proxy.conn();
-    let v = get(&mut c, b"kline:000001:1d").unwrap().expect("filled");
-    std::thread::sleep(Duration::from_millis(50)); // let the feed catch up
-    assert_eq!(get(&mut c, b"kline:000001:1d").unwrap().unwrap(), v);
-    let gets = cmd_calls(&env.redis, "get");
-    for _ in 0..5 {
-        assert_eq!(get(&mut c, b"kline:000001:1d").unwrap().unwrap(), v);
+/// A fill stays cached: its write-back goes out on the invalidation feed's
+/// own connection (`NOLOOP`: Redis does not report it back to us), and the
+/// feed stores the value when the SET's `+OK` arrives. So a cold GET and
+/// then more GETs make exactly one upstream GET (the cold one) and no other
+/// upstream read, in both feed modes. The key's other cached replies (an
+/// EXISTS that said 0) are dropped all the same, and writes after the fill
+/// still reach L1.
+fn a_filled_key_is_served_from_l1_from_its_second_read_on(mode) {
+    for feed in [InvalidationMode::Tracking, InvalidationMode::Keyspace] {
+        let env = Env::start_full(mode, false, feed, |_| {});
+        let mut c = env.proxy.conn();
+        let key = b"kline:000001:1d";
+        let exists = |c: &mut redis::Connection| -> i64 {
+            redis::cmd("EXISTS").arg(key).query(c).unwrap()
+        };
+        assert_eq!(exists(&mut c), 0);
+        assert_eq!(exists(&mut c), 0, "{feed:?}: EXISTS cached as 0");
+        let exists_calls = cmd_calls(&env.redis, "exists");
+        assert_eq!(exists_calls, 1, "{feed:?}: the second EXISTS was an L1 hit");
+
+        let v = get(&mut c, key).unwrap().expect("filled");
+        let pttls = cmd_calls(&env.redis, "pttl");
+        for _ in 0..5 {
+            assert_eq!(get(&mut c, key).unwrap().unwrap(), v);
+        }
+        assert_eq!(cmd_calls(&env.redis, "get"), 1, "{feed:?}: one upstream GET, the cold one");
+        assert_eq!(cmd_calls(&env.redis, "pttl"), pttls, "{feed:?}: no further fills");
+        assert_eq!(env.ta.query_count(), 1, "{feed:?}: TDengine asked once");
+
+        // Our own write did not come back on the feed; the EXISTS that said
+        // 0 went all the same.
+        assert_eq!(exists(&mut c), 1, "{feed:?}: stale EXISTS after the write-back");
+
+        // Someone else's write after the fill still invalidates it.
+        let mut r = env.redis.conn();
+        let _: () = redis::cmd("SET").arg(key).arg("newer").query(&mut r).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while get(&mut c, key).unwrap().as_deref() != Some(&b"newer"[..]) {
+            assert!(Instant::now() < deadline, "{feed:?}: the filled entry outlived a write");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
-    assert_eq!(env.ta.query_count(), 1, "TDengine asked once");
-    assert_eq!(cmd_calls(&env.redis, "get"), gets, "later GETs are L1 hits");
 });
 
 for_each_path!(fn value_in_redis_is_returned_without_tdengine(mode) {
@@ -709,7 +745,7 @@ fn fill_mget_elements_fills_nil_elements_of_routed_keys(mode) {
                 .unwrap()
                 .unwrap();
             let elements = protocol::split_array(&reply.bytes).expect("array");
-            fill::fill_mget_elements_with_ttl(&td, &conn, &keys, elements, proto).await
+            fill::fill_mget_elements_with_ttl(&td, &conn, &keys, elements, proto, &[]).await
         });
         let nil = protocol::nil(proto == 3);
         assert_eq!(out.len(), 6);

@@ -215,6 +215,7 @@ async fn subscribe(
                 b"TRACKING",
                 b"ON",
                 b"BCAST",
+                b"NOLOOP",
                 b"PREFIX",
                 FLUSH_ONLY_PREFIX.as_bytes(),
             ],
@@ -233,6 +234,8 @@ async fn subscribe(
         b"TRACKING".to_vec(),
         b"ON".to_vec(),
         b"BCAST".to_vec(),
+        // Our own writes (TDengine write-backs) are not news to us.
+        b"NOLOOP".to_vec(),
     ];
     let mut prefixes: Vec<&[u8]> = patterns
         .iter()
@@ -318,11 +321,11 @@ async fn run_once(
         ));
     }
 
-    // Barriers (see `Cache::store_fills`): a `PING sync` per batch of
-    // requests; its reply comes after every push Redis queued before it.
-    let (barrier_tx, mut barrier_rx) = tokio::sync::mpsc::unbounded_channel();
-    let _barriers = BarriersOpen::new(cache, barrier_tx);
-    let mut syncs: VecDeque<Vec<oneshot::Sender<()>>> = VecDeque::new();
+    // Requests from the rest of nearcache (barriers, write-backs); the
+    // replies they are owed come back in order between the pushes.
+    let (request_tx, mut requests) = tokio::sync::mpsc::channel(super::FEED_REQUESTS);
+    let _open = RequestsOpen::new(cache, request_tx);
+    let mut owed: VecDeque<Owed> = VecDeque::new();
 
     // Whatever was cached before this point may have missed invalidations.
     cache.clear_all("feed_reconnect");
@@ -357,13 +360,25 @@ async fn run_once(
                 info!("key policies changed; re-establishing the invalidation feed");
                 return Ok(());
             }
-            Some(first) = barrier_rx.recv() => {
-                let mut batch = vec![first];
-                while let Ok(more) = barrier_rx.try_recv() {
-                    batch.push(more);
+            Some(first) = requests.recv() => {
+                // Barriers: one `PING` for all that are waiting; its reply
+                // comes after every push Redis queued before it.
+                let mut batch = Vec::new();
+                let mut next = Some(first);
+                while let Some(request) = next {
+                    match request {
+                        super::FeedRequest::Barrier(tx) => batch.push(tx),
+                        super::FeedRequest::WriteBack(wb) => {
+                            conn.write(&wb.set).await?;
+                            owed.push_back(Owed::WriteBack(wb));
+                        }
+                    }
+                    next = requests.try_recv().ok();
                 }
-                conn.write(&protocol::command([&b"PING"[..], b"sync"])).await?;
-                syncs.push_back(batch);
+                if !batch.is_empty() {
+                    conn.write(&protocol::command([&b"PING"[..], b"sync"])).await?;
+                    owed.push_back(Owed::Sync(batch));
+                }
                 continue;
             }
             r = run_ids.changed() => {
@@ -403,28 +418,52 @@ async fn run_once(
                     Some(write_canary(upstream, canary_key, count, plain).await)
                 } else {
                     conn.write(&protocol::command([b"PING"])).await?;
+                    owed.push_back(Owed::Pong);
                     None
                 };
                 probe = Some((Instant::now(), reply));
                 continue;
             }
         };
-        let answered = match frame.kind {
-            ReplyKind::Push => handle_push(cache, &frame.bytes, &keyspace_prefix, canary_key),
-            ReplyKind::Error => {
+        let answered = match (frame.kind, owed.pop_front()) {
+            (ReplyKind::Push, front) => {
+                if let Some(front) = front {
+                    owed.push_front(front);
+                }
+                handle_push(cache, &frame.bytes, &keyspace_prefix, canary_key)
+            }
+            (kind, Some(Owed::WriteBack(wb))) => {
+                let outcome = match kind {
+                    ReplyKind::Error => super::WriteBackOutcome::Refused(error_text(&frame)),
+                    ReplyKind::Nil => super::WriteBackOutcome::Exists,
+                    _ => {
+                        cache.written_back(&wb);
+                        super::WriteBackOutcome::Written
+                    }
+                };
+                let _ = wb.done.send(outcome);
+                false
+            }
+            (ReplyKind::Error, _) => {
                 return Err(Error::Upstream(format!(
                     "invalidation feed error: {}",
                     error_text(&frame)
                 )));
             }
-            _ if frame.bytes[..] == b"$4\r\nsync\r\n"[..] => {
-                for waiter in syncs.pop_front().unwrap_or_default() {
+            (_, Some(Owed::Sync(batch))) => {
+                for waiter in batch {
                     let _ = waiter.send(());
                 }
                 false
             }
             // The PONG of the health check without a canary.
-            _ => !canary,
+            (_, Some(Owed::Pong)) => true,
+            (_, None) => {
+                return Err(Error::Upstream(format!(
+                    "invalidation feed: unexpected reply {}",
+                    error_text(&frame)
+                )));
+            }
         };
         if answered {
             if let Some((sent, _)) = probe.take() {
@@ -448,20 +487,30 @@ async fn read_keyspace_flags(conn: &mut FeedConn) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Makes the feed take barrier requests while it runs; when it ends,
-/// waiting requests fail (their fills drop what they would have raced with).
-struct BarriersOpen<'a>(&'a Cache);
+/// A reply the feed connection owes us, in the order the requests went out.
+enum Owed {
+    /// The health check's PING (no canary).
+    Pong,
+    /// A barrier's `PING sync`, for everyone who asked for it.
+    Sync(Vec<oneshot::Sender<()>>),
+    WriteBack(super::WriteBack),
+}
 
-impl<'a> BarriersOpen<'a> {
-    fn new(cache: &'a Cache, requests: super::BarrierRequests) -> Self {
-        cache.set_barriers(Some(requests));
-        BarriersOpen(cache)
+/// Makes the feed take requests while it runs; when it ends, waiting
+/// requests fail (barrier fills drop what they would have raced with;
+/// write-backs are not retried: nobody knows whether they ran).
+struct RequestsOpen<'a>(&'a Cache);
+
+impl<'a> RequestsOpen<'a> {
+    fn new(cache: &'a Cache, requests: super::FeedRequests) -> Self {
+        cache.set_feed_requests(Some(requests));
+        RequestsOpen(cache)
     }
 }
 
-impl Drop for BarriersOpen<'_> {
+impl Drop for RequestsOpen<'_> {
     fn drop(&mut self) {
-        self.0.set_barriers(None);
+        self.0.set_feed_requests(None);
     }
 }
 

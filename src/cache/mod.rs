@@ -72,9 +72,49 @@ enum Store {
     NeedsBarrier,
 }
 
-/// Barrier requests to the feed: each sender is answered once the feed has
-/// read everything Redis sent it before the request.
-pub type BarrierRequests = tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>;
+/// What the feed connection does for the rest of nearcache while it is up.
+pub enum FeedRequest {
+    /// Answer once the feed has read everything Redis sent it before now.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+    /// Write a TDengine fill back to Redis from the feed connection itself.
+    WriteBack(WriteBack),
+}
+
+/// Where the feed takes [`FeedRequest`]s (bounded: when it is full, barriers
+/// fail and write-backs take the pool).
+pub type FeedRequests = tokio::sync::mpsc::Sender<FeedRequest>;
+
+/// How many feed requests may wait for the feed task.
+pub(crate) const FEED_REQUESTS: usize = 1024;
+
+/// A TDengine fill's write-back (`SET key value PX ttl NX`), sent on the
+/// feed connection so that Redis does not report it back to us as an
+/// invalidation (`CLIENT TRACKING ... NOLOOP`): when it succeeds the feed
+/// stores `reply` under a ticket taken right then, so the filled key is
+/// served from L1 from its next read on. Anything Redis reports after the
+/// `+OK` still invalidates it.
+pub struct WriteBack {
+    pub key: Bytes,
+    pub set: Bytes,
+    pub sig: Bytes,
+    pub proto: u8,
+    pub reply: Bytes,
+    /// How long L1 may keep it (zero: write back only).
+    pub ttl: Duration,
+    pub done: tokio::sync::oneshot::Sender<WriteBackOutcome>,
+}
+
+/// What became of a [`WriteBack`]. (Its sender dropped: the feed failed and
+/// whether the SET ran is unknown.)
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteBackOutcome {
+    /// Redis took it (and L1 holds it if it could).
+    Written,
+    /// The key existed by then (NX): someone else's value is newer.
+    Exists,
+    /// Redis refused the SET.
+    Refused(String),
+}
 
 /// Concurrent identical misses share one fill.
 pub type FillWaiter = Waiter<ReplyResult>;
@@ -108,7 +148,7 @@ pub struct Cache {
     serving: AtomicBool,
     feed_state: RwLock<String>,
     fills: Arc<SingleFlight<FillKey, Ticket, ReplyResult>>,
-    barriers: parking_lot::Mutex<Option<BarrierRequests>>,
+    feed_requests: parking_lot::Mutex<Option<FeedRequests>>,
     /// Tells the feed to reconnect with new subscriptions (policy reload).
     pub(crate) feed_restart: tokio::sync::Notify,
     pub counters: Counters,
@@ -131,7 +171,7 @@ impl Cache {
                 "disabled".into()
             }),
             fills: Arc::default(),
-            barriers: parking_lot::Mutex::new(None),
+            feed_requests: parking_lot::Mutex::new(None),
             feed_restart: tokio::sync::Notify::new(),
             counters: Counters::default(),
             config,
@@ -309,11 +349,8 @@ impl Cache {
 
     /// Waits until the feed has received everything Redis sent it before now.
     async fn feed_barrier(&self) -> bool {
-        let Some(requests) = self.barriers.lock().clone() else {
-            return false;
-        };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if requests.send(tx).is_err() {
+        if !self.to_feed(FeedRequest::Barrier(tx)) {
             return false;
         }
         matches!(
@@ -322,9 +359,67 @@ impl Cache {
         )
     }
 
-    /// Where the feed takes barrier requests while it is up (see [`feed`]).
-    pub(crate) fn set_barriers(&self, requests: Option<BarrierRequests>) {
-        *self.barriers.lock() = requests;
+    /// Hands a request to the feed; false if it is down or too busy.
+    fn to_feed(&self, request: FeedRequest) -> bool {
+        let Some(requests) = self.feed_requests.lock().clone() else {
+            return false;
+        };
+        requests.try_send(request).is_ok()
+    }
+
+    /// Where the feed takes requests while it is up (see [`feed`]).
+    pub(crate) fn set_feed_requests(&self, requests: Option<FeedRequests>) {
+        *self.feed_requests.lock() = requests;
+    }
+
+    /// Writes a TDengine fill back to Redis through the feed (see
+    /// [`WriteBack`]); `None` if the feed cannot take it (the caller writes
+    /// back through the pool and L1 learns of it like of any other write).
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_back(
+        &self,
+        key: &Bytes,
+        value: &[u8],
+        px: Duration,
+        sig: &Bytes,
+        proto: u8,
+        reply: &Bytes,
+        ttl: Duration,
+    ) -> Option<tokio::sync::oneshot::Receiver<WriteBackOutcome>> {
+        if !self.is_serving() {
+            return None;
+        }
+        let px = px.as_millis().max(1).to_string();
+        let set = crate::protocol::command([&b"SET"[..], key, value, b"PX", px.as_bytes(), b"NX"]);
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let request = FeedRequest::WriteBack(WriteBack {
+            key: key.clone(),
+            set,
+            sig: sig.clone(),
+            proto,
+            reply: reply.clone(),
+            ttl,
+            done,
+        });
+        self.to_feed(request).then_some(rx)
+    }
+
+    /// The feed read the `+OK` of `wb`'s SET: from here on Redis holds its
+    /// value until the feed reports otherwise. Our own write was not
+    /// reported (NOLOOP), so the key's other cached replies (an `EXISTS`
+    /// that said 0) are dropped here; then the reply is stored under a
+    /// ticket taken now.
+    pub(crate) fn written_back(&self, wb: &WriteBack) {
+        self.invalidate(&wb.key, "write_back");
+        let fill = Fill {
+            ticket: self.gens.ticket(&wb.key),
+            key: wb.key.clone(),
+            sig: wb.sig.clone(),
+            proto: wb.proto,
+            reply: wb.reply.clone(),
+            ttl: wb.ttl,
+        };
+        self.try_store(&fill, true);
     }
 
     fn try_store(&self, fill: &Fill, past_barrier: bool) -> Store {

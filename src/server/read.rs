@@ -22,6 +22,7 @@ use super::{count_request, Outcome};
 use crate::cache::{self, Fetched, Lookup, PolicyRef, Ticket};
 use crate::command::Keys;
 use crate::protocol::{self, ReplyKind, Request};
+use crate::tdengine::fill::Keep;
 use crate::upstream::{received, MuxConn, ReplyResult};
 
 /// How long L1 may keep what a fill read, from the `PTTL` sent `sent` before
@@ -211,7 +212,12 @@ impl Session {
             self.replies.push(Owed::Fill(waiter), silent);
             return Flow::Next;
         }
-        let Some(fetch) = self.fetch(req, &key, td_route).await else {
+        let keep = td_route.then(|| Keep {
+            cache: cache.clone(),
+            sig: sig.clone(),
+            ttl: policy.ttl,
+        });
+        let Some(fetch) = self.fetch(req, &key, td_route, keep).await else {
             return self.flow_after_failed_send();
         };
         let waiter = cache.fill(&key, &sig, self.proto, ticket, policy.ttl, move || fetch);
@@ -226,7 +232,7 @@ impl Session {
         if !td_route {
             return self.forward(req, &Keys::None).await;
         }
-        let Some(fetch) = self.fetch(req, &key, true).await else {
+        let Some(fetch) = self.fetch(req, &key, true, None).await else {
             return self.flow_after_failed_send();
         };
         let silent = self.silent_reply();
@@ -254,13 +260,15 @@ impl Session {
     /// returns the future of the reply and its TTL cap. A TDengine-routed GET
     /// that Redis answers nil is filled from TDengine on the same connection,
     /// and the client's later requests wait for it (its write-back must
-    /// neither overtake nor be overtaken by them). `None`: nothing was sent
-    /// (a stall, or the error is already queued).
+    /// neither overtake nor be overtaken by them); with `keep`, the filled
+    /// value goes to L1 by way of the feed. `None`: nothing was sent (a
+    /// stall, or the error is already queued).
     async fn fetch(
         &mut self,
         req: &Request,
         key: &Bytes,
         td_route: bool,
+        keep: Option<Keep>,
     ) -> Option<BoxFuture<'static, Fetched>> {
         let conn = self.conn_for_read()?;
         let sent = Instant::now();
@@ -286,7 +294,7 @@ impl Session {
                 let cap = cap_from_pttl(received(pttl.await), sent);
                 match received(rx.await) {
                     Ok(first) if first.kind == ReplyKind::Nil => {
-                        crate::tdengine::fill::fill(&td, &conn, &key, proto).await
+                        crate::tdengine::fill::fill(&td, &conn, &key, proto, keep.as_ref()).await
                     }
                     other => (other, cap),
                 }
@@ -393,6 +401,16 @@ impl Session {
         self.path_pool();
         let done = self.outstanding.track(&missing, td.is_some());
         let proto = self.proto;
+        let keep: Vec<Option<Keep>> = fills
+            .iter()
+            .map(|f| {
+                f.as_ref().map(|(_, _, policy)| Keep {
+                    cache: cache.clone(),
+                    sig: sig.clone(),
+                    ttl: policy.ttl,
+                })
+            })
+            .collect();
         let assembled = async move {
             let _done = done;
             let mut caps = Vec::with_capacity(pttls.len());
@@ -416,7 +434,7 @@ impl Session {
             let elements = match td {
                 Some(td) => {
                     crate::tdengine::fill::fill_mget_elements_with_ttl(
-                        &td, &conn, &missing, fetched, proto,
+                        &td, &conn, &missing, fetched, proto, &keep,
                     )
                     .await
                 }

@@ -7,8 +7,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use tracing::{debug, warn};
 
+use crate::cache::{Cache, WriteBackOutcome};
 use crate::protocol::{self, Reply, ReplyKind};
 use crate::upstream::{MuxConn, ReplyResult};
+
+/// Where a filled value goes in L1: the cache, the read's command signature
+/// and the key's policy TTL. With it the write-back goes through the
+/// invalidation feed, which stores the value once Redis has it (see
+/// [`crate::cache::WriteBack`]); the fill then reports a zero cap, as there
+/// is nothing left for the caller to store.
+#[derive(Clone)]
+pub struct Keep {
+    pub cache: Arc<Cache>,
+    pub sig: Bytes,
+    pub ttl: Duration,
+}
 
 /// The third tier: Redis said nil, so ask TDengine, write the rows back to
 /// Redis (`SET key value PX ttl NX`: never over a value written meanwhile) and
@@ -19,6 +32,7 @@ pub async fn fill(
     conn: &Arc<MuxConn>,
     key: &Bytes,
     proto: u8,
+    keep: Option<&Keep>,
 ) -> (ReplyResult, Option<Duration>) {
     use crate::config::TdOnError;
     use crate::tdengine::Fetch;
@@ -28,11 +42,40 @@ pub async fn fill(
     };
     match td.fetch(key).await {
         Fetch::Rows { value, ttl } => {
-            let ttl_ms = ttl.as_millis().max(1).to_string();
-            let set =
-                protocol::command([&b"SET"[..], key, &value, b"PX", ttl_ms.as_bytes(), b"NX"]);
-            match crate::upstream::received(conn.send(set).await.await) {
-                Ok(r) if r.kind == ReplyKind::Nil => {
+            let reply = Reply {
+                bytes: protocol::bulk_bytes(&value),
+                kind: ReplyKind::Normal,
+            };
+            let through_feed = keep.and_then(|k| {
+                let l1_ttl = k.ttl.min(ttl);
+                k.cache
+                    .write_back(key, &value, ttl, &k.sig, proto, &reply.bytes, l1_ttl)
+            });
+            let via_feed = through_feed.is_some();
+            let written = match through_feed {
+                Some(rx) => match rx.await {
+                    Ok(outcome) => outcome,
+                    // The feed failed with the SET sent: whether it ran is
+                    // unknown, and a write is never retried. TDengine's rows
+                    // are the answer; L1 keeps nothing.
+                    Err(_) => return (Ok(reply), Some(Duration::ZERO)),
+                },
+                None => {
+                    let px = ttl.as_millis().max(1).to_string();
+                    let set =
+                        protocol::command([&b"SET"[..], key, &value, b"PX", px.as_bytes(), b"NX"]);
+                    match crate::upstream::received(conn.send(set).await.await) {
+                        Ok(r) if r.kind == ReplyKind::Nil => WriteBackOutcome::Exists,
+                        Ok(r) if r.kind == ReplyKind::Error => {
+                            WriteBackOutcome::Refused(String::from_utf8_lossy(&r.bytes).into())
+                        }
+                        Ok(_) => WriteBackOutcome::Written,
+                        Err(e) => return (Err(e), None),
+                    }
+                }
+            };
+            match written {
+                WriteBackOutcome::Exists => {
                     // Someone wrote the key while we queried TDengine: theirs is newer.
                     let get = protocol::command([&b"GET"[..], key]);
                     (
@@ -40,22 +83,15 @@ pub async fn fill(
                         Some(ttl),
                     )
                 }
-                Ok(r) if r.kind == ReplyKind::Error => {
-                    warn!("TDengine write-back to Redis refused; answering from TDengine without caching");
-                    let reply = Reply {
-                        bytes: protocol::bulk_bytes(&value),
-                        kind: ReplyKind::Normal,
-                    };
+                WriteBackOutcome::Refused(why) => {
+                    warn!(error = %why.trim(), "TDengine write-back to Redis refused; answering from TDengine without caching");
                     (Ok(reply), Some(Duration::ZERO))
                 }
-                Ok(_) => {
-                    let reply = Reply {
-                        bytes: protocol::bulk_bytes(&value),
-                        kind: ReplyKind::Normal,
-                    };
-                    (Ok(reply), Some(ttl))
-                }
-                Err(e) => (Err(e), None),
+                // Through the feed, L1 has it already; through the pool, the
+                // SET's own invalidation is on its way: the caller's ticket
+                // decides.
+                WriteBackOutcome::Written if via_feed => (Ok(reply), Some(Duration::ZERO)),
+                WriteBackOutcome::Written => (Ok(reply), Some(ttl)),
             }
         }
         Fetch::Empty { negative_ttl } => (Ok(nil()), Some(negative_ttl.unwrap_or(Duration::ZERO))),
@@ -107,7 +143,7 @@ pub async fn fill_mget_elements(
     elements: Vec<Bytes>,
     proto: u8,
 ) -> Vec<Bytes> {
-    fill_mget_elements_with_ttl(td, conn, keys, elements, proto)
+    fill_mget_elements_with_ttl(td, conn, keys, elements, proto, &[])
         .await
         .into_iter()
         .map(|(e, _)| e)
@@ -118,28 +154,35 @@ pub async fn fill_mget_elements(
 /// it: `None` for elements left as Redis sent them (the key's policy TTL
 /// applies), `Some(ttl)` for filled ones (store for `min(ttl, policy TTL)`;
 /// `Some(ZERO)`: do not store, e.g. an error element or a nil that only
-/// stands for a TDengine failure).
+/// stands for a TDengine failure). `keep[i]` (if given) is where element
+/// `i` goes in L1 (see [`Keep`]).
 pub async fn fill_mget_elements_with_ttl(
     td: &super::Tdengine,
     conn: &Arc<MuxConn>,
     keys: &[Bytes],
     elements: Vec<Bytes>,
     proto: u8,
+    keep: &[Option<Keep>],
 ) -> Vec<(Bytes, Option<Duration>)> {
     if keys.len() != elements.len() {
         return elements.into_iter().map(|e| (e, None)).collect();
     }
-    let jobs = keys.iter().zip(elements).map(|(key, element)| async move {
-        if !is_nil_element(&element) || !td.matches(key) {
-            return (element, None);
-        }
-        match fill(td, conn, key, proto).await {
-            (Ok(reply), cap) if reply.kind != ReplyKind::Error => {
-                (reply.bytes, Some(cap.unwrap_or(Duration::ZERO)))
+    let jobs = keys
+        .iter()
+        .zip(elements)
+        .enumerate()
+        .map(|(i, (key, element))| async move {
+            if !is_nil_element(&element) || !td.matches(key) {
+                return (element, None);
             }
-            (Ok(reply), _) => (reply.bytes, Some(Duration::ZERO)),
-            (Err(e), _) => (protocol::error(&e.to_reply_text()), Some(Duration::ZERO)),
-        }
-    });
+            let keep = keep.get(i).and_then(Option::as_ref);
+            match fill(td, conn, key, proto, keep).await {
+                (Ok(reply), cap) if reply.kind != ReplyKind::Error => {
+                    (reply.bytes, Some(cap.unwrap_or(Duration::ZERO)))
+                }
+                (Ok(reply), _) => (reply.bytes, Some(Duration::ZERO)),
+                (Err(e), _) => (protocol::error(&e.to_reply_text()), Some(Duration::ZERO)),
+            }
+        });
     futures::future::join_all(jobs).await
 }
