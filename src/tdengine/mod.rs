@@ -12,7 +12,6 @@ pub mod fill;
 mod relay;
 mod route;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -20,7 +19,10 @@ use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{OnceCell, Semaphore};
+use futures::FutureExt;
+use tokio::sync::Semaphore;
+
+use crate::flight::SingleFlight;
 
 use crate::config::{TdFormat, TdOnError, TdRoute, TdengineConfig};
 use crate::metrics;
@@ -70,7 +72,8 @@ struct Inner {
     negative_ttl: Option<Duration>,
     semaphore: Semaphore,
     breaker: Breaker,
-    inflight: Mutex<HashMap<Vec<u8>, Arc<OnceCell<Outcome>>>>,
+    /// Concurrent fetches of one key share one query.
+    flights: Arc<SingleFlight<Bytes, (), Outcome>>,
     queries: AtomicU64,
     errors: AtomicU64,
     rejected: AtomicU64,
@@ -218,7 +221,7 @@ impl Tdengine {
             negative_ttl: cfg.negative_ttl,
             semaphore: Semaphore::new(cfg.max_concurrent_queries.max(1)),
             breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown),
-            inflight: Mutex::new(HashMap::new()),
+            flights: Arc::default(),
             queries: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -271,42 +274,17 @@ impl Tdengine {
                 return Fetch::Invalid(why);
             }
         };
-        let cell = {
-            let mut map = inner.inflight.lock();
-            map.entry(key.to_vec()).or_default().clone()
+        // The query runs in its own task (see `flight`): it finishes and
+        // settles the breaker even if every caller goes away, and a panic
+        // inside the client cannot reach the callers.
+        let query = {
+            let inner = self.inner.clone();
+            move || async move { inner.query(ri, sql).await }.boxed()
         };
-        let outcome = cell
-            .get_or_init(|| {
-                let inner = self.inner.clone();
-                async move {
-                    // The query runs in its own task: it finishes (and settles
-                    // the breaker) even if this caller goes away, and a panic
-                    // inside the client cannot reach the caller.
-                    let task = tokio::spawn({
-                        let inner = inner.clone();
-                        async move { inner.query(ri, sql).await }
-                    });
-                    match task.await {
-                        Ok(o) => o,
-                        Err(e) => {
-                            metrics::get()
-                                .tdengine_errors_total
-                                .with_label_values(&["internal"])
-                                .inc();
-                            tracing::error!(error = %e, "TDengine query task failed");
-                            Outcome::Failed(format!("query task failed: {e}"))
-                        }
-                    }
-                }
-            })
-            .await
-            .clone();
-        {
-            let mut map = inner.inflight.lock();
-            if map.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                map.remove(key);
-            }
-        }
+        let (waiter, _) = inner
+            .flights
+            .run(Bytes::copy_from_slice(key), (), query, query_panicked);
+        let outcome = waiter.await;
         match outcome {
             Outcome::Rows(value, ttl) => Fetch::Rows { value, ttl },
             Outcome::Empty => Fetch::Empty {
@@ -318,6 +296,16 @@ impl Tdengine {
             }
         }
     }
+}
+
+/// What the waiters of a query whose task panicked get.
+fn query_panicked(why: String) -> Outcome {
+    metrics::get()
+        .tdengine_errors_total
+        .with_label_values(&["internal"])
+        .inc();
+    tracing::error!(error = %why, "TDengine query task failed");
+    Outcome::Failed(format!("query task failed: {why}"))
 }
 
 fn matches(routes: &[route::Route], key: &[u8]) -> bool {
