@@ -19,6 +19,7 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     pub client_connections_total: IntCounter,
     pub client_connections_rejected_total: IntCounter,
+    pub client_output_limit_closed_total: IntCounter,
     pub requests_total: IntCounterVec,
     // L1 cache.
     pub cache_hits_total: IntCounterVec,
@@ -138,6 +139,11 @@ impl Metrics {
                 &r,
                 "nearcache_client_connections_rejected_total",
                 "Client connections refused (max_clients or shutdown)",
+            ),
+            client_output_limit_closed_total: counter(
+                &r,
+                "nearcache_client_output_limit_closed_total",
+                "Clients closed for leaving more output unread than server.client_output_limit allows",
             ),
             requests_total: counter_vec(
                 &r,

@@ -34,6 +34,7 @@ pub(super) struct FileServer {
     pub max_multibulk_len: Option<u64>,
     pub client_query_buffer_limit: Option<String>,
     pub max_pending_per_client: Option<u64>,
+    pub client_output_limit: Option<String>,
     pub requirepass: Option<String>,
     pub worker_threads: Option<u64>,
 }

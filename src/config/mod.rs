@@ -85,6 +85,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// Redis's `client-output-buffer-limit` for one class of clients: past
+/// `hard` unread reply bytes, or past `soft` for longer than `soft_for`, the
+/// client is disconnected (0: no such limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimit {
+    pub hard: u64,
+    pub soft: u64,
+    pub soft_for: Duration,
+}
+
+/// Output limits for ordinary clients and for subscribers (whose output is
+/// whatever is published, not what they asked for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    pub normal: OutputLimit,
+    pub pubsub: OutputLimit,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Client connections beyond this are refused with `-ERR max number of clients reached`.
@@ -97,6 +115,8 @@ pub struct ServerConfig {
     pub client_query_buffer_limit: u64,
     /// Requests of one client waiting for their replies before nearcache stops reading from it.
     pub max_pending_per_client: usize,
+    /// Reply bytes a client may leave unread before it is disconnected.
+    pub client_output_limit: OutputLimits,
     /// Password local clients must AUTH with before anything else (empty: none).
     pub requirepass: Option<String>,
     /// Runtime worker threads; 0 = one per CPU.

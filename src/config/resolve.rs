@@ -72,6 +72,63 @@ pub(super) fn positive(key: &str, value: Option<u64>, default: u64) -> Result<u6
     }
 }
 
+/// Redis's defaults for pub/sub; ordinary clients get a hard limit where
+/// Redis has none, as a sidecar must not grow without bound for one client
+/// that stopped reading.
+pub const DEFAULT_OUTPUT_LIMITS: &str = "normal 256MiB 64MiB 60s pubsub 32MiB 8MiB 60s";
+
+/// Parses `"<class> <hard> <soft> <soft seconds> ..."` as Redis's
+/// `client-output-buffer-limit` (classes `normal` and `pubsub`; sizes as
+/// elsewhere, `0` for none; the time in seconds or with a unit). A class
+/// not named keeps its default.
+pub fn parse_output_limits(value: &str) -> Result<OutputLimits, String> {
+    const MIB: u64 = 1024 * 1024;
+    let minute = Duration::from_secs(60);
+    let defaults = OutputLimits {
+        normal: OutputLimit {
+            hard: 256 * MIB,
+            soft: 64 * MIB,
+            soft_for: minute,
+        },
+        pubsub: OutputLimit {
+            hard: 32 * MIB,
+            soft: 8 * MIB,
+            soft_for: minute,
+        },
+    };
+    parse_classes(value, defaults)
+}
+
+fn parse_classes(value: &str, mut limits: OutputLimits) -> Result<OutputLimits, String> {
+    let words: Vec<&str> = value.split_whitespace().collect();
+    if words.is_empty() || words.len() % 4 != 0 {
+        return Err(format!(
+            "{value:?}: expected \"<class> <hard> <soft> <seconds>\" groups, e.g. \"{DEFAULT_OUTPUT_LIMITS}\""
+        ));
+    }
+    for group in words.chunks(4) {
+        let seconds = match group[3].parse::<u64>() {
+            Ok(s) => Duration::from_secs(s),
+            Err(_) => parse_duration(group[3])?,
+        };
+        let limit = OutputLimit {
+            hard: parse_bytes(group[1])?,
+            soft: parse_bytes(group[2])?,
+            soft_for: seconds,
+        };
+        match group[0].to_ascii_lowercase().as_str() {
+            "normal" => limits.normal = limit,
+            "pubsub" => limits.pubsub = limit,
+            other => {
+                return Err(format!(
+                    "unknown client class {other:?} (nearcache has \"normal\" and \"pubsub\")"
+                ))
+            }
+        }
+    }
+    Ok(limits)
+}
+
 pub(super) fn resolve_server(file: FileServer, env: &dyn Env) -> Result<ServerConfig, ConfigError> {
     let proto_max_bulk_len = bytes(
         "server.proto_max_bulk_len",
@@ -102,6 +159,12 @@ pub(super) fn resolve_server(file: FileServer, env: &dyn Env) -> Result<ServerCo
             file.max_pending_per_client,
             65_536,
         )? as usize,
+        client_output_limit: parse_output_limits(
+            file.client_output_limit
+                .as_deref()
+                .unwrap_or(DEFAULT_OUTPUT_LIMITS),
+        )
+        .map_err(|p| ConfigError::new("server.client_output_limit", p))?,
         requirepass,
         worker_threads: match env.get("NEARCACHE_WORKER_THREADS") {
             Some(v) => v.parse().map_err(|_| {

@@ -159,3 +159,30 @@ fn url_forms() {
     assert_eq!(u.db, 3);
     assert!(UpstreamUrl::parse("redis://h/x").is_err());
 }
+
+#[test]
+fn client_output_limit_parses_like_redis() {
+    use super::resolve::{parse_output_limits, DEFAULT_OUTPUT_LIMITS};
+    let mib = 1024 * 1024;
+    let d = parse_output_limits(DEFAULT_OUTPUT_LIMITS).unwrap();
+    assert_eq!(d, parse_output_limits("normal 256MiB 64MiB 60").unwrap());
+    assert_eq!(d.normal.hard, 256 * mib);
+    assert_eq!(d.pubsub.soft, 8 * mib);
+    assert_eq!(d.pubsub.soft_for, Duration::from_secs(60));
+    // A class not named keeps its default; 0 means no limit.
+    let l = parse_output_limits("pubsub 0 0 0").unwrap();
+    assert_eq!(l.normal, d.normal);
+    assert_eq!((l.pubsub.hard, l.pubsub.soft), (0, 0));
+    let l = parse_output_limits("NORMAL 1mb 512k 10s").unwrap();
+    assert_eq!((l.normal.hard, l.normal.soft), (mib, 512 * 1024));
+    assert_eq!(l.normal.soft_for, Duration::from_secs(10));
+    for bad in [
+        "",
+        "normal 1mb",
+        "replica 1mb 1mb 1",
+        "normal lots 1mb 1",
+        "normal 1mb 1mb soon",
+    ] {
+        assert!(parse_output_limits(bad).is_err(), "{bad:?} accepted");
+    }
+}

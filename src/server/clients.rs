@@ -42,6 +42,8 @@ pub struct ClientInfo {
     pub details: Mutex<Details>,
     /// The id of the client's pinned upstream connection, or -1.
     pub upstream_id: AtomicI64,
+    /// Reply bytes waiting for the client to read them (CLIENT LIST `omem`).
+    pub output: AtomicU64,
     killed: AtomicBool,
     pub kill: Notify,
 }
@@ -89,7 +91,7 @@ impl ClientInfo {
             String::from_utf8_lossy(b.as_deref().unwrap_or_default()).into_owned()
         };
         format!(
-            "id={} addr={} laddr={} fd=-1 name={} age={age} idle={idle} flags={flags} db={} sub={} psub={} ssub={} multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
+            "id={} addr={} laddr={} fd=-1 name={} age={age} idle={idle} flags={flags} db={} sub={} psub={} ssub={} multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem={} tot-mem=0 events=r cmd={} user={} redir=-1 resp={} lib-name={} lib-ver={}",
             self.id,
             self.addr,
             self.laddr,
@@ -99,6 +101,7 @@ impl ClientInfo {
             d.psub,
             d.ssub,
             if d.multi { 0 } else { -1 },
+            self.output.load(Ordering::Relaxed),
             current_cmd.unwrap_or("NULL"),
             d.user.as_deref().map(String::from_utf8_lossy).unwrap_or("default".into()),
             d.resp.max(2),
@@ -129,6 +132,7 @@ impl Clients {
                 ..Default::default()
             }),
             upstream_id: AtomicI64::new(-1),
+            output: AtomicU64::new(0),
             killed: AtomicBool::new(false),
             kill: Notify::new(),
         });

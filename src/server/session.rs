@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::clients::ClientInfo;
 use super::pinned::ConnState;
@@ -70,6 +70,8 @@ pub(super) struct Session {
     pub outstanding: super::read::Outstanding,
     /// The read path found it must wait before sending (see `read.rs`).
     pub stalled_on_pool: bool,
+    /// Since when unread output has been over the soft limit.
+    over_soft_since: Option<Instant>,
 }
 
 /// Runs a client's session until it disconnects, is killed, or shutdown
@@ -96,6 +98,7 @@ pub(super) async fn run(
         redirect: -1,
         outstanding: Default::default(),
         stalled_on_pool: false,
+        over_soft_since: None,
         sidecar,
         info,
     };
@@ -160,6 +163,16 @@ impl Session {
             }
             self.replies.collect_now();
             if !self.replies.out.is_empty() && !self.write_some(socket) {
+                return;
+            }
+            self.info.output.store(
+                self.replies.out.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            if let Some(why) = self.output_over_limit() {
+                // As Redis: the client is closed, nothing it was owed is kept.
+                warn!(client = self.info.id, addr = %self.info.addr, "closing client: {why} (server.client_output_limit)");
+                crate::metrics::get().client_output_limit_closed_total.inc();
                 return;
             }
             let owed = !self.replies.is_empty() || !self.replies.out.is_empty();
@@ -227,6 +240,36 @@ impl Session {
                 _ = shutdown.wait_for(|s| *s), if reading => reading = false,
             }
         }
+    }
+
+    /// Has the client left more output unread than its class may
+    /// (`server.client_output_limit`)? Subscribers and MONITOR have their
+    /// own limit: what they are sent is not what they asked for.
+    fn output_over_limit(&mut self) -> Option<String> {
+        let limits = &self.sidecar.config.server.client_output_limit;
+        let (class, limit) = if self.state.subscriptions() > 0 || self.state.monitoring() {
+            ("pubsub", limits.pubsub)
+        } else {
+            ("normal", limits.normal)
+        };
+        let held = self.replies.out.len() as u64;
+        if limit.hard > 0 && held > limit.hard {
+            return Some(format!(
+                "{held} bytes of unread {class} output, over the hard limit of {}",
+                limit.hard
+            ));
+        }
+        if limit.soft == 0 || held <= limit.soft {
+            self.over_soft_since = None;
+            return None;
+        }
+        let since = *self.over_soft_since.get_or_insert_with(Instant::now);
+        (since.elapsed() > limit.soft_for).then(|| {
+            format!(
+                "{class} output over the soft limit of {} bytes for more than {:?} ({held} bytes now)",
+                limit.soft, limit.soft_for
+            )
+        })
     }
 
     /// Writes as much output as the socket takes now; false if the client is gone.
