@@ -211,6 +211,9 @@ impl Session {
                     self.pinned = None;
                     self.replies.pinned_lost(&Error::Upstream(format!("no reply within {t:?}")));
                 }
+                // Before the socket: with `biased`, a client that always has
+                // input ready would otherwise never see the drain.
+                _ = shutdown.wait_for(|s| *s), if reading => reading = false,
                 r = socket.readable(), if wants_input => {
                     if r.is_err() {
                         return;
@@ -237,7 +240,6 @@ impl Session {
                         return;
                     }
                 }
-                _ = shutdown.wait_for(|s| *s), if reading => reading = false,
             }
         }
     }

@@ -114,6 +114,12 @@ impl RedisServer {
         }
     }
 
+    /// Its working directory: a `dump.rdb` put there before [`RedisServer::restart`]
+    /// is what it loads (it never saves one itself).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Starts it again on the same port (empty, since nothing is persisted).
     pub fn restart(&mut self) {
         self.kill();
@@ -388,6 +394,20 @@ impl Spawned {
             .unwrap()
     }
 
+    /// Waits for the process to exit; `None` if it did not within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Sends a signal by name ("TERM", "HUP", "STOP", ...).
     pub fn signal(&self, name: &str) {
         let ok = Command::new("kill")
@@ -437,15 +457,33 @@ impl RawClient {
 
     /// One whole reply frame, or `None` if none came within `wait`.
     pub fn try_reply(&mut self, wait: Duration) -> Option<Vec<u8>> {
+        match self.next_frame(wait) {
+            Ok(frame) => frame,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                panic!("connection closed while a reply was owed")
+            }
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// One whole reply frame, `Ok(None)` if none came within `wait`, or the
+    /// error that ended the connection (`UnexpectedEof` for a close, with
+    /// nothing partial left over; a reset as the OS reports it).
+    pub fn next_frame(&mut self, wait: Duration) -> std::io::Result<Option<Vec<u8>>> {
         use std::io::Read;
-        self.s.set_read_timeout(Some(wait)).unwrap();
+        let deadline = Instant::now() + wait;
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             if let Some(len) = nearcache::protocol::frame_len(&self.buf) {
-                return Some(self.buf.drain(..len).collect());
+                return Ok(Some(self.buf.drain(..len).collect()));
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.s.set_read_timeout(Some(left)).unwrap();
             match self.s.read(&mut chunk) {
-                Ok(0) => panic!("connection closed while a reply was owed"),
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e)
                     if matches!(
@@ -453,9 +491,9 @@ impl RawClient {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return None
+                    return Ok(None)
                 }
-                Err(e) => panic!("read failed: {e}"),
+                Err(e) => return Err(e),
             }
         }
     }
