@@ -180,14 +180,25 @@ fn open_feed(addr: &str, mode: &str) -> TcpStream {
     for _ in 0..2 {
         let (t, f) = read_frame(&mut s, &mut buf).expect("handshake");
         if t == b'-' || t == b'!' {
-            die(&format!("handshake refused: {}", String::from_utf8_lossy(&f)));
+            die(&format!(
+                "handshake refused: {}",
+                String::from_utf8_lossy(&f)
+            ));
         }
     }
     // choose_mode() under `auto`.
-    call(&mut s, &mut buf, &[b"CONFIG", b"GET", b"notify-keyspace-events"]);
+    call(
+        &mut s,
+        &mut buf,
+        &[b"CONFIG", b"GET", b"notify-keyspace-events"],
+    );
     if mode == "keyspace" {
         let mut args: Vec<Vec<u8>> = vec![b"PSUBSCRIBE".to_vec()];
-        for p in PATTERNS.iter().copied().chain([&*format!("{CANARY_PREFIX}*")]) {
+        for p in PATTERNS
+            .iter()
+            .copied()
+            .chain([&*format!("{CANARY_PREFIX}*")])
+        {
             args.push(format!("__keyspace@0__:{p}").into_bytes());
         }
         let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
@@ -195,7 +206,10 @@ fn open_feed(addr: &str, mode: &str) -> TcpStream {
         for _ in 1..args.len() {
             let (t, f) = read_frame(&mut s, &mut buf).expect("psubscribe");
             if t == b'-' || t == b'!' {
-                die(&format!("PSUBSCRIBE refused: {}", String::from_utf8_lossy(&f)));
+                die(&format!(
+                    "PSUBSCRIBE refused: {}",
+                    String::from_utf8_lossy(&f)
+                ));
             }
         }
         let f = call(
@@ -211,7 +225,12 @@ fn open_feed(addr: &str, mode: &str) -> TcpStream {
                 FLUSH_ONLY_PREFIX.as_bytes(),
             ],
         );
-        assert_eq!(f[0], b'+', "CLIENT TRACKING: {}", String::from_utf8_lossy(&f));
+        assert_eq!(
+            f[0],
+            b'+',
+            "CLIENT TRACKING: {}",
+            String::from_utf8_lossy(&f)
+        );
     } else {
         let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"ON", b"BCAST"];
         if mode != "tracking-loop" {
@@ -229,7 +248,12 @@ fn open_feed(addr: &str, mode: &str) -> TcpStream {
             args.push(p.as_bytes());
         }
         let f = call(&mut s, &mut buf, &args);
-        assert_eq!(f[0], b'+', "CLIENT TRACKING: {}", String::from_utf8_lossy(&f));
+        assert_eq!(
+            f[0],
+            b'+',
+            "CLIENT TRACKING: {}",
+            String::from_utf8_lossy(&f)
+        );
     }
     if !buf.is_empty() {
         die("unexpected bytes on a feed after setup");
@@ -329,7 +353,10 @@ fn recv_stamped(fd: i32, buf: &mut [u8], flags: i32) -> (isize, i64) {
     // SAFETY: msg points at live buffers for the duration of the call.
     let n = unsafe { libc::recvmsg(fd, &mut msg, flags) };
     if n < 0 {
-        return (-(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize), 0);
+        return (
+            -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize),
+            0,
+        );
     }
     let mut stamp = 0;
     // SAFETY: walking the control messages the kernel wrote into `control`.
@@ -528,7 +555,10 @@ fn writer_loop(
     tid: Arc<AtomicI64>,
 ) {
     // SAFETY: gettid has no arguments.
-    tid.store(unsafe { libc::syscall(libc::SYS_gettid) }, Ordering::Relaxed);
+    tid.store(
+        unsafe { libc::syscall(libc::SYS_gettid) },
+        Ordering::Relaxed,
+    );
     let mut s = TcpStream::connect(&addr).expect("writer connect");
     s.set_nodelay(true).ok();
     // Every batch pre-encoded once: the writer's CPU goes to syscalls only.
@@ -564,7 +594,10 @@ fn writer_loop(
             die("writer: Redis closed the connection");
         }
         if rbuf[..n].contains(&b'-') {
-            die(&format!("writer: error reply {}", String::from_utf8_lossy(&rbuf[..n])));
+            die(&format!(
+                "writer: error reply {}",
+                String::from_utf8_lossy(&rbuf[..n])
+            ));
         }
         have += n;
         if have == reply_len {
@@ -675,7 +708,9 @@ fn ksoftirqd_pids() -> Vec<u32> {
 }
 
 fn ksoftirqd_cpu(pids: &[u32]) -> f64 {
-    pids.iter().map(|p| stat_cpu(&format!("/proc/{p}/stat"))).sum()
+    pids.iter()
+        .map(|p| stat_cpu(&format!("/proc/{p}/stat")))
+        .sum()
 }
 
 /// utime + stime of a /proc/.../stat file, seconds.
@@ -746,7 +781,9 @@ fn parse_run(argv: &[String]) -> RunArgs {
             "--pipeline" => a.pipeline = val.parse().expect("--pipeline"),
             "--value-size" => a.value_size = val.parse().expect("--value-size"),
             "--probe-us" => a.probe_us = val.parse().expect("--probe-us"),
-            _ => die(&format!("unknown flag {flag} (see the header of bench_fanout.rs)")),
+            _ => die(&format!(
+                "unknown flag {flag} (see the header of bench_fanout.rs)"
+            )),
         }
         i += 2;
     }
@@ -767,7 +804,11 @@ fn run(a: RunArgs) {
         _ => b"",
     };
     ctl.call(&[b"CONFIG", b"SET", b"notify-keyspace-events", events]);
-    let feed_mode = if a.mode == "keyspace" { "keyspace" } else { a.mode.as_str() };
+    let feed_mode = if a.mode == "keyspace" {
+        "keyspace"
+    } else {
+        a.mode.as_str()
+    };
 
     let t = Instant::now();
     let feeds: Vec<Feed> = (0..a.feeds)
@@ -926,7 +967,9 @@ fn run(a: RunArgs) {
         let mut last_feed: HashMap<u32, i64> = HashMap::new();
         let mut unstamped = 0u64;
         for (_, arr) in &got {
-            let Some(&ack) = ack_of.get(&arr.seq) else { continue };
+            let Some(&ack) = ack_of.get(&arr.seq) else {
+                continue;
+            };
             if arr.rx_ns == 0 || ack == 0 {
                 unstamped += 1;
                 continue;
@@ -951,14 +994,38 @@ fn run(a: RunArgs) {
             ("writes", writes_window.to_string()),
             ("sets_per_s", format!("{:.0}", writes_window as f64 / wall)),
             ("redis_cpu_pct", format!("{:.1}", 100.0 * redis_cpu / wall)),
-            ("redis_us_per_write", format!("{:.2}", 1e6 * redis_cpu / writes_f)),
-            ("redis_user_us_per_write", format!("{:.2}", 1e6 * redis_user / writes_f)),
-            ("redis_sys_us_per_write", format!("{:.2}", 1e6 * redis_sys / writes_f)),
-            ("msgs_per_write", format!("{:.3}", msgs_all as f64 / all_writes)),
-            ("keys_per_write", format!("{:.3}", received as f64 / all_writes)),
-            ("bytes_per_write", format!("{:.1}", bytes_all as f64 / all_writes)),
-            ("keys_per_msg", format!("{:.1}", received as f64 / msgs_all.max(1) as f64)),
-            ("window_msgs_per_write", format!("{:.3}", (s1.2 - s0.2) as f64 / writes_f)),
+            (
+                "redis_us_per_write",
+                format!("{:.2}", 1e6 * redis_cpu / writes_f),
+            ),
+            (
+                "redis_user_us_per_write",
+                format!("{:.2}", 1e6 * redis_user / writes_f),
+            ),
+            (
+                "redis_sys_us_per_write",
+                format!("{:.2}", 1e6 * redis_sys / writes_f),
+            ),
+            (
+                "msgs_per_write",
+                format!("{:.3}", msgs_all as f64 / all_writes),
+            ),
+            (
+                "keys_per_write",
+                format!("{:.3}", received as f64 / all_writes),
+            ),
+            (
+                "bytes_per_write",
+                format!("{:.1}", bytes_all as f64 / all_writes),
+            ),
+            (
+                "keys_per_msg",
+                format!("{:.1}", received as f64 / msgs_all.max(1) as f64),
+            ),
+            (
+                "window_msgs_per_write",
+                format!("{:.3}", (s1.2 - s0.2) as f64 / writes_f),
+            ),
             ("probes", acks.len().to_string()),
             ("probe_samples", delays.len().to_string()),
             ("probe_expected", probe_expected.to_string()),
@@ -968,20 +1035,41 @@ fn run(a: RunArgs) {
             ("delay_max_ms", ms(*delays.last().unwrap_or(&0))),
             ("last_feed_p50_ms", ms(percentile(&lastv, 50.0))),
             ("last_feed_p99_ms", ms(percentile(&lastv, 99.0))),
-            ("reader_cpu_pct", format!("{:.0}", 100.0 * (s1.6 - s0.6) / wall)),
-            ("writer_cpu_pct", format!("{:.0}", 100.0 * (s1.7 - s0.7) / wall)),
+            (
+                "reader_cpu_pct",
+                format!("{:.0}", 100.0 * (s1.6 - s0.6) / wall),
+            ),
+            (
+                "writer_cpu_pct",
+                format!("{:.0}", 100.0 * (s1.7 - s0.7) / wall),
+            ),
             ("reader_lag_p99_ms", ms(percentile(&lags, 99.0))),
             ("reader_lag_max_ms", ms(lag_max)),
-            ("client_mem_max_mb", format!("{:.1}", mem_max as f64 / 1048576.0)),
-            ("client_mem_idle_mb", format!("{:.1}", mem_idle as f64 / 1048576.0)),
-            ("ksoftirqd_cpu_pct", format!("{:.0}", 100.0 * (s1.8 - s0.8) / wall)),
-            ("feeds_closed", counters.closed.load(Ordering::Relaxed).to_string()),
+            (
+                "client_mem_max_mb",
+                format!("{:.1}", mem_max as f64 / 1048576.0),
+            ),
+            (
+                "client_mem_idle_mb",
+                format!("{:.1}", mem_idle as f64 / 1048576.0),
+            ),
+            (
+                "ksoftirqd_cpu_pct",
+                format!("{:.0}", 100.0 * (s1.8 - s0.8) / wall),
+            ),
+            (
+                "feeds_closed",
+                counters.closed.load(Ordering::Relaxed).to_string(),
+            ),
             ("keys_expected", expect_keys.to_string()),
             ("keys_received", received.to_string()),
             ("drain_s", format!("{drain_s:.2}")),
-            ("load", std::fs::read_to_string("/proc/loadavg")
-                .map(|l| l.split(' ').next().unwrap_or("?").to_string())
-                .unwrap_or_default()),
+            (
+                "load",
+                std::fs::read_to_string("/proc/loadavg")
+                    .map(|l| l.split(' ').next().unwrap_or("?").to_string())
+                    .unwrap_or_default(),
+            ),
         ];
         let line: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("{}", line.join(" "));
@@ -1038,7 +1126,9 @@ fn report(files: &[String]) {
         out
     };
     // Repetitions of a cell: the one with the median Redis µs/write is shown, with the range.
-    let mut cells: Vec<(String, String, u64, Vec<&HashMap<String, String>>)> = Vec::new();
+    type Row = HashMap<String, String>;
+    // (mode, write pattern, N) and its repetitions.
+    let mut cells: Vec<(String, String, u64, Vec<&Row>)> = Vec::new();
     for r in &rows {
         let key = (g(r, "mode"), g(r, "variant"), num(r, "feeds") as u64);
         match cells
@@ -1059,9 +1149,7 @@ fn report(files: &[String]) {
     let mut picked: Vec<(HashMap<String, String>, String)> = Vec::new();
     for c in &cells {
         let mut reps = c.3.clone();
-        reps.sort_by(|a, b| {
-            num(a, "redis_us_per_write").total_cmp(&num(b, "redis_us_per_write"))
-        });
+        reps.sort_by(|a, b| num(a, "redis_us_per_write").total_cmp(&num(b, "redis_us_per_write")));
         let mid = reps[(reps.len() - 1) / 2].clone();
         let range = if reps.len() > 1 {
             format!(
@@ -1075,26 +1163,33 @@ fn report(files: &[String]) {
         picked.push((mid, range));
     }
     for variant in ["cached", "uncached", "p1"] {
-        let sel: Vec<_> = picked.iter().filter(|r| g(&r.0, "variant") == variant).collect();
+        let sel: Vec<_> = picked
+            .iter()
+            .filter(|r| g(&r.0, "variant") == variant)
+            .collect();
         if sel.is_empty() {
             continue;
         }
         println!(
             "\n#### {}\n",
             match variant {
-                "cached" => "cached keys: SET quote:<sym>, pipelined (200 per batch, 2 batches in flight)",
-                "uncached" => "uncached keys: SET lock:<sym>, pipelined (no feed tracks them; no probes)",
+                "cached" =>
+                    "cached keys: SET quote:<sym>, pipelined (200 per batch, 2 batches in flight)",
+                "uncached" =>
+                    "uncached keys: SET lock:<sym>, pipelined (no feed tracks them; no probes)",
                 _ => "cached keys, one SET at a time (no pipelining)",
             }
         );
         println!(
-            "| mode | N | SET/s | Redis CPU % | Redis µs/write (user + sys) | µs/write per feed | SET/s per Redis core | delay p50 ms | delay p99 ms | last feed p99 ms | msgs/write | bytes/write | keys/msg | reader CPU %, lag p99 ms | client buffers MB idle → max | keys received |"
+            "| mode | N | SET/s | Redis CPU % | Redis µs/write (user + sys) | µs/write per feed | SET/s per Redis core | delay p50 ms | delay p99 ms | last feed p99 ms | msgs/write | bytes/write | keys/msg | reader CPU %, lag p99 ms | Redis client buffers max MB | keys received |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for (r, range) in sel {
             let n = num(r, "feeds");
             println!(
-                "| {} | {} | {} | {} | {} ({} + {}){} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {}, {} | {} → {} | {} |",
+                "| {} | {} | {} | {} | {} ({} + {}){} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {}, {} | {} | {} |",
                 g(r, "mode"),
                 thousands(n),
                 thousands(num(r, "sets_per_s")),
@@ -1113,7 +1208,6 @@ fn report(files: &[String]) {
                 g(r, "keys_per_msg"),
                 g(r, "reader_cpu_pct"),
                 dash(r, "reader_lag_p99_ms"),
-                g(r, "client_mem_idle_mb"),
                 g(r, "client_mem_max_mb"),
                 if g(r, "keys_received") == g(r, "keys_expected") {
                     "all".to_string()
@@ -1130,6 +1224,8 @@ fn main() {
     match argv.first().map(String::as_str) {
         Some("run") => run(parse_run(&argv[1..])),
         Some("report") => report(&argv[1..]),
-        _ => die("usage: bench_fanout run --port P --mode M --feeds N ... | bench_fanout report FILE..."),
+        _ => die(
+            "usage: bench_fanout run --port P --mode M --feeds N ... | bench_fanout report FILE...",
+        ),
     }
 }
