@@ -31,8 +31,12 @@ pub struct PinnedReplies {
     bytes: BytesMut,
     /// nearcache's own request (SELECT on a fresh connection): never written.
     pub internal: bool,
-    /// When to give up waiting (none for blocking and subscribe commands).
+    /// When to give up waiting (none for subscriptions and blocking
+    /// commands without a timeout).
     pub deadline: Option<Instant>,
+    /// A blocking command or a subscription: Redis abandons it when its
+    /// client hangs up, and so does nearcache.
+    pub open_ended: bool,
     pub guard: Option<WriteGuard>,
 }
 
@@ -45,6 +49,7 @@ impl PinnedReplies {
             bytes: BytesMut::new(),
             internal: false,
             deadline,
+            open_ended: false,
             guard: None,
         }
     }
@@ -218,7 +223,7 @@ impl Replies {
     pub fn awaiting_open_ended(&self) -> bool {
         self.queue
             .iter()
-            .any(|i| matches!(&i.owed, Owed::Pinned(p) if !p.complete() && p.deadline.is_none()))
+            .any(|i| matches!(&i.owed, Owed::Pinned(p) if !p.complete() && p.open_ended))
     }
 
     /// The earliest deadline of a pinned reply still owed.

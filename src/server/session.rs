@@ -515,6 +515,7 @@ impl Session {
             _ => self.deadline(open_ended),
         };
         let mut owed = PinnedReplies::new(self.state.count(expect), effect, deadline);
+        owed.open_ended = open_ended;
         owed.guard = guard;
         // The slot is queued before the request is written: otherwise a fast
         // reply could be taken for a push message.
