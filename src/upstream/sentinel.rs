@@ -318,7 +318,7 @@ impl Sentinel {
 
     fn bump(&self, why: &str) {
         self.switches.send_modify(|e| *e += 1);
-        metrics::get().upstream_master_switches_total.inc();
+        metrics::get().upstream_failovers_total.inc();
         warn!(master = %self.master_name, epoch = self.epoch(), "{why}: closing every connection to the old master and emptying L1");
     }
 

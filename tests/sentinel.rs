@@ -1,0 +1,202 @@
+//! A `redis-sentinel://` upstream against real processes: one master, one
+//! replica (`--replicaof`) and three `redis-sentinel`s per test, on
+//! ephemeral ports. The failover test freezes the master with SIGSTOP: its
+//! sockets stay open and silent, as behind a partition, so nothing but
+//! Sentinel's word can move nearcache to the new master in time.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use nearcache::config::Policy;
+use redis::Commands;
+use support::*;
+
+/// A master, its replica and three Sentinels that have found each other
+/// and the replica (so that a failover can reach its quorum of two).
+struct Deployment {
+    master: RedisServer,
+    replica: RedisServer,
+    sentinels: Vec<SentinelServer>,
+}
+
+impl Deployment {
+    fn start() -> Deployment {
+        let master = RedisServer::start();
+        let replica =
+            RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        let sentinels: Vec<SentinelServer> =
+            (0..3).map(|_| SentinelServer::start(master.port)).collect();
+        wait_until(Duration::from_secs(20), "the replica is in sync", || {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut replica.conn())
+                .unwrap_or_default();
+            info.contains("master_link_status:up")
+        });
+        for s in &sentinels {
+            wait_until(
+                Duration::from_secs(30),
+                "every Sentinel knows the replica and the other two",
+                || {
+                    s.master_field("num-slaves").as_deref() == Some("1")
+                        && s.master_field("num-other-sentinels").as_deref() == Some("2")
+                },
+            );
+        }
+        Deployment {
+            master,
+            replica,
+            sentinels,
+        }
+    }
+
+    fn url(&self) -> String {
+        let addrs: Vec<String> = self.sentinels.iter().map(|s| s.addr()).collect();
+        format!("redis-sentinel://{}/m", addrs.join(","))
+    }
+}
+
+fn get(c: &mut redis::Connection, key: &str) -> Option<String> {
+    c.get(key).unwrap()
+}
+
+/// Reads and writes through nearcache reach the master the Sentinels name,
+/// while the first Sentinel of the URL is down from the start.
+#[test]
+fn reads_and_writes_reach_the_master_found_through_sentinel() {
+    let mut d = Deployment::start();
+    d.sentinels[0].kill();
+    let proxy = Proxy::with_config(test_config(&d.url()));
+    let mut c = proxy.conn();
+
+    let _: () = c.set("plain:k", "through-nearcache").unwrap();
+    assert_eq!(
+        get(&mut d.master.conn(), "plain:k").as_deref(),
+        Some("through-nearcache"),
+        "the write went to the master"
+    );
+    let _: () = d.master.conn().set("plain:direct", "on-master").unwrap();
+    assert_eq!(get(&mut c, "plain:direct").as_deref(), Some("on-master"));
+    // The replica refuses writes: had nearcache gone there, SET would fail.
+    let _: i64 = c.incr("plain:counter", 5).unwrap();
+    let n: i64 = d.master.conn().get("plain:counter").unwrap();
+    assert_eq!(n, 5);
+    assert_eq!(proxy.stat("sentinel_switches"), 0);
+}
+
+/// A Sentinel with a stale view names a replica as the master: `ROLE`
+/// rejects it and the next Sentinel is asked.
+#[test]
+fn a_sentinel_naming_a_replica_is_passed_over() {
+    let d = Deployment::start();
+    // It monitors the replica under the master's name, and alone it can
+    // never reach the quorum of two to "fix" that by a failover.
+    let stale = SentinelServer::start(d.replica.port);
+    wait_until(Duration::from_secs(10), "the stale Sentinel answers", || {
+        stale.master_port() == Some(d.replica.port)
+    });
+    let url = format!(
+        "redis-sentinel://{},{}/m",
+        stale.addr(),
+        d.sentinels[1].addr()
+    );
+    let proxy = Proxy::with_config(test_config(&url));
+    let mut c = proxy.conn();
+    for i in 0..20 {
+        let _: () = c.set(format!("plain:{i}"), i).unwrap();
+    }
+    let n: i64 = d.master.conn().get("plain:19").unwrap();
+    assert_eq!(n, 19, "the writes went to the master");
+}
+
+/// The master freezes (SIGSTOP); the Sentinels promote the replica. The
+/// write in flight at that moment gets an error (never a second execution
+/// on the new master), writes go to the new master within seconds of the
+/// switch, and nothing L1 held from before is served after it.
+#[test]
+fn failover_moves_writes_and_empties_l1() {
+    let d = Deployment::start();
+    let mut cfg = test_config(&d.url());
+    // Long enough that only the Sentinels' word can end the old master's
+    // connections, its feed and its L1 entries within the test's deadlines:
+    // no command timeout, no stalled feed check, no expiry gets there first.
+    cfg.upstream.command_timeout = Duration::from_secs(30);
+    cfg.cache.feed_health_interval = Duration::from_secs(60);
+    cfg.cache.policies = vec![Policy {
+        pattern: "quote:*".into(),
+        ttl: Some(Duration::from_secs(3600)),
+    }];
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    let mut c = proxy.conn();
+
+    let _: () = d.master.conn().set("quote:x", "before").unwrap();
+    assert_eq!(get(&mut c, "quote:x").as_deref(), Some("before"));
+    let gets = cmdstat(&d.master, "get");
+    assert_eq!(get(&mut c, "quote:x").as_deref(), Some("before"));
+    assert_eq!(cmdstat(&d.master, "get"), gets, "quote:x is served from L1");
+    wait_until(Duration::from_secs(10), "the replica has quote:x", || {
+        get(&mut d.replica.conn(), "quote:x").as_deref() == Some("before")
+    });
+
+    d.master.signal("STOP");
+    // A write in flight when the master goes silent.
+    let mut inflight = RawClient::connect(proxy.port);
+    inflight.send(&[b"RPUSH", b"log", b"in-flight"]);
+    let sent = Instant::now();
+
+    wait_until(
+        Duration::from_secs(30),
+        "the Sentinels promote the replica",
+        || d.sentinels[1].master_port() == Some(d.replica.port),
+    );
+    let promoted = Instant::now();
+
+    let reply = inflight
+        .try_reply(Duration::from_secs(15))
+        .expect("the in-flight write is answered well before the command timeout");
+    assert!(
+        reply.starts_with(b"-"),
+        "a frozen master cannot have answered: {}",
+        String::from_utf8_lossy(&reply)
+    );
+    eprintln!(
+        "in-flight write answered with an error after {:?}",
+        sent.elapsed()
+    );
+
+    // Writes reach the new master within a few seconds of the switch.
+    let mut new_master = d.replica.conn();
+    wait_until(
+        Duration::from_secs(8),
+        "a write through nearcache lands on the new master",
+        || {
+            let Ok(mut c) = proxy.client().get_connection() else {
+                return false;
+            };
+            let ok: redis::RedisResult<()> = c.set("plain:after", "yes");
+            ok.is_ok() && get(&mut new_master, "plain:after").as_deref() == Some("yes")
+        },
+    );
+    eprintln!("writes on the new master {:?} after the promotion", promoted.elapsed());
+
+    // From now on, a value from before the failover must never be served.
+    let _: () = new_master.set("quote:x", "after").unwrap();
+    assert_eq!(
+        get(&mut c, "quote:x").as_deref(),
+        Some("after"),
+        "a value cached from the old master was served after the failover"
+    );
+    // The in-flight write was not executed again on the new master.
+    let log: Vec<String> = new_master.lrange("log", 0, -1).unwrap();
+    assert!(log.is_empty(), "the in-flight write was retried: {log:?}");
+
+    assert!(proxy.stat("sentinel_switches") >= 1);
+    let (_, metrics) = proxy.http_get("/metrics");
+    let failovers = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nearcache_upstream_failovers_total "))
+        .expect("the failover counter is exported");
+    assert!(failovers.trim().parse::<f64>().unwrap() >= 1.0, "{failovers}");
+}
