@@ -400,11 +400,12 @@ async fn run_once(
                 continue;
             }
             _ = next_switch(&mut switches) => {
-                // Whatever L1 holds came from the old master, and the new one
-                // tells us nothing about what changed: empty it before any
-                // other read can be served from it.
-                cache.set_serving(false, "master changed");
-                cache.clear_all("failover");
+                // Whatever L1 holds came from the old master, which may have
+                // acknowledged writes the new one never got. Ending the feed
+                // takes the path of a changed run_id: L1 stops serving at
+                // once and is emptied before it serves again. (The pool's
+                // reconnect would report the new run_id too, but only after
+                // a resolution and a handshake.)
                 return Err(Error::Upstream("the master changed (Sentinel failover)".into()));
             }
             r = run_ids.changed() => {
