@@ -224,3 +224,91 @@ fn failover_moves_writes_and_empties_l1() {
         .expect("the failover counter is exported");
     assert!(failovers.trim().parse::<f64>().unwrap() >= 1.0, "{failovers}");
 }
+
+/// `SENTINEL FAILOVER` while a client writes through nearcache without
+/// pause: errors only during the switch (a bounded window), every write
+/// applied at most once, and the writes after the switch on the new master.
+#[test]
+fn failover_under_traffic() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let d = Deployment::start();
+    let proxy = Proxy::with_config(test_config(&d.url()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let client = proxy.client();
+        std::thread::spawn(move || {
+            let mut conn: Option<redis::Connection> = None;
+            // (sequence number, when, acknowledged?)
+            let mut log: Vec<(u64, Instant, bool)> = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => match client.get_connection() {
+                        Ok(c) => conn.insert(c),
+                        Err(e) => {
+                            eprintln!("connect: {e}");
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                    },
+                };
+                i += 1;
+                let r: redis::RedisResult<i64> = c.rpush("plain:log", i);
+                if let Err(e) = &r {
+                    eprintln!("write {i}: {e}");
+                    if e.is_connection_dropped() || e.is_io_error() {
+                        conn = None;
+                    }
+                }
+                log.push((i, Instant::now(), r.is_ok()));
+            }
+            log
+        })
+    };
+    wait_until(Duration::from_secs(5), "writes flow", || {
+        d.master.conn().llen::<_, i64>("plain:log").unwrap_or(0) > 100
+    });
+    let _: String = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg("m")
+        .query(&mut d.sentinels[0].conn())
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the Sentinels promote the replica",
+        || d.sentinels[1].master_port() == Some(d.replica.port),
+    );
+    // Writes land on the new master again.
+    let before = d.replica.conn().llen::<_, i64>("plain:log").unwrap_or(0);
+    wait_until(
+        Duration::from_secs(10),
+        "writes through nearcache reach the new master",
+        || d.replica.conn().llen::<_, i64>("plain:log").unwrap_or(0) > before + 100,
+    );
+    stop.store(true, Ordering::Relaxed);
+    let log = writer.join().unwrap();
+
+    let errors: Vec<&(u64, Instant, bool)> = log.iter().filter(|(_, _, ok)| !ok).collect();
+    if let (Some(first), Some(last)) = (errors.first(), errors.last()) {
+        let window = last.1 - first.1;
+        eprintln!(
+            "{} of {} writes failed, within {window:?}",
+            errors.len(),
+            log.len()
+        );
+        assert!(window < Duration::from_secs(5), "errors for {window:?}");
+    }
+    // No write was applied twice, and the last ones (after the switch) are there.
+    let applied: Vec<u64> = d.replica.conn().lrange("plain:log", 0, -1).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for n in &applied {
+        assert!(seen.insert(*n), "write {n} applied twice");
+    }
+    let last_ok = log.iter().rev().find(|(_, _, ok)| *ok).unwrap().0;
+    assert!(seen.contains(&last_ok), "the last acknowledged write is missing");
+    assert!(proxy.stat("sentinel_switches") >= 1);
+}
