@@ -199,6 +199,7 @@ fn failover_moves_writes_and_empties_l1() {
             Err(e) => panic!("the blocked client heard nothing after the failover: {e}"),
         }
     };
+    eprintln!("the blocked client: {}", ended.trim_end());
     assert!(
         ended == "closed" || ended == "reset" || ended.starts_with('-'),
         "{ended}"
