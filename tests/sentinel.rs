@@ -93,9 +93,11 @@ fn a_sentinel_naming_a_replica_is_passed_over() {
     // It monitors the replica under the master's name, and alone it can
     // never reach the quorum of two to "fix" that by a failover.
     let stale = SentinelServer::start(d.replica.port);
-    wait_until(Duration::from_secs(10), "the stale Sentinel answers", || {
-        stale.master_port() == Some(d.replica.port)
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the stale Sentinel answers",
+        || stale.master_port() == Some(d.replica.port),
+    );
     let url = format!(
         "redis-sentinel://{},{}/m",
         stale.addr(),
@@ -219,15 +221,16 @@ fn failover_moves_writes_and_empties_l1() {
             ok.is_ok() && get(&mut new_master, "plain:after").as_deref() == Some("yes")
         },
     );
-    eprintln!("writes on the new master {:?} after the promotion", promoted.elapsed());
+    eprintln!(
+        "writes on the new master {:?} after the promotion",
+        promoted.elapsed()
+    );
 
     // L1 serves again once the feed is on the new master, emptied of what
     // it held before (quote:x was its only entry).
-    wait_until(
-        Duration::from_secs(10),
-        "L1 serves again, emptied",
-        || proxy.stat("serving") == 1 && proxy.stat("entries") == 0,
-    );
+    wait_until(Duration::from_secs(10), "L1 serves again, emptied", || {
+        proxy.stat("serving") == 1 && proxy.stat("entries") == 0
+    });
     assert_eq!(
         get(&mut c, "quote:x").as_deref(),
         Some("diverged"),
@@ -251,7 +254,10 @@ fn failover_moves_writes_and_empties_l1() {
         .lines()
         .find_map(|l| l.strip_prefix("nearcache_upstream_failovers_total "))
         .expect("the failover counter is exported");
-    assert!(failovers.trim().parse::<f64>().unwrap() >= 1.0, "{failovers}");
+    assert!(
+        failovers.trim().parse::<f64>().unwrap() >= 1.0,
+        "{failovers}"
+    );
 }
 
 /// `SENTINEL FAILOVER` while a client writes through nearcache without

@@ -185,7 +185,10 @@ fn sentinel_upstream_from_flag_and_file() {
     assert_eq!(u.sentinel.password.as_deref(), Some("sentinel-pw"));
     assert_eq!(u.sentinel.timeout, Duration::from_millis(500));
     let shown = format!("{u:?}");
-    assert!(!shown.contains("sentinel-pw") && !shown.contains("master-pw"), "{shown}");
+    assert!(
+        !shown.contains("sentinel-pw") && !shown.contains("master-pw"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -228,11 +231,7 @@ fn redis_host_replaces_the_files_sentinels() {
     let dir = std::env::temp_dir().join(format!("nc-cfg-sentinel-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("f.toml");
-    std::fs::write(
-        &path,
-        "[upstream]\nurl = \"redis-sentinel://s1,s2/m\"\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "[upstream]\nurl = \"redis-sentinel://s1,s2/m\"\n").unwrap();
     let cli = Cli {
         config: Some(path),
         ..Default::default()

@@ -169,8 +169,8 @@ fn parse_sentinel(rest: &str, tls: bool) -> Result<UpstreamUrl, String> {
                 .into(),
         );
     }
-    let master_name =
-        percent_decode(master_name).map_err(|_| "the master's name is not valid percent-encoding")?;
+    let master_name = percent_decode(master_name)
+        .map_err(|_| "the master's name is not valid percent-encoding")?;
     let db = match parts.next() {
         None | Some("") => 0,
         Some(d) => d
@@ -274,11 +274,17 @@ mod tests {
 
         let u = UpstreamUrl::parse("rediss-sentinel://:pw@h/mymaster").unwrap();
         assert!(u.tls);
-        assert_eq!((u.username, u.password.as_deref(), u.db), (None, Some("pw"), 0));
+        assert_eq!(
+            (u.username, u.password.as_deref(), u.db),
+            (None, Some("pw"), 0)
+        );
         let u = UpstreamUrl::parse("redis-sentinel://h:1/m/").unwrap();
         assert_eq!(u.sentinel.unwrap().master_name, "m");
         // A plain URL has no Sentinel part.
-        assert!(UpstreamUrl::parse("redis://h:1").unwrap().sentinel.is_none());
+        assert!(UpstreamUrl::parse("redis://h:1")
+            .unwrap()
+            .sentinel
+            .is_none());
     }
 
     #[test]

@@ -78,12 +78,9 @@ impl TlsConnector {
         };
         // The host is checked now so that a bad one fails at start, not at connect.
         let name = cfg.server_name.clone().unwrap_or_else(|| host.to_string());
-        ServerName::try_from(name.clone())
+        let checked = ServerName::try_from(name.clone())
             .map_err(|e| cfg_err("upstream.tls.server_name", format!("{name:?}: {e}")))?;
-        let server_name = match &cfg.server_name {
-            Some(n) => Some(ServerName::try_from(n.clone()).expect("checked above")),
-            None => None,
-        };
+        let server_name = cfg.server_name.is_some().then_some(checked);
         Ok(TlsConnector {
             inner: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,

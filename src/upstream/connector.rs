@@ -247,12 +247,20 @@ impl Connector {
             // A user without the right to ROLE (an @admin command) still
             // learns the role from HELLO, which every user may send.
             let role = match protocol::first_word(&role.bytes) {
-                Some(r) if role.kind != ReplyKind::Error => String::from_utf8_lossy(&r).into_owned(),
+                Some(r) if role.kind != ReplyKind::Error => {
+                    String::from_utf8_lossy(&r).into_owned()
+                }
                 _ => info.role.clone(),
             };
             if role != "master" {
-                let role = if role.is_empty() { "server of unknown role" } else { role.as_str() };
-                return Err(Error::Upstream(format!("{addr} is a {role}, not the master")));
+                let role = if role.is_empty() {
+                    "server of unknown role"
+                } else {
+                    role.as_str()
+                };
+                return Err(Error::Upstream(format!(
+                    "{addr} is a {role}, not the master"
+                )));
             }
         }
         let (stream, leftover) = reader.into_parts();

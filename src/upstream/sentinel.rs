@@ -111,10 +111,7 @@ impl Sentinel {
         Sentinel {
             master_name: url.master_name.clone(),
             sentinels: Mutex::new(url.sentinels.clone()),
-            auth: cfg
-                .password
-                .clone()
-                .map(|p| (cfg.username.clone(), p)),
+            auth: cfg.password.clone().map(|p| (cfg.username.clone(), p)),
             timeout: cfg.timeout,
             tls,
             state: Mutex::new(State::default()),
@@ -281,7 +278,11 @@ impl Sentinel {
         if self.epoch() != epoch {
             return None;
         }
-        let moved = st.master.as_deref().filter(|m| *m != addr).map(String::from);
+        let moved = st
+            .master
+            .as_deref()
+            .filter(|m| *m != addr)
+            .map(String::from);
         st.master = Some(addr.to_string());
         st.confirmed = Some(Confirmed {
             addr: addr.to_string(),
@@ -371,7 +372,10 @@ impl Sentinel {
         let name = self.master_name.as_bytes();
         let work = async {
             let (_, replies) = self
-                .open(sentinel, &[&[b"SENTINEL", b"get-master-addr-by-name", name]])
+                .open(
+                    sentinel,
+                    &[&[b"SENTINEL", b"get-master-addr-by-name", name]],
+                )
                 .await?;
             master_addr(&replies[0])
         };
@@ -532,7 +536,8 @@ fn master_addr(reply: &protocol::Reply) -> Result<Option<String>, Error> {
     if reply.kind == ReplyKind::Nil {
         return Ok(None);
     }
-    let bad = || Error::UpstreamProtocol("a get-master-addr-by-name reply that is no [ip, port]".into());
+    let bad =
+        || Error::UpstreamProtocol("a get-master-addr-by-name reply that is no [ip, port]".into());
     let parts = protocol::reply_strings(&reply.bytes).ok_or_else(bad)?;
     let [host, port] = parts.as_slice() else {
         return Err(bad());
@@ -611,7 +616,10 @@ mod tests {
         assert_eq!(master_addr(&r).unwrap().as_deref(), Some("127.0.0.1:6379"));
         let r = reply(b"*2\r\n$3\r\n::1\r\n$4\r\n6379\r\n", ReplyKind::Normal);
         assert_eq!(master_addr(&r).unwrap().as_deref(), Some("[::1]:6379"));
-        assert_eq!(master_addr(&reply(b"*-1\r\n", ReplyKind::Nil)).unwrap(), None);
+        assert_eq!(
+            master_addr(&reply(b"*-1\r\n", ReplyKind::Nil)).unwrap(),
+            None
+        );
         assert!(master_addr(&reply(b"-ERR no\r\n", ReplyKind::Error)).is_err());
         assert!(master_addr(&reply(b"*1\r\n$1\r\nx\r\n", ReplyKind::Normal)).is_err());
         assert!(master_addr(&reply(b"*2\r\n$1\r\nh\r\n$1\r\nx\r\n", ReplyKind::Normal)).is_err());
@@ -630,7 +638,9 @@ mod tests {
             ("mymaster", "127.0.0.1:6379", "[::1]:6380")
         );
         // A subscription confirmation and a PONG are not switches.
-        assert!(switch_message(b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n").is_none());
+        assert!(
+            switch_message(b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n").is_none()
+        );
         assert!(switch_message(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n").is_none());
     }
 }
