@@ -363,3 +363,62 @@ fn failover_under_traffic() {
         lost.first()
     );
 }
+
+/// No Sentinel answers at start: commands get an error that says so, and
+/// nearcache keeps trying until one does.
+#[test]
+fn no_sentinel_reachable_is_a_clear_error_then_retried() {
+    let master = RedisServer::start();
+    let port = free_port();
+    let url = format!("redis-sentinel://127.0.0.1:{port}/m");
+    let proxy = Proxy::with_config_no_wait(test_config(&url));
+    let mut c = proxy.conn();
+    let err = redis::cmd("PING").query::<String>(&mut c).unwrap_err();
+    assert!(err.to_string().contains("no Sentinel reachable"), "{err}");
+    let _sentinel = SentinelServer::start_with(master.port, port, &[]);
+    wait_until(
+        Duration::from_secs(10),
+        "nearcache reaches the master",
+        || {
+            let r: redis::RedisResult<()> = c.set("plain:k", "v");
+            r.is_ok()
+        },
+    );
+    assert_eq!(get(&mut master.conn(), "plain:k").as_deref(), Some("v"));
+}
+
+/// The Sentinels' own password (`upstream.sentinel.password`) and the
+/// master's (in the URL) are separate, and both are sent.
+#[test]
+fn sentinel_and_master_passwords() {
+    let master = RedisServer::start();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("master-pw")
+        .query(&mut master.conn())
+        .unwrap();
+    let sentinel = SentinelServer::start_with(
+        master.port,
+        free_port(),
+        &["requirepass sentinel-pw", "sentinel auth-pass m master-pw"],
+    );
+    let url = format!("redis-sentinel://:master-pw@{}/m", sentinel.addr());
+
+    let mut cfg = test_config(&url);
+    cfg.upstream.sentinel.password = Some("sentinel-pw".into());
+    let proxy = Proxy::with_config(cfg);
+    let _: () = proxy.conn().set("plain:k", "v").unwrap();
+    let mut direct = redis::Client::open(format!("redis://:master-pw@127.0.0.1:{}", master.port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    assert_eq!(get(&mut direct, "plain:k").as_deref(), Some("v"));
+
+    // Without the Sentinels' password nothing is resolved.
+    let proxy = Proxy::with_config_no_wait(test_config(&url));
+    let err = redis::cmd("PING")
+        .query::<String>(&mut proxy.conn())
+        .unwrap_err();
+    assert!(err.to_string().contains("NOAUTH"), "{err}");
+}

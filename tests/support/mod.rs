@@ -152,7 +152,11 @@ pub struct SentinelServer {
 
 impl SentinelServer {
     pub fn start(master_port: u16) -> SentinelServer {
-        let port = free_port();
+        SentinelServer::start_with(master_port, free_port(), &[])
+    }
+
+    /// On `port`, with extra config lines (`requirepass x`, `sentinel auth-pass m y`).
+    pub fn start_with(master_port: u16, port: u16, extra: &[&str]) -> SentinelServer {
         let dir = scratch_dir();
         let conf = dir.join("sentinel.conf");
         std::fs::write(
@@ -161,8 +165,9 @@ impl SentinelServer {
                 "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
                  sentinel monitor m 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds m 1000\n\
-                 sentinel failover-timeout m 3000\n",
-                dir.display()
+                 sentinel failover-timeout m 3000\n{}\n",
+                dir.display(),
+                extra.join("\n")
             ),
         )
         .unwrap();
