@@ -426,10 +426,13 @@ impl Sentinel {
                 Ok((sentinel, conn)) => {
                     // Subscribed first, then checked: a switch in between is
                     // caught by one or the other.
-                    self.check(&connector, Check::Subscribed).await;
+                    let confirmed = self.check(&connector, Check::Subscribed).await;
                     backoff.reset();
                     failing = false;
-                    if self.sentinels().first() != Some(&sentinel) {
+                    // Only after a confirmed answer: without one the front
+                    // Sentinel stays where it was, and moving would be a
+                    // loop of subscriptions with no pause.
+                    if confirmed && self.sentinels().first() != Some(&sentinel) {
                         // The check's answer came from another Sentinel (this
                         // one may have a stale view): listen to that one.
                         debug!(%sentinel, "moving the +switch-master subscription to the Sentinel that answered");
@@ -454,7 +457,7 @@ impl Sentinel {
             loop {
                 tokio::select! {
                     _ = &mut pause => break,
-                    _ = self.readonly.notified() => self.check(&connector, Check::Readonly).await,
+                    _ = self.readonly.notified() => { self.check(&connector, Check::Readonly).await; }
                     _ = shutdown.notified() => return,
                 }
             }
@@ -491,7 +494,7 @@ impl Sentinel {
                     conn.write(&protocol::command([b"PING"])).await?;
                     ping_owed = true;
                 }
-                _ = self.readonly.notified() => self.check(connector, Check::Readonly).await,
+                _ = self.readonly.notified() => { self.check(connector, Check::Readonly).await; }
                 _ = shutdown.notified() => return Ok(()),
             }
         }
@@ -500,7 +503,8 @@ impl Sentinel {
     /// A fresh resolution, which moves the epoch on if the master moved.
     /// After `-READONLY`, a master that cannot be confirmed at all is
     /// dropped too: the server we were writing to is no master.
-    async fn check(&self, connector: &Connector, why: Check) {
+    /// Returns whether a master was confirmed.
+    async fn check(&self, connector: &Connector, why: Check) -> bool {
         let before = self.master();
         let r = connector
             .connect_since(2, &Login::Configured, false, Some(Instant::now()))
@@ -510,12 +514,19 @@ impl Sentinel {
                 if why == Check::Readonly && before.as_deref() == Some(c.addr.as_str()) {
                     debug!(master = %c.addr, "a READONLY reply, but ROLE and the Sentinels still say master");
                 }
+                true
             }
-            Err(e) if why == Check::Readonly => self.lost(&format!(
-                "the master answered READONLY and no master can be confirmed ({})",
-                reason(&e)
-            )),
-            Err(e) => debug!(error = %e, ?why, "master check failed"),
+            Err(e) if why == Check::Readonly => {
+                self.lost(&format!(
+                    "the master answered READONLY and no master can be confirmed ({})",
+                    reason(&e)
+                ));
+                false
+            }
+            Err(e) => {
+                debug!(error = %e, ?why, "master check failed");
+                false
+            }
         }
     }
 }
