@@ -40,6 +40,7 @@ pub struct Metrics {
     pub upstream_pool_connections: IntGauge,
     pub upstream_pinned_connections: IntGauge,
     pub upstream_up: IntGauge,
+    pub upstream_failovers_total: IntCounter,
     // TDengine.
     pub tdengine_queries_total: IntCounterVec,
     pub tdengine_query_seconds: HistogramVec,
@@ -203,6 +204,7 @@ impl Metrics {
                 "Upstream connections pinned to one client (transactions, pub/sub, blocking, ...)",
             ),
             upstream_up: gauge(&r, "nearcache_upstream_up", "1 when the upstream answered the last connection attempt"),
+            upstream_failovers_total: counter(&r, "nearcache_upstream_failovers_total", "Sentinel master switches acted on: connections to the old master closed, L1 emptied"),
             tdengine_queries_total: counter_vec(&r, "nearcache_tdengine_queries_total", "TDengine queries by route", &["route"]),
             tdengine_query_seconds,
             tdengine_errors_total: counter_vec(

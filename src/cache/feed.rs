@@ -19,7 +19,9 @@
 //! server than the pool. And a pool connection that finds a different
 //! `run_id` (another server behind the same address) ends the feed too. On
 //! connect L1 is cleared and then enabled; when the feed fails it is disabled
-//! and cleared before anything else happens.
+//! and cleared before anything else happens. With Sentinel, a master switch
+//! ends the feed too (L1 emptied at once), and every reconnect asks the
+//! Sentinels where the master is.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -37,7 +39,7 @@ use crate::error::Error;
 use crate::metrics;
 use crate::net::{Backoff, BoxStream, FrameReader};
 use crate::protocol::{self, ReplyKind};
-use crate::upstream::{received, Login, ReplyResult, Upstream};
+use crate::upstream::{next_switch, received, Login, ReplyResult, Upstream};
 
 /// A prefix no application key uses: tracking on it only ever reports flushes.
 const FLUSH_ONLY_PREFIX: &str = "__nearcache:flush-only__";
@@ -72,12 +74,17 @@ pub fn start(cache: Arc<Cache>, upstream: Arc<Upstream>, shutdown: Arc<Notify>) 
     tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_secs(1));
         let mut failing = false;
+        let mut switches = upstream.connector.switches();
+        // When the last feed connection ended (a reconnect must not trust the
+        // master's address from before; see Connector::connect_since).
+        let mut since = None;
         loop {
-            let run = run_once(&cache, &upstream, &canary_key);
+            let run = run_once(&cache, &upstream, &canary_key, since);
             let result = tokio::select! {
                 r = run => r,
                 _ = shutdown.notified() => return,
             };
+            since = Some(std::time::Instant::now());
             if cache.is_serving() {
                 failing = false; // it was up: this is a new outage
             }
@@ -99,6 +106,8 @@ pub fn start(cache: Arc<Cache>, upstream: Arc<Upstream>, shutdown: Arc<Notify>) 
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.step()) => {}
+                // A new master: no reason to wait.
+                _ = next_switch(&mut switches) => {}
                 _ = shutdown.notified() => return,
             }
         }
@@ -310,9 +319,18 @@ async fn run_once(
     cache: &Arc<Cache>,
     upstream: &Upstream,
     canary_key: &Bytes,
+    since: Option<std::time::Instant>,
 ) -> Result<(), Error> {
     let connector = &upstream.connector;
-    let connected = connector.connect(3, &Login::Configured, true).await?;
+    let mut switches = connector.switches();
+    let connected = connector
+        .connect_since(3, &Login::Configured, true, since)
+        .await?;
+    if *switches.borrow_and_update() != connected.epoch {
+        return Err(Error::Upstream(
+            "the master changed (Sentinel failover) while the feed connected".into(),
+        ));
+    }
     let feed_run_id = connected.info.run_id.clone();
     let mut conn = FrameReader::new(connected.stream, connected.leftover);
     let db = connector.config().url.db;
@@ -390,6 +408,15 @@ async fn run_once(
                     owed.push_back(Owed::Sync(batch));
                 }
                 continue;
+            }
+            _ = next_switch(&mut switches) => {
+                // Whatever L1 holds came from the old master, which may have
+                // acknowledged writes the new one never got. Ending the feed
+                // takes the path of a changed run_id: L1 stops serving at
+                // once and is emptied before it serves again. (The pool's
+                // reconnect would report the new run_id too, but only after
+                // a resolution and a handshake.)
+                return Err(Error::Upstream("the master changed (Sentinel failover)".into()));
             }
             r = run_ids.changed() => {
                 if r.is_ok() && other_server(&run_ids.borrow_and_update()) {

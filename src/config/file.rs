@@ -50,6 +50,16 @@ pub(super) struct FileUpstream {
     pub reconnect_backoff_max: Option<String>,
     #[serde(default)]
     pub tls: FileTls,
+    #[serde(default)]
+    pub sentinel: FileSentinel,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileSentinel {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -17,7 +17,7 @@ mod url;
 use file::{parse_file, read_file, FileConfig};
 use resolve::*;
 pub use resolve::{parse_bytes, parse_duration};
-pub use url::UpstreamUrl;
+pub use url::{SentinelUrl, UpstreamUrl, SENTINEL_PORT};
 
 /// A configuration problem, always tied to the key that caused it.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,8 @@ pub struct Cli {
     /// Address clients connect to [default: 127.0.0.1:6380].
     #[arg(long)]
     pub listen: Option<String>,
-    /// Upstream Redis: redis://[user:pass@]host:port[/db] or rediss://...
+    /// Upstream Redis: redis://[user:pass@]host:port[/db], rediss://..., or
+    /// redis-sentinel://[user:pass@]sentinel:26379[,sentinel:26379...]/<master name>[/db]
     #[arg(long)]
     pub upstream: Option<String>,
     /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9121].
@@ -126,6 +127,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub url: UpstreamUrl,
+    /// Used when `url` is a `redis-sentinel://` URL.
+    pub sentinel: SentinelConfig,
     /// Multiplexed connections per protocol version.
     pub pool_size: usize,
     /// Upstream connections pinned to one client each (in use or idle), at most.
@@ -134,6 +137,28 @@ pub struct UpstreamConfig {
     pub command_timeout: Duration,
     pub reconnect_backoff_max: Duration,
     pub tls: TlsConfig,
+}
+
+/// How to talk to the Sentinels themselves (`[upstream.sentinel]`).
+#[derive(Clone)]
+pub struct SentinelConfig {
+    /// The Sentinels' own ACL user (`None`: `default`), with `password`.
+    pub username: Option<String>,
+    /// The Sentinels' `requirepass` (not the master's: that is in the URL).
+    pub password: Option<String>,
+    /// How long one Sentinel may take to connect and answer before the next is asked.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SentinelConfig {
+    // Never print the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default)]

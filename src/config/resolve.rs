@@ -200,7 +200,17 @@ pub(super) fn resolve_upstream(
             password: None,
             db: 0,
             tls: false,
+            sentinel: None,
         });
+        // REDIS_HOST and REDIS_PORT name one Redis: they replace a file's
+        // Sentinels (a port completing a Sentinel's host would be nonsense).
+        if url.sentinel.is_some()
+            && (env.get("REDIS_HOST").is_some() || env.get("REDIS_PORT").is_some())
+        {
+            url.sentinel = None;
+            url.host = "127.0.0.1".into();
+            url.port = 6379;
+        }
         if let Some(h) = env.get("REDIS_HOST") {
             url.host = h;
         }
@@ -293,8 +303,11 @@ pub(super) fn resolve_upstream(
         }
     }
 
+    let sentinel = resolve_sentinel(env, file.sentinel)?;
+
     Ok(UpstreamConfig {
         url,
+        sentinel,
         pool_size: positive("upstream.pool_size", file.pool_size, 2)? as usize,
         max_pinned: positive("upstream.max_pinned", file.max_pinned, 1024)? as usize,
         connect_timeout: duration(
@@ -313,6 +326,36 @@ pub(super) fn resolve_upstream(
             "1s",
         )?,
         tls,
+    })
+}
+
+/// `[upstream.sentinel]`: the Sentinels' own credentials (the URL's are the
+/// master's) and how long one Sentinel may take to answer.
+fn resolve_sentinel(env: &dyn Env, file: FileSentinel) -> Result<SentinelConfig, ConfigError> {
+    let nonempty = |v: Option<String>| v.filter(|v| !v.is_empty());
+    let username = nonempty(env.get("NEARCACHE_SENTINEL_USERNAME").or(file.username));
+    let password = nonempty(env.get("NEARCACHE_SENTINEL_PASSWORD").or(file.password));
+    if username.is_some() && password.is_none() {
+        return Err(ConfigError::new(
+            "upstream.sentinel.username",
+            "needs upstream.sentinel.password (or NEARCACHE_SENTINEL_PASSWORD)",
+        ));
+    }
+    let timeout = duration(
+        "upstream.sentinel.timeout",
+        file.timeout.as_deref(),
+        "300ms",
+    )?;
+    if timeout.is_zero() {
+        return Err(ConfigError::new(
+            "upstream.sentinel.timeout",
+            "must be greater than 0",
+        ));
+    }
+    Ok(SentinelConfig {
+        username,
+        password,
+        timeout,
     })
 }
 

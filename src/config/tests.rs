@@ -186,3 +186,87 @@ fn client_output_limit_parses_like_redis() {
         assert!(parse_output_limits(bad).is_err(), "{bad:?} accepted");
     }
 }
+
+#[test]
+fn sentinel_upstream_from_flag_and_file() {
+    let cli = Cli {
+        upstream: Some("redis-sentinel://s1:26379,s2/mymaster".into()),
+        ..Default::default()
+    };
+    let c = Config::resolve(&cli, &([] as [(&str, &str); 0])).unwrap();
+    let s = c.upstream.url.sentinel.as_ref().unwrap();
+    assert_eq!(s.sentinels, ["s1:26379", "s2:26379"]);
+    assert_eq!(s.master_name, "mymaster");
+    assert_eq!(c.upstream.sentinel.timeout, Duration::from_millis(300));
+    assert!(c.upstream.sentinel.password.is_none());
+
+    let c = Config::from_toml(
+        "[upstream]\nurl = \"redis-sentinel://:master-pw@s1,s2:26380/m/2\"\n\
+         [upstream.sentinel]\nusername = \"watcher\"\npassword = \"sentinel-pw\"\ntimeout = \"500ms\"\n",
+    )
+    .unwrap();
+    let u = &c.upstream;
+    assert_eq!(u.url.password.as_deref(), Some("master-pw"));
+    assert_eq!(u.url.db, 2);
+    assert_eq!(u.sentinel.username.as_deref(), Some("watcher"));
+    assert_eq!(u.sentinel.password.as_deref(), Some("sentinel-pw"));
+    assert_eq!(u.sentinel.timeout, Duration::from_millis(500));
+    let shown = format!("{u:?}");
+    assert!(
+        !shown.contains("sentinel-pw") && !shown.contains("master-pw"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn sentinel_errors_name_the_key() {
+    let cli = Cli {
+        upstream: Some("redis-sentinel://s1,s2".into()),
+        ..Default::default()
+    };
+    let e = Config::resolve(&cli, &([] as [(&str, &str); 0])).unwrap_err();
+    assert_eq!(e.key, "--upstream");
+    assert!(e.to_string().contains("master's name"), "{e}");
+    for (toml, key) in [
+        (
+            "[upstream]\nurl = \"redis-sentinel://s1:x/m\"\n",
+            "upstream.url",
+        ),
+        (
+            "[upstream.sentinel]\nusername = \"u\"\n",
+            "upstream.sentinel.username",
+        ),
+        (
+            "[upstream.sentinel]\ntimeout = \"0s\"\n",
+            "upstream.sentinel.timeout",
+        ),
+        (
+            "[upstream.sentinel]\ntimeout = \"soon\"\n",
+            "upstream.sentinel.timeout",
+        ),
+    ] {
+        let e = Config::from_toml(toml).unwrap_err();
+        assert_eq!(e.key, key, "{toml}: {e}");
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+    }
+    let e = Config::from_toml("[upstream.sentinel]\nmaster = \"m\"\n").unwrap_err();
+    assert!(e.to_string().contains("master"), "{e}");
+}
+
+#[test]
+fn redis_host_replaces_the_files_sentinels() {
+    let dir = std::env::temp_dir().join(format!("nc-cfg-sentinel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("f.toml");
+    std::fs::write(&path, "[upstream]\nurl = \"redis-sentinel://s1,s2/m\"\n").unwrap();
+    let cli = Cli {
+        config: Some(path),
+        ..Default::default()
+    };
+    let c = Config::resolve(&cli, &[("REDIS_HOST", "redis.internal")]).unwrap();
+    assert!(c.upstream.url.sentinel.is_none());
+    assert_eq!(c.upstream.url.address(), "redis.internal:6379");
+    let c = Config::resolve(&cli, &[("REDIS_PASSWORD", "pw")]).unwrap();
+    assert_eq!(c.upstream.url.sentinel.unwrap().master_name, "m");
+    assert_eq!(c.upstream.url.password.as_deref(), Some("pw"));
+}

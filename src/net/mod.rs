@@ -34,7 +34,7 @@ pub async fn connect(
             .map_err(|e| Error::Upstream(format!("connect {addr}: {e}")))?;
         tcp.set_nodelay(true).ok();
         Ok::<BoxStream, Error>(match tls {
-            Some(tls) => tls.connect(tcp).await?,
+            Some(tls) => tls.connect(tcp, host_of(addr)).await?,
             None => Box::new(tcp),
         })
     };
@@ -44,6 +44,12 @@ pub async fn connect(
             "connect {addr}: timed out after {timeout:?}"
         ))),
     }
+}
+
+/// The host of a `host:port` or `[v6]:port` address.
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// The read side of an upstream connection, framed into replies. Every

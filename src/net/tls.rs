@@ -17,7 +17,10 @@ use crate::error::Error;
 #[derive(Clone)]
 pub struct TlsConnector {
     inner: tokio_rustls::TlsConnector,
-    server_name: ServerName<'static>,
+    /// `upstream.tls.server_name`: the name verified on every connection.
+    /// Without it, each connection verifies the host it dials (a Sentinel,
+    /// or the master a Sentinel named).
+    server_name: Option<ServerName<'static>>,
 }
 
 fn cfg_err(key: &str, problem: impl std::fmt::Display) -> Error {
@@ -73,19 +76,27 @@ impl TlsConnector {
             }
             _ => builder.with_no_client_auth(),
         };
+        // The host is checked now so that a bad one fails at start, not at connect.
         let name = cfg.server_name.clone().unwrap_or_else(|| host.to_string());
-        let server_name = ServerName::try_from(name.clone())
+        let checked = ServerName::try_from(name.clone())
             .map_err(|e| cfg_err("upstream.tls.server_name", format!("{name:?}: {e}")))?;
+        let server_name = cfg.server_name.is_some().then_some(checked);
         Ok(TlsConnector {
             inner: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
         })
     }
 
-    pub async fn connect(&self, tcp: TcpStream) -> Result<BoxStream, Error> {
+    /// The TLS handshake on `tcp`, dialled to `host`.
+    pub async fn connect(&self, tcp: TcpStream, host: &str) -> Result<BoxStream, Error> {
+        let name = match &self.server_name {
+            Some(n) => n.clone(),
+            None => ServerName::try_from(host.to_string())
+                .map_err(|e| Error::Upstream(format!("TLS: {host:?} is no server name: {e}")))?,
+        };
         let stream = self
             .inner
-            .connect(self.server_name.clone(), tcp)
+            .connect(name, tcp)
             .await
             .map_err(|e| Error::Upstream(format!("TLS handshake: {e}")))?;
         Ok(Box::new(stream))

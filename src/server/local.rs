@@ -433,6 +433,13 @@ impl Session {
             ("pinned_connections", int(s.upstream.pinned.open() as u64)),
             ("upstream_up", int(s.upstream.is_up() as u64)),
         ];
+        if let Some(sentinel) = s.upstream.sentinel() {
+            pairs.push((
+                "sentinel_master",
+                text(&sentinel.master().unwrap_or_default()),
+            ));
+            pairs.push(("sentinel_switches", int(sentinel.epoch())));
+        }
         if let Some(td) = &s.tdengine {
             let t = td.stats();
             pairs.push(("tdengine_queries", int(t.queries)));

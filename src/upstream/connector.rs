@@ -1,11 +1,17 @@
 //! Opening a connection to the upstream: TCP (and TLS), then the handshake
-//! that authenticates, picks the RESP version and the database.
+//! that authenticates, picks the RESP version and the database. With a
+//! `redis-sentinel://` upstream the address comes from [`Sentinel`] and the
+//! handshake also asks `ROLE`: a connection is only ever made to a server
+//! that says it is the master.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Notify};
 
+use super::sentinel::Sentinel;
 use crate::config::UpstreamConfig;
 use crate::error::Error;
 use crate::net::{self, BoxStream, FrameReader, TlsConnector};
@@ -33,6 +39,8 @@ pub struct ServerInfo {
     pub version: String,
     /// `run_id` from `INFO server`, when it was asked for.
     pub run_id: Option<String>,
+    /// `role` from the HELLO reply (`master` or `replica`).
+    pub role: String,
 }
 
 /// A connection after its handshake.
@@ -41,6 +49,14 @@ pub struct Connected {
     /// Bytes read past the handshake's replies.
     pub leftover: BytesMut,
     pub info: ServerInfo,
+    /// The `host:port` connected to.
+    pub addr: String,
+    /// The Sentinel switch epoch the connection belongs to: it must close
+    /// when [`Connector::switches`] moves past it (always 0 without Sentinel).
+    pub epoch: u64,
+    /// With Sentinel: to poke when the server answers `-READONLY` (it was
+    /// the master and is not any more).
+    pub readonly: Option<Arc<Notify>>,
 }
 
 /// Opens connections to the configured upstream, with the handshake applied.
@@ -48,6 +64,9 @@ pub struct Connected {
 pub struct Connector {
     cfg: Arc<UpstreamConfig>,
     tls: Option<TlsConnector>,
+    sentinel: Option<Arc<Sentinel>>,
+    /// The switch epoch (see [`Sentinel`]); it never moves without Sentinel.
+    switches: Arc<watch::Sender<u64>>,
 }
 
 impl Connector {
@@ -57,9 +76,20 @@ impl Connector {
         } else {
             None
         };
+        let switches = Arc::new(watch::channel(0).0);
+        let sentinel = cfg.url.sentinel.as_ref().map(|s| {
+            Arc::new(Sentinel::new(
+                s,
+                &cfg.sentinel,
+                tls.clone(),
+                switches.clone(),
+            ))
+        });
         Ok(Connector {
             cfg: Arc::new(cfg),
             tls,
+            sentinel,
+            switches,
         })
     }
 
@@ -67,21 +97,67 @@ impl Connector {
         &self.cfg
     }
 
+    /// The Sentinels, for a `redis-sentinel://` upstream.
+    pub fn sentinel(&self) -> Option<&Arc<Sentinel>> {
+        self.sentinel.as_ref()
+    }
+
+    /// The switch epoch: a connection whose [`Connected::epoch`] is older
+    /// must be closed.
+    pub fn switches(&self) -> watch::Receiver<u64> {
+        self.switches.subscribe()
+    }
+
     /// Connects and runs the handshake: the login, `HELLO <proto>`, `SELECT`
     /// of the configured database and, with `want_run_id`, `INFO server`,
     /// pipelined in one round trip. A refused login is an
-    /// [`Error::Refused`] carrying the server's reply.
+    /// [`Error::Refused`] carrying the server's reply. With Sentinel, to the
+    /// master last confirmed, or to the one a resolution finds.
     pub async fn connect(
         &self,
         proto: u8,
         login: &Login,
         want_run_id: bool,
     ) -> Result<Connected, Error> {
-        let addr = self.cfg.url.address();
+        self.connect_since(proto, login, want_run_id, None).await
+    }
+
+    /// [`Connector::connect`] for a reconnect: with Sentinel, the master
+    /// must come from a resolution that started after `since` (when the
+    /// previous connection was lost), as the Sentinel client guidelines ask.
+    pub async fn connect_since(
+        &self,
+        proto: u8,
+        login: &Login,
+        want_run_id: bool,
+        since: Option<Instant>,
+    ) -> Result<Connected, Error> {
+        match &self.sentinel {
+            None => {
+                self.dial(self.cfg.url.address(), proto, login, want_run_id)
+                    .await
+            }
+            Some(s) => {
+                s.connect(since, move |addr| {
+                    self.dial(addr, proto, login, want_run_id)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Connects to `addr` and runs the handshake.
+    async fn dial(
+        &self,
+        addr: String,
+        proto: u8,
+        login: &Login,
+        want_run_id: bool,
+    ) -> Result<Connected, Error> {
         let stream = net::connect(&addr, self.tls.as_ref(), self.cfg.connect_timeout).await?;
         match tokio::time::timeout(
             self.cfg.connect_timeout,
-            self.handshake(stream, proto, login, want_run_id),
+            self.handshake(stream, &addr, proto, login, want_run_id),
         )
         .await
         {
@@ -96,6 +172,7 @@ impl Connector {
     async fn handshake(
         &self,
         mut stream: BoxStream,
+        addr: &str,
         proto: u8,
         login: &Login,
         want_run_id: bool,
@@ -130,6 +207,10 @@ impl Connector {
         if want_run_id {
             out.extend_from_slice(&protocol::command(["INFO", "server"]));
         }
+        let check_role = self.sentinel.is_some();
+        if check_role {
+            out.extend_from_slice(&protocol::command(["ROLE"]));
+        }
         stream
             .write_all(&out)
             .await
@@ -161,11 +242,35 @@ impl Connector {
         if want_run_id {
             info.run_id = run_id(&reader.next().await?);
         }
+        if check_role {
+            let role = reader.next().await?;
+            // A user without the right to ROLE (an @admin command) still
+            // learns the role from HELLO, which every user may send.
+            let role = match protocol::first_word(&role.bytes) {
+                Some(r) if role.kind != ReplyKind::Error => {
+                    String::from_utf8_lossy(&r).into_owned()
+                }
+                _ => info.role.clone(),
+            };
+            if role != "master" {
+                let role = if role.is_empty() {
+                    "server of unknown role"
+                } else {
+                    role.as_str()
+                };
+                return Err(Error::Upstream(format!(
+                    "{addr} is a {role}, not the master"
+                )));
+            }
+        }
         let (stream, leftover) = reader.into_parts();
         Ok(Connected {
             stream,
             leftover,
             info,
+            addr: addr.to_string(),
+            epoch: 0,
+            readonly: self.sentinel.as_ref().map(|s| s.readonly_hook()),
         })
     }
 }
@@ -187,6 +292,7 @@ fn parse_hello(reply: &Reply) -> ServerInfo {
                             .unwrap_or(0)
                     }
                     b"version" => info.version = String::from_utf8_lossy(value).into_owned(),
+                    b"role" => info.role = String::from_utf8_lossy(value).into_owned(),
                     _ => {}
                 }
             }

@@ -11,13 +11,17 @@
 //!
 //! Every connection is bound to one upstream address; routing by hash slot
 //! (Redis Cluster) will pick a [`Pool`] per node behind the same interface.
+//! With Sentinel that address is the master's, and every connection closes
+//! when the master moves (see [`sentinel`]).
 
 mod connector;
 mod mux;
 mod pinned;
+pub mod sentinel;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
@@ -27,6 +31,7 @@ use tracing::{debug, info, warn};
 pub use connector::{Connected, Connector, Login, ServerInfo};
 pub use mux::{received, MuxConn, ReplyResult};
 pub use pinned::{PinnedConn, PinnedFrame, PinnedPool};
+pub use sentinel::{next_switch, Sentinel};
 
 use crate::error::Error;
 use crate::metrics;
@@ -134,8 +139,22 @@ async fn supervise(s: Supervised) {
     let m = metrics::get();
     let cfg = s.connector.config();
     let mut backoff = Backoff::new(cfg.reconnect_backoff_max);
+    let mut switches = s.connector.switches();
+    // When the last connection was lost or the last attempt failed: with
+    // Sentinel, a reconnect asks the Sentinels again rather than trusting
+    // the address it had.
+    let mut since: Option<Instant> = None;
     loop {
-        match s.connector.connect(s.proto, &Login::Configured, true).await {
+        match s
+            .connector
+            .connect_since(s.proto, &Login::Configured, true, since)
+            .await
+        {
+            Ok(connected) if *switches.borrow_and_update() != connected.epoch => {
+                // Opened to the master of before a switch that came meanwhile.
+                since = Some(Instant::now());
+                continue;
+            }
             Ok(connected) => {
                 backoff.reset();
                 if let Some(id) = &connected.info.run_id {
@@ -151,23 +170,33 @@ async fn supervise(s: Supervised) {
                     });
                 }
                 *s.info.write() = Some(connected.info.clone());
+                let addr = connected.addr.clone();
                 let conn = MuxConn::start(connected, cfg.command_timeout, MUX_QUEUE);
                 *s.slot.conn.write() = Some(conn.clone());
                 s.up.fetch_add(1, Ordering::Relaxed);
                 m.upstream_pool_connections.inc();
                 m.upstream_reconnects_total.inc();
                 m.upstream_up.set(1);
-                info!(upstream = %cfg.url.redacted(), proto = s.proto, "upstream connection up");
-                tokio::select! {
-                    _ = conn.closed() => {}
-                    _ = s.shutdown.notified() => conn.close(),
-                }
+                info!(upstream = %cfg.url.redacted(), %addr, proto = s.proto, "upstream connection up");
+                let switched = tokio::select! {
+                    _ = conn.closed() => false,
+                    _ = s.shutdown.notified() => { conn.close(); false }
+                    _ = next_switch(&mut switches) => { conn.close(); true }
+                };
+                since = Some(Instant::now());
                 s.up.fetch_sub(1, Ordering::Relaxed);
                 m.upstream_pool_connections.dec();
                 *s.slot.conn.write() = None;
+                if switched {
+                    *s.last_error.write() =
+                        "the master changed (Sentinel failover); reconnecting".into();
+                    // Straight to the new master: no backoff for a switch.
+                    continue;
+                }
                 warn!(upstream = %cfg.url.redacted(), "upstream connection lost; reconnecting");
             }
             Err(e) => {
+                since = Some(Instant::now());
                 m.upstream_errors_total
                     .with_label_values(&["connect"])
                     .inc();
@@ -183,6 +212,8 @@ async fn supervise(s: Supervised) {
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff.step()) => {}
+            // A failover announced while we wait: the new master is worth trying now.
+            _ = next_switch(&mut switches) => {}
             _ = s.shutdown.notified() => return,
         }
     }
@@ -215,6 +246,9 @@ impl Upstream {
                 shutdown.clone(),
             )
         };
+        if let Some(sentinel) = connector.sentinel() {
+            tokio::spawn(sentinel.clone().watch(connector.clone(), shutdown.clone()));
+        }
         Upstream {
             resp2: pool(2, size),
             resp3: pool(3, size),
@@ -224,6 +258,11 @@ impl Upstream {
             run_id,
             shutdown,
         }
+    }
+
+    /// The Sentinels, for a `redis-sentinel://` upstream.
+    pub fn sentinel(&self) -> Option<&Arc<Sentinel>> {
+        self.connector.sentinel()
     }
 
     pub fn pool(&self, proto: u8) -> &Pool {

@@ -71,6 +71,7 @@ impl MuxConn {
             closed: Notify::new(),
             outstanding: AtomicUsize::new(0),
         });
+        let readonly = connected.readonly;
         let (rd, wr) = tokio::io::split(connected.stream);
         let inflight = Arc::new(Mutex::new(VecDeque::<InFlight>::new()));
         let wake_reader = Arc::new(Notify::new());
@@ -87,6 +88,7 @@ impl MuxConn {
             inflight,
             wake_reader,
             command_timeout,
+            readonly,
         ));
         conn
     }
@@ -134,6 +136,16 @@ impl MuxConn {
 
     fn answered(&self, n: usize) {
         self.outstanding.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// A `-READONLY` from what we took for the master (Sentinel only): it was
+/// demoted, and the Sentinels must be asked where the master went.
+pub(super) fn demoted(error: &[u8], hook: Option<&Notify>) {
+    if let Some(hook) = hook {
+        if error.starts_with(b"-READONLY ") {
+            hook.notify_one();
+        }
     }
 }
 
@@ -202,6 +214,7 @@ async fn read_loop(
     inflight: Arc<Mutex<VecDeque<InFlight>>>,
     wake_reader: Arc<Notify>,
     command_timeout: Duration,
+    readonly: Option<Arc<Notify>>,
 ) {
     let m = metrics::get();
     let failure: Error = 'conn: loop {
@@ -229,6 +242,9 @@ async fn read_loop(
                 break 'conn Error::UpstreamProtocol("unexpected reply".into());
             };
             conn.answered(1);
+            if reply.kind == ReplyKind::Error {
+                demoted(&reply.bytes, readonly.as_deref());
+            }
             m.upstream_latency_seconds
                 .observe(f.sent_at.elapsed().as_secs_f64());
             let _ = f.reply.send(Ok(reply));

@@ -12,13 +12,15 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::connector::{Connector, Login};
+use super::mux::demoted;
+use super::sentinel::next_switch;
 use crate::error::Error;
 use crate::metrics;
 use crate::net::{BoxStream, FrameReader};
-use crate::protocol::Reply;
+use crate::protocol::{Reply, ReplyKind};
 
 /// A frame read from a pinned connection, or its end.
 pub enum PinnedFrame {
@@ -65,11 +67,43 @@ impl Drop for PinnedConn {
     }
 }
 
-async fn read_loop(mut reader: FrameReader<ReadHalf<BoxStream>>, tx: mpsc::Sender<PinnedFrame>) {
+/// What a pinned connection's reader watches besides its socket.
+struct Watch {
+    /// The Sentinel switch epoch and the one the connection was opened in.
+    switches: watch::Receiver<u64>,
+    epoch: u64,
+    readonly: Option<Arc<Notify>>,
+}
+
+async fn read_loop(
+    mut reader: FrameReader<ReadHalf<BoxStream>>,
+    tx: mpsc::Sender<PinnedFrame>,
+    mut w: Watch,
+) {
+    let moved = || {
+        PinnedFrame::Closed(Arc::new(Error::Upstream(
+            "the master changed (Sentinel failover); connection closed".into(),
+        )))
+    };
+    if *w.switches.borrow_and_update() != w.epoch {
+        let _ = tx.send(moved()).await;
+        return;
+    }
     loop {
-        let frame = match reader.next().await {
-            Ok(r) => PinnedFrame::Reply(r),
-            Err(e) => PinnedFrame::Closed(Arc::new(e)),
+        let frame = tokio::select! {
+            r = reader.next() => match r {
+                Ok(r) => {
+                    if r.kind == ReplyKind::Error {
+                        demoted(&r.bytes, w.readonly.as_deref());
+                    }
+                    PinnedFrame::Reply(r)
+                }
+                Err(e) => PinnedFrame::Closed(Arc::new(e)),
+            },
+            // The client's state (a transaction, subscriptions) lived on the
+            // old master: the client sees its connection closed, as it would
+            // if Redis had closed it.
+            _ = next_switch(&mut w.switches) => moved(),
         };
         let end = matches!(frame, PinnedFrame::Closed(_));
         if tx.send(frame).await.is_err() || end {
@@ -83,16 +117,32 @@ pub struct PinnedPool {
     connector: Connector,
     permits: Arc<Semaphore>,
     max: usize,
-    idle: Mutex<Vec<PinnedConn>>,
+    idle: Arc<Mutex<Vec<PinnedConn>>>,
 }
 
 impl PinnedPool {
     pub fn new(connector: Connector, max: usize) -> PinnedPool {
+        let idle = Arc::new(Mutex::new(Vec::<PinnedConn>::new()));
+        if connector.sentinel().is_some() {
+            // Idle connections to the old master close at a switch too
+            // (their readers end at once, but the sockets stay open until
+            // the connections are dropped).
+            let mut switches = connector.switches();
+            let idle = Arc::downgrade(&idle);
+            tokio::spawn(async move {
+                loop {
+                    next_switch(&mut switches).await;
+                    let Some(idle) = idle.upgrade() else { return };
+                    let closing = std::mem::take(&mut *idle.lock());
+                    drop(closing);
+                }
+            });
+        }
         PinnedPool {
             connector,
             permits: Arc::new(Semaphore::new(max)),
             max,
-            idle: Mutex::new(Vec::new()),
+            idle,
         }
     }
 
@@ -134,9 +184,18 @@ impl PinnedPool {
             }
         };
         let connected = self.connector.connect(proto, login, false).await?;
+        let watch = Watch {
+            switches: self.connector.switches(),
+            epoch: connected.epoch,
+            readonly: connected.readonly,
+        };
         let (rd, wr) = tokio::io::split(connected.stream);
         let (tx, rx) = mpsc::channel(FRAMES_QUEUE);
-        let reader = tokio::spawn(read_loop(FrameReader::new(rd, connected.leftover), tx));
+        let reader = tokio::spawn(read_loop(
+            FrameReader::new(rd, connected.leftover),
+            tx,
+            watch,
+        ));
         metrics::get().upstream_pinned_connections.inc();
         Ok(PinnedConn {
             writer: wr,

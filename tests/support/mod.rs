@@ -125,9 +125,115 @@ impl RedisServer {
         self.kill();
         self.spawn();
     }
+
+    /// Sends a signal by name: `STOP` freezes the server with its sockets
+    /// open (a master cut off by a partition: clients see no error, only
+    /// silence), `CONT` resumes it.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
 }
 
 impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A real `redis-sentinel` monitoring one master as `m` (quorum 2, down
+/// after 1 s, failover timeout 3 s), killed on drop. Each has its own
+/// config file: Sentinel rewrites it with what it learns.
+pub struct SentinelServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl SentinelServer {
+    pub fn start(master_port: u16) -> SentinelServer {
+        SentinelServer::start_with(master_port, free_port(), &[])
+    }
+
+    /// On `port`, with extra config lines (`requirepass x`, `sentinel auth-pass m y`).
+    pub fn start_with(master_port: u16, port: u16, extra: &[&str]) -> SentinelServer {
+        let dir = scratch_dir();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                 sentinel monitor m 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds m 1000\n\
+                 sentinel failover-timeout m 3000\n{}\n",
+                dir.display(),
+                extra.join("\n")
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-sentinel must be installed (apt-get install redis-sentinel)");
+        wait_for_port(port, Duration::from_secs(10));
+        SentinelServer {
+            port,
+            child: Some(child),
+            dir,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(format!("redis://{}", self.addr()))
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// `SENTINEL get-master-addr-by-name m` as a port.
+    pub fn master_port(&self) -> Option<u16> {
+        let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg("m")
+            .query(&mut self.conn())
+            .ok()?;
+        addr.map(|(_, port)| port)
+    }
+
+    /// A field of `SENTINEL MASTER m` (`num-slaves`, `num-other-sentinels`, ...).
+    pub fn master_field(&self, field: &str) -> Option<String> {
+        let fields: Vec<String> = redis::cmd("SENTINEL")
+            .arg("MASTER")
+            .arg("m")
+            .query(&mut self.conn())
+            .ok()?;
+        fields
+            .chunks(2)
+            .find(|kv| kv[0] == field)
+            .map(|kv| kv[1].clone())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for SentinelServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
