@@ -232,6 +232,19 @@ impl Replies {
             .min()
     }
 
+    /// The server proved alive while pinned replies were late: they get
+    /// `until` before the next check (deadlines still ahead are kept).
+    pub fn extend_pinned_deadlines(&mut self, now: Instant, until: Instant) {
+        for item in self.queue.iter_mut() {
+            if let Owed::Pinned(p) = &mut item.owed {
+                let late = !p.complete() && p.deadline.is_some_and(|d| d <= now);
+                if late {
+                    p.deadline = Some(until);
+                }
+            }
+        }
+    }
+
     /// The pinned connection is gone (or timed out): every reply it owes
     /// becomes `err`, and the client is to be closed.
     pub fn pinned_lost(&mut self, err: &Error) {

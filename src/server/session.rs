@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -72,6 +73,8 @@ pub(super) struct Session {
     pub stalled_on_pool: bool,
     /// Since when unread output has been over the soft limit.
     over_soft_since: Option<Instant>,
+    /// A pinned reply is late: is the server busy or dead? (see `upstream::Health`)
+    pinned_check: Option<BoxFuture<'static, bool>>,
 }
 
 /// Runs a client's session until it disconnects, is killed, or shutdown
@@ -99,6 +102,7 @@ pub(super) async fn run(
         outstanding: Default::default(),
         stalled_on_pool: false,
         over_soft_since: None,
+        pinned_check: None,
         sidecar,
         info,
     };
@@ -200,16 +204,36 @@ impl Session {
                 tokio::task::yield_now().await;
             }
             let deadline = self.replies.pinned_deadline();
+            if deadline.is_none_or(|d| d > Instant::now()) {
+                // Nothing overdue (the late reply came): the check has nothing to decide.
+                self.pinned_check = None;
+            }
             tokio::select! {
                 biased;
                 _ = self.info.kill.notified() => return,
                 frame = next_frame(&mut self.pinned) => self.on_pinned_frame(frame),
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
-                    let t = self.sidecar.config.upstream.command_timeout;
-                    crate::metrics::get().upstream_errors_total.with_label_values(&["timeout"]).inc();
-                    self.pinned = None;
-                    self.replies.pinned_lost(&Error::Upstream(format!("no reply within {t:?}")));
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() && self.pinned_check.is_none() => {
+                    // Late is not dead: a check on another connection decides.
+                    let health = self.sidecar.upstream.health.clone();
+                    let since = Instant::now();
+                    self.pinned_check = Some(Box::pin(async move { health.alive_since(since).await }));
+                }
+                alive = std::future::poll_fn(|cx| match self.pinned_check.as_mut() {
+                    Some(c) => c.as_mut().poll(cx),
+                    None => std::task::Poll::Pending,
+                }), if self.pinned_check.is_some() => {
+                    self.pinned_check = None;
+                    let upstream = &self.sidecar.config.upstream;
+                    if alive {
+                        let now = Instant::now();
+                        self.replies.extend_pinned_deadlines(now, now + upstream.command_timeout);
+                    } else {
+                        crate::metrics::get().upstream_errors_total.with_label_values(&["timeout"]).inc();
+                        let e = crate::upstream::timed_out(upstream.command_timeout, upstream.connect_timeout);
+                        self.pinned = None;
+                        self.replies.pinned_lost(&e);
+                    }
                 }
                 // Before the socket: with `biased`, a client that always has
                 // input ready would otherwise never see the drain.

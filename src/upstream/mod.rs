@@ -13,6 +13,7 @@
 //! (Redis Cluster) will pick a [`Pool`] per node behind the same interface.
 
 mod connector;
+mod health;
 mod mux;
 mod pinned;
 
@@ -25,7 +26,8 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 pub use connector::{Connected, Connector, Login, ServerInfo};
-pub use mux::{received, MuxConn, ReplyResult};
+pub use health::Health;
+pub use mux::{received, timed_out, MuxConn, ReplyResult};
 pub use pinned::{PinnedConn, PinnedFrame, PinnedPool};
 
 use crate::error::Error;
@@ -57,6 +59,7 @@ impl Pool {
         size: usize,
         run_id: Arc<watch::Sender<Option<String>>>,
         shutdown: Arc<Notify>,
+        health: Arc<Health>,
     ) -> Pool {
         let pool = Pool {
             slots: (0..size.max(1))
@@ -80,6 +83,7 @@ impl Pool {
                 up: pool.up.clone(),
                 run_id: run_id.clone(),
                 shutdown: shutdown.clone(),
+                health: health.clone(),
             }));
         }
         pool
@@ -128,6 +132,7 @@ struct Supervised {
     up: Arc<AtomicUsize>,
     run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
+    health: Arc<Health>,
 }
 
 async fn supervise(s: Supervised) {
@@ -151,7 +156,12 @@ async fn supervise(s: Supervised) {
                     });
                 }
                 *s.info.write() = Some(connected.info.clone());
-                let conn = MuxConn::start(connected, cfg.command_timeout, MUX_QUEUE);
+                let conn = MuxConn::start(
+                    connected,
+                    cfg.command_timeout,
+                    MUX_QUEUE,
+                    Some(s.health.clone()),
+                );
                 *s.slot.conn.write() = Some(conn.clone());
                 s.up.fetch_add(1, Ordering::Relaxed);
                 m.upstream_pool_connections.inc();
@@ -195,6 +205,8 @@ pub struct Upstream {
     resp3: Pool,
     control: Pool,
     pub pinned: PinnedPool,
+    /// Liveness checks for late replies (see `health.rs`).
+    pub health: Arc<Health>,
     run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
 }
@@ -206,6 +218,7 @@ impl Upstream {
         let cfg = connector.config();
         let size = cfg.pool_size;
         let max_pinned = cfg.max_pinned;
+        let health = Health::new(connector.clone());
         let pool = |proto, size| {
             Pool::start(
                 connector.clone(),
@@ -213,6 +226,7 @@ impl Upstream {
                 size,
                 run_id.clone(),
                 shutdown.clone(),
+                health.clone(),
             )
         };
         Upstream {
@@ -220,6 +234,7 @@ impl Upstream {
             resp3: pool(3, size),
             control: pool(2, 1),
             pinned: PinnedPool::new(connector.clone(), max_pinned),
+            health,
             connector,
             run_id,
             shutdown,

@@ -19,7 +19,10 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
+use futures::future::{BoxFuture, FutureExt};
+
 use super::connector::Connected;
+use super::health::Health;
 use crate::error::Error;
 use crate::metrics;
 use crate::net::{BoxStream, FrameReader};
@@ -63,6 +66,7 @@ impl MuxConn {
         connected: Connected,
         command_timeout: Duration,
         queue: usize,
+        health: Option<Arc<Health>>,
     ) -> Arc<MuxConn> {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let conn = Arc::new(MuxConn {
@@ -87,6 +91,7 @@ impl MuxConn {
             inflight,
             wake_reader,
             command_timeout,
+            health,
         ));
         conn
     }
@@ -196,14 +201,29 @@ async fn write_loop(
     let _ = wr.shutdown().await;
 }
 
+/// Why a connection is given up when a reply is late and the health check
+/// got no answer either.
+pub fn timed_out(command_timeout: Duration, check_timeout: Duration) -> Error {
+    Error::Upstream(format!(
+        "no reply within {command_timeout:?} and no answer to a health check within {check_timeout:?}"
+    ))
+}
+
 async fn read_loop(
     conn: Arc<MuxConn>,
     mut reader: FrameReader<ReadHalf<BoxStream>>,
     inflight: Arc<Mutex<VecDeque<InFlight>>>,
     wake_reader: Arc<Notify>,
     command_timeout: Duration,
+    health: Option<Arc<Health>>,
 ) {
     let m = metrics::get();
+    // A late reply does not end the connection by itself: the server may be
+    // busy, not dead. When the oldest request has waited `command_timeout`
+    // (or that long since the last proof of life), a health check decides;
+    // while it runs, replies keep being read.
+    let mut check: Option<BoxFuture<'static, bool>> = None;
+    let mut proven: Option<Instant> = None;
     let failure: Error = 'conn: loop {
         // Every complete reply already buffered.
         loop {
@@ -234,32 +254,53 @@ async fn read_loop(
             let _ = f.reply.send(Ok(reply));
         }
         let oldest = inflight.lock().front().map(|f| f.sent_at);
+        let due = oldest.map(|sent| proven.map_or(sent, |p| p.max(sent)) + command_timeout);
+        let overdue = due.is_some_and(|d| Instant::now() >= d);
+        if !overdue {
+            // The late reply came in while the check ran: nothing to ask about.
+            check = None;
+        }
+        if let (Some(due), None) = (due, &check) {
+            if overdue {
+                let Some(health) = &health else {
+                    m.upstream_errors_total.with_label_values(&["timeout"]).inc();
+                    break Error::Upstream(format!("no reply within {command_timeout:?}"));
+                };
+                let health = health.clone();
+                check = Some(async move { health.alive_since(due).await }.boxed());
+            }
+        }
+        let checking = check.is_some();
         let read = async {
-            match oldest {
-                Some(sent) => {
-                    tokio::time::timeout_at((sent + command_timeout).into(), reader.fill())
+            match due {
+                Some(due) if !checking => {
+                    tokio::time::timeout_at(due.into(), reader.fill())
                         .await
-                        .ok()
+                        .unwrap_or(Ok(()))
                 }
+                Some(_) => reader.fill().await,
                 // Idle: wait for data or for a request to start the timeout clock.
                 None => tokio::select! {
-                    r = reader.fill() => Some(r),
-                    _ = wake_reader.notified() => Some(Ok(())),
+                    r = reader.fill() => r,
+                    _ = wake_reader.notified() => Ok(()),
                 },
             }
         };
         tokio::select! {
-            r = read => match r {
-                Some(Ok(())) => {}
-                Some(Err(e)) => {
-                    m.upstream_errors_total.with_label_values(&["closed"]).inc();
-                    break e;
-                }
-                None => {
-                    m.upstream_errors_total.with_label_values(&["timeout"]).inc();
-                    break Error::Upstream(format!("no reply within {command_timeout:?}"));
-                }
+            r = read => if let Err(e) = r {
+                m.upstream_errors_total.with_label_values(&["closed"]).inc();
+                break e;
             },
+            alive = async { check.as_mut().expect("guarded").await }, if check.is_some() => {
+                check = None;
+                if !alive {
+                    m.upstream_errors_total.with_label_values(&["timeout"]).inc();
+                    let check_timeout = health.as_ref().map(|h| h.timeout()).unwrap_or_default();
+                    break timed_out(command_timeout, check_timeout);
+                }
+                // Busy, not dead: wait another period before asking again.
+                proven = Some(Instant::now());
+            }
             _ = conn.closed() => break Error::Upstream("connection closed".into()),
         }
     };

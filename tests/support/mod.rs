@@ -120,6 +120,19 @@ impl RedisServer {
         &self.dir
     }
 
+    /// Sends a signal by name ("STOP", "CONT", ...): a stopped server keeps
+    /// its sockets open (the kernel even accepts new connections) and
+    /// answers nothing, like a hung process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
     /// Starts it again on the same port (empty, since nothing is persisted).
     pub fn restart(&mut self) {
         self.kill();

@@ -1,0 +1,220 @@
+//! Reliability under a slow, busy or stopped upstream, and the bounds and
+//! orderings of issue 12 that had no end-to-end test: a slow command is
+//! waited for (slow is not dead) while a stopped Redis still fails
+//! promptly; SCRIPT KILL reaches a server busy with a script; pinned
+//! connections are returned and capped; SELECT inside MULTI; the TDengine
+//! write-back never lands after the client's own later DEL.
+//!
+//! Real redis-server processes, nearcache in-process (see `support`).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{test_config, Proxy, RawClient, RedisServer};
+
+/// Tests here measure latencies and read process-wide metrics: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `ok` every 10 ms until it holds, or panics with `what` after `timeout`.
+fn wait_until(timeout: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "{what} (not within {timeout:?})");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A metric's value summed over label sets matching `labels` (a substring
+/// of the label part, e.g. `result="alive"`), from `/metrics`.
+fn metric(proxy: &Proxy, name: &str, labels: &str) -> f64 {
+    let (code, body) = proxy.http_get("/metrics");
+    assert_eq!(code, 200);
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| (r.starts_with('{') || r.starts_with(' ')) && r.contains(labels))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+fn health_checks(proxy: &Proxy, result: &str) -> f64 {
+    metric(
+        proxy,
+        "nearcache_upstream_health_checks_total",
+        &format!("result=\"{result}\""),
+    )
+}
+
+/// Does Redis answer a PING on a fresh connection within 100 ms? (No while
+/// it runs `DEBUG SLEEP`; `-BUSY` while a script runs past the threshold.)
+fn redis_ping(redis: &RedisServer) -> Option<Vec<u8>> {
+    let mut c = RawClient::connect(redis.port);
+    c.send(&[b"PING"]);
+    c.try_reply(Duration::from_millis(100))
+}
+
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(300);
+const CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// nearcache with a short command timeout and one multiplexed connection
+/// per protocol (so every client's pool requests share it).
+fn short_timeouts(redis: &RedisServer) -> Proxy {
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.command_timeout = COMMAND_TIMEOUT;
+    cfg.upstream.connect_timeout = CHECK_TIMEOUT;
+    cfg.upstream.pool_size = 1;
+    Proxy::with_config(cfg)
+}
+
+// --- Slow is not dead ------------------------------------------------------------------
+
+/// `DEBUG SLEEP 1` outlasts `command_timeout` (300 ms) more than three
+/// times: Redis is slow, not dead (the health check's PING is answered once
+/// the sleep ends, within the check's own timeout), so the client gets its
+/// `+OK` as from Redis directly, and another client's GET multiplexed on the
+/// same connection waits behind it and succeeds too.
+#[test]
+fn a_slow_command_is_waited_for_with_the_requests_behind_it() {
+    let _serial = serial();
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let proxy = short_timeouts(&redis);
+    let _: () = redis::cmd("SET")
+        .arg("slow:k")
+        .arg("v")
+        .query(&mut redis.conn())
+        .unwrap();
+    let alive_before = health_checks(&proxy, "alive");
+
+    let mut sleeper = RawClient::connect(proxy.port);
+    let mut reader = RawClient::connect(proxy.port);
+    let t = Instant::now();
+    sleeper.send(&[b"DEBUG", b"SLEEP", b"1"]);
+    wait_until(Duration::from_secs(2), "Redis asleep", || {
+        redis_ping(&redis).is_none()
+    });
+    let r = Instant::now();
+    reader.send(&[b"GET", b"slow:k"]);
+
+    let reply = sleeper.try_reply(Duration::from_secs(5)).expect("a reply");
+    let slept = t.elapsed();
+    assert_eq!(text(&reply), "+OK\r\n", "after {slept:?}");
+    assert!(slept >= Duration::from_millis(950), "{slept:?}");
+    let got = reader.try_reply(Duration::from_secs(5)).expect("a reply");
+    let waited = r.elapsed();
+    assert_eq!(text(&got), "$1\r\nv\r\n");
+    assert!(
+        waited > COMMAND_TIMEOUT,
+        "the GET waited behind the sleep on the shared connection ({waited:?})"
+    );
+    println!("DEBUG SLEEP 1 answered +OK after {slept:?}; the GET behind it after {waited:?}");
+    assert!(
+        health_checks(&proxy, "alive") > alive_before,
+        "a health check found Redis alive"
+    );
+    // Both clients keep their connections: nothing was abandoned.
+    assert_eq!(sleeper.line("PING"), b"+PONG\r\n");
+    assert_eq!(text(&reader.line("GET slow:k")), "$1\r\nv\r\n");
+}
+
+/// A script running much longer than `command_timeout` + the check's
+/// timeout: Redis answers the health check's PING with `-BUSY`, which
+/// proves it alive, so nearcache keeps waiting (one check per period) and
+/// the script's reply comes through.
+#[test]
+fn a_long_script_is_waited_for_past_every_timeout() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.command_timeout = COMMAND_TIMEOUT;
+    cfg.upstream.connect_timeout = Duration::from_millis(500);
+    let proxy = Proxy::with_config(cfg);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("busy-reply-threshold")
+        .arg("100")
+        .query(&mut redis.conn())
+        .unwrap();
+    let alive_before = health_checks(&proxy, "alive");
+    // Spins for 2.5 s by the server's clock.
+    let script = "local t = redis.call('TIME'); local stop = t[1] * 1000000 + t[2] + 2500000; \
+                  while true do t = redis.call('TIME'); \
+                  if t[1] * 1000000 + t[2] > stop then return 'done' end end";
+    let mut c = RawClient::connect(proxy.port);
+    let t = Instant::now();
+    c.send(&[b"EVAL", script.as_bytes(), b"0"]);
+    let reply = c.try_reply(Duration::from_secs(10)).expect("a reply");
+    let took = t.elapsed();
+    assert_eq!(text(&reply), "$4\r\ndone\r\n", "after {took:?}");
+    assert!(took >= Duration::from_millis(2400), "{took:?}");
+    let checks = health_checks(&proxy, "alive") - alive_before;
+    println!("a 2.5 s script answered after {took:?}; {checks} health checks found Redis alive");
+    assert!(
+        checks >= 2.0,
+        "checked once per command_timeout while it ran"
+    );
+}
+
+/// A stopped Redis (SIGSTOP: sockets open, the kernel still accepts
+/// connections, nothing answers) is dead to nearcache: requests on shared
+/// and pinned connections get errors after `command_timeout` plus the
+/// health check's timeout, not after the stop ends.
+#[test]
+fn a_stopped_upstream_still_fails_promptly() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.command_timeout = COMMAND_TIMEOUT;
+    cfg.upstream.connect_timeout = Duration::from_millis(500);
+    let proxy = Proxy::with_config(cfg);
+    let bound = COMMAND_TIMEOUT + Duration::from_millis(500);
+    let mut shared = RawClient::connect(proxy.port);
+    let mut tx = RawClient::connect(proxy.port);
+    assert_eq!(tx.line("MULTI"), b"+OK\r\n");
+    assert_eq!(tx.line("INCR stop:n"), b"+QUEUED\r\n");
+    let dead_before = health_checks(&proxy, "dead");
+
+    redis.signal("STOP");
+    let t = Instant::now();
+    shared.send(&[b"SET", b"stop:k", b"1"]);
+    tx.send(&[b"EXEC"]);
+    let e1 = shared.try_reply(Duration::from_secs(5)).expect("an error");
+    let took1 = t.elapsed();
+    let e2 = tx.try_reply(Duration::from_secs(5)).expect("an error");
+    let took2 = t.elapsed();
+    redis.signal("CONT");
+    println!(
+        "stopped Redis: shared SET failed after {took1:?} ({:?}), pinned EXEC after {took2:?} ({:?})",
+        text(&e1),
+        text(&e2)
+    );
+    for (e, took) in [(&e1, took1), (&e2, took2)] {
+        assert!(
+            text(e).starts_with(
+                "-ERR upstream unavailable: no reply within 300ms and no answer to a health check within 500ms"
+            ),
+            "{:?}",
+            text(e)
+        );
+        // Not before the check had its chance, not long after.
+        assert!(took >= bound - Duration::from_millis(50), "{took:?}");
+        assert!(took < bound + Duration::from_millis(700), "{took:?}");
+    }
+    assert!(health_checks(&proxy, "dead") > dead_before);
+    // After the stop, traffic flows again (on new connections: the clients
+    // whose requests were abandoned are closed).
+    wait_until(Duration::from_secs(5), "SET after SIGCONT", || {
+        let mut c = RawClient::connect(proxy.port);
+        c.send(&[b"SET", b"stop:k", b"2"]);
+        c.try_reply(Duration::from_secs(3)).as_deref() == Some(b"+OK\r\n")
+    });
+}
