@@ -218,3 +218,225 @@ fn a_stopped_upstream_still_fails_promptly() {
         c.try_reply(Duration::from_secs(3)).as_deref() == Some(b"+OK\r\n")
     });
 }
+
+// --- A busy server: SCRIPT KILL on the control connection ---------------------------
+
+/// nearcache's id of a client connection (`CLIENT ID` is answered locally);
+/// the multiplexed connection a client uses is picked by it.
+fn client_id(c: &mut RawClient) -> i64 {
+    let r = text(&c.line("CLIENT ID"));
+    r.trim_start_matches(':').trim_end().parse().unwrap()
+}
+
+/// A client whose id has the given parity: with the default two multiplexed
+/// connections, it shares (or not) another client's connection.
+fn client_with_parity(port: u16, parity: i64) -> RawClient {
+    loop {
+        let mut c = RawClient::connect(port);
+        if client_id(&mut c) % 2 == parity {
+            return c;
+        }
+    }
+}
+
+/// A runaway script from client A: nearcache keeps waiting for it (the
+/// health check's PING is answered `-BUSY`: alive), client B on A's very
+/// multiplexed connection stops it with SCRIPT KILL, which goes on the
+/// control connection instead of queueing behind the script's reply; A
+/// gets Redis's own error; client C on the other connection gets `-BUSY`
+/// at once meanwhile.
+#[test]
+fn script_kill_reaches_a_busy_server_through_the_control_connection() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("busy-reply-threshold")
+        .arg("100")
+        .query(&mut redis.conn())
+        .unwrap();
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.command_timeout = COMMAND_TIMEOUT;
+    cfg.upstream.connect_timeout = Duration::from_millis(500);
+    assert_eq!(cfg.upstream.pool_size, 2);
+    let proxy = Proxy::with_config(cfg);
+
+    let mut a = RawClient::connect(proxy.port);
+    let parity = client_id(&mut a) % 2;
+    let mut b = client_with_parity(proxy.port, parity);
+    let mut c = client_with_parity(proxy.port, 1 - parity);
+    let alive_before = health_checks(&proxy, "alive");
+
+    let t = Instant::now();
+    a.send(&[b"EVAL", b"while true do end", b"0"]);
+    wait_until(Duration::from_secs(3), "Redis busy with the script", || {
+        redis_ping(&redis).is_some_and(|r| r.starts_with(b"-BUSY"))
+    });
+    // Past command_timeout and a health check: nearcache still waits for A.
+    wait_until(
+        Duration::from_secs(3),
+        "a health check found Redis busy",
+        || health_checks(&proxy, "alive") > alive_before,
+    );
+
+    let tc = Instant::now();
+    let busy = c.cmd(&[b"GET", b"busy:k"]);
+    let c_took = tc.elapsed();
+    assert!(text(&busy).starts_with("-BUSY"), "{:?}", text(&busy));
+    assert!(
+        c_took < Duration::from_millis(500),
+        "C's GET took {c_took:?}"
+    );
+
+    let tb = Instant::now();
+    let killed = b.cmd(&[b"SCRIPT", b"KILL"]);
+    let b_took = tb.elapsed();
+    assert_eq!(text(&killed), "+OK\r\n");
+    assert!(
+        b_took < Duration::from_millis(500),
+        "SCRIPT KILL took {b_took:?}"
+    );
+
+    let err = a.try_reply(Duration::from_secs(5)).expect("A's reply");
+    let a_took = t.elapsed();
+    assert!(
+        text(&err).starts_with("-ERR") && text(&err).contains("Script killed by user"),
+        "{:?}",
+        text(&err)
+    );
+    println!(
+        "script killed after {a_took:?}: C got -BUSY in {c_took:?}, SCRIPT KILL +OK in {b_took:?}, A got {:?}",
+        text(&err).trim_end()
+    );
+    // Nobody's connection was given up: all three carry on.
+    for cl in [&mut a, &mut b, &mut c] {
+        assert_eq!(cl.line("PING"), b"+PONG\r\n");
+    }
+}
+
+// --- Pinned connections: returned when the state ends, capped ---------------------
+
+/// Redis's count of clients blocked in a blocking command.
+fn blocked_clients(redis: &RedisServer) -> i64 {
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query(&mut redis.conn())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+const FULL: &str =
+    "-ERR nearcache: all 2 pinned upstream connections are in use (upstream.max_pinned)\r\n";
+
+/// With `upstream.max_pinned = 2`: three clients that each ran a BLPOP and
+/// stay connected hold no pinned connection once their replies are in (so
+/// they all succeed one after another); three blocked at once: the third is
+/// refused with a clear error; when the blocked ones are served, pinned work
+/// succeeds again.
+#[test]
+fn pinned_connections_are_returned_when_the_state_ends_and_capped() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.max_pinned = 2;
+    let proxy = Proxy::with_config(cfg);
+
+    let mut done: Vec<RawClient> = Vec::new();
+    for i in 0..3 {
+        let mut c = RawClient::connect(proxy.port);
+        assert_eq!(text(&c.line("BLPOP pin:q 0.1")), "*-1\r\n", "client {i}");
+        assert!(
+            proxy.stat("pinned_connections") <= 1,
+            "client {i}'s connection went back for the next one"
+        );
+        done.push(c);
+    }
+
+    let mut blocked: Vec<RawClient> = (0..2).map(|_| RawClient::connect(proxy.port)).collect();
+    for c in &mut blocked {
+        c.send(&[b"BLPOP", b"pin:q", b"5"]);
+    }
+    wait_until(Duration::from_secs(5), "two clients blocked", || {
+        blocked_clients(&redis) == 2
+    });
+    assert_eq!(proxy.stat("pinned_connections"), 2);
+    let mut third = RawClient::connect(proxy.port);
+    let t = Instant::now();
+    assert_eq!(text(&third.line("BLPOP pin:q 5")), FULL);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // Every pinned path is refused alike, and the client stays usable.
+    assert_eq!(text(&third.line("MULTI")), FULL);
+    assert_eq!(third.line("PING"), b"+PONG\r\n");
+
+    let _: () = redis::cmd("RPUSH")
+        .arg("pin:q")
+        .arg("a")
+        .arg("b")
+        .query(&mut redis.conn())
+        .unwrap();
+    let mut got: Vec<String> = blocked.iter_mut().map(|c| text(&c.reply())).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "*2\r\n$5\r\npin:q\r\n$1\r\na\r\n",
+            "*2\r\n$5\r\npin:q\r\n$1\r\nb\r\n"
+        ]
+    );
+    assert_eq!(text(&third.line("BLPOP pin:q 0.1")), "*-1\r\n");
+    assert_eq!(third.line("MULTI"), b"+OK\r\n");
+    assert_eq!(third.line("INCR pin:n"), b"+QUEUED\r\n");
+    assert_eq!(text(&third.line("EXEC")), "*1\r\n:1\r\n");
+    assert!(proxy.stat("pinned_connections") <= 2);
+}
+
+// --- SELECT inside MULTI ---------------------------------------------------------------
+
+fn exists_in(redis: &RedisServer, db: u32, key: &str) -> bool {
+    let mut c = redis.conn();
+    let _: () = redis::cmd("SELECT").arg(db).query(&mut c).unwrap();
+    redis::cmd("EXISTS").arg(key).query::<i64>(&mut c).unwrap() == 1
+}
+
+/// From db 3, `MULTI; SELECT 0; DISCARD` leaves the client in db 3 (as on
+/// Redis), so a later SET lands in db 3; `MULTI; SELECT 0; EXEC` moves it to
+/// db 0, so a later SET lands in db 0.
+#[test]
+fn select_inside_multi_takes_effect_only_when_exec_runs() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis);
+    let mut c = RawClient::connect(proxy.port);
+    assert_eq!(c.line("SELECT 3"), b"+OK\r\n");
+
+    assert_eq!(c.line("MULTI"), b"+OK\r\n");
+    assert_eq!(c.line("SELECT 0"), b"+QUEUED\r\n");
+    assert_eq!(c.line("DISCARD"), b"+OK\r\n");
+    assert_eq!(c.line("SET sel:discard v"), b"+OK\r\n");
+    assert!(
+        exists_in(&redis, 3, "sel:discard"),
+        "the SET after DISCARD is in db 3"
+    );
+    assert!(!exists_in(&redis, 0, "sel:discard"));
+    assert_eq!(text(&c.line("GET sel:discard")), "$1\r\nv\r\n");
+
+    assert_eq!(c.line("MULTI"), b"+OK\r\n");
+    assert_eq!(c.line("SELECT 0"), b"+QUEUED\r\n");
+    assert_eq!(text(&c.line("EXEC")), "*1\r\n+OK\r\n");
+    assert_eq!(c.line("SET sel:exec v"), b"+OK\r\n");
+    assert!(
+        exists_in(&redis, 0, "sel:exec"),
+        "the SET after EXEC is in db 0"
+    );
+    assert!(!exists_in(&redis, 3, "sel:exec"));
+    assert_eq!(
+        text(&c.line("GET sel:discard")),
+        "$-1\r\n",
+        "db 0 has no sel:discard"
+    );
+}

@@ -263,7 +263,9 @@ async fn read_loop(
         if let (Some(due), None) = (due, &check) {
             if overdue {
                 let Some(health) = &health else {
-                    m.upstream_errors_total.with_label_values(&["timeout"]).inc();
+                    m.upstream_errors_total
+                        .with_label_values(&["timeout"])
+                        .inc();
                     break Error::Upstream(format!("no reply within {command_timeout:?}"));
                 };
                 let health = health.clone();
@@ -273,11 +275,9 @@ async fn read_loop(
         let checking = check.is_some();
         let read = async {
             match due {
-                Some(due) if !checking => {
-                    tokio::time::timeout_at(due.into(), reader.fill())
-                        .await
-                        .unwrap_or(Ok(()))
-                }
+                Some(due) if !checking => tokio::time::timeout_at(due.into(), reader.fill())
+                    .await
+                    .unwrap_or(Ok(())),
                 Some(_) => reader.fill().await,
                 // Idle: wait for data or for a request to start the timeout clock.
                 None => tokio::select! {
