@@ -8,10 +8,15 @@
 //! Real redis-server processes, nearcache in-process (see `support`).
 
 mod support;
+#[macro_use]
+#[path = "support/taosadapter.rs"]
+mod taosadapter;
 
 use std::time::{Duration, Instant};
 
+use nearcache::config::{InvalidationMode, TdFormat, TdOnError, TdRoute, TdengineConfig};
 use support::{test_config, Proxy, RawClient, RedisServer};
+use taosadapter::TaosAdapter;
 
 /// Tests here measure latencies and read process-wide metrics: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -439,4 +444,129 @@ fn select_inside_multi_takes_effect_only_when_exec_runs() {
         "$-1\r\n",
         "db 0 has no sel:discard"
     );
+}
+
+// --- TDengine write-back ordering -------------------------------------------------------
+
+/// Redis, the TDengine stand-in (symbols 000001 and 600519) on its own
+/// runtime, and nearcache with the application's kline route and the
+/// invalidation feed in `feed` mode. Fields drop in reverse order.
+struct TdEnv {
+    redis: RedisServer,
+    _rt: tokio::runtime::Runtime,
+    ta: TaosAdapter,
+    proxy: Proxy,
+}
+
+impl TdEnv {
+    fn start(feed: InvalidationMode) -> TdEnv {
+        let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ta = rt.block_on(TaosAdapter::start(taosadapter::BINARY_PATH));
+        ta.add_symbol("000001");
+        ta.add_symbol("600519");
+        let mut config = test_config(&redis.url());
+        config.cache.invalidation = feed;
+        config.tdengine = Some(TdengineConfig {
+            dsn: ta.dsn(),
+            timeout: Duration::from_secs(2),
+            on_error: TdOnError::Error,
+            on_invalid_key: TdOnError::Nil,
+            format: TdFormat::Json,
+            max_concurrent_queries: 16,
+            pool_size: 2,
+            negative_ttl: None,
+            breaker_failures: 1000,
+            breaker_cooldown: Duration::from_secs(5),
+            routes: vec![TdRoute {
+                key: "kline:{symbol}:{freq}".into(),
+                sql: "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500".into(),
+                ttl: Duration::from_secs(15 * 60),
+                params: taosadapter::kline_params(),
+            }],
+            tls: Default::default(),
+        });
+        let proxy = Proxy::with_config(config);
+        proxy.wait_serving();
+        TdEnv {
+            redis,
+            _rt: rt,
+            ta,
+            proxy,
+        }
+    }
+}
+
+/// `GET kline:x` (a miss everywhere: filled from TDengine and written back
+/// to Redis) and the client's own `DEL kline:x` (or `SET kline:x mine`)
+/// pipelined in one write: the write-back goes out on the feed's
+/// connection, the DEL on the client's; the DEL must not run before it,
+/// or the key is left set after the client deleted it. After both replies
+/// Redis has what the client's last command says, in both feed modes.
+#[test]
+fn tdengine_write_back_never_lands_after_the_clients_later_write() {
+    let _serial = serial();
+    for feed in [InvalidationMode::Tracking, InvalidationMode::Keyspace] {
+        let env = TdEnv::start(feed);
+        let mut c = RawClient::connect(env.proxy.port);
+        for round in 0..3 {
+            for key in ["kline:000001:1d", "kline:600519:1w"] {
+                let mut both = nearcache::protocol::command([&b"GET"[..], key.as_bytes()]).to_vec();
+                both.extend_from_slice(&nearcache::protocol::command([
+                    &b"DEL"[..],
+                    key.as_bytes(),
+                ]));
+                std::io::Write::write_all(&mut c.s, &both).unwrap();
+                let got = c.reply();
+                assert!(
+                    got.starts_with(b"$"),
+                    "{feed:?} round {round}: GET {key}: {:?}",
+                    text(&got)
+                );
+                assert!(got.len() > 100, "{feed:?}: GET {key} came from TDengine");
+                let del = c.reply();
+                assert_eq!(
+                    text(&del),
+                    ":1\r\n",
+                    "{feed:?} round {round}: DEL {key} found the written-back value"
+                );
+                let left: i64 = redis::cmd("EXISTS")
+                    .arg(key)
+                    .query(&mut env.redis.conn())
+                    .unwrap();
+                assert_eq!(
+                    left, 0,
+                    "{feed:?} round {round}: {key} is set after the client's DEL"
+                );
+
+                let mut both = nearcache::protocol::command([&b"GET"[..], key.as_bytes()]).to_vec();
+                both.extend_from_slice(&nearcache::protocol::command([
+                    &b"SET"[..],
+                    key.as_bytes(),
+                    b"mine",
+                ]));
+                std::io::Write::write_all(&mut c.s, &both).unwrap();
+                assert!(c.reply().len() > 100, "{feed:?}: filled from TDengine");
+                assert_eq!(c.reply(), b"+OK\r\n");
+                let v: String = redis::cmd("GET")
+                    .arg(key)
+                    .query(&mut env.redis.conn())
+                    .unwrap();
+                assert_eq!(
+                    v, "mine",
+                    "{feed:?} round {round}: the client's SET is the last write"
+                );
+                assert_eq!(text(&c.line(&format!("GET {key}"))), "$4\r\nmine\r\n");
+                assert_eq!(c.line(&format!("DEL {key}")), b":1\r\n");
+            }
+        }
+        assert!(
+            env.ta.query_count() >= 12,
+            "{feed:?}: every GET went to TDengine"
+        );
+    }
 }
