@@ -308,3 +308,126 @@ async fn read_loop(
     conn.close();
     fail_all(&conn, &inflight, &Arc::new(failure));
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::upstream::{Connector, Login};
+
+    /// A real redis-server on a free port, killed on drop.
+    struct Redis {
+        port: u16,
+        child: Child,
+    }
+
+    impl Redis {
+        fn start() -> Redis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Redis { port, child }
+        }
+
+        fn signal(&self, name: &str) {
+            let ok = Command::new("kill")
+                .args([&format!("-{name}"), &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The job queue is bounded: with Redis stopped, a producer sending
+    /// large requests is held once the socket's buffers and the queue are
+    /// full, instead of growing the process; when Redis resumes, every
+    /// request is answered, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_holds_its_producer_and_keeps_order() {
+        const SIZE: usize = 256 * 1024;
+        const N: usize = 400;
+        let redis = Redis::start();
+        let mut cfg = crate::config::Config::defaults().upstream;
+        cfg.url = crate::config::UpstreamUrl::parse(&format!("redis://127.0.0.1:{}", redis.port))
+            .unwrap();
+        let connector = Connector::new(cfg).unwrap();
+        let connected = connector
+            .connect(2, &Login::Configured, false)
+            .await
+            .unwrap();
+        let conn = MuxConn::start(connected, Duration::from_secs(60), 4, None);
+
+        redis.signal("STOP");
+        let sent = Arc::new(AtomicUsize::new(0));
+        let producer = {
+            let (conn, sent) = (conn.clone(), sent.clone());
+            tokio::spawn(async move {
+                let value = vec![b'x'; SIZE];
+                let mut replies = Vec::with_capacity(N);
+                for _ in 0..N {
+                    let req = crate::protocol::command([&b"APPEND"[..], b"q", &value]);
+                    replies.push(conn.send(req).await);
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                replies
+            })
+        };
+        // Wait until the producer is held: no progress for 300 ms.
+        let mut last = usize::MAX;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = sent.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the producer never stopped");
+            last = now;
+        }
+        let held_at = sent.load(Ordering::Relaxed);
+        println!(
+            "producer held after {held_at} of {N} requests of {SIZE} bytes; {} outstanding",
+            conn.outstanding()
+        );
+        assert!(
+            held_at < N / 2,
+            "a stopped upstream held the producer after {held_at} requests"
+        );
+
+        redis.signal("CONT");
+        let replies = tokio::time::timeout(Duration::from_secs(60), producer)
+            .await
+            .expect("every request sent after the resume")
+            .unwrap();
+        for (i, rx) in replies.into_iter().enumerate() {
+            let reply = received(rx.await).expect("a reply");
+            let want = format!(":{}\r\n", (i + 1) * SIZE);
+            assert_eq!(&reply.bytes[..], want.as_bytes(), "reply {i}");
+        }
+        assert_eq!(conn.outstanding(), 0);
+    }
+}
