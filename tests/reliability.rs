@@ -224,6 +224,53 @@ fn a_stopped_upstream_still_fails_promptly() {
     });
 }
 
+/// A blocking command is not late, however long Redis holds it: on a live
+/// server it waits out its own timeout (the periodic health checks find
+/// Redis alive), while on a stopped one it fails within a check period plus
+/// the check, instead of waiting forever.
+#[test]
+fn a_blocked_client_waits_on_a_live_server_and_fails_on_a_stopped_one() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url());
+    cfg.upstream.command_timeout = COMMAND_TIMEOUT;
+    cfg.upstream.connect_timeout = Duration::from_millis(500);
+    let proxy = Proxy::with_config(cfg);
+
+    let mut c = RawClient::connect(proxy.port);
+    let t = Instant::now();
+    assert_eq!(text(&c.line("BLPOP blk:q 1.5")), "*-1\r\n");
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+
+    let mut blocked = RawClient::connect(proxy.port);
+    blocked.send(&[b"BLPOP", b"blk:q", b"0"]);
+    wait_until(Duration::from_secs(5), "the client blocked", || {
+        blocked_clients(&redis) == 1
+    });
+    redis.signal("STOP");
+    let t = Instant::now();
+    let r = blocked.next_frame(Duration::from_secs(5));
+    let took = t.elapsed();
+    redis.signal("CONT");
+    let seen = match &r {
+        Ok(Some(e)) => text(e),
+        other => format!("{other:?}"),
+    };
+    println!("BLPOP 1.5 on a live server: *-1 after {waited:?}; BLPOP 0 on a stopped one: {seen:?} after {took:?}");
+    match r {
+        Ok(Some(e)) => assert!(
+            text(&e).starts_with("-ERR upstream unavailable"),
+            "{:?}",
+            text(&e)
+        ),
+        Ok(None) => panic!("a blocked client on a stopped server got nothing in {took:?}"),
+        Err(_) => {}
+    }
+    // One check period (300 ms) + the check (500 ms) + slack.
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}
+
 // --- A busy server: SCRIPT KILL on the control connection ---------------------------
 
 /// nearcache's id of a client connection (`CLIENT ID` is answered locally);

@@ -31,8 +31,12 @@ pub struct PinnedReplies {
     bytes: BytesMut,
     /// nearcache's own request (SELECT on a fresh connection): never written.
     pub internal: bool,
-    /// When to give up waiting (none for blocking and subscribe commands).
+    /// When to ask whether the server is alive if the replies have not all
+    /// come (see `upstream::Health`); none for subscriptions and MONITOR.
     pub deadline: Option<Instant>,
+    /// May wait indefinitely on a live server (a blocking command,
+    /// subscriptions, MONITOR).
+    pub open_ended: bool,
     pub guard: Option<WriteGuard>,
 }
 
@@ -45,6 +49,7 @@ impl PinnedReplies {
             bytes: BytesMut::new(),
             internal: false,
             deadline,
+            open_ended: false,
             guard: None,
         }
     }
@@ -218,7 +223,18 @@ impl Replies {
     pub fn awaiting_open_ended(&self) -> bool {
         self.queue
             .iter()
-            .any(|i| matches!(&i.owed, Owed::Pinned(p) if !p.complete() && p.deadline.is_none()))
+            .any(|i| matches!(&i.owed, Owed::Pinned(p) if !p.complete() && p.open_ended))
+    }
+
+    /// Are the pinned replies overdue at `now` all open-ended ones (a
+    /// blocking command held by a live server is not late)?
+    pub fn overdue_open_ended_only(&self, now: Instant) -> bool {
+        self.queue.iter().all(|i| match &i.owed {
+            Owed::Pinned(p) if !p.complete() && p.deadline.is_some_and(|d| d <= now) => {
+                p.open_ended
+            }
+            _ => true,
+        })
     }
 
     /// The earliest deadline of a pinned reply still owed.

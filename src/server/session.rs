@@ -216,7 +216,16 @@ impl Session {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() && self.pinned_check.is_none() => {
                     // Late is not dead: a check on another connection decides.
                     let health = self.sidecar.upstream.health.clone();
-                    let since = Instant::now();
+                    let now = Instant::now();
+                    // A blocking command is not late: an answer to any recent
+                    // check will do (many blocked clients share one check per
+                    // half period, not one each).
+                    let fresh = self.sidecar.config.upstream.command_timeout / 2;
+                    let since = if self.replies.overdue_open_ended_only(now) {
+                        now.checked_sub(fresh).unwrap_or(now)
+                    } else {
+                        now
+                    };
                     self.pinned_check = Some(Box::pin(async move { health.alive_since(since).await }));
                 }
                 alive = std::future::poll_fn(|cx| match self.pinned_check.as_mut() {
@@ -439,7 +448,7 @@ impl Session {
             let select =
                 protocol::command([b"SELECT".to_vec(), self.state.db().to_string().into_bytes()]);
             // Queued before it is written: the reply must find its slot waiting.
-            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline(false));
+            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
             owed.internal = true;
             self.replies.push(Owed::Pinned(owed), false);
             conn.write(&select).await?;
@@ -449,8 +458,9 @@ impl Session {
         Ok(Flow::Next)
     }
 
-    fn deadline(&self, open_ended: bool) -> Option<Instant> {
-        (!open_ended).then(|| Instant::now() + self.sidecar.config.upstream.command_timeout)
+    /// When to check on the server if a pinned reply has not come.
+    fn deadline(&self) -> Option<Instant> {
+        Some(Instant::now() + self.sidecar.config.upstream.command_timeout)
     }
 
     /// Sends a request on the client's own connection.
@@ -486,13 +496,16 @@ impl Session {
             self.sidecar.cache.begin_write(keys)
         };
         let (expect, effect) = self.state.prepare(name, &req.args, keys, blocking);
-        let open_ended = blocking
-            || matches!(
-                effect,
-                super::pinned::Effect::Subscribe | super::pinned::Effect::Monitor
-            );
-        let mut owed =
-            PinnedReplies::new(self.state.count(expect), effect, self.deadline(open_ended));
+        // Subscriptions and MONITOR wait without deadline; a blocking command
+        // has one, as a point to check that the server holding it is alive
+        // (through a network cut it would otherwise wait forever).
+        let subscribed = matches!(
+            effect,
+            super::pinned::Effect::Subscribe | super::pinned::Effect::Monitor
+        );
+        let deadline = if subscribed { None } else { self.deadline() };
+        let mut owed = PinnedReplies::new(self.state.count(expect), effect, deadline);
+        owed.open_ended = blocking || subscribed;
         owed.guard = guard;
         // The slot is queued before the request is written: otherwise a fast
         // reply could be taken for a push message.
