@@ -36,7 +36,14 @@ fn main() {
     let reply = Bytes::from(format!("$64\r\n{}\r\n", "x".repeat(64)));
     for k in &names {
         let t = cache.ticket(k);
-        assert!(cache.complete_fill(t, k, &sig, 2, &reply, Duration::from_secs(3600)));
+        assert!(cache.complete_fill(nearcache::cache::Fill {
+            ticket: t,
+            key: k.clone(),
+            sig: sig.clone(),
+            proto: 2,
+            reply: reply.clone(),
+            ttl: Duration::from_secs(3600),
+        }));
     }
     // The same pseudo-random sequence every run (xorshift), drawn before timing.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -36,6 +36,21 @@ fn time_until(want: &str, mut read: impl FnMut() -> Option<String>, limit: Durat
     }
 }
 
+/// Reads `key` through `c` until a read is an L1 hit, every read returning
+/// `want`. (A fill racing with the invalidation of the write that set the
+/// value is not stored, so this may take a read or two.)
+fn until_cached(proxy: &Proxy, c: &mut redis::Connection, key: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let hits = proxy.stat("hits");
+        assert_eq!(c.get::<_, String>(key).unwrap(), want);
+        if proxy.stat("hits") > hits {
+            return;
+        }
+        assert!(Instant::now() < deadline, "L1 never served {key}");
+    }
+}
+
 #[test]
 fn hits_are_served_from_l1_and_writes_through_the_proxy_are_read_back() {
     let redis = RedisServer::start();
@@ -185,14 +200,21 @@ fn mget_is_served_partly_from_l1() {
 
 /// A write straight to Redis is seen through two nearcache instances within
 /// the invalidation bound, in both feed modes. Prints the measured delays.
+/// `auto` picks tracking whether or not the server has keyspace events
+/// (scripts/fanout: tracking costs Redis less per write with many sidecars).
 #[test]
 fn direct_writes_reach_two_instances_in_both_modes() {
     for (mode, extra, expect_feed) in [
         (InvalidationMode::Tracking, &[][..], "tracking"),
         (
-            InvalidationMode::Auto,
+            InvalidationMode::Keyspace,
             &["--notify-keyspace-events", "KEA"][..],
             "keyspace",
+        ),
+        (
+            InvalidationMode::Auto,
+            &["--notify-keyspace-events", "KEA"][..],
+            "tracking",
         ),
         (InvalidationMode::Auto, &[][..], "tracking"),
     ] {
@@ -321,31 +343,52 @@ fn kill_feed(redis: &RedisServer) {
     assert!(killed > 0, "found the feed connection");
 }
 
+/// While the feed is down (killed, or Redis restarted with other data),
+/// nothing is served from L1, although it held the key when the feed went.
+/// Through a relay that holds the feed's reconnection (its `CLIENT TRACKING`,
+/// sent in both modes) until the test has read through nearcache: the reads
+/// run while nearcache knows the feed is gone and before it is back.
 #[test]
 fn feed_loss_and_redis_restart_never_serve_stale() {
     for mode in [InvalidationMode::Tracking, InvalidationMode::Keyspace] {
         let mut redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]);
-        let proxy = cached_proxy(&redis, mode);
+        let relay = support::relay::Relay::start(redis.port);
+        let mut cfg = test_config(&relay.url());
+        cfg.cache.invalidation = mode;
+        let proxy = Proxy::with_config(cfg);
+        proxy.wait_serving();
         let mut c = proxy.conn();
         let mut direct = redis.conn();
         let _: () = direct.set("quote:k", "old").unwrap();
         time_until("old", || c.get("quote:k").unwrap(), Duration::from_secs(5));
-        assert_eq!(c.get::<_, String>("quote:k").unwrap(), "old");
+        // L1 holds "old" (it is served from there) when the feed goes.
+        until_cached(&proxy, &mut c, "quote:k", "old");
 
         // Kill the feed, then write behind nearcache's back: no invalidation can arrive.
+        relay.hold_requests_from(b"TRACKING");
         kill_feed(&redis);
         let _: () = direct.set("quote:k", "new").unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        // nearcache has seen the feed go: a new one is on its way (held).
+        relay.wait_holding(Duration::from_secs(5));
         for _ in 0..50 {
             let v: String = c.get("quote:k").unwrap();
             assert_eq!(v, "new", "{mode:?}: stale read after the feed was killed");
         }
+        assert_eq!(
+            proxy.stat("serving"),
+            0,
+            "{mode:?}: the feed was down all along"
+        );
+        relay.release();
         proxy.wait_serving();
         assert_eq!(c.get::<_, String>("quote:k").unwrap(), "new");
 
-        // Restart Redis with other data: nothing from before may be served.
-        let _: String = c.get("quote:k").unwrap();
+        // Restart Redis with other data: nothing from before may be served,
+        // though L1 holds "new" when Redis goes.
+        until_cached(&proxy, &mut c, "quote:k", "new");
+        relay.hold_requests_from(b"TRACKING");
         redis.restart();
+        relay.wait_holding(Duration::from_secs(10));
         let mut direct = redis.conn();
         let _: () = direct.set("quote:k", "after-restart").unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -360,6 +403,14 @@ fn feed_loss_and_redis_restart_never_serve_stale() {
                 }
             }
         }
+        assert_eq!(
+            proxy.stat("serving"),
+            0,
+            "{mode:?}: the feed was down all along"
+        );
+        relay.release();
+        proxy.wait_serving();
+        assert_eq!(c.get::<_, String>("quote:k").unwrap(), "after-restart");
     }
 }
 
@@ -369,11 +420,17 @@ fn keyspace_mode_without_server_events_serves_from_upstream() {
     let mut cfg = test_config(&redis.url());
     cfg.cache.invalidation = InvalidationMode::Keyspace;
     let proxy = Proxy::with_config(cfg);
-    std::thread::sleep(Duration::from_millis(300));
+    // The feed has looked at the server's notify-keyspace-events.
+    wait_until(
+        "the feed decided whether to serve (feed state other than \"starting\")",
+        Duration::from_secs(5),
+        || proxy.stat_text("feed") != "starting",
+    );
     assert_eq!(
         proxy.stat("serving"),
         0,
-        "never cache without an invalidation feed"
+        "never cache without an invalidation feed (feed: {})",
+        proxy.stat_text("feed")
     );
     let mut c = proxy.conn();
     let _: () = c.set("quote:x", "1").unwrap();
@@ -423,11 +480,9 @@ fn invalidation_during_a_fill_cancels_the_insert() {
     relay.wait_holding(Duration::from_secs(5));
     let invalidations = proxy.stat("invalidations");
     let _: () = direct.set("quote:race", "new").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.stat("invalidations") == invalidations {
-        assert!(Instant::now() < deadline, "the invalidation never arrived");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_until("the invalidation arrived", Duration::from_secs(5), || {
+        proxy.stat("invalidations") > invalidations
+    });
     // The race happened: the fill read "old" before the write, and its reply
     // reaches nearcache only now, after the invalidation.
     relay.release();
@@ -449,11 +504,16 @@ fn invalidation_during_a_fill_cancels_the_insert() {
     );
 }
 
+/// 1,000 concurrent cold GETs of one key from 50 connections share one
+/// upstream GET: the relay holds that GET on its way to Redis until the 999
+/// others have joined it, so every one of them arrives while it is in flight.
 #[test]
 fn concurrent_cold_gets_share_one_upstream_request() {
-    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
-    let mut cfg = test_config(&redis.url());
-    cfg.upstream.pool_size = 1;
+    let redis = RedisServer::start();
+    let relay = support::relay::Relay::start(redis.port);
+    let mut cfg = test_config(&relay.url());
+    // The canary must not end the feed while the test holds a pool connection.
+    cfg.cache.feed_health_interval = Duration::from_secs(10);
     let proxy = Proxy::with_config(cfg);
     proxy.wait_serving();
     let _: () = redis.conn().set("quote:hot", "v").unwrap();
@@ -463,7 +523,7 @@ fn concurrent_cold_gets_share_one_upstream_request() {
         .enable_all()
         .build()
         .unwrap();
-    let replies: Vec<String> = rt.block_on(async {
+    let conns = rt.block_on(async {
         let client = redis::Client::open(proxy.url()).unwrap();
         let mut conns = Vec::new();
         let config =
@@ -476,33 +536,35 @@ fn concurrent_cold_gets_share_one_upstream_request() {
                     .unwrap(),
             );
         }
-        // Hold the shared upstream connection for a moment so every GET arrives while the first is in flight.
-        let mut sleeper = conns[0].clone();
-        let sleep = tokio::spawn(async move {
-            let _: () = redis::cmd("DEBUG")
-                .arg("SLEEP")
-                .arg(0.5)
-                .query_async(&mut sleeper)
-                .await
-                .unwrap();
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut tasks = Vec::new();
-        for i in 0..1000 {
+        conns
+    });
+    relay.hold_requests_from(b"quote:hot");
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
             let mut c = conns[i % conns.len()].clone();
-            tasks.push(tokio::spawn(async move {
+            rt.spawn(async move {
                 redis::cmd("GET")
                     .arg("quote:hot")
                     .query_async::<String>(&mut c)
                     .await
                     .unwrap()
-            }));
-        }
+            })
+        })
+        .collect();
+    relay.wait_holding(Duration::from_secs(5));
+    wait_until(
+        "999 GETs joined the one in flight (NEARCACHE STATS coalesced_misses)",
+        Duration::from_secs(10),
+        || proxy.stat("coalesced_misses") >= 999,
+    );
+    assert_eq!(proxy.stat("fills_in_flight"), 1, "one fill for them all");
+    assert_eq!(cmdstat(&redis, "get"), before, "the GET is still held");
+    relay.release();
+    let replies: Vec<String> = rt.block_on(async {
         let mut out = Vec::new();
         for t in tasks {
             out.push(t.await.unwrap());
         }
-        sleep.await.unwrap();
         out
     });
     assert_eq!(replies.len(), 1000);
@@ -605,7 +667,11 @@ type History = Mutex<Vec<(u64, Instant)>>;
 /// Writers change keys straight on Redis (and one through a nearcache); readers
 /// read through two nearcache instances. Every read must return a value at
 /// least as new as the newest write acknowledged `BOUND` before the read
-/// started, and no reader may see a key go back in time.
+/// started, and no reader may see a key go back in time. The race it is
+/// about must have happened: through most of the run, each second both
+/// instances served L1 hits while writes went on and their invalidations
+/// arrived (not only in a moment of it: a feed that keeps failing turns L1
+/// off, and the checker would then check little).
 ///
 /// `BOUND` is the invalidation delay this promises on a loaded machine: the
 /// feed's delay is ~1 ms (see `direct_writes_*`), but when the whole process
@@ -674,29 +740,64 @@ fn randomized_checker_finds_no_stale_read() {
                 let v: u64 = c.get(format!("quote:chk{i}")).unwrap();
                 reads.fetch_add(1, Ordering::Relaxed);
                 let h = history[i].lock().unwrap();
-                let must_see = h
-                    .iter()
-                    .filter(|(_, at)| *at + BOUND < started)
-                    .map(|(v, _)| *v)
-                    .max()
-                    .unwrap_or(0);
-                assert!(v >= must_see, "stale read of quote:chk{i}: got {v}, but {must_see} was acknowledged more than {BOUND:?} before the read");
+                // The newest write acknowledged more than BOUND before the read
+                // (the history is in version and acknowledgement order).
+                let n = h.partition_point(|(_, at)| *at + BOUND < started);
+                let (must_see, acked) = if n == 0 { (0, started) } else { h[n - 1] };
+                assert!(v >= must_see, "stale read of quote:chk{i}: got {v}, but {must_see} was acknowledged {:?} before the read", started - acked);
                 assert!(v >= last_seen[i], "quote:chk{i} went back in time: {} then {v}", last_seen[i]);
                 last_seen[i] = v;
             }
         }));
     }
-    std::thread::sleep(run_for);
+    // Each second: what each instance served from L1 and the invalidations
+    // it received, and the writes acknowledged.
+    let writes = || -> usize { history.iter().map(|h| h.lock().unwrap().len()).sum() };
+    let sample = || {
+        let (sa, sb) = (a.stats(), b.stats());
+        [
+            stat(&sa, "hits"),
+            stat(&sb, "hits"),
+            stat(&sa, "invalidations"),
+            stat(&sb, "invalidations"),
+            writes() as i64,
+        ]
+    };
+    let mut seconds: Vec<[i64; 5]> = Vec::new();
+    let mut last = sample();
+    let end = Instant::now() + run_for;
+    while Instant::now() < end && !threads.iter().any(|t| t.is_finished()) {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = sample();
+        seconds.push(std::array::from_fn(|i| now[i] - last[i]));
+        last = now;
+    }
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
     }
     let hits = a.stat("hits") + b.stat("hits");
+    let quiet: Vec<_> = seconds
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.contains(&0))
+        .collect();
     eprintln!(
-        "checker: {} reads, {hits} L1 hits, no stale read",
-        reads.load(Ordering::Relaxed)
+        "checker: {} reads, {hits} L1 hits, no stale read; L1 emptied {} and {} times (once at start, twice per feed outage); \
+         seconds without hits, invalidations and writes on both instances (hits a, b, \
+         invalidations a, b, writes): {quiet:?} of {}",
+        reads.load(Ordering::Relaxed),
+        a.stat("flushes"),
+        b.stat("flushes"),
+        seconds.len(),
     );
     assert!(hits > 1000, "the checker must exercise L1 (hits {hits})");
+    assert!(
+        quiet.len() * 4 <= seconds.len(),
+        "L1 hits interleaved with writes on both instances in only {} of {} seconds",
+        seconds.len() - quiet.len(),
+        seconds.len()
+    );
 }
 
 #[test]
@@ -849,41 +950,51 @@ fn policy_reload_extends_the_feed_to_new_patterns() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
+    let stat_of = |c: &mut redis::Connection, name: &str| {
+        stat(
+            &redis::cmd("NEARCACHE")
+                .arg("STATS")
+                .query::<Vec<redis::Value>>(c)
+                .unwrap(),
+            name,
+        )
+    };
     let mut c = client.get_connection().unwrap();
     serving(&mut c);
 
+    let flushes = stat_of(&mut c, "flushes");
     std::fs::write(
         &conf,
         policies("[[cache.policies]]\npattern = \"news:*\"\nttl = \"1h\"\n"),
     )
     .unwrap();
     child.signal("HUP");
-    // The reload turns L1 off until the new feed is up.
-    std::thread::sleep(Duration::from_millis(300));
+    // The reload turns L1 off and empties it, until the new feed is up.
+    wait_until(
+        "the reload emptied L1 (a flush in NEARCACHE STATS)",
+        Duration::from_secs(10),
+        || stat_of(&mut c, "flushes") > flushes,
+    );
     serving(&mut c);
 
     let mut direct = redis.conn();
     let _: () = direct.set("news:1", "old").unwrap();
-    let hits = |c: &mut redis::Connection| {
-        stat(
-            &redis::cmd("NEARCACHE")
-                .arg("STATS")
-                .query::<Vec<redis::Value>>(c)
-                .unwrap(),
-            "hits",
-        )
-    };
-    let before = hits(&mut c);
+    let before = stat_of(&mut c, "hits");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while hits(&mut c) == before {
+    while stat_of(&mut c, "hits") == before {
         assert_eq!(c.get::<_, String>("news:1").unwrap(), "old");
         assert!(
             Instant::now() < deadline,
             "news:* never cached after the reload"
         );
     }
+    let invalidations = stat_of(&mut c, "invalidations");
     let _: () = direct.set("news:1", "new").unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        "a write to a newly cached pattern was invalidated (NEARCACHE STATS invalidations)",
+        Duration::from_secs(5),
+        || stat_of(&mut c, "invalidations") > invalidations,
+    );
     let v: String = c.get("news:1").unwrap();
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,87 +6,8 @@
 use bytes::BytesMut;
 use nearcache::protocol::{Limits, ReplyFramer, RequestParser};
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn bytes(&mut self, max: u64) -> Vec<u8> {
-        let n = self.below(max + 1);
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-/// A random reply frame. `budget` bounds its total number of elements;
-/// nesting depth is random and may be large (counted, never recursed on).
-fn gen_reply(rng: &mut Rng, out: &mut Vec<u8>, resp3: bool) {
-    // An explicit stack of "elements still to write" per open aggregate.
-    let mut open: Vec<u64> = vec![1];
-    let mut budget = 200u64;
-    while let Some(top) = open.last_mut() {
-        if *top == 0 {
-            open.pop();
-            continue;
-        }
-        *top -= 1;
-        budget = budget.saturating_sub(1);
-        let kinds: &[u8] = if resp3 { b"+-:$*_,#(!=%~>|" } else { b"+-:$*" };
-        let mut k = kinds[rng.below(kinds.len() as u64) as usize];
-        if budget == 0 && matches!(k, b'*' | b'%' | b'~' | b'>' | b'|') {
-            k = b':';
-        }
-        match k {
-            b'+' => out.extend_from_slice(b"+OK\r\n"),
-            b'-' => out.extend_from_slice(b"-ERR x\r\n"),
-            b':' => out.extend_from_slice(format!(":{}\r\n", rng.next() as i64).as_bytes()),
-            b'_' => out.extend_from_slice(b"_\r\n"),
-            b',' => out.extend_from_slice(b",1.5\r\n"),
-            b'#' => out.extend_from_slice(b"#t\r\n"),
-            b'(' => out.extend_from_slice(b"(12345678901234567890\r\n"),
-            b'$' | b'!' => {
-                if k == b'$' && rng.below(8) == 0 {
-                    out.extend_from_slice(b"$-1\r\n");
-                } else {
-                    let data = rng.bytes(40);
-                    out.extend_from_slice(format!("{}{}\r\n", k as char, data.len()).as_bytes());
-                    out.extend_from_slice(&data);
-                    out.extend_from_slice(b"\r\n");
-                }
-            }
-            b'=' => out.extend_from_slice(b"=7\r\ntxt:abc\r\n"),
-            b'*' | b'~' | b'>' => {
-                if k == b'*' && rng.below(10) == 0 {
-                    out.extend_from_slice(b"*-1\r\n");
-                } else {
-                    let n = rng.below(4);
-                    out.extend_from_slice(format!("{}{n}\r\n", k as char).as_bytes());
-                    open.push(n);
-                }
-            }
-            b'%' => {
-                let n = rng.below(3);
-                out.extend_from_slice(format!("%{n}\r\n").as_bytes());
-                open.push(2 * n);
-            }
-            b'|' => {
-                // An attribute, then the frame it annotates (still owed).
-                let n = 1 + rng.below(2);
-                out.extend_from_slice(format!("|{n}\r\n").as_bytes());
-                *open.last_mut().unwrap() += 1;
-                open.push(2 * n);
-            }
-            _ => unreachable!(),
-        }
-    }
-}
+mod props;
+use props::{gen_reply, Rng};
 
 /// Feeds `stream` to a framer in random-sized reads; returns frame lengths.
 fn frame_in_pieces(rng: &mut Rng, stream: &[u8]) -> Vec<usize> {
@@ -95,7 +16,7 @@ fn frame_in_pieces(rng: &mut Rng, stream: &[u8]) -> Vec<usize> {
     let mut lens = Vec::new();
     let mut fed = 0;
     while fed < stream.len() {
-        let n = (1 + rng.below(64) as usize).min(stream.len() - fed);
+        let n = (1 + rng.below(64)).min(stream.len() - fed);
         buf.extend_from_slice(&stream[fed..fed + n]);
         fed += n;
         while let Some(r) = framer.next(&mut buf).expect("valid input") {
@@ -116,7 +37,7 @@ fn replies_frame_where_generated_and_where_redis_protocol_does() {
         let mut lens = Vec::new();
         for _ in 0..1 + rng.below(5) {
             let start = stream.len();
-            gen_reply(&mut rng, &mut stream, resp3);
+            gen_reply(&mut rng, &mut stream, resp3, 40);
             lens.push(stream.len() - start);
         }
         assert_eq!(frame_in_pieces(&mut rng, &stream), lens, "round {round}");
@@ -146,7 +67,7 @@ fn truncated_replies_are_incomplete_never_wrong() {
     let mut rng = Rng(42);
     for _ in 0..500 {
         let mut frame = Vec::new();
-        gen_reply(&mut rng, &mut frame, true);
+        gen_reply(&mut rng, &mut frame, true, 40);
         for cut in 0..frame.len() {
             let r = ReplyFramer::default().scan(&frame[..cut]);
             assert!(
@@ -183,7 +104,7 @@ fn requests_frame_where_generated_and_where_redis_protocol_does() {
         let mut got = Vec::new();
         let mut fed = 0;
         while fed < stream.len() {
-            let n = (1 + rng.below(16) as usize).min(stream.len() - fed);
+            let n = (1 + rng.below(16)).min(stream.len() - fed);
             buf.extend_from_slice(&stream[fed..fed + n]);
             fed += n;
             while let Some(r) = parser.next(&mut buf, &limits).unwrap() {

@@ -131,18 +131,28 @@ pub fn keyspace_flags_sufficient(flags: &str) -> bool {
 
 /// Which mechanism to use on this server, or `None` to serve nothing from
 /// L1 for now (keyspace forced but the server has no events).
+///
+/// `auto` is tracking, also on a server whose keyspace events are on, because
+/// every sidecar's feed gets every write and tracking carries them cheaper
+/// (scripts/fanout; BENCHMARKS.md, "Invalidation fan-out"). BCAST sends each
+/// feed one message per event-loop turn with every key written in it (about
+/// 120 with a pipelining writer), where keyspace events send one message per
+/// key per feed: with 100 to 1,000 feeds a pipelined write cost Redis 2-3x
+/// less CPU and 4.7x fewer bytes. With no batching (one write per turn) the
+/// two cost about the same. Tracking's messages also leave before the write's
+/// own reply, keyspace's after it (p50 12 ms later at 1,000 feeds), and
+/// tracking needs neither the server setting nor `CONFIG GET` rights.
 async fn choose_mode(
     cache: &Cache,
     conn: &mut FeedConn,
 ) -> Result<Option<InvalidationMode>, Error> {
-    if cache.config.invalidation == InvalidationMode::Tracking {
+    if cache.config.invalidation != InvalidationMode::Keyspace {
         return Ok(Some(InvalidationMode::Tracking));
     }
     let flags = read_keyspace_flags(conn).await;
     let sufficient = flags.as_deref().is_some_and(keyspace_flags_sufficient);
     match (cache.config.invalidation, sufficient) {
         (_, true) => Ok(Some(InvalidationMode::Keyspace)),
-        (InvalidationMode::Auto, false) => Ok(Some(InvalidationMode::Tracking)),
         (_, false) if cache.config.configure_upstream => {
             let r = call(
                 conn,

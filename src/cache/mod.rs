@@ -271,26 +271,10 @@ impl Cache {
         self.gens.writing(key)
     }
 
-    /// Stores a reply fetched under `ticket` for at most `ttl`, unless the key
-    /// was invalidated since or a write of it is in flight. Returns whether
-    /// it was stored. (No feed barrier: see [`Cache::store_fill`].)
-    pub fn complete_fill(
-        &self,
-        ticket: Ticket,
-        key: &Bytes,
-        sig: &Bytes,
-        proto: u8,
-        reply: &Bytes,
-        ttl: Duration,
-    ) -> bool {
-        let fill = Fill {
-            ticket,
-            key: key.clone(),
-            sig: sig.clone(),
-            proto,
-            reply: reply.clone(),
-            ttl,
-        };
+    /// Stores a fill unless the key was invalidated since its ticket was
+    /// taken or a write of it is in flight. Returns whether it was stored.
+    /// (No feed barrier: see [`Cache::store_fill`].)
+    pub fn complete_fill(&self, fill: Fill) -> bool {
         matches!(self.try_store(&fill, true), Store::Stored)
     }
 
@@ -300,23 +284,7 @@ impl Cache {
     /// barrier), so that an older reply of another command is invalidated
     /// before the caller hands this newer one to a client. Without a feed to
     /// ask, the key's other replies are dropped instead.
-    pub async fn store_fill(
-        &self,
-        ticket: Ticket,
-        key: &Bytes,
-        sig: &Bytes,
-        proto: u8,
-        reply: &Bytes,
-        ttl: Duration,
-    ) -> bool {
-        let fill = Fill {
-            ticket,
-            key: key.clone(),
-            sig: sig.clone(),
-            proto,
-            reply: reply.clone(),
-            ttl,
-        };
+    pub async fn store_fill(&self, fill: Fill) -> bool {
         self.store_fills(vec![fill]).await == 1
     }
 
@@ -567,9 +535,15 @@ impl Cache {
                     let ttl = cap.map_or(ttl, |c| c.min(ttl));
                     if let Ok(reply) = &result {
                         if reply.kind != ReplyKind::Error {
-                            cache
-                                .store_fill(ticket, &fk.key, &fk.sig, fk.proto, &reply.bytes, ttl)
-                                .await;
+                            let fill = Fill {
+                                ticket,
+                                key: fk.key.clone(),
+                                sig: fk.sig.clone(),
+                                proto: fk.proto,
+                                reply: reply.bytes.clone(),
+                                ttl,
+                            };
+                            cache.store_fill(fill).await;
                         }
                     }
                     result

@@ -36,7 +36,7 @@ use quanta::Instant;
 /// the ring slot, the allocation's header and slack. Set from measurement
 /// so that `max_bytes` bounds resident memory, not just payload
 /// (BENCHMARKS.md: RSS per cached 64-byte GET reply).
-pub(super) const ENTRY_OVERHEAD: usize = 200;
+pub(super) const ENTRY_OVERHEAD: usize = 300;
 /// Cached replies per key; a new one beyond this replaces the oldest.
 pub const MAX_VARIANTS: usize = 16;
 

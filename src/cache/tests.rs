@@ -27,15 +27,51 @@ fn get(c: &Cache, key: &str, sig: &str, proto: u8) -> Option<Bytes> {
 
 const TTL: Duration = Duration::from_secs(5);
 
+/// Stores a reply fetched under `ticket` (no feed barrier).
+fn complete(
+    c: &Cache,
+    ticket: Ticket,
+    key: &Bytes,
+    sig: &Bytes,
+    proto: u8,
+    reply: &Bytes,
+    ttl: Duration,
+) -> bool {
+    c.complete_fill(Fill {
+        ticket,
+        key: key.clone(),
+        sig: sig.clone(),
+        proto,
+        reply: reply.clone(),
+        ttl,
+    })
+}
+
 #[test]
 fn invalidation_between_ticket_and_fill_cancels_the_insert() {
     let c = cache();
     let t = c.ticket(b"quote:1");
     c.invalidate(b"quote:1", "test");
-    assert!(!c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), TTL));
+    assert!(!complete(
+        &c,
+        t,
+        &b("quote:1"),
+        &b("GET"),
+        2,
+        &b("$1\r\nx\r\n"),
+        TTL
+    ));
     assert!(get(&c, "quote:1", "GET", 2).is_none());
     let t = c.ticket(b"quote:1");
-    assert!(c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\ny\r\n"), TTL));
+    assert!(complete(
+        &c,
+        t,
+        &b("quote:1"),
+        &b("GET"),
+        2,
+        &b("$1\r\ny\r\n"),
+        TTL
+    ));
     assert_eq!(get(&c, "quote:1", "GET", 2).unwrap(), b("$1\r\ny\r\n"));
 }
 
@@ -44,9 +80,25 @@ fn flush_cancels_every_fill_and_feed_down_stops_serving() {
     let c = cache();
     let t = c.ticket(b"quote:1");
     c.clear_all("test");
-    assert!(!c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), TTL));
+    assert!(!complete(
+        &c,
+        t,
+        &b("quote:1"),
+        &b("GET"),
+        2,
+        &b("$1\r\nx\r\n"),
+        TTL
+    ));
     let t = c.ticket(b"quote:1");
-    assert!(c.complete_fill(t, &b("quote:1"), &b("GET"), 2, &b("$1\r\nx\r\n"), TTL));
+    assert!(complete(
+        &c,
+        t,
+        &b("quote:1"),
+        &b("GET"),
+        2,
+        &b("$1\r\nx\r\n"),
+        TTL
+    ));
     c.set_serving(false, "down");
     assert!(get(&c, "quote:1", "GET", 2).is_none());
     c.set_serving(true, "up");
@@ -61,7 +113,7 @@ fn a_write_in_flight_bypasses_reads_and_blocks_fills() {
     let c = cache();
     let key = b("quote:w");
     let t = c.ticket(&key);
-    assert!(c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
+    assert!(complete(&c, t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
     let guard = c.begin_write(&Keys::Some(vec![key.clone()])).unwrap();
     let p = c.policy(&key).unwrap();
     assert!(matches!(
@@ -71,9 +123,9 @@ fn a_write_in_flight_bypasses_reads_and_blocks_fills() {
     // A fill that started while the write is in flight (its ticket is
     // current) still must not store what it read.
     let t = c.ticket(&key);
-    assert!(!c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
+    assert!(!complete(&c, t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
     drop(guard);
-    assert!(!c.complete_fill(t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
+    assert!(!complete(&c, t, &key, &b("GET"), 2, &b("$1\r\n1\r\n"), TTL));
     assert!(matches!(
         c.lookup(&key, &b("GET"), 2, p, |_| {}),
         Lookup::Miss(_)
@@ -100,14 +152,14 @@ fn variants_are_per_command_and_protocol_and_bounded() {
     let key = b("ind:x");
     for (sig, proto, reply) in [("HGETALL", 2, "*0\r\n"), ("HGETALL", 3, "%0\r\n")] {
         let t = c.ticket(&key);
-        c.complete_fill(t, &key, &b(sig), proto, &b(reply), TTL);
+        complete(&c, t, &key, &b(sig), proto, &b(reply), TTL);
     }
     assert_eq!(get(&c, "ind:x", "HGETALL", 2).unwrap(), b("*0\r\n"));
     assert_eq!(get(&c, "ind:x", "HGETALL", 3).unwrap(), b("%0\r\n"));
     assert!(get(&c, "ind:x", "HLEN", 3).is_none());
     for i in 0..MAX_VARIANTS + 5 {
         let t = c.ticket(&key);
-        c.complete_fill(t, &key, &b(&format!("HGET{i}")), 2, &b(":1\r\n"), TTL);
+        complete(&c, t, &key, &b(&format!("HGET{i}")), 2, &b(":1\r\n"), TTL);
     }
     let variants = c.store.get(&key, |e| Some(e.variants().count())).unwrap();
     assert_eq!(variants, MAX_VARIANTS);
@@ -121,7 +173,8 @@ fn entries_never_outlive_the_shortest_ttl() {
     let c = cache();
     let key = b("quote:t");
     let t = c.ticket(&key);
-    c.complete_fill(
+    complete(
+        &c,
         t,
         &key,
         &b("GET"),
@@ -130,7 +183,7 @@ fn entries_never_outlive_the_shortest_ttl() {
         Duration::from_millis(30),
     );
     let t = c.ticket(&key);
-    c.complete_fill(t, &key, &b("STRLEN"), 2, &b(":1\r\n"), TTL);
+    complete(&c, t, &key, &b("STRLEN"), 2, &b(":1\r\n"), TTL);
     assert!(get(&c, "quote:t", "STRLEN", 2).is_some());
     std::thread::sleep(Duration::from_millis(60));
     assert!(

@@ -106,9 +106,49 @@ pub(super) async fn run(
         sidecar,
         info,
     };
+    let draining = shutdown.clone();
     session.serve(&socket, shutdown).await;
     session.release_pinned();
+    if *draining.borrow() {
+        let grace = session.sidecar.config.shutdown_grace;
+        linger(&socket, grace).await;
+    }
 }
+
+/// Ends a drained connection without losing the replies it was sent. A
+/// socket closed with unread input (requests the drain never read) sends
+/// a reset, and a reset makes the client's kernel drop the replies it has
+/// received but the client has not read yet. So: send FIN after the last
+/// reply, then read and discard until the client closes (it has seen the
+/// end of its replies by then), goes quiet for [`LINGER_IDLE`] (a client
+/// that sends nothing more cannot be reset by a late request), or the
+/// grace is up.
+async fn linger(socket: &TcpStream, grace: std::time::Duration) {
+    if socket2::SockRef::from(socket)
+        .shutdown(std::net::Shutdown::Write)
+        .is_err()
+    {
+        return;
+    }
+    let mut scratch = [0u8; 16 * 1024];
+    let until = tokio::time::Instant::now() + grace;
+    loop {
+        let idle = tokio::time::Instant::now() + LINGER_IDLE;
+        match tokio::time::timeout_at(idle.min(until), socket.readable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+        match socket.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// How long a drained client may stay silent before its socket is closed.
+const LINGER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Session {
     fn limits(&self) -> Limits {

@@ -131,3 +131,65 @@ pub fn read_sizes(seed: u64, len: usize) -> Vec<usize> {
     }
     out
 }
+
+/// A random reply frame of at most 60 elements, bulk strings up to
+/// `max_bulk` bytes; nesting depth is random and may be large (counted,
+/// never recursed on).
+pub fn gen_reply(rng: &mut Rng, out: &mut Vec<u8>, resp3: bool, max_bulk: usize) {
+    let mut open: Vec<u64> = vec![1];
+    let mut budget = 60u64;
+    while let Some(top) = open.last_mut() {
+        if *top == 0 {
+            open.pop();
+            continue;
+        }
+        *top -= 1;
+        budget = budget.saturating_sub(1);
+        let kinds: &[u8] = if resp3 { b"+-:$*_,#(!=%~>|" } else { b"+-:$*" };
+        let mut k = rng.pick(kinds);
+        if budget == 0 && matches!(k, b'*' | b'%' | b'~' | b'>' | b'|') {
+            k = b':';
+        }
+        match k {
+            b'+' => out.extend_from_slice(b"+OK\r\n"),
+            b'-' => out.extend_from_slice(b"-ERR x\r\n"),
+            b':' => out.extend_from_slice(format!(":{}\r\n", rng.next() as i64).as_bytes()),
+            b'_' => out.extend_from_slice(b"_\r\n"),
+            b',' => out.extend_from_slice(b",1.5\r\n"),
+            b'#' => out.extend_from_slice(b"#t\r\n"),
+            b'(' => out.extend_from_slice(b"(12345678901234567890\r\n"),
+            b'$' | b'!' => {
+                if k == b'$' && rng.below(8) == 0 {
+                    out.extend_from_slice(b"$-1\r\n");
+                } else {
+                    let data = rng.bytes(max_bulk);
+                    out.extend_from_slice(format!("{}{}\r\n", k as char, data.len()).as_bytes());
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            b'=' => out.extend_from_slice(b"=7\r\ntxt:abc\r\n"),
+            b'*' | b'~' | b'>' => {
+                if k == b'*' && rng.below(10) == 0 {
+                    out.extend_from_slice(b"*-1\r\n");
+                } else {
+                    let n = rng.below(4) as u64;
+                    out.extend_from_slice(format!("{}{n}\r\n", k as char).as_bytes());
+                    open.push(n);
+                }
+            }
+            b'%' => {
+                let n = rng.below(3) as u64;
+                out.extend_from_slice(format!("%{n}\r\n").as_bytes());
+                open.push(2 * n);
+            }
+            b'|' => {
+                let n = 1 + rng.below(2) as u64;
+                out.extend_from_slice(format!("|{n}\r\n").as_bytes());
+                *open.last_mut().unwrap() += 1;
+                open.push(2 * n);
+            }
+            _ => unreachable!(),
+        }
+    }
+}

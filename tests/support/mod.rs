@@ -274,6 +274,11 @@ impl Proxy {
         stat(&self.stats(), name)
     }
 
+    /// A text field of NEARCACHE STATS (`feed`).
+    pub fn stat_text(&self, name: &str) -> String {
+        stat_text(&self.stats(), name)
+    }
+
     /// GET on the admin endpoint; returns (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         use std::io::{Read, Write};
@@ -315,6 +320,54 @@ pub fn stat(stats: &[redis::Value], name: &str) -> i64 {
         }
     }
     panic!("no {name} in NEARCACHE STATS")
+}
+
+/// A text field of NEARCACHE STATS.
+pub fn stat_text(stats: &[redis::Value], name: &str) -> String {
+    let mut it = stats.iter();
+    while let Some(k) = it.next() {
+        let v = it.next().expect("pairs");
+        if let redis::Value::BulkString(k) = k {
+            if k == name.as_bytes() {
+                return redis::from_redis_value(v.clone())
+                    .unwrap_or_else(|e| panic!("{name} is not text: {e}"));
+            }
+        }
+    }
+    panic!("no {name} in NEARCACHE STATS")
+}
+
+/// Waits for an event the test cannot be told about directly: polls `done`
+/// (every millisecond at first, then every 10 ms) until it returns true, and
+/// panics naming `what` if that has not happened within `timeout`. Returns
+/// how long it took. Tests wait on the event itself this way, never on a
+/// fixed sleep that merely tends to be long enough.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if done() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "never happened within {timeout:?}: {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// A field of a redis-server's `INFO <section>` (e.g. `blocked_clients`).
+pub fn info_field(redis: &RedisServer, section: &str, field: &str) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut redis.conn())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in INFO {section}"))
+        .to_string()
 }
 
 /// Runs redis-cli with arguments against a port; returns stdout.

@@ -139,7 +139,10 @@ fn read_reply<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> std::io::Result<bool
     line.clear();
     r.read_until(b'\n', line)?;
     if line.len() < 3 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short reply"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "short reply",
+        ));
     }
     let kind = line[0];
     let num = || -> i64 {
@@ -184,7 +187,10 @@ fn connect(addr: &str) -> (BufReader<TcpStream>, BufWriter<TcpStream>) {
     s.set_nodelay(true).ok();
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let w = s.try_clone().expect("clone");
-    (BufReader::with_capacity(64 * 1024, s), BufWriter::with_capacity(64 * 1024, w))
+    (
+        BufReader::with_capacity(64 * 1024, s),
+        BufWriter::with_capacity(64 * 1024, w),
+    )
 }
 
 fn value(size: usize, i: usize) -> Vec<u8> {
