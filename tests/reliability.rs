@@ -295,8 +295,10 @@ fn client_with_parity(port: u16, parity: i64) -> RawClient {
 /// health check's PING is answered `-BUSY`: alive), client B on A's very
 /// multiplexed connection stops it with SCRIPT KILL, which goes on the
 /// control connection instead of queueing behind the script's reply; A
-/// gets Redis's own error; client C on the other connection gets `-BUSY`
-/// at once meanwhile.
+/// gets Redis's own error. Clients C (which used A's connection before) and
+/// D (new), both bound to A's connection, get `-BUSY` at once meanwhile, as
+/// on connections of their own: with nothing owed they take the other
+/// multiplexed connection instead of queueing behind the script.
 #[test]
 fn script_kill_reaches_a_busy_server_through_the_control_connection() {
     let _serial = serial();
@@ -316,7 +318,9 @@ fn script_kill_reaches_a_busy_server_through_the_control_connection() {
     let mut a = RawClient::connect(proxy.port);
     let parity = client_id(&mut a) % 2;
     let mut b = client_with_parity(proxy.port, parity);
-    let mut c = client_with_parity(proxy.port, 1 - parity);
+    let mut c = client_with_parity(proxy.port, parity);
+    assert_eq!(c.line("INCR busy:warm"), b":1\r\n");
+    let mut d = client_with_parity(proxy.port, parity);
     let alive_before = health_checks(&proxy, "alive");
 
     let t = Instant::now();
@@ -331,14 +335,24 @@ fn script_kill_reaches_a_busy_server_through_the_control_connection() {
         || health_checks(&proxy, "alive") > alive_before,
     );
 
-    let tc = Instant::now();
-    let busy = c.cmd(&[b"GET", b"busy:k"]);
-    let c_took = tc.elapsed();
-    assert!(text(&busy).starts_with("-BUSY"), "{:?}", text(&busy));
-    assert!(
-        c_took < Duration::from_millis(500),
-        "C's GET took {c_took:?}"
-    );
+    let mut c_took = Duration::ZERO;
+    for (name, cl) in [("C", &mut c), ("D", &mut d)] {
+        let tc = Instant::now();
+        cl.send(&[b"GET", b"busy:k"]);
+        let busy = cl.try_reply(Duration::from_secs(2));
+        let took = tc.elapsed();
+        let busy = busy.unwrap_or_else(|| panic!("{name}'s GET: no reply in {took:?}"));
+        assert!(
+            text(&busy).starts_with("-BUSY"),
+            "{name}: {:?}",
+            text(&busy)
+        );
+        assert!(
+            took < Duration::from_millis(500),
+            "{name}'s GET took {took:?}"
+        );
+        c_took = c_took.max(took);
+    }
 
     let tb = Instant::now();
     let killed = b.cmd(&[b"SCRIPT", b"KILL"]);
@@ -357,11 +371,11 @@ fn script_kill_reaches_a_busy_server_through_the_control_connection() {
         text(&err)
     );
     println!(
-        "script killed after {a_took:?}: C got -BUSY in {c_took:?}, SCRIPT KILL +OK in {b_took:?}, A got {:?}",
+        "script killed after {a_took:?}: C and D got -BUSY within {c_took:?}, SCRIPT KILL +OK in {b_took:?}, A got {:?}",
         text(&err).trim_end()
     );
     // Nobody's connection was given up: all three carry on.
-    for cl in [&mut a, &mut b, &mut c] {
+    for cl in [&mut a, &mut b, &mut c, &mut d] {
         assert_eq!(cl.line("PING"), b"+PONG\r\n");
     }
 }

@@ -421,15 +421,18 @@ impl Session {
 
     /// The client's multiplexed connection. A client keeps one until it
     /// dies; it takes another only when nothing it sent is still owed, so
-    /// nothing it sends later can overtake what it sent before.
+    /// nothing it sends later can overtake what it sent before. One stuck
+    /// behind a late reply (another client's runaway script) is left too
+    /// when nothing is owed: on its own connection to Redis the client would
+    /// not wait behind someone else's command (it would get `-BUSY` at once).
     pub fn pool_conn(&mut self) -> Result<Option<Arc<MuxConn>>, Error> {
         if let Some(c) = &self.mux {
-            if c.is_alive() {
+            if c.is_alive() && !c.is_late() {
                 return Ok(Some(c.clone()));
             }
             self.replies.collect_now();
             if !self.replies.is_empty() {
-                return Ok(None);
+                return Ok(c.is_alive().then(|| c.clone()));
             }
         }
         let c = self.sidecar.upstream.pool(self.proto).conn(self.slot)?;

@@ -89,24 +89,30 @@ impl Pool {
         pool
     }
 
-    /// The connection for a client bound to `slot`, or why there is none.
+    /// The connection for a client bound to `slot`, or why there is none:
+    /// its own slot's unless that one is down or stuck behind a late reply
+    /// and another is not (a client moves only with nothing owed, so its
+    /// order holds).
     pub fn conn(&self, slot: usize) -> Result<Arc<MuxConn>, Error> {
-        let s = &self.slots[slot % self.slots.len()];
-        if let Some(c) = s.conn.read().as_ref() {
-            if c.is_alive() {
-                return Ok(c.clone());
-            }
-        }
-        // Another slot may be up while this one reconnects; a client moves
-        // only once its old connection is dead, so its order holds.
-        for other in &self.slots {
-            if let Some(c) = other.conn.read().as_ref() {
-                if c.is_alive() {
-                    return Ok(c.clone());
+        let n = self.slots.len();
+        let up = |i: usize| {
+            self.slots[i % n]
+                .conn
+                .read()
+                .as_ref()
+                .filter(|c| c.is_alive())
+                .cloned()
+        };
+        let mut fallback = None;
+        for i in slot..slot + n {
+            if let Some(c) = up(i) {
+                if !c.is_late() {
+                    return Ok(c);
                 }
+                fallback.get_or_insert(c);
             }
         }
-        Err(Error::Upstream(self.last_error.read().clone()))
+        fallback.ok_or_else(|| Error::Upstream(self.last_error.read().clone()))
     }
 
     /// The upstream's HELLO reply in this pool's protocol, and its version.

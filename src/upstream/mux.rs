@@ -55,6 +55,8 @@ struct InFlight {
 pub struct MuxConn {
     jobs: mpsc::Sender<Job>,
     alive: AtomicBool,
+    /// The oldest request's reply is overdue (the server is busy or dead).
+    late: AtomicBool,
     closed: Notify,
     /// Requests queued or written and not answered yet.
     outstanding: AtomicUsize,
@@ -72,6 +74,7 @@ impl MuxConn {
         let conn = Arc::new(MuxConn {
             jobs: tx,
             alive: AtomicBool::new(true),
+            late: AtomicBool::new(false),
             closed: Notify::new(),
             outstanding: AtomicUsize::new(0),
         });
@@ -98,6 +101,12 @@ impl MuxConn {
 
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// Is a reply on this connection later than `command_timeout`? A request
+    /// sent now would wait behind it.
+    pub fn is_late(&self) -> bool {
+        self.late.load(Ordering::Relaxed)
     }
 
     /// Requests waiting for their replies on this connection.
@@ -255,7 +264,11 @@ async fn read_loop(
         }
         let oldest = inflight.lock().front().map(|f| f.sent_at);
         let due = oldest.map(|sent| proven.map_or(sent, |p| p.max(sent)) + command_timeout);
-        let overdue = due.is_some_and(|d| Instant::now() >= d);
+        let now = Instant::now();
+        let overdue = due.is_some_and(|d| now >= d);
+        // Late stays set while a busy server holds the reply, checks or not.
+        let late = oldest.is_some_and(|s| now >= s + command_timeout);
+        conn.late.store(late, Ordering::Relaxed);
         if !overdue {
             // The late reply came in while the check ran: nothing to ask about.
             check = None;
