@@ -36,6 +36,7 @@ pub struct Metrics {
     // Upstream.
     pub upstream_latency_seconds: Histogram,
     pub upstream_errors_total: IntCounterVec,
+    pub upstream_health_checks_total: IntCounterVec,
     pub upstream_reconnects_total: IntCounter,
     pub upstream_pool_connections: IntGauge,
     pub upstream_pinned_connections: IntGauge,
@@ -191,6 +192,12 @@ impl Metrics {
                 "nearcache_upstream_errors_total",
                 "Upstream failures by kind (connect, timeout, closed, protocol)",
                 &["kind"],
+            ),
+            upstream_health_checks_total: counter_vec(
+                &r,
+                "nearcache_upstream_health_checks_total",
+                "Liveness checks of the upstream (a PING on a fresh connection) made while a reply was late, by result (alive, dead)",
+                &["result"],
             ),
             upstream_reconnects_total: counter(&r, "nearcache_upstream_reconnects_total", "Upstream connections (re)established"),
             upstream_pool_connections: gauge(

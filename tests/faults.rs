@@ -70,16 +70,21 @@ fn readyz(proxy: &Proxy) -> u16 {
 // --- 1. Network cut between nearcache and Redis ---------------------------------------
 
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// Also the health check's timeout: a late reply is given up when a PING on
+/// a fresh connection gets no answer within it (slow is not dead).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A request nearcache could not get an answer for must be answered with an
-/// error by `command_timeout` (plus scheduling slack), not hang.
-const PROMPT: Duration = Duration::from_millis(500 + 600);
+/// error by `command_timeout` plus the health check (plus scheduling
+/// slack), not hang.
+const PROMPT: Duration = Duration::from_millis(500 + 500 + 600);
 
 /// Nearcache in front of a relay to `redis`, with a short command timeout.
 fn behind_relay(redis: &RedisServer) -> (Relay, Proxy) {
     let relay = Relay::start(redis.port);
     let mut config = test_config(&relay.url());
     config.upstream.command_timeout = COMMAND_TIMEOUT;
+    config.upstream.connect_timeout = CONNECT_TIMEOUT;
     let proxy = Proxy::with_config(config);
     proxy.wait_serving();
     (relay, proxy)
@@ -214,7 +219,7 @@ fn network_cut_fails_promptly_and_recovers() {
     proxy.wait_serving();
     let serving = healed.elapsed();
     println!("heal: traffic after {traffic:?}, /readyz 200 after {ready:?}, L1 serving after {serving:?}");
-    // Bound: connect_timeout (1 s, a handshake whose bytes the cut ate) +
+    // Bound: connect_timeout (0.5 s, a handshake whose bytes the cut ate) +
     // reconnect_backoff_max (1 s) + slack for a loaded machine.
     let bound = Duration::from_millis(3500);
     assert!(traffic < bound, "traffic back after {traffic:?}");

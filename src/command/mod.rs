@@ -30,34 +30,6 @@ pub enum Pin {
     Monitor,
 }
 
-/// How long a blocking command may wait on the server by its own
-/// arguments: `None` for forever (a zero timeout, or one that cannot be
-/// read, which Redis rejects at once anyway). A reply later than this plus
-/// the command timeout means the connection is lost, not that the command
-/// is still waiting.
-pub fn block_timeout(name: &[u8], args: &[Bytes]) -> Option<std::time::Duration> {
-    let upper = name.to_ascii_uppercase();
-    let (raw, millis) = match upper.as_slice() {
-        b"BLPOP" | b"BRPOP" | b"BLMOVE" | b"BRPOPLPUSH" | b"BZPOPMIN" | b"BZPOPMAX" => {
-            (args.last()?, false)
-        }
-        b"BLMPOP" | b"BZMPOP" => (args.get(1)?, false),
-        b"XREAD" | b"XREADGROUP" => {
-            let at = args.iter().position(|a| a.eq_ignore_ascii_case(b"BLOCK"))?;
-            (args.get(at + 1)?, true)
-        }
-        b"WAIT" => (args.last()?, true),
-        b"WAITAOF" => (args.last()?, true),
-        _ => return None,
-    };
-    let value: f64 = std::str::from_utf8(raw).ok()?.parse().ok()?;
-    if !value.is_finite() || value <= 0.0 {
-        return None;
-    }
-    let secs = if millis { value / 1000.0 } else { value };
-    std::time::Duration::try_from_secs_f64(secs).ok()
-}
-
 /// Which keys a write touches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Keys {
@@ -287,27 +259,6 @@ pub fn known_commands() -> Vec<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn block_timeout_reads_each_commands_own_argument() {
-        let of = |line: &str| {
-            let args: Vec<Bytes> = line
-                .split(' ')
-                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-                .collect();
-            block_timeout(&args[0], &args)
-        };
-        let secs = |s: f64| Some(std::time::Duration::from_secs_f64(s));
-        assert_eq!(of("BLPOP a b 1.5"), secs(1.5));
-        assert_eq!(of("blmove a b LEFT RIGHT 2"), secs(2.0));
-        assert_eq!(of("BZMPOP 3 2 a b MIN"), secs(3.0));
-        assert_eq!(of("XREAD COUNT 1 BLOCK 250 STREAMS s $"), secs(0.25));
-        assert_eq!(of("WAIT 1 100"), secs(0.1));
-        assert_eq!(of("BLPOP a 0"), None);
-        assert_eq!(of("BLPOP a x"), None);
-        assert_eq!(of("XREAD STREAMS s $"), None);
-        assert_eq!(of("GET a"), None);
-    }
-
     use super::*;
 
     fn args(s: &str) -> Vec<Bytes> {

@@ -31,11 +31,11 @@ pub struct PinnedReplies {
     bytes: BytesMut,
     /// nearcache's own request (SELECT on a fresh connection): never written.
     pub internal: bool,
-    /// When to give up waiting (none for subscriptions and blocking
-    /// commands without a timeout).
+    /// When to ask whether the server is alive if the replies have not all
+    /// come (see `upstream::Health`); none for subscriptions and MONITOR.
     pub deadline: Option<Instant>,
-    /// A blocking command or a subscription: Redis abandons it when its
-    /// client hangs up, and so does nearcache.
+    /// May wait indefinitely on a live server (a blocking command,
+    /// subscriptions, MONITOR).
     pub open_ended: bool,
     pub guard: Option<WriteGuard>,
 }
@@ -226,6 +226,17 @@ impl Replies {
             .any(|i| matches!(&i.owed, Owed::Pinned(p) if !p.complete() && p.open_ended))
     }
 
+    /// Are the pinned replies overdue at `now` all open-ended ones (a
+    /// blocking command held by a live server is not late)?
+    pub fn overdue_open_ended_only(&self, now: Instant) -> bool {
+        self.queue.iter().all(|i| match &i.owed {
+            Owed::Pinned(p) if !p.complete() && p.deadline.is_some_and(|d| d <= now) => {
+                p.open_ended
+            }
+            _ => true,
+        })
+    }
+
     /// The earliest deadline of a pinned reply still owed.
     pub fn pinned_deadline(&self) -> Option<Instant> {
         self.queue
@@ -235,6 +246,19 @@ impl Replies {
                 _ => None,
             })
             .min()
+    }
+
+    /// The server proved alive while pinned replies were late: they get
+    /// `until` before the next check (deadlines still ahead are kept).
+    pub fn extend_pinned_deadlines(&mut self, now: Instant, until: Instant) {
+        for item in self.queue.iter_mut() {
+            if let Owed::Pinned(p) = &mut item.owed {
+                let late = !p.complete() && p.deadline.is_some_and(|d| d <= now);
+                if late {
+                    p.deadline = Some(until);
+                }
+            }
+        }
     }
 
     /// The pinned connection is gone (or timed out): every reply it owes

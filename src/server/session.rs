@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -72,6 +73,8 @@ pub(super) struct Session {
     pub stalled_on_pool: bool,
     /// Since when unread output has been over the soft limit.
     over_soft_since: Option<Instant>,
+    /// A pinned reply is late: is the server busy or dead? (see `upstream::Health`)
+    pinned_check: Option<BoxFuture<'static, bool>>,
 }
 
 /// Runs a client's session until it disconnects, is killed, or shutdown
@@ -99,6 +102,7 @@ pub(super) async fn run(
         outstanding: Default::default(),
         stalled_on_pool: false,
         over_soft_since: None,
+        pinned_check: None,
         sidecar,
         info,
     };
@@ -240,16 +244,45 @@ impl Session {
                 tokio::task::yield_now().await;
             }
             let deadline = self.replies.pinned_deadline();
+            if deadline.is_none_or(|d| d > Instant::now()) {
+                // Nothing overdue (the late reply came): the check has nothing to decide.
+                self.pinned_check = None;
+            }
             tokio::select! {
                 biased;
                 _ = self.info.kill.notified() => return,
                 frame = next_frame(&mut self.pinned) => self.on_pinned_frame(frame),
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
-                    let t = self.sidecar.config.upstream.command_timeout;
-                    crate::metrics::get().upstream_errors_total.with_label_values(&["timeout"]).inc();
-                    self.pinned = None;
-                    self.replies.pinned_lost(&Error::Upstream(format!("no reply within {t:?}")));
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() && self.pinned_check.is_none() => {
+                    // Late is not dead: a check on another connection decides.
+                    let health = self.sidecar.upstream.health.clone();
+                    let now = Instant::now();
+                    // A blocking command is not late: an answer to any recent
+                    // check will do (many blocked clients share one check per
+                    // half period, not one each).
+                    let fresh = self.sidecar.config.upstream.command_timeout / 2;
+                    let since = if self.replies.overdue_open_ended_only(now) {
+                        now.checked_sub(fresh).unwrap_or(now)
+                    } else {
+                        now
+                    };
+                    self.pinned_check = Some(Box::pin(async move { health.alive_since(since).await }));
+                }
+                alive = std::future::poll_fn(|cx| match self.pinned_check.as_mut() {
+                    Some(c) => c.as_mut().poll(cx),
+                    None => std::task::Poll::Pending,
+                }), if self.pinned_check.is_some() => {
+                    self.pinned_check = None;
+                    let upstream = &self.sidecar.config.upstream;
+                    if alive {
+                        let now = Instant::now();
+                        self.replies.extend_pinned_deadlines(now, now + upstream.command_timeout);
+                    } else {
+                        crate::metrics::get().upstream_errors_total.with_label_values(&["timeout"]).inc();
+                        let e = crate::upstream::timed_out(upstream.command_timeout, upstream.connect_timeout);
+                        self.pinned = None;
+                        self.replies.pinned_lost(&e);
+                    }
                 }
                 // Before the socket: with `biased`, a client that always has
                 // input ready would otherwise never see the drain.
@@ -388,15 +421,18 @@ impl Session {
 
     /// The client's multiplexed connection. A client keeps one until it
     /// dies; it takes another only when nothing it sent is still owed, so
-    /// nothing it sends later can overtake what it sent before.
+    /// nothing it sends later can overtake what it sent before. One stuck
+    /// behind a late reply (another client's runaway script) is left too
+    /// when nothing is owed: on its own connection to Redis the client would
+    /// not wait behind someone else's command (it would get `-BUSY` at once).
     pub fn pool_conn(&mut self) -> Result<Option<Arc<MuxConn>>, Error> {
         if let Some(c) = &self.mux {
-            if c.is_alive() {
+            if c.is_alive() && !c.is_late() {
                 return Ok(Some(c.clone()));
             }
             self.replies.collect_now();
             if !self.replies.is_empty() {
-                return Ok(None);
+                return Ok(c.is_alive().then(|| c.clone()));
             }
         }
         let c = self.sidecar.upstream.pool(self.proto).conn(self.slot)?;
@@ -455,7 +491,7 @@ impl Session {
             let select =
                 protocol::command([b"SELECT".to_vec(), self.state.db().to_string().into_bytes()]);
             // Queued before it is written: the reply must find its slot waiting.
-            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline(false));
+            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
             owed.internal = true;
             self.replies.push(Owed::Pinned(owed), false);
             conn.write(&select).await?;
@@ -465,8 +501,9 @@ impl Session {
         Ok(Flow::Next)
     }
 
-    fn deadline(&self, open_ended: bool) -> Option<Instant> {
-        (!open_ended).then(|| Instant::now() + self.sidecar.config.upstream.command_timeout)
+    /// When to check on the server if a pinned reply has not come.
+    fn deadline(&self) -> Option<Instant> {
+        Some(Instant::now() + self.sidecar.config.upstream.command_timeout)
     }
 
     /// Sends a request on the client's own connection.
@@ -502,20 +539,16 @@ impl Session {
             self.sidecar.cache.begin_write(keys)
         };
         let (expect, effect) = self.state.prepare(name, &req.args, keys, blocking);
-        let open_ended = blocking
-            || matches!(
-                effect,
-                super::pinned::Effect::Subscribe | super::pinned::Effect::Monitor
-            );
-        let deadline = match crate::command::block_timeout(name, &req.args) {
-            // A blocking command with a timeout: lost if its reply is later than that.
-            Some(wait) if blocking => {
-                Some(Instant::now() + wait + self.sidecar.config.upstream.command_timeout)
-            }
-            _ => self.deadline(open_ended),
-        };
+        // Subscriptions and MONITOR wait without deadline; a blocking command
+        // has one, as a point to check that the server holding it is alive
+        // (through a network cut it would otherwise wait forever).
+        let subscribed = matches!(
+            effect,
+            super::pinned::Effect::Subscribe | super::pinned::Effect::Monitor
+        );
+        let deadline = if subscribed { None } else { self.deadline() };
         let mut owed = PinnedReplies::new(self.state.count(expect), effect, deadline);
-        owed.open_ended = open_ended;
+        owed.open_ended = blocking || subscribed;
         owed.guard = guard;
         // The slot is queued before the request is written: otherwise a fast
         // reply could be taken for a push message.

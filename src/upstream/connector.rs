@@ -108,6 +108,10 @@ impl Connector {
         self.switches.subscribe()
     }
 
+    pub fn tls(&self) -> Option<&TlsConnector> {
+        self.tls.as_ref()
+    }
+
     /// Connects and runs the handshake: the login, `HELLO <proto>`, `SELECT`
     /// of the configured database and, with `want_run_id`, `INFO server`,
     /// pipelined in one round trip. A refused login is an

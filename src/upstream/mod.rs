@@ -15,6 +15,7 @@
 //! when the master moves (see [`sentinel`]).
 
 mod connector;
+mod health;
 mod mux;
 mod pinned;
 pub mod sentinel;
@@ -29,7 +30,8 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 pub use connector::{Connected, Connector, Login, ServerInfo};
-pub use mux::{received, MuxConn, ReplyResult};
+pub use health::Health;
+pub use mux::{received, timed_out, MuxConn, ReplyResult};
 pub use pinned::{PinnedConn, PinnedFrame, PinnedPool};
 pub use sentinel::{next_switch, Sentinel};
 
@@ -62,6 +64,7 @@ impl Pool {
         size: usize,
         run_id: Arc<watch::Sender<Option<String>>>,
         shutdown: Arc<Notify>,
+        health: Arc<Health>,
     ) -> Pool {
         let pool = Pool {
             slots: (0..size.max(1))
@@ -85,29 +88,36 @@ impl Pool {
                 up: pool.up.clone(),
                 run_id: run_id.clone(),
                 shutdown: shutdown.clone(),
+                health: health.clone(),
             }));
         }
         pool
     }
 
-    /// The connection for a client bound to `slot`, or why there is none.
+    /// The connection for a client bound to `slot`, or why there is none:
+    /// its own slot's unless that one is down or stuck behind a late reply
+    /// and another is not (a client moves only with nothing owed, so its
+    /// order holds).
     pub fn conn(&self, slot: usize) -> Result<Arc<MuxConn>, Error> {
-        let s = &self.slots[slot % self.slots.len()];
-        if let Some(c) = s.conn.read().as_ref() {
-            if c.is_alive() {
-                return Ok(c.clone());
-            }
-        }
-        // Another slot may be up while this one reconnects; a client moves
-        // only once its old connection is dead, so its order holds.
-        for other in &self.slots {
-            if let Some(c) = other.conn.read().as_ref() {
-                if c.is_alive() {
-                    return Ok(c.clone());
+        let n = self.slots.len();
+        let up = |i: usize| {
+            self.slots[i % n]
+                .conn
+                .read()
+                .as_ref()
+                .filter(|c| c.is_alive())
+                .cloned()
+        };
+        let mut fallback = None;
+        for i in slot..slot + n {
+            if let Some(c) = up(i) {
+                if !c.is_late() {
+                    return Ok(c);
                 }
+                fallback.get_or_insert(c);
             }
         }
-        Err(Error::Upstream(self.last_error.read().clone()))
+        fallback.ok_or_else(|| Error::Upstream(self.last_error.read().clone()))
     }
 
     /// The upstream's HELLO reply in this pool's protocol, and its version.
@@ -133,6 +143,7 @@ struct Supervised {
     up: Arc<AtomicUsize>,
     run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
+    health: Arc<Health>,
 }
 
 async fn supervise(s: Supervised) {
@@ -171,7 +182,12 @@ async fn supervise(s: Supervised) {
                 }
                 *s.info.write() = Some(connected.info.clone());
                 let addr = connected.addr.clone();
-                let conn = MuxConn::start(connected, cfg.command_timeout, MUX_QUEUE);
+                let conn = MuxConn::start(
+                    connected,
+                    cfg.command_timeout,
+                    MUX_QUEUE,
+                    Some(s.health.clone()),
+                );
                 *s.slot.conn.write() = Some(conn.clone());
                 s.up.fetch_add(1, Ordering::Relaxed);
                 m.upstream_pool_connections.inc();
@@ -226,6 +242,8 @@ pub struct Upstream {
     resp3: Pool,
     control: Pool,
     pub pinned: PinnedPool,
+    /// Liveness checks for late replies (see `health.rs`).
+    pub health: Arc<Health>,
     run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
 }
@@ -237,6 +255,7 @@ impl Upstream {
         let cfg = connector.config();
         let size = cfg.pool_size;
         let max_pinned = cfg.max_pinned;
+        let health = Health::new(connector.clone());
         let pool = |proto, size| {
             Pool::start(
                 connector.clone(),
@@ -244,6 +263,7 @@ impl Upstream {
                 size,
                 run_id.clone(),
                 shutdown.clone(),
+                health.clone(),
             )
         };
         if let Some(sentinel) = connector.sentinel() {
@@ -254,6 +274,7 @@ impl Upstream {
             resp3: pool(3, size),
             control: pool(2, 1),
             pinned: PinnedPool::new(connector.clone(), max_pinned),
+            health,
             connector,
             run_id,
             shutdown,

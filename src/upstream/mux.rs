@@ -19,7 +19,10 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
+use futures::future::{BoxFuture, FutureExt};
+
 use super::connector::Connected;
+use super::health::Health;
 use crate::error::Error;
 use crate::metrics;
 use crate::net::{BoxStream, FrameReader};
@@ -52,6 +55,8 @@ struct InFlight {
 pub struct MuxConn {
     jobs: mpsc::Sender<Job>,
     alive: AtomicBool,
+    /// The oldest request's reply is overdue (the server is busy or dead).
+    late: AtomicBool,
     closed: Notify,
     /// Requests queued or written and not answered yet.
     outstanding: AtomicUsize,
@@ -63,11 +68,13 @@ impl MuxConn {
         connected: Connected,
         command_timeout: Duration,
         queue: usize,
+        health: Option<Arc<Health>>,
     ) -> Arc<MuxConn> {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let conn = Arc::new(MuxConn {
             jobs: tx,
             alive: AtomicBool::new(true),
+            late: AtomicBool::new(false),
             closed: Notify::new(),
             outstanding: AtomicUsize::new(0),
         });
@@ -89,12 +96,19 @@ impl MuxConn {
             wake_reader,
             command_timeout,
             readonly,
+            health,
         ));
         conn
     }
 
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// Is a reply on this connection later than `command_timeout`? A request
+    /// sent now would wait behind it.
+    pub fn is_late(&self) -> bool {
+        self.late.load(Ordering::Relaxed)
     }
 
     /// Requests waiting for their replies on this connection.
@@ -208,6 +222,14 @@ async fn write_loop(
     let _ = wr.shutdown().await;
 }
 
+/// Why a connection is given up when a reply is late and the health check
+/// got no answer either.
+pub fn timed_out(command_timeout: Duration, check_timeout: Duration) -> Error {
+    Error::Upstream(format!(
+        "no reply within {command_timeout:?} and no answer to a health check within {check_timeout:?}"
+    ))
+}
+
 async fn read_loop(
     conn: Arc<MuxConn>,
     mut reader: FrameReader<ReadHalf<BoxStream>>,
@@ -215,8 +237,15 @@ async fn read_loop(
     wake_reader: Arc<Notify>,
     command_timeout: Duration,
     readonly: Option<Arc<Notify>>,
+    health: Option<Arc<Health>>,
 ) {
     let m = metrics::get();
+    // A late reply does not end the connection by itself: the server may be
+    // busy, not dead. When the oldest request has waited `command_timeout`
+    // (or that long since the last proof of life), a health check decides;
+    // while it runs, replies keep being read.
+    let mut check: Option<BoxFuture<'static, bool>> = None;
+    let mut proven: Option<Instant> = None;
     let failure: Error = 'conn: loop {
         // Every complete reply already buffered.
         loop {
@@ -250,36 +279,184 @@ async fn read_loop(
             let _ = f.reply.send(Ok(reply));
         }
         let oldest = inflight.lock().front().map(|f| f.sent_at);
+        let due = oldest.map(|sent| proven.map_or(sent, |p| p.max(sent)) + command_timeout);
+        let now = Instant::now();
+        let overdue = due.is_some_and(|d| now >= d);
+        // Late stays set while a busy server holds the reply, checks or not.
+        let late = oldest.is_some_and(|s| now >= s + command_timeout);
+        conn.late.store(late, Ordering::Relaxed);
+        if !overdue {
+            // The late reply came in while the check ran: nothing to ask about.
+            check = None;
+        }
+        if let (Some(due), None) = (due, &check) {
+            if overdue {
+                let Some(health) = &health else {
+                    m.upstream_errors_total
+                        .with_label_values(&["timeout"])
+                        .inc();
+                    break Error::Upstream(format!("no reply within {command_timeout:?}"));
+                };
+                let health = health.clone();
+                check = Some(async move { health.alive_since(due).await }.boxed());
+            }
+        }
+        let checking = check.is_some();
         let read = async {
-            match oldest {
-                Some(sent) => {
-                    tokio::time::timeout_at((sent + command_timeout).into(), reader.fill())
-                        .await
-                        .ok()
-                }
+            match due {
+                Some(due) if !checking => tokio::time::timeout_at(due.into(), reader.fill())
+                    .await
+                    .unwrap_or(Ok(())),
+                Some(_) => reader.fill().await,
                 // Idle: wait for data or for a request to start the timeout clock.
                 None => tokio::select! {
-                    r = reader.fill() => Some(r),
-                    _ = wake_reader.notified() => Some(Ok(())),
+                    r = reader.fill() => r,
+                    _ = wake_reader.notified() => Ok(()),
                 },
             }
         };
         tokio::select! {
-            r = read => match r {
-                Some(Ok(())) => {}
-                Some(Err(e)) => {
-                    m.upstream_errors_total.with_label_values(&["closed"]).inc();
-                    break e;
-                }
-                None => {
-                    m.upstream_errors_total.with_label_values(&["timeout"]).inc();
-                    break Error::Upstream(format!("no reply within {command_timeout:?}"));
-                }
+            r = read => if let Err(e) = r {
+                m.upstream_errors_total.with_label_values(&["closed"]).inc();
+                break e;
             },
+            alive = async { check.as_mut().expect("guarded").await }, if check.is_some() => {
+                check = None;
+                if !alive {
+                    m.upstream_errors_total.with_label_values(&["timeout"]).inc();
+                    let check_timeout = health.as_ref().map(|h| h.timeout()).unwrap_or_default();
+                    break timed_out(command_timeout, check_timeout);
+                }
+                // Busy, not dead: wait another period before asking again.
+                proven = Some(Instant::now());
+            }
             _ = conn.closed() => break Error::Upstream("connection closed".into()),
         }
     };
     debug!(error = %failure, "upstream connection lost");
     conn.close();
     fail_all(&conn, &inflight, &Arc::new(failure));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::upstream::{Connector, Login};
+
+    /// A real redis-server on a free port, killed on drop.
+    struct Redis {
+        port: u16,
+        child: Child,
+    }
+
+    impl Redis {
+        fn start() -> Redis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Redis { port, child }
+        }
+
+        fn signal(&self, name: &str) {
+            let ok = Command::new("kill")
+                .args([&format!("-{name}"), &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The job queue is bounded: with Redis stopped, a producer sending
+    /// large requests is held once the socket's buffers and the queue are
+    /// full, instead of growing the process; when Redis resumes, every
+    /// request is answered, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_holds_its_producer_and_keeps_order() {
+        const SIZE: usize = 256 * 1024;
+        const N: usize = 400;
+        let redis = Redis::start();
+        let mut cfg = crate::config::Config::defaults().upstream;
+        cfg.url = crate::config::UpstreamUrl::parse(&format!("redis://127.0.0.1:{}", redis.port))
+            .unwrap();
+        let connector = Connector::new(cfg).unwrap();
+        let connected = connector
+            .connect(2, &Login::Configured, false)
+            .await
+            .unwrap();
+        let conn = MuxConn::start(connected, Duration::from_secs(60), 4, None);
+
+        redis.signal("STOP");
+        let sent = Arc::new(AtomicUsize::new(0));
+        let producer = {
+            let (conn, sent) = (conn.clone(), sent.clone());
+            tokio::spawn(async move {
+                let value = vec![b'x'; SIZE];
+                let mut replies = Vec::with_capacity(N);
+                for _ in 0..N {
+                    let req = crate::protocol::command([&b"APPEND"[..], b"q", &value]);
+                    replies.push(conn.send(req).await);
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                replies
+            })
+        };
+        // Wait until the producer is held: no progress for 300 ms.
+        let mut last = usize::MAX;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = sent.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the producer never stopped");
+            last = now;
+        }
+        let held_at = sent.load(Ordering::Relaxed);
+        println!(
+            "producer held after {held_at} of {N} requests of {SIZE} bytes; {} outstanding",
+            conn.outstanding()
+        );
+        assert!(
+            held_at < N / 2,
+            "a stopped upstream held the producer after {held_at} requests"
+        );
+
+        redis.signal("CONT");
+        let replies = tokio::time::timeout(Duration::from_secs(60), producer)
+            .await
+            .expect("every request sent after the resume")
+            .unwrap();
+        for (i, rx) in replies.into_iter().enumerate() {
+            let reply = received(rx.await).expect("a reply");
+            let want = format!(":{}\r\n", (i + 1) * SIZE);
+            assert_eq!(&reply.bytes[..], want.as_bytes(), "reply {i}");
+        }
+        assert_eq!(conn.outstanding(), 0);
+    }
 }

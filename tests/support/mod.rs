@@ -120,15 +120,9 @@ impl RedisServer {
         &self.dir
     }
 
-    /// Starts it again on the same port (empty, since nothing is persisted).
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    /// Sends a signal by name: `STOP` freezes the server with its sockets
-    /// open (a master cut off by a partition: clients see no error, only
-    /// silence), `CONT` resumes it.
+    /// Sends a signal by name ("STOP", "CONT", ...): a stopped server keeps
+    /// its sockets open (the kernel even accepts new connections) and
+    /// answers nothing, like a hung process.
     pub fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("running").id();
         let ok = Command::new("kill")
@@ -137,6 +131,12 @@ impl RedisServer {
             .unwrap()
             .success();
         assert!(ok, "kill -{name} failed");
+    }
+
+    /// Starts it again on the same port (empty, since nothing is persisted).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
     }
 }
 
