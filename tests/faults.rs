@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nearcache::config::{InvalidationMode, TdFormat, TdOnError, TdRoute, TdengineConfig};
+use nearcache::config::{InvalidationMode, TdOnError, TdengineConfig};
 use support::relay::Relay;
 use support::{test_config, Proxy, RawClient, RedisServer};
 use taosadapter::{Fault, Mode, TaosAdapter};
@@ -486,28 +486,6 @@ const TD_TIMEOUT: Duration = Duration::from_millis(500);
 /// covers queueing for a query slot) plus this.
 const TD_SLACK: Duration = Duration::from_millis(400);
 
-fn td_config(dsn: String) -> TdengineConfig {
-    TdengineConfig {
-        dsn,
-        timeout: TD_TIMEOUT,
-        on_error: TdOnError::Error,
-        on_invalid_key: TdOnError::Nil,
-        format: TdFormat::Json,
-        max_concurrent_queries: 16,
-        pool_size: 2,
-        negative_ttl: None,
-        breaker_failures: 1000,
-        breaker_cooldown: Duration::from_secs(5),
-        routes: vec![TdRoute {
-            key: "kline:{symbol}:{freq}".into(),
-            sql: "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500".into(),
-            ttl: Duration::from_secs(15 * 60),
-            params: taosadapter::kline_params(),
-        }],
-        tls: Default::default(),
-    }
-}
-
 /// Redis, the stand-in (symbols 000001 and 600519 added) on its own runtime,
 /// nearcache with `tweak` applied to its TDengine section. Fields drop in
 /// order: proxy first.
@@ -541,7 +519,7 @@ impl TdEnv {
             .build()
             .unwrap();
         let ta = start_stand_in(&rt, mode, None);
-        let mut td = td_config(ta.dsn());
+        let mut td = taosadapter::kline_config(ta.dsn(), TD_TIMEOUT);
         tweak(&mut td);
         let mut config = test_config(&redis.url());
         config.tdengine = Some(td);

@@ -14,7 +14,7 @@ mod taosadapter;
 
 use std::time::{Duration, Instant};
 
-use nearcache::config::{InvalidationMode, TdFormat, TdOnError, TdRoute, TdengineConfig};
+use nearcache::config::InvalidationMode;
 use support::{test_config, Proxy, RawClient, RedisServer};
 use taosadapter::TaosAdapter;
 
@@ -532,25 +532,7 @@ impl TdEnv {
         ta.add_symbol("600519");
         let mut config = test_config(&redis.url());
         config.cache.invalidation = feed;
-        config.tdengine = Some(TdengineConfig {
-            dsn: ta.dsn(),
-            timeout: Duration::from_secs(2),
-            on_error: TdOnError::Error,
-            on_invalid_key: TdOnError::Nil,
-            format: TdFormat::Json,
-            max_concurrent_queries: 16,
-            pool_size: 2,
-            negative_ttl: None,
-            breaker_failures: 1000,
-            breaker_cooldown: Duration::from_secs(5),
-            routes: vec![TdRoute {
-                key: "kline:{symbol}:{freq}".into(),
-                sql: "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500".into(),
-                ttl: Duration::from_secs(15 * 60),
-                params: taosadapter::kline_params(),
-            }],
-            tls: Default::default(),
-        });
+        config.tdengine = Some(taosadapter::kline_config(ta.dsn(), Duration::from_secs(2)));
         let proxy = Proxy::with_config(config);
         proxy.wait_serving();
         TdEnv {

@@ -15,32 +15,16 @@ use std::sync::Arc;
 use futures::future::join_all;
 use std::time::{Duration, Instant};
 
-use nearcache::config::{TdFormat, TdOnError, TdRoute, TdengineConfig};
+use nearcache::config::{TdFormat, TdengineConfig};
 use nearcache::tdengine::{Fetch, Tdengine};
 use taosadapter::{Fault, Mode, QueryPath, TaosAdapter, T0};
 
-const KLINE_SQL: &str =
-    "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500";
+use taosadapter::KLINE_SQL;
 
 fn config(dsn: String) -> TdengineConfig {
     TdengineConfig {
-        dsn,
-        timeout: Duration::from_millis(500),
-        on_error: TdOnError::Error,
-        on_invalid_key: TdOnError::Nil,
-        format: TdFormat::Json,
-        max_concurrent_queries: 16,
-        pool_size: 2,
         negative_ttl: Some(Duration::from_secs(30)),
-        breaker_failures: 1000,
-        breaker_cooldown: Duration::from_secs(5),
-        routes: vec![TdRoute {
-            key: "kline:{symbol}:{freq}".into(),
-            sql: KLINE_SQL.into(),
-            ttl: Duration::from_secs(900),
-            params: taosadapter::kline_params(),
-        }],
-        tls: Default::default(),
+        ..taosadapter::kline_config(dsn, Duration::from_millis(500))
     }
 }
 
@@ -350,8 +334,9 @@ for_each_path!(async fn breaker_opens_fails_fast_and_recovers(mode) {
         let f = td.fetch(b"kline:MSFT:1d").await;
         assert!(is_failed(&f), "{f:?}");
     }
+    // Waiting for the 500 ms query timeout even once each would take 25 s.
     assert!(
-        t.elapsed() < Duration::from_millis(100),
+        t.elapsed() < Duration::from_secs(1),
         "open breaker must fail fast: {:?}",
         t.elapsed()
     );
@@ -555,12 +540,22 @@ async fn wss_fills_through_the_relay_and_verifies_the_certificate(mode) {
         hosts.iter().all(|h| *h == format!("localhost:{port}")),
         "{mode}: {hosts:?}"
     );
-    // A warm connection: a few more fills, no ~40 ms stall each.
-    let t = Instant::now();
-    for key in [&b"kline:MSFT:1d"[..], b"kline:BRK.B:1d", b"kline:MSFT:1w"] {
-        assert!(matches!(td.fetch(key).await, Fetch::Rows { .. }), "{mode}");
+    // A warm connection: no fill pays the delayed-ACK stall, which holds
+    // every request at least 40 ms (Linux's minimum delayed-ACK timer). A
+    // loaded machine slows only some fills: the fastest of eight tells.
+    let keys = [&b"kline:MSFT:1d"[..], b"kline:BRK.B:1d", b"kline:MSFT:1w", b"kline:AAPL:1w"];
+    let mut fastest = Duration::MAX;
+    for _ in 0..2 {
+        for key in keys {
+            let start = Instant::now();
+            assert!(matches!(td.fetch(key).await, Fetch::Rows { .. }), "{mode}");
+            fastest = fastest.min(start.elapsed());
+        }
     }
-    assert!(t.elapsed() < Duration::from_millis(100), "{mode}: {:?}", t.elapsed());
+    assert!(
+        fastest < Duration::from_millis(38),
+        "{mode}: the fastest of 8 warm fills over TLS took {fastest:?}"
+    );
 
     // Refused: the webpki roots only, an unrelated CA, and a certificate
     // (for `localhost`) checked against the address the DSN names.

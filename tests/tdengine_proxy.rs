@@ -13,36 +13,12 @@ mod taosadapter;
 
 use std::time::{Duration, Instant};
 
-use nearcache::config::{InvalidationMode, TdFormat, TdOnError, TdRoute, TdengineConfig};
+use nearcache::config::{InvalidationMode, TdOnError, TdengineConfig};
 use serde_json::{json, Value};
 use support::{Proxy, RedisServer};
 use taosadapter::{kline_row, Fault, Mode, TaosAdapter, Val};
 
-const KLINE_SQL: &str =
-    "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500";
 const TIMEOUT: Duration = Duration::from_millis(500);
-
-fn td_config(dsn: String) -> TdengineConfig {
-    TdengineConfig {
-        dsn,
-        timeout: TIMEOUT,
-        on_error: TdOnError::Error,
-        on_invalid_key: TdOnError::Nil,
-        format: TdFormat::Json,
-        max_concurrent_queries: 16,
-        pool_size: 2,
-        negative_ttl: None,
-        breaker_failures: 1000,
-        breaker_cooldown: Duration::from_secs(5),
-        routes: vec![TdRoute {
-            key: "kline:{symbol}:{freq}".into(),
-            sql: KLINE_SQL.into(),
-            ttl: Duration::from_secs(15 * 60),
-            params: taosadapter::kline_params(),
-        }],
-        tls: Default::default(),
-    }
-}
 
 /// Redis, the stand-in (with symbols 000001 and 600519 added) on its own
 /// runtime, and nearcache configured with `tweak` applied to the TDengine
@@ -84,7 +60,7 @@ impl Env {
         };
         ta.add_symbol("000001");
         ta.add_symbol("600519");
-        let mut td = td_config(ta.dsn());
+        let mut td = taosadapter::kline_config(ta.dsn(), TIMEOUT);
         if tls {
             td.tls.ca_file = Some(ta.pki().ca.clone());
         }
@@ -709,7 +685,7 @@ fn fill_mget_elements_fills_nil_elements_of_routed_keys(mode) {
         .unwrap();
     let cfg = support::test_config(&redis.url());
     let up = rt.block_on(async { Upstream::start(Connector::new(cfg.upstream.clone()).unwrap()) });
-    let td = rt.block_on(async { Tdengine::new(td_config(ta.dsn())).unwrap() });
+    let td = rt.block_on(async { Tdengine::new(taosadapter::kline_config(ta.dsn(), TIMEOUT)).unwrap() });
     let keys: Vec<Bytes> = [
         "kline:000001:1d",
         "kline:600519:1d",

@@ -1125,6 +1125,42 @@ fn run_sql(sql: &str, tables: &HashMap<String, Table>) -> Result<Answer, (i32, S
     Ok((fields, rows))
 }
 
+/// The application's kline route's SQL, as in `conf/nearcache.toml`.
+#[allow(dead_code)]
+pub const KLINE_SQL: &str =
+    "SELECT ts, open, high, low, close, volume FROM kline_{freq} WHERE symbol = {symbol} ORDER BY ts DESC LIMIT 500";
+
+/// nearcache's `[tdengine]` section for this stand-in: the kline route
+/// (15 min), errors answered as errors, invalid keys as nil, no negative
+/// caching, a breaker that does not open in tests that do not mean it to.
+#[allow(dead_code)]
+pub fn kline_config(
+    dsn: String,
+    timeout: std::time::Duration,
+) -> nearcache::config::TdengineConfig {
+    use nearcache::config::{TdFormat, TdOnError, TdRoute, TdengineConfig};
+    use std::time::Duration;
+    TdengineConfig {
+        dsn,
+        timeout,
+        on_error: TdOnError::Error,
+        on_invalid_key: TdOnError::Nil,
+        format: TdFormat::Json,
+        max_concurrent_queries: 16,
+        pool_size: 2,
+        negative_ttl: None,
+        breaker_failures: 1000,
+        breaker_cooldown: Duration::from_secs(5),
+        routes: vec![TdRoute {
+            key: "kline:{symbol}:{freq}".into(),
+            sql: KLINE_SQL.into(),
+            ttl: Duration::from_secs(15 * 60),
+            params: kline_params(),
+        }],
+        tls: Default::default(),
+    }
+}
+
 /// The parameters of the application's kline route (`kline:{symbol}:{freq}`),
 /// whose tables this stand-in serves.
 #[allow(dead_code)]
