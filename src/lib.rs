@@ -63,6 +63,14 @@ impl Handle {
 /// Binds the listeners and starts every task; returns once nearcache accepts clients.
 /// An unreachable upstream is not an error: sidecars start in any order.
 pub async fn start(config: Config) -> anyhow::Result<Handle> {
+    if config.upstream.url.cluster.is_some() {
+        // Until routing by slot is in the request path, a cluster node
+        // treated as a single Redis would hand MOVED errors to clients.
+        anyhow::bail!(
+            "upstream {}: Redis Cluster is not supported yet (see docs/cluster.md)",
+            config.upstream.url.redacted()
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen))?;

@@ -50,6 +50,15 @@ pub(super) struct FileUpstream {
     pub reconnect_backoff_max: Option<String>,
     #[serde(default)]
     pub tls: FileTls,
+    #[serde(default)]
+    pub cluster: FileCluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCluster {
+    pub refresh_interval: Option<String>,
+    pub replica_reads: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -200,6 +200,7 @@ pub(super) fn resolve_upstream(
             password: None,
             db: 0,
             tls: false,
+            cluster: None,
         });
         if let Some(h) = env.get("REDIS_HOST") {
             url.host = h;
@@ -293,6 +294,31 @@ pub(super) fn resolve_upstream(
         }
     }
 
+    let seeds = url.cluster.clone();
+    let cluster = ClusterConfig {
+        refresh_interval: match seeds.as_ref().and_then(|s| s.refresh_interval) {
+            Some(d) => d,
+            None => {
+                let d = duration(
+                    "upstream.cluster.refresh_interval",
+                    file.cluster.refresh_interval.as_deref(),
+                    "5s",
+                )?;
+                if d.is_zero() {
+                    return Err(ConfigError::new(
+                        "upstream.cluster.refresh_interval",
+                        "must be greater than 0",
+                    ));
+                }
+                d
+            }
+        },
+        replica_reads: seeds
+            .as_ref()
+            .and_then(|s| s.replica_reads)
+            .or(file.cluster.replica_reads)
+            .unwrap_or(false),
+    };
     Ok(UpstreamConfig {
         url,
         pool_size: positive("upstream.pool_size", file.pool_size, 2)? as usize,
@@ -313,6 +339,7 @@ pub(super) fn resolve_upstream(
             "1s",
         )?,
         tls,
+        cluster,
     })
 }
 

@@ -1,4 +1,11 @@
-//! The upstream's address: `redis://[user:pass@]host:port[/db]` or `rediss://`.
+//! The upstream's address: `redis://[user:pass@]host:port[/db]` or
+//! `rediss://`; a Redis Cluster's seed nodes as
+//! `redis-cluster://[user:pass@]host1:port,host2:port[?options]` (or
+//! `rediss-cluster://`), parsed in `cluster_url`.
+
+use super::cluster_url as cluster;
+
+pub use cluster::ClusterSeeds;
 
 /// A parsed `redis://` or `rediss://` URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -9,6 +16,8 @@ pub struct UpstreamUrl {
     pub password: Option<String>,
     pub db: u32,
     pub tls: bool,
+    /// A Redis Cluster: every seed node (`host`/`port` are the first).
+    pub cluster: Option<ClusterSeeds>,
 }
 
 impl std::fmt::Debug for UpstreamUrl {
@@ -20,11 +29,18 @@ impl std::fmt::Debug for UpstreamUrl {
 
 impl UpstreamUrl {
     pub fn parse(raw: &str) -> Result<Self, String> {
+        if let Some(url) = cluster::parse(raw)? {
+            return Ok(url);
+        }
         let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
         let tls = match url.scheme() {
             "redis" => false,
             "rediss" => true,
-            other => return Err(format!("scheme must be redis or rediss, not {other:?}")),
+            other => {
+                return Err(format!(
+                    "scheme must be redis, rediss, redis-cluster or rediss-cluster, not {other:?}"
+                ))
+            }
         };
         let host = url
             .host_str()
@@ -57,10 +73,14 @@ impl UpstreamUrl {
             password,
             db,
             tls,
+            cluster: None,
         })
     }
 
     pub fn redacted(&self) -> String {
+        if let Some(c) = &self.cluster {
+            return cluster::redacted(self, c);
+        }
         let scheme = if self.tls { "rediss" } else { "redis" };
         let auth = match (&self.username, &self.password) {
             (Some(u), Some(_)) => format!("{u}:***@"),
@@ -80,7 +100,7 @@ impl UpstreamUrl {
     }
 }
 
-fn percent_decode(s: &str) -> Result<String, ()> {
+pub(super) fn percent_decode(s: &str) -> Result<String, ()> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -12,6 +12,7 @@
 //! Every connection is bound to one upstream address; routing by hash slot
 //! (Redis Cluster) will pick a [`Pool`] per node behind the same interface.
 
+pub mod cluster;
 mod connector;
 mod mux;
 mod pinned;
