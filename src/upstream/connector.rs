@@ -77,7 +77,20 @@ impl Connector {
         login: &Login,
         want_run_id: bool,
     ) -> Result<Connected, Error> {
-        let addr = self.cfg.url.address();
+        self.connect_to(&self.cfg.url.address(), proto, login, want_run_id)
+            .await
+    }
+
+    /// [`Connector::connect`] to another node than the URL's first host (a
+    /// Redis Cluster node), with the same credentials and TLS settings.
+    pub async fn connect_to(
+        &self,
+        addr: &str,
+        proto: u8,
+        login: &Login,
+        want_run_id: bool,
+    ) -> Result<Connected, Error> {
+        let addr = addr.to_string();
         let stream = net::connect(&addr, self.tls.as_ref(), self.cfg.connect_timeout).await?;
         match tokio::time::timeout(
             self.cfg.connect_timeout,

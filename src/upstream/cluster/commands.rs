@@ -193,6 +193,10 @@ impl CommandInfo {
                 i += step;
             }
         }
+        // Two specs can name the same argument (SORT has two incomplete
+        // ones, both meaning STORE's destination): one position, once.
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|i| seen.insert(*i));
         Ok(out)
     }
 
