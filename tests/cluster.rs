@@ -6,11 +6,13 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nearcache::net::FrameReader;
 use nearcache::upstream::cluster::commands::CommandTable;
+use nearcache::upstream::cluster::router::Router;
 use nearcache::upstream::cluster::slots::slot;
 use nearcache::upstream::cluster::topology::{fetch, Redirect};
 use nearcache::upstream::cluster::view::ClusterView;
@@ -257,4 +259,154 @@ fn nearcache_refuses_a_cluster_upstream_until_routing_is_done() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("Redis Cluster is not supported yet"), "{err}");
+}
+
+/// A view whose first map is known.
+async fn started_view(cluster: &Cluster) -> Arc<ClusterView> {
+    let view = ClusterView::start(connector(&cluster.url()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while view.current().is_none() {
+        assert!(Instant::now() < deadline, "no first view");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    view
+}
+
+async fn routed(router: &Router, args: &[&str]) -> String {
+    let key = args.get(1).copied().unwrap_or("");
+    let reply = router
+        .send(
+            2,
+            slot(key.as_bytes()),
+            nearcache::protocol::command(args.iter().copied()),
+            0,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    String::from_utf8_lossy(&reply.bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_follows_ask_tryagain_and_moved_through_a_slot_migration() {
+    let cluster = Cluster::start(3);
+    let router = Router::new(started_view(&cluster).await, connector(&cluster.url()));
+
+    // Keys on every master, each landing where the cluster says it lives.
+    let mut used = std::collections::HashSet::new();
+    for i in 0..30 {
+        let key = format!("k:{i}");
+        assert_eq!(
+            routed(&router, &["SET", &key, &format!("v{i}")]).await,
+            "+OK\r\n"
+        );
+        let owner = cluster.owner_of(&key);
+        let direct: String = redis::cmd("GET")
+            .arg(&key)
+            .query(&mut owner.conn())
+            .unwrap();
+        assert_eq!(direct, format!("v{i}"));
+        used.insert(owner.port);
+    }
+    assert_eq!(used.len(), 3, "30 keys should reach all three masters");
+
+    let (k1, k2, k3) = ("mig:{a}1", "mig:{a}2", "mig:{a}3");
+    let s = slot(k1.as_bytes());
+    let from = cluster.owner_of(k1);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    assert_eq!(routed(&router, &["SET", k1, "v1"]).await, "+OK\r\n");
+    assert_eq!(routed(&router, &["SET", k2, "v2"]).await, "+OK\r\n");
+    let ss = s.to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &ss, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &ss, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+    let migrate = |key: &str| {
+        let _: () = redis::cmd("MIGRATE")
+            .arg(
+                &[
+                    "127.0.0.1",
+                    &to.port.to_string(),
+                    "",
+                    "0",
+                    "5000",
+                    "KEYS",
+                    key,
+                ][..],
+            )
+            .query(&mut from.conn())
+            .unwrap();
+    };
+    migrate(k1);
+
+    // ASK: k1 is already at the target, k2 still at the source.
+    assert_eq!(routed(&router, &["GET", k1]).await, "$2\r\nv1\r\n");
+    assert_eq!(routed(&router, &["GET", k2]).await, "$2\r\nv2\r\n");
+    // A new key in a migrating slot is created at the target.
+    assert_eq!(routed(&router, &["SET", k3, "v3"]).await, "+OK\r\n");
+    let (_, at_target): ((), String) = redis::pipe()
+        .cmd("ASKING")
+        .cmd("GET")
+        .arg(k3)
+        .query(&mut to.conn())
+        .unwrap();
+    assert_eq!(at_target, "v3");
+
+    // TRYAGAIN: k1 at the target, k2 at the source. Until k2 moves too,
+    // the source answers TRYAGAIN; then ASK, then the values.
+    let moved_later = {
+        let from_port = from.port;
+        let to_port = to.port;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{from_port}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let _: () = redis::cmd("MIGRATE")
+                .arg(
+                    &[
+                        "127.0.0.1",
+                        &to_port.to_string(),
+                        "",
+                        "0",
+                        "5000",
+                        "KEYS",
+                        k2,
+                    ][..],
+                )
+                .query(&mut c)
+                .unwrap();
+        })
+    };
+    assert_eq!(
+        routed(&router, &["MGET", k1, k2]).await,
+        "*2\r\n$2\r\nv1\r\n$2\r\nv2\r\n"
+    );
+    moved_later.join().unwrap();
+
+    // MOVED: the slot now belongs to the target; the router's map says the
+    // source until the source answers MOVED.
+    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &ss, "NODE", &to.node_id()][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    assert_eq!(
+        router.view().current().unwrap().owner(s),
+        Some(addr(from).as_str())
+    );
+    assert_eq!(routed(&router, &["GET", k1]).await, "$2\r\nv1\r\n");
+    assert_eq!(
+        router.view().current().unwrap().owner(s),
+        Some(addr(to).as_str())
+    );
+    assert_eq!(routed(&router, &["SET", k2, "w2"]).await, "+OK\r\n");
+    let direct: String = redis::cmd("GET").arg(k2).query(&mut to.conn()).unwrap();
+    assert_eq!(direct, "w2");
+    router.stop();
 }

@@ -52,8 +52,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn start(
+    /// `addr` is the node every connection goes to (the URL's host for a
+    /// single Redis, one master of a cluster).
+    pub(crate) fn start(
         connector: Connector,
+        addr: String,
         proto: u8,
         size: usize,
         run_id: Arc<watch::Sender<Option<String>>>,
@@ -74,6 +77,7 @@ impl Pool {
         for slot in &pool.slots {
             tokio::spawn(supervise(Supervised {
                 connector: connector.clone(),
+                addr: addr.clone(),
                 proto,
                 slot: slot.clone(),
                 last_error: pool.last_error.clone(),
@@ -122,6 +126,7 @@ impl Pool {
 
 struct Supervised {
     connector: Connector,
+    addr: String,
     proto: u8,
     slot: Arc<Slot>,
     last_error: Arc<RwLock<String>>,
@@ -136,7 +141,11 @@ async fn supervise(s: Supervised) {
     let cfg = s.connector.config();
     let mut backoff = Backoff::new(cfg.reconnect_backoff_max);
     loop {
-        match s.connector.connect(s.proto, &Login::Configured, true).await {
+        match s
+            .connector
+            .connect_to(&s.addr, s.proto, &Login::Configured, true)
+            .await
+        {
             Ok(connected) => {
                 backoff.reset();
                 if let Some(id) = &connected.info.run_id {
@@ -210,6 +219,7 @@ impl Upstream {
         let pool = |proto, size| {
             Pool::start(
                 connector.clone(),
+                cfg.url.address(),
                 proto,
                 size,
                 run_id.clone(),
