@@ -410,3 +410,111 @@ async fn router_follows_ask_tryagain_and_moved_through_a_slot_migration() {
     assert_eq!(direct, "w2");
     router.stop();
 }
+
+async fn executed(router: &Router, args: &[&str]) -> String {
+    let args: Vec<Bytes> = args
+        .iter()
+        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+        .collect();
+    let reply = router
+        .execute(2, &args, 0)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    String::from_utf8_lossy(&reply.bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_across_slots_are_split_merged_or_refused_like_redis() {
+    let cluster = Cluster::start(3);
+    let router = Router::new(started_view(&cluster).await, connector(&cluster.url()));
+    // Keys whose slots interleave between the masters, so key order and
+    // part order differ.
+    let keys: Vec<String> = (0..8).map(|i| format!("x:{i}")).collect();
+    let owners: std::collections::HashSet<u16> =
+        keys.iter().map(|k| cluster.owner_of(k).port).collect();
+    assert!(owners.len() >= 2, "keys on at least two masters");
+
+    let mut mset = vec!["MSET"];
+    let values: Vec<String> = (0..8).map(|i| format!("v{i}")).collect();
+    for (k, v) in keys.iter().zip(&values) {
+        mset.push(k);
+        mset.push(v);
+    }
+    assert_eq!(executed(&router, &mset).await, "+OK\r\n");
+    for (k, v) in keys.iter().zip(&values) {
+        let direct: String = redis::cmd("GET")
+            .arg(k)
+            .query(&mut cluster.owner_of(k).conn())
+            .unwrap();
+        assert_eq!(&direct, v);
+    }
+
+    // MGET in the client's key order, a missing key as nil in its place.
+    let mut mget = vec!["MGET"];
+    mget.extend(keys.iter().map(String::as_str));
+    mget.insert(3, "missing");
+    let mut expected = format!("*{}\r\n", mget.len() - 1);
+    for k in &mget[1..] {
+        match k.strip_prefix("x:") {
+            Some(i) => expected.push_str(&format!("$2\r\nv{i}\r\n")),
+            None => expected.push_str("$-1\r\n"),
+        }
+    }
+    assert_eq!(executed(&router, &mget).await, expected);
+    // Two keys per slot, interleaved: one part per slot, replies put back
+    // in key order (part order would give a1 a2 a3 b1 b2).
+    assert_ne!(cluster.owner_of("{a}").port, cluster.owner_of("{b}").port);
+    assert_eq!(
+        executed(
+            &router,
+            &["MSET", "{a}1", "a1", "{b}1", "b1", "{a}2", "a2", "{b}2", "b2", "{a}3", "a3"]
+        )
+        .await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        executed(&router, &["MGET", "{a}1", "{b}1", "{a}2", "{b}2", "{a}3"]).await,
+        "*5\r\n$2\r\na1\r\n$2\r\nb1\r\n$2\r\na2\r\n$2\r\nb2\r\n$2\r\na3\r\n"
+    );
+    assert_eq!(
+        executed(&router, &["DEL", "{a}1", "{b}1", "{a}2", "{b}2", "{a}3"]).await,
+        ":5\r\n"
+    );
+
+    // Integer replies summed.
+    let mut exists = vec!["EXISTS", "missing"];
+    exists.extend(keys.iter().map(String::as_str));
+    assert_eq!(executed(&router, &exists).await, ":8\r\n");
+    assert_eq!(executed(&router, &["DBSIZE"]).await, ":8\r\n");
+    assert_eq!(
+        executed(&router, &["DEL", "x:0", "x:1", "x:2", "missing"]).await,
+        ":3\r\n"
+    );
+    assert_eq!(executed(&router, &["DBSIZE"]).await, ":5\r\n");
+
+    // Not splittable: exactly what a cluster node says.
+    let direct: redis::RedisResult<()> = redis::cmd("MSETNX")
+        .arg(&["x:3", "a", "x:4", "b"][..])
+        .query(&mut cluster.nodes[0].conn());
+    let direct = direct.unwrap_err();
+    assert_eq!(direct.code(), Some("CROSSSLOT"), "{direct}");
+    assert_eq!(
+        executed(&router, &["MSETNX", "x:3", "a", "x:4", "b"]).await,
+        "-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+    );
+    assert_eq!(
+        executed(&router, &["RENAME", "x:3", "x:4"]).await,
+        "-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+    );
+    // Same slot (hash tags): one request, atomic as Redis makes it.
+    assert_eq!(
+        executed(&router, &["MSETNX", "{t}a", "1", "{t}b", "2"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(executed(&router, &["PING"]).await, "+PONG\r\n");
+    assert_eq!(
+        executed(&router, &["NOSUCHCOMMAND", "x"]).await.get(..4),
+        Some("-ERR")
+    );
+    router.stop();
+}

@@ -11,5 +11,6 @@
 pub mod commands;
 pub mod router;
 pub mod slots;
+pub mod split;
 pub mod topology;
 pub mod view;

@@ -25,6 +25,8 @@ use parking_lot::RwLock;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 
+use super::commands::CommandTable;
+use super::split::{self, Plan};
 use super::topology::Redirect;
 use super::view::ClusterView;
 use crate::error::Error;
@@ -53,6 +55,8 @@ pub struct Router {
     nodes: RwLock<HashMap<String, Arc<Node>>>,
     run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
+    /// The cluster's `COMMAND` table, read from a master on first need.
+    commands: tokio::sync::OnceCell<Arc<CommandTable>>,
 }
 
 impl Router {
@@ -65,6 +69,7 @@ impl Router {
             // failover clearing that master's L1 slots is step 3).
             run_id: Arc::new(watch::channel(None).0),
             shutdown: Arc::new(Notify::new()),
+            commands: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -209,6 +214,124 @@ impl Router {
             Ok(r) => r.map_err(Arc::new),
             Err(_) => Err(Arc::new(Error::Upstream(format!(
                 "ASK redirect to {addr}: no answer within {limit:?}"
+            )))),
+        }
+    }
+
+    /// The master keyless commands without a tip go to: the first in
+    /// address order, so it is the same one every time the map is the same.
+    fn any_master(&self) -> Result<String, Arc<Error>> {
+        self.view
+            .current()
+            .and_then(|t| t.masters().first().cloned())
+            .ok_or_else(|| {
+                Arc::new(Error::Upstream(
+                    "the cluster's slot map is not known yet".into(),
+                ))
+            })
+    }
+
+    /// The cluster's command table (key specs and tips).
+    pub async fn commands(&self) -> Result<Arc<CommandTable>, Arc<Error>> {
+        self.commands
+            .get_or_try_init(|| async {
+                let addr = self.any_master()?;
+                let reply = self
+                    .one_off(&addr, 2, &protocol::command(["COMMAND"]))
+                    .await?;
+                CommandTable::parse(&reply.bytes)
+                    .map(Arc::new)
+                    .ok_or_else(|| {
+                        Arc::new(Error::Upstream(format!(
+                            "COMMAND at {addr}: not a command table"
+                        )))
+                    })
+            })
+            .await
+            .cloned()
+    }
+
+    /// Sends to one node, no redirects: a keyless command to a given master.
+    async fn to_node(&self, addr: &str, proto: u8, request: Bytes, bias: usize) -> ReplyResult {
+        let conn = self.conn(addr, proto, bias).await.map_err(Arc::new)?;
+        let r = received(conn.send(request).await.await);
+        if r.is_err() {
+            self.view.refresh();
+        }
+        r
+    }
+
+    /// A whole client command in a cluster: routed by its keys' slots,
+    /// split and merged across slots, or refused (see [`split`]).
+    pub async fn execute(&self, proto: u8, args: &[Bytes], bias: usize) -> ReplyResult {
+        let table = self.commands().await?;
+        let encode = || {
+            let mut out = BytesMut::new();
+            protocol::encode_command(&mut out, args);
+            out.freeze()
+        };
+        match split::plan(&table, args) {
+            Plan::One { slot } => self.send(proto, slot, encode(), bias).await,
+            Plan::AnyMaster => {
+                let addr = self.any_master()?;
+                self.to_node(&addr, proto, encode(), bias).await
+            }
+            Plan::Refuse(bytes) => Ok(Reply {
+                bytes,
+                kind: protocol::ReplyKind::Error,
+            }),
+            Plan::AllMasters { merge } => {
+                let masters = self
+                    .view
+                    .current()
+                    .map(|t| t.masters().to_vec())
+                    .unwrap_or_default();
+                let request = encode();
+                let replies = futures::future::join_all(
+                    masters
+                        .iter()
+                        .map(|m| self.to_node(m, proto, request.clone(), bias)),
+                )
+                .await;
+                let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;
+                let parts: Vec<split::Part> = Vec::new();
+                Ok(split::merge(merge, &parts, replies))
+            }
+            Plan::Split { merge, parts } => {
+                let replies = futures::future::join_all(
+                    parts
+                        .iter()
+                        .map(|p| self.send(proto, p.slot.unwrap_or(0), p.request.clone(), bias)),
+                )
+                .await;
+                // One part's connection failed: its outcome is unknown, the
+                // client gets that error (the other parts may be applied).
+                let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;
+                Ok(split::merge(merge, &parts, replies))
+            }
+        }
+    }
+
+    /// One request on a connection of its own.
+    async fn one_off(&self, addr: &str, proto: u8, request: &Bytes) -> ReplyResult {
+        let cfg = self.connector.config();
+        let limit = cfg.connect_timeout + cfg.command_timeout;
+        let once = async {
+            let c = self
+                .connector
+                .connect_to(addr, proto, &Login::Configured, false)
+                .await?;
+            let mut stream = c.stream;
+            stream
+                .write_all(request)
+                .await
+                .map_err(|e| Error::upstream_io(&e))?;
+            FrameReader::new(stream, c.leftover).next().await
+        };
+        match tokio::time::timeout(limit, once).await {
+            Ok(r) => r.map_err(Arc::new),
+            Err(_) => Err(Arc::new(Error::Upstream(format!(
+                "{addr}: no answer within {limit:?}"
             )))),
         }
     }
