@@ -1,8 +1,9 @@
 //! Redis Cluster upstream (issue 13) against a real 3-master cluster
 //! (`tests/support/cluster.rs`). What is tested here is what exists so far
 //! (see `docs/cluster.md`): the slot map read from the seeds, its refresher,
-//! redirects as nodes send them, the cluster's own key specs, and that
-//! nearcache refuses a cluster upstream until routing is in the request path.
+//! redirects as nodes send them, the cluster's own key specs, the router
+//! (redirects, cross-slot split/merge), and nearcache in pass-through mode
+//! (L1 off) in front of the cluster with a plain, non-cluster client.
 
 mod support;
 
@@ -245,20 +246,6 @@ async fn key_specs_agree_with_command_getkeys() {
         theirs_sorted.sort();
         assert_eq!(sorted, theirs_sorted, "{args:?}");
     }
-}
-
-#[test]
-fn nearcache_refuses_a_cluster_upstream_until_routing_is_done() {
-    let cluster = Cluster::start(3);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let err = match rt.block_on(nearcache::start(test_config(&cluster.url()))) {
-        Ok(_) => panic!("a cluster upstream must be refused for now"),
-        Err(e) => e.to_string(),
-    };
-    assert!(err.contains("Redis Cluster is not supported yet"), "{err}");
 }
 
 /// A view whose first map is known.
@@ -517,4 +504,126 @@ async fn commands_across_slots_are_split_merged_or_refused_like_redis() {
         Some("-ERR")
     );
     router.stop();
+}
+
+#[test]
+fn a_plain_client_uses_the_cluster_through_nearcache_while_a_slot_migrates() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut c = proxy.conn();
+    let mut used = std::collections::HashSet::new();
+    for i in 0..30 {
+        let key = format!("p:{i}");
+        let _: () = redis::cmd("SET").arg(&key).arg(i).query(&mut c).unwrap();
+        let back: i64 = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+        assert_eq!(back, i);
+        let direct: i64 = redis::cmd("GET")
+            .arg(&key)
+            .query(&mut cluster.owner_of(&key).conn())
+            .unwrap();
+        assert_eq!(direct, i);
+        used.insert(cluster.owner_of(&key).port);
+    }
+    assert_eq!(used.len(), 3);
+    let _: () = redis::cmd("MSET")
+        .arg(&["{a}1", "a1", "{b}1", "b1", "{a}2", "a2"][..])
+        .query(&mut c)
+        .unwrap();
+    let got: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&["{a}1", "{b}1", "nope", "{a}2"][..])
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        got,
+        [
+            Some("a1".into()),
+            Some("b1".into()),
+            None,
+            Some("a2".into())
+        ]
+    );
+    let e = redis::cmd("MSETNX")
+        .arg(&["{a}3", "x", "{b}3", "y"][..])
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert_eq!(e.code(), Some("CROSSSLOT"), "{e}");
+    let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(n, 33);
+    let e = redis::cmd("MULTI").query::<()>(&mut c).unwrap_err();
+    assert!(
+        e.to_string().contains("not supported on a Redis Cluster"),
+        "{e}"
+    );
+
+    // Traffic on keys of one slot while that slot migrates: no error, no
+    // redirect, every read sees the last write.
+    let keys: Vec<String> = (0..5).map(|i| format!("{{m}}{i}")).collect();
+    let s = slot(b"m").to_string();
+    let from = cluster.owner_of("{m}");
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(0).query(&mut c).unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, keys, url) = (stop.clone(), keys.clone(), proxy.url());
+        std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                for k in &keys {
+                    let _: () = redis::cmd("SET").arg(k).arg(n).query(&mut c).unwrap();
+                    let back: i64 = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+                    assert_eq!(back, n, "{k}");
+                }
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+    for k in &keys {
+        std::thread::sleep(Duration::from_millis(50));
+        let _: () = redis::cmd("MIGRATE")
+            .arg(
+                &[
+                    "127.0.0.1",
+                    &to.port.to_string(),
+                    "",
+                    "0",
+                    "5000",
+                    "KEYS",
+                    k,
+                ][..],
+            )
+            .query(&mut from.conn())
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = traffic.join().expect("no error reached the client");
+    assert!(rounds > 5, "{rounds} rounds of traffic");
+    // A write directly on the new owner is what nearcache reads next.
+    let _: () = redis::cmd("SET")
+        .arg(&keys[0])
+        .arg(-1)
+        .query(&mut to.conn())
+        .unwrap();
+    let back: i64 = redis::cmd("GET").arg(&keys[0]).query(&mut c).unwrap();
+    assert_eq!(back, -1);
 }

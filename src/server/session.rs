@@ -119,6 +119,9 @@ pub(super) async fn run(
 /// end of its replies by then), goes quiet for [`LINGER_IDLE`] (a client
 /// that sends nothing more cannot be reset by a late request), or the
 /// grace is up.
+/// What a client in a stateful mode gets with a cluster upstream, for now.
+const CLUSTER_PINNED: &str = "ERR nearcache: MULTI, WATCH, blocking commands and pub/sub are not supported on a Redis Cluster upstream yet";
+
 async fn linger(socket: &TcpStream, grace: std::time::Duration) {
     if socket2::SockRef::from(socket)
         .shutdown(std::net::Shutdown::Write)
@@ -349,6 +352,21 @@ impl Session {
                 return Flow::Stall;
             }
         }
+        if self.sidecar.cluster.is_some() {
+            match route {
+                Route::Read { .. } | Route::MGet | Route::Pool { .. } | Route::Control => {
+                    count_request(&name, Outcome::Forward);
+                    return self.cluster_forward(req);
+                }
+                Route::Pinned { .. } => {
+                    count_request(&name, Outcome::Error);
+                    let silent = self.silent_reply();
+                    self.replies.ready(protocol::error(CLUSTER_PINNED), silent);
+                    return Flow::Next;
+                }
+                _ => {}
+            }
+        }
         match route {
             Route::Local => self.local(&name, req).await,
             Route::Reject(msg) => {
@@ -372,6 +390,28 @@ impl Session {
                 self.pinned_request(&name, req, &keys, blocking).await
             }
         }
+    }
+
+    /// A command for a Redis Cluster upstream, routed by its keys' slots.
+    /// The reply queue polls only its head, so each request is sent when
+    /// every earlier one is answered: the client's order holds across
+    /// nodes and redirects, at the price of no pipelining (yet).
+    fn cluster_forward(&mut self, req: &Request) -> Flow {
+        let Some(router) = self.sidecar.cluster.clone() else {
+            return Flow::Next;
+        };
+        let args = req.args.clone();
+        let (proto, bias) = (self.proto, self.slot);
+        let silent = self.silent_reply();
+        let reply = async move {
+            match router.execute(proto, &args, bias).await {
+                Ok(r) => r.bytes,
+                Err(e) => e.to_reply(),
+            }
+        };
+        self.replies.push(Owed::Composed(Box::pin(reply)), silent);
+        self.path = Some(Path::Pool);
+        Flow::Next
     }
 
     /// May a request take `path` now, given the ones still owed?

@@ -4,9 +4,9 @@
 //! slot map and redirects ([`topology`]), the refresher keeping the
 //! current map ([`view`]), and sending a request to its slot's owner
 //! through MOVED/ASK/TRYAGAIN ([`router`]).
-//! Routing is not wired into the request path yet, so `nearcache::start`
-//! refuses a `redis-cluster://` upstream rather than treat a cluster node
-//! as a single Redis (its clients would see MOVED errors).
+//! The session sends every upstream-bound command of a cluster client
+//! through [`router::Router::execute`]; L1 is off with a cluster until each
+//! master has its own invalidation feed.
 
 pub mod commands;
 pub mod router;

@@ -14,7 +14,8 @@
 //!   is never resent; the error goes back and the map is refreshed (a dead
 //!   master never answers MOVED).
 //!
-//! Not wired into the request path yet (see `docs/cluster.md`).
+//! `session.rs::cluster_forward` sends every upstream-bound command of a
+//! cluster client through [`Router::execute`] (see `docs/cluster.md`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
