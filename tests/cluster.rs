@@ -627,3 +627,27 @@ fn a_plain_client_uses_the_cluster_through_nearcache_while_a_slot_migrates() {
     let back: i64 = redis::cmd("GET").arg(&keys[0]).query(&mut c).unwrap();
     assert_eq!(back, -1);
 }
+
+#[test]
+fn nearcache_starts_and_serves_with_the_first_seed_down() {
+    let cluster = Cluster::start(3);
+    let dead = free_port();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{dead},127.0.0.1:{}",
+        cluster.nodes[2].port
+    );
+    let proxy = Proxy::with_config(test_config(&url));
+    // Ready although the first seed (the ordinary pool's target) is down.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.http_get("/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = proxy.conn();
+    for i in 0..20 {
+        let key = format!("d:{i}");
+        let _: () = redis::cmd("SET").arg(&key).arg(i).query(&mut c).unwrap();
+        let back: i64 = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+        assert_eq!(back, i);
+    }
+}

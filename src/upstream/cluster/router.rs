@@ -74,6 +74,11 @@ impl Router {
         }
     }
 
+    /// Has a node told the slot map (readiness)?
+    pub fn is_up(&self) -> bool {
+        self.view.current().is_some_and(|t| t.covered() > 0)
+    }
+
     pub fn view(&self) -> &Arc<ClusterView> {
         &self.view
     }
