@@ -651,3 +651,68 @@ fn nearcache_starts_and_serves_with_the_first_seed_down() {
         assert_eq!(back, i);
     }
 }
+
+#[test]
+fn keyless_and_stateful_commands_through_nearcache() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut c = proxy.conn();
+    let keys: Vec<String> = (0..12).map(|i| format!("q:{i}")).collect();
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(1).query(&mut c).unwrap();
+    }
+    // KEYS from every master, merged.
+    let mut got: Vec<String> = redis::cmd("KEYS").arg("q:*").query(&mut c).unwrap();
+    got.sort();
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(got, want);
+    // SCAN needs a cursor over the masters: refused clearly, for now.
+    let e = redis::cmd("SCAN")
+        .arg(0)
+        .query::<redis::Value>(&mut c)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not supported on a Redis Cluster"),
+        "{e}"
+    );
+    // Stateful modes have no node to pin to yet: refused, never sent to
+    // some node with the client's state.
+    for args in [
+        &["WATCH", "q:1"][..],
+        &["SUBSCRIBE", "ch"],
+        &["BLPOP", "l", "1"],
+    ] {
+        let e = redis::cmd(args[0])
+            .arg(&args[1..])
+            .query::<redis::Value>(&mut c)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not supported on a Redis Cluster"),
+            "{args:?}: {e}"
+        );
+    }
+    let e = redis::cmd("SELECT").arg(1).query::<()>(&mut c).unwrap_err();
+    assert!(!e.to_string().is_empty());
+    // A client's own login needs a connection of its own: refused, not run
+    // as nearcache's user.
+    let e = redis::cmd("AUTH")
+        .arg(&["someone", "secret"][..])
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not supported on a Redis Cluster"),
+        "{e}"
+    );
+    // The connection still works after the refusals.
+    let v: i64 = redis::cmd("GET").arg("q:1").query(&mut c).unwrap();
+    assert_eq!(v, 1);
+    // FLUSHALL on every master.
+    let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+    for n in &cluster.nodes {
+        let size: i64 = redis::cmd("DBSIZE").query(&mut n.conn()).unwrap();
+        assert_eq!(size, 0, "node {}", n.port);
+    }
+    let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(size, 0);
+}

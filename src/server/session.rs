@@ -396,7 +396,7 @@ impl Session {
     /// The reply queue polls only its head, so each request is sent when
     /// every earlier one is answered: the client's order holds across
     /// nodes and redirects, at the price of no pipelining (yet).
-    fn cluster_forward(&mut self, req: &Request) -> Flow {
+    pub(super) fn cluster_forward(&mut self, req: &Request) -> Flow {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Flow::Next;
         };
@@ -447,6 +447,9 @@ impl Session {
     /// Sends a request on the client's multiplexed connection; `keys` are
     /// what it writes (invalidated now and again when its reply is in).
     pub async fn forward(&mut self, req: &Request, keys: &Keys) -> Flow {
+        if self.sidecar.cluster.is_some() {
+            return self.cluster_forward(req);
+        }
         if !self.can_take(Path::Pool) {
             return Flow::Stall;
         }
@@ -475,6 +478,11 @@ impl Session {
     /// Opens (or takes from the idle list) the client's own connection,
     /// after every earlier reply is in; in the client's database.
     pub async fn attach_pinned(&mut self) -> Result<Flow, Error> {
+        if self.sidecar.cluster.is_some() {
+            // Which node would it pin to? Not decided yet (docs/cluster.md);
+            // refusing keeps a client's own login or state off a random node.
+            return Err(Error::Client(CLUSTER_PINNED.to_string()));
+        }
         if self.pinned.is_some() {
             return Ok(Flow::Next);
         }
