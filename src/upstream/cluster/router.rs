@@ -39,14 +39,17 @@ use crate::upstream::{received, Connector, Login, MuxConn, Pool, ReplyResult};
 /// (an error) is returned as it is.
 const MAX_REDIRECTS: u32 = 5;
 
-/// How long a request waits for the first connection of a master that was
-/// just learned.
+/// How long requests wait for the first connection of a master that was
+/// just learned (at least `connect_timeout`).
 const FIRST_CONNECT: Duration = Duration::from_secs(2);
 
 /// A master's multiplexed connections, one pool per RESP version.
 struct Node {
     resp2: Pool,
     resp3: Pool,
+    /// Requests wait for a first connection only this long after the
+    /// pools started; later, a node without a connection fails at once.
+    patience_until: Instant,
 }
 
 /// Multiplexed connections to every master, chosen by slot.
@@ -104,9 +107,11 @@ impl Router {
                         self.shutdown.clone(),
                     )
                 };
+                let cfg = self.connector.config();
                 Arc::new(Node {
                     resp2: pool(2),
                     resp3: pool(3),
+                    patience_until: Instant::now() + FIRST_CONNECT.max(cfg.connect_timeout),
                 })
             })
             .clone()
@@ -117,13 +122,13 @@ impl Router {
     async fn conn(&self, addr: &str, proto: u8, bias: usize) -> Result<Arc<MuxConn>, Error> {
         let node = self.node(addr);
         let pool = if proto == 3 { &node.resp3 } else { &node.resp2 };
-        let deadline = Instant::now() + FIRST_CONNECT;
         loop {
             match pool.conn(bias) {
                 Ok(c) => return Ok(c),
-                Err(e) if Instant::now() >= deadline || pool.server().is_some() => {
-                    // Up once and down now, or never up: either way the
-                    // map may be wrong.
+                // (Not "the pool has connected once": its handshake info is
+                // published a moment before its connection.)
+                Err(e) if Instant::now() >= node.patience_until => {
+                    // Down, or never up: either way the map may be wrong.
                     self.view.refresh();
                     return Err(e);
                 }
