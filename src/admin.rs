@@ -24,7 +24,13 @@ pub fn readiness(sidecar: &Sidecar) -> Result<(), String> {
     if sidecar.draining.load(Ordering::Acquire) {
         return Err("shutting down".into());
     }
-    if !sidecar.upstream.is_up() {
+    // A cluster is up once a node has told its slot map (the ordinary
+    // pool still targets the first seed, which may be the one that is down).
+    let up = match &sidecar.cluster {
+        Some(router) => router.is_up(),
+        None => sidecar.upstream.is_up(),
+    };
+    if !up {
         return Err("upstream unreachable".into());
     }
     if sidecar.cache.enabled() && !sidecar.cache.is_serving() {

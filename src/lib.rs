@@ -56,13 +56,23 @@ impl Handle {
     pub async fn wait(self) {
         let _ = self.server.await;
         self.sidecar.upstream.stop();
+        if let Some(c) = &self.sidecar.cluster {
+            c.stop();
+        }
         self.stop_background.notify_waiters();
     }
 }
 
 /// Binds the listeners and starts every task; returns once nearcache accepts clients.
 /// An unreachable upstream is not an error: sidecars start in any order.
-pub async fn start(config: Config) -> anyhow::Result<Handle> {
+pub async fn start(mut config: Config) -> anyhow::Result<Handle> {
+    if config.upstream.url.cluster.is_some() && config.cache.enabled {
+        // One feed (to the first seed) cannot vouch for the other masters'
+        // keys: until there is a feed per master, L1 would serve stale
+        // values. Pass-through only (docs/cluster.md).
+        tracing::warn!("Redis Cluster upstream: L1 is off (not supported with a cluster yet)");
+        config.cache.enabled = false;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen))?;
@@ -78,6 +88,13 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
 
     let connector = upstream::Connector::new(config.upstream.clone())?;
+    let cluster = config.upstream.url.cluster.is_some().then(|| {
+        let view = upstream::cluster::view::ClusterView::start(connector.clone());
+        Arc::new(upstream::cluster::router::Router::new(
+            view,
+            connector.clone(),
+        ))
+    });
     let upstream = Arc::new(upstream::Upstream::start(connector));
     let cache = cache::Cache::new(config.cache.clone());
     let stop_background = Arc::new(Notify::new());
@@ -93,7 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         tdengine = tdengine.is_some(),
         "nearcache started"
     );
-    let sidecar = server::Sidecar::new(Arc::new(config), upstream, cache, tdengine);
+    let sidecar = server::Sidecar::new(Arc::new(config), upstream, cache, tdengine, cluster);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let Some(admin) = admin {
         tokio::spawn(admin::serve_http(

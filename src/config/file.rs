@@ -52,6 +52,8 @@ pub(super) struct FileUpstream {
     pub tls: FileTls,
     #[serde(default)]
     pub sentinel: FileSentinel,
+    #[serde(default)]
+    pub cluster: FileCluster,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -60,6 +62,13 @@ pub(super) struct FileSentinel {
     pub username: Option<String>,
     pub password: Option<String>,
     pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCluster {
+    pub refresh_interval: Option<String>,
+    pub replica_reads: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

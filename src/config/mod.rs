@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+mod cluster_url;
 mod file;
 mod resolve;
 mod url;
@@ -17,7 +18,7 @@ mod url;
 use file::{parse_file, read_file, FileConfig};
 use resolve::*;
 pub use resolve::{parse_bytes, parse_duration};
-pub use url::{SentinelUrl, UpstreamUrl, SENTINEL_PORT};
+pub use url::{ClusterSeeds, SentinelUrl, UpstreamUrl, SENTINEL_PORT};
 
 /// A configuration problem, always tied to the key that caused it.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +138,17 @@ pub struct UpstreamConfig {
     pub command_timeout: Duration,
     pub reconnect_backoff_max: Duration,
     pub tls: TlsConfig,
+    /// Used when the URL is a `redis-cluster://` one.
+    pub cluster: ClusterConfig,
+}
+
+/// `[upstream.cluster]` (the URL's options override it).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// How often the slot map is refreshed when nothing else triggers it.
+    pub refresh_interval: Duration,
+    /// Send read-only commands that L1 does not answer to replicas (`READONLY`).
+    pub replica_reads: bool,
 }
 
 /// How to talk to the Sentinels themselves (`[upstream.sentinel]`).

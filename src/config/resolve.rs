@@ -201,6 +201,7 @@ pub(super) fn resolve_upstream(
             db: 0,
             tls: false,
             sentinel: None,
+            cluster: None,
         });
         // REDIS_HOST and REDIS_PORT name one Redis: they replace a file's
         // Sentinels (a port completing a Sentinel's host would be nonsense).
@@ -305,6 +306,31 @@ pub(super) fn resolve_upstream(
 
     let sentinel = resolve_sentinel(env, file.sentinel)?;
 
+    let seeds = url.cluster.clone();
+    let cluster = ClusterConfig {
+        refresh_interval: match seeds.as_ref().and_then(|s| s.refresh_interval) {
+            Some(d) => d,
+            None => {
+                let d = duration(
+                    "upstream.cluster.refresh_interval",
+                    file.cluster.refresh_interval.as_deref(),
+                    "5s",
+                )?;
+                if d.is_zero() {
+                    return Err(ConfigError::new(
+                        "upstream.cluster.refresh_interval",
+                        "must be greater than 0",
+                    ));
+                }
+                d
+            }
+        },
+        replica_reads: seeds
+            .as_ref()
+            .and_then(|s| s.replica_reads)
+            .or(file.cluster.replica_reads)
+            .unwrap_or(false),
+    };
     Ok(UpstreamConfig {
         url,
         sentinel,
@@ -326,6 +352,7 @@ pub(super) fn resolve_upstream(
             "1s",
         )?,
         tls,
+        cluster,
     })
 }
 

@@ -270,3 +270,27 @@ fn redis_host_replaces_the_files_sentinels() {
     assert_eq!(c.upstream.url.sentinel.unwrap().master_name, "m");
     assert_eq!(c.upstream.url.password.as_deref(), Some("pw"));
 }
+
+#[test]
+fn cluster_upstream_in_the_file_and_the_url() {
+    let c = Config::from_toml(
+        "[upstream]\nurl = \"redis-cluster://a:7000,b:7001\"\n[upstream.cluster]\nrefresh_interval = \"7s\"\nreplica_reads = true\n",
+    )
+    .unwrap();
+    let seeds = c.upstream.url.cluster.clone().unwrap();
+    assert_eq!(seeds.addresses(), ["a:7000", "b:7001"]);
+    assert_eq!(c.upstream.cluster.refresh_interval, Duration::from_secs(7));
+    assert!(c.upstream.cluster.replica_reads);
+    // The URL's options beat the file's.
+    let c = Config::from_toml(
+        "[upstream]\nurl = \"redis-cluster://a:7000?refresh_interval=2s\"\n[upstream.cluster]\nrefresh_interval = \"7s\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.upstream.cluster.refresh_interval, Duration::from_secs(2));
+    assert!(!c.upstream.cluster.replica_reads);
+    let e = Config::from_toml("[upstream.cluster]\nrefresh_interval = \"0s\"\n").unwrap_err();
+    assert!(
+        e.to_string().contains("upstream.cluster.refresh_interval"),
+        "{e}"
+    );
+}

@@ -1,6 +1,12 @@
-//! The upstream's address: `redis://[user:pass@]host:port[/db]` or `rediss://`,
-//! or the Sentinels that know it: `redis-sentinel://[user:pass@]host[:port][,host[:port]...]/master[/db]`
-//! (`rediss-sentinel://` for TLS).
+//! The upstream's address: `redis://[user:pass@]host:port[/db]` or `rediss://`;
+//! the Sentinels that know it: `redis-sentinel://[user:pass@]host[:port][,host[:port]...]/master[/db]`
+//! (`rediss-sentinel://` for TLS); or a Redis Cluster's seed nodes as
+//! `redis-cluster://[user:pass@]host1:port,host2:port[?options]` (or
+//! `rediss-cluster://`), parsed in `cluster_url`.
+
+use super::cluster_url as cluster;
+
+pub use cluster::ClusterSeeds;
 
 /// A parsed `redis://`, `rediss://`, `redis-sentinel://` or `rediss-sentinel://` URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -17,6 +23,8 @@ pub struct UpstreamUrl {
     pub tls: bool,
     /// Set for `redis-sentinel://`: the master is found through these Sentinels.
     pub sentinel: Option<SentinelUrl>,
+    /// A Redis Cluster: every seed node (`host`/`port` are the first).
+    pub cluster: Option<ClusterSeeds>,
 }
 
 /// The Sentinel part of a `redis-sentinel://` URL.
@@ -46,13 +54,16 @@ impl UpstreamUrl {
         if let Some(rest) = raw.strip_prefix("rediss-sentinel://") {
             return parse_sentinel(rest, true);
         }
+        if let Some(url) = cluster::parse(raw)? {
+            return Ok(url);
+        }
         let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
         let tls = match url.scheme() {
             "redis" => false,
             "rediss" => true,
             other => {
                 return Err(format!(
-                    "scheme must be redis, rediss, redis-sentinel or rediss-sentinel, not {other:?}"
+                    "scheme must be redis, rediss, redis-sentinel, rediss-sentinel, redis-cluster or rediss-cluster, not {other:?}"
                 ))
             }
         };
@@ -88,10 +99,14 @@ impl UpstreamUrl {
             db,
             tls,
             sentinel: None,
+            cluster: None,
         })
     }
 
     pub fn redacted(&self) -> String {
+        if let Some(c) = &self.cluster {
+            return cluster::redacted(self, c);
+        }
         let auth = match (&self.username, &self.password) {
             (Some(u), Some(_)) => format!("{u}:***@"),
             (None, Some(_)) => ":***@".to_string(),
@@ -191,6 +206,7 @@ fn parse_sentinel(rest: &str, tls: bool) -> Result<UpstreamUrl, String> {
             sentinels,
             master_name,
         }),
+        cluster: None,
     })
 }
 
@@ -227,7 +243,7 @@ fn split_host_port(h: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
-fn percent_decode(s: &str) -> Result<String, ()> {
+pub(super) fn percent_decode(s: &str) -> Result<String, ()> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -269,6 +269,9 @@ impl Session {
 
     /// Sends a request on the control connection.
     pub(super) async fn control(&mut self, req: &Request) -> Flow {
+        if self.sidecar.cluster.is_some() {
+            return self.cluster_forward(req);
+        }
         let silent = self.silent_reply();
         match self.sidecar.upstream.control() {
             Ok(conn) => {

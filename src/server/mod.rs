@@ -48,6 +48,9 @@ pub struct Sidecar {
     pub upstream: Arc<Upstream>,
     pub cache: Arc<Cache>,
     pub tdengine: Option<Arc<Tdengine>>,
+    /// A Redis Cluster upstream: every forwarded command goes through it
+    /// (`docs/cluster.md`), and L1 is off.
+    pub cluster: Option<Arc<crate::upstream::cluster::router::Router>>,
     pub clients: Clients,
     /// Set when shutdown starts: readiness goes false, sessions stop reading.
     pub draining: AtomicBool,
@@ -59,12 +62,14 @@ impl Sidecar {
         upstream: Arc<Upstream>,
         cache: Arc<Cache>,
         tdengine: Option<Arc<Tdengine>>,
+        cluster: Option<Arc<crate::upstream::cluster::router::Router>>,
     ) -> Arc<Sidecar> {
         Arc::new(Sidecar {
             config,
             upstream,
             cache,
             tdengine,
+            cluster,
             clients: Clients::default(),
             draining: AtomicBool::new(false),
         })

@@ -123,6 +123,9 @@ pub(super) async fn run(
 /// end of its replies by then), goes quiet for [`LINGER_IDLE`] (a client
 /// that sends nothing more cannot be reset by a late request), or the
 /// grace is up.
+/// What a client in a stateful mode gets with a cluster upstream, for now.
+const CLUSTER_PINNED: &str = "ERR nearcache: MULTI, WATCH, blocking commands and pub/sub are not supported on a Redis Cluster upstream yet";
+
 async fn linger(socket: &TcpStream, grace: std::time::Duration) {
     if socket2::SockRef::from(socket)
         .shutdown(std::net::Shutdown::Write)
@@ -382,6 +385,21 @@ impl Session {
                 return Flow::Stall;
             }
         }
+        if self.sidecar.cluster.is_some() {
+            match route {
+                Route::Read { .. } | Route::MGet | Route::Pool { .. } | Route::Control => {
+                    count_request(&name, Outcome::Forward);
+                    return self.cluster_forward(req);
+                }
+                Route::Pinned { .. } => {
+                    count_request(&name, Outcome::Error);
+                    let silent = self.silent_reply();
+                    self.replies.ready(protocol::error(CLUSTER_PINNED), silent);
+                    return Flow::Next;
+                }
+                _ => {}
+            }
+        }
         match route {
             Route::Local => self.local(&name, req).await,
             Route::Reject(msg) => {
@@ -405,6 +423,28 @@ impl Session {
                 self.pinned_request(&name, req, &keys, blocking).await
             }
         }
+    }
+
+    /// A command for a Redis Cluster upstream, routed by its keys' slots.
+    /// The reply queue polls only its head, so each request is sent when
+    /// every earlier one is answered: the client's order holds across
+    /// nodes and redirects, at the price of no pipelining (yet).
+    pub(super) fn cluster_forward(&mut self, req: &Request) -> Flow {
+        let Some(router) = self.sidecar.cluster.clone() else {
+            return Flow::Next;
+        };
+        let args = req.args.clone();
+        let (proto, bias) = (self.proto, self.slot);
+        let silent = self.silent_reply();
+        let reply = async move {
+            match router.execute(proto, &args, bias).await {
+                Ok(r) => r.bytes,
+                Err(e) => e.to_reply(),
+            }
+        };
+        self.replies.push(Owed::Composed(Box::pin(reply)), silent);
+        self.path = Some(Path::Pool);
+        Flow::Next
     }
 
     /// May a request take `path` now, given the ones still owed?
@@ -443,6 +483,9 @@ impl Session {
     /// Sends a request on the client's multiplexed connection; `keys` are
     /// what it writes (invalidated now and again when its reply is in).
     pub async fn forward(&mut self, req: &Request, keys: &Keys) -> Flow {
+        if self.sidecar.cluster.is_some() {
+            return self.cluster_forward(req);
+        }
         if !self.can_take(Path::Pool) {
             return Flow::Stall;
         }
@@ -471,6 +514,11 @@ impl Session {
     /// Opens (or takes from the idle list) the client's own connection,
     /// after every earlier reply is in; in the client's database.
     pub async fn attach_pinned(&mut self) -> Result<Flow, Error> {
+        if self.sidecar.cluster.is_some() {
+            // Which node would it pin to? Not decided yet (docs/cluster.md);
+            // refusing keeps a client's own login or state off a random node.
+            return Err(Error::Client(CLUSTER_PINNED.to_string()));
+        }
         if self.pinned.is_some() {
             return Ok(Flow::Next);
         }

@@ -150,6 +150,35 @@ impl Connector {
         }
     }
 
+    /// [`Connector::connect`] to another node than the configured one (a
+    /// Redis Cluster node), with the same credentials and TLS settings.
+    pub async fn connect_to(
+        &self,
+        addr: &str,
+        proto: u8,
+        login: &Login,
+        want_run_id: bool,
+    ) -> Result<Connected, Error> {
+        self.dial(addr.to_string(), proto, login, want_run_id).await
+    }
+
+    /// A pool connection: to `node` when given (cluster), else to the
+    /// configured upstream as a reconnect after `since`.
+    pub(super) async fn connect_via(
+        &self,
+        node: Option<&str>,
+        proto: u8,
+        since: Option<Instant>,
+    ) -> Result<Connected, Error> {
+        match node {
+            Some(addr) => self.connect_to(addr, proto, &Login::Configured, true).await,
+            None => {
+                self.connect_since(proto, &Login::Configured, true, since)
+                    .await
+            }
+        }
+    }
+
     /// Connects to `addr` and runs the handshake.
     async fn dial(
         &self,

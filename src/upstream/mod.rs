@@ -14,6 +14,7 @@
 //! With Sentinel that address is the master's, and every connection closes
 //! when the master moves (see [`sentinel`]).
 
+pub mod cluster;
 mod connector;
 mod health;
 mod mux;
@@ -58,13 +59,19 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn start(
+    /// `addr` is the node every connection goes to: `None` for the
+    /// configured upstream (a single Redis, or the master Sentinel names),
+    /// one master of a cluster otherwise. Without `health`, a late reply
+    /// ends its connection at once (cluster nodes: the check would ask the
+    /// wrong server).
+    pub(crate) fn start(
         connector: Connector,
+        addr: Option<String>,
         proto: u8,
         size: usize,
         run_id: Arc<watch::Sender<Option<String>>>,
         shutdown: Arc<Notify>,
-        health: Arc<Health>,
+        health: Option<Arc<Health>>,
     ) -> Pool {
         let pool = Pool {
             slots: (0..size.max(1))
@@ -81,6 +88,7 @@ impl Pool {
         for slot in &pool.slots {
             tokio::spawn(supervise(Supervised {
                 connector: connector.clone(),
+                addr: addr.clone(),
                 proto,
                 slot: slot.clone(),
                 last_error: pool.last_error.clone(),
@@ -136,6 +144,7 @@ impl Pool {
 
 struct Supervised {
     connector: Connector,
+    addr: Option<String>,
     proto: u8,
     slot: Arc<Slot>,
     last_error: Arc<RwLock<String>>,
@@ -143,7 +152,7 @@ struct Supervised {
     up: Arc<AtomicUsize>,
     run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
-    health: Arc<Health>,
+    health: Option<Arc<Health>>,
 }
 
 async fn supervise(s: Supervised) {
@@ -158,7 +167,7 @@ async fn supervise(s: Supervised) {
     loop {
         match s
             .connector
-            .connect_since(s.proto, &Login::Configured, true, since)
+            .connect_via(s.addr.as_deref(), s.proto, since)
             .await
         {
             Ok(connected) if *switches.borrow_and_update() != connected.epoch => {
@@ -182,12 +191,8 @@ async fn supervise(s: Supervised) {
                 }
                 *s.info.write() = Some(connected.info.clone());
                 let addr = connected.addr.clone();
-                let conn = MuxConn::start(
-                    connected,
-                    cfg.command_timeout,
-                    MUX_QUEUE,
-                    Some(s.health.clone()),
-                );
+                let conn =
+                    MuxConn::start(connected, cfg.command_timeout, MUX_QUEUE, s.health.clone());
                 *s.slot.conn.write() = Some(conn.clone());
                 s.up.fetch_add(1, Ordering::Relaxed);
                 m.upstream_pool_connections.inc();
@@ -259,11 +264,12 @@ impl Upstream {
         let pool = |proto, size| {
             Pool::start(
                 connector.clone(),
+                None,
                 proto,
                 size,
                 run_id.clone(),
                 shutdown.clone(),
-                health.clone(),
+                Some(health.clone()),
             )
         };
         if let Some(sentinel) = connector.sentinel() {

@@ -4,6 +4,7 @@
 //! Everything is cleaned up on drop.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod relay;
 
 use std::net::TcpListener;

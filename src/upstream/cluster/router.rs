@@ -1,0 +1,355 @@
+//! Sending one request to the master that owns its slot, following the
+//! cluster's redirects so that none reaches the client.
+//!
+//! - `MOVED`: the command was not executed; the map is updated
+//!   ([`ClusterView::moved`]) and the request is sent to the new owner.
+//! - `ASK`: the command was not executed; `ASKING` and the command must
+//!   reach the target *adjacent on one connection*. A shared multiplexed
+//!   connection cannot promise that (another client's request may come
+//!   between), so an ASK goes over a short-lived connection of its own:
+//!   ASK only happens while a slot is being migrated, and costs a connect.
+//! - `TRYAGAIN` (a multi-key command during a migration): the command was
+//!   not executed; retried after a short backoff, a bounded number of times.
+//! - A connection error or timeout: the outcome is unknown, so the request
+//!   is never resent; the error goes back and the map is refreshed (a dead
+//!   master never answers MOVED).
+//!
+//! `session.rs::cluster_forward` sends every upstream-bound command of a
+//! cluster client through [`Router::execute`] (see `docs/cluster.md`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::RwLock;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Notify};
+
+use super::commands::CommandTable;
+use super::split::{self, Plan};
+use super::topology::Redirect;
+use super::view::ClusterView;
+use crate::error::Error;
+use crate::net::FrameReader;
+use crate::protocol::{self, Reply};
+use crate::upstream::{received, Connector, Login, MuxConn, Pool, ReplyResult};
+
+/// Redirects and TRYAGAINs one request may follow before its last reply
+/// (an error) is returned as it is.
+const MAX_REDIRECTS: u32 = 5;
+
+/// How long requests wait for the first connection of a master that was
+/// just learned (at least `connect_timeout`).
+const FIRST_CONNECT: Duration = Duration::from_secs(2);
+
+/// A master's multiplexed connections, one pool per RESP version.
+struct Node {
+    resp2: Pool,
+    resp3: Pool,
+    /// Requests wait for a first connection only this long after the
+    /// pools started; later, a node without a connection fails at once.
+    patience_until: Instant,
+}
+
+/// Multiplexed connections to every master, chosen by slot.
+pub struct Router {
+    view: Arc<ClusterView>,
+    connector: Connector,
+    nodes: RwLock<HashMap<String, Arc<Node>>>,
+    run_id: Arc<watch::Sender<Option<String>>>,
+    shutdown: Arc<Notify>,
+    /// The cluster's `COMMAND` table, read from a master on first need.
+    commands: tokio::sync::OnceCell<Arc<CommandTable>>,
+}
+
+impl Router {
+    pub fn new(view: Arc<ClusterView>, connector: Connector) -> Router {
+        Router {
+            view,
+            connector,
+            nodes: RwLock::new(HashMap::new()),
+            // Each node has its own run_id; nothing watches them yet (a
+            // failover clearing that master's L1 slots is step 3).
+            run_id: Arc::new(watch::channel(None).0),
+            shutdown: Arc::new(Notify::new()),
+            commands: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Has a node told the slot map (readiness)?
+    pub fn is_up(&self) -> bool {
+        self.view.current().is_some_and(|t| t.covered() > 0)
+    }
+
+    pub fn view(&self) -> &Arc<ClusterView> {
+        &self.view
+    }
+
+    /// The node's pools, started on first use. Pools of nodes that leave
+    /// the map are kept (not done yet: closing them).
+    fn node(&self, addr: &str) -> Arc<Node> {
+        if let Some(n) = self.nodes.read().get(addr) {
+            return n.clone();
+        }
+        let mut nodes = self.nodes.write();
+        nodes
+            .entry(addr.to_string())
+            .or_insert_with(|| {
+                let size = self.connector.config().pool_size;
+                let pool = |proto| {
+                    Pool::start(
+                        self.connector.clone(),
+                        Some(addr.to_string()),
+                        proto,
+                        size,
+                        self.run_id.clone(),
+                        self.shutdown.clone(),
+                        None,
+                    )
+                };
+                let cfg = self.connector.config();
+                Arc::new(Node {
+                    resp2: pool(2),
+                    resp3: pool(3),
+                    patience_until: Instant::now() + FIRST_CONNECT.max(cfg.connect_timeout),
+                })
+            })
+            .clone()
+    }
+
+    /// A live connection to `addr`, waiting (bounded) for a node whose
+    /// pool was just started.
+    async fn conn(&self, addr: &str, proto: u8, bias: usize) -> Result<Arc<MuxConn>, Error> {
+        let node = self.node(addr);
+        let pool = if proto == 3 { &node.resp3 } else { &node.resp2 };
+        loop {
+            match pool.conn(bias) {
+                Ok(c) => return Ok(c),
+                // (Not "the pool has connected once": its handshake info is
+                // published a moment before its connection.)
+                Err(e) if Instant::now() >= node.patience_until => {
+                    // Down, or never up: either way the map may be wrong.
+                    self.view.refresh();
+                    return Err(e);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Sends `request` (one encoded command) to the owner of `slot` and
+    /// returns its reply, following MOVED, ASK and TRYAGAIN.
+    pub async fn send(&self, proto: u8, slot: u16, request: Bytes, bias: usize) -> ReplyResult {
+        let mut redirects = 0;
+        let mut ask_to: Option<String> = None;
+        loop {
+            let (addr, reply) = match ask_to.take() {
+                Some(target) => {
+                    let r = self.asking(&target, proto, &request).await;
+                    (target, r)
+                }
+                None => {
+                    let topo = self.view.current().ok_or_else(|| {
+                        Arc::new(Error::Upstream(
+                            "the cluster's slot map is not known yet".into(),
+                        ))
+                    })?;
+                    let Some(addr) = topo.owner(slot).map(str::to_string) else {
+                        return Ok(Reply {
+                            bytes: protocol::error("CLUSTERDOWN Hash slot not served"),
+                            kind: protocol::ReplyKind::Error,
+                        });
+                    };
+                    let conn = self.conn(&addr, proto, bias).await.map_err(Arc::new)?;
+                    let r = received(conn.send(request.clone()).await.await);
+                    (addr, r)
+                }
+            };
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    // Outcome unknown: never resent.
+                    self.view.refresh();
+                    return Err(e);
+                }
+            };
+            let Some(text) = reply.error_text() else {
+                return Ok(reply);
+            };
+            if redirects >= MAX_REDIRECTS {
+                return Ok(reply);
+            }
+            redirects += 1;
+            if text.starts_with("TRYAGAIN") {
+                tokio::time::sleep(Duration::from_millis(10 << redirects)).await;
+                continue;
+            }
+            match Redirect::parse(&text, &addr) {
+                Some(Redirect::Moved { slot: s, addr: to }) => self.view.moved(s, &to),
+                Some(Redirect::Ask { addr: to, .. }) => ask_to = Some(to),
+                None => {
+                    if text.starts_with("CLUSTERDOWN") || text.starts_with("LOADING") {
+                        self.view.refresh();
+                    }
+                    return Ok(reply);
+                }
+            }
+        }
+    }
+
+    /// `ASKING` + `request` on a connection of their own (see the module docs).
+    async fn asking(&self, addr: &str, proto: u8, request: &Bytes) -> ReplyResult {
+        let cfg = self.connector.config();
+        let limit = cfg.connect_timeout + cfg.command_timeout;
+        let once = async {
+            let c = self
+                .connector
+                .connect_to(addr, proto, &Login::Configured, false)
+                .await?;
+            let mut out = BytesMut::with_capacity(request.len() + 16);
+            out.extend_from_slice(&protocol::command(["ASKING"]));
+            out.extend_from_slice(request);
+            let mut stream = c.stream;
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|e| Error::upstream_io(&e))?;
+            let mut reader = FrameReader::new(stream, c.leftover);
+            let asking = reader.next().await?;
+            if let Some(text) = asking.error_text() {
+                return Err(Error::Upstream(format!("ASKING at {addr}: {text}")));
+            }
+            reader.next().await
+        };
+        match tokio::time::timeout(limit, once).await {
+            Ok(r) => r.map_err(Arc::new),
+            Err(_) => Err(Arc::new(Error::Upstream(format!(
+                "ASK redirect to {addr}: no answer within {limit:?}"
+            )))),
+        }
+    }
+
+    /// The master keyless commands without a tip go to: the first in
+    /// address order, so it is the same one every time the map is the same.
+    fn any_master(&self) -> Result<String, Arc<Error>> {
+        self.view
+            .current()
+            .and_then(|t| t.masters().first().cloned())
+            .ok_or_else(|| {
+                Arc::new(Error::Upstream(
+                    "the cluster's slot map is not known yet".into(),
+                ))
+            })
+    }
+
+    /// The cluster's command table (key specs and tips).
+    pub async fn commands(&self) -> Result<Arc<CommandTable>, Arc<Error>> {
+        self.commands
+            .get_or_try_init(|| async {
+                let addr = self.any_master()?;
+                let reply = self
+                    .one_off(&addr, 2, &protocol::command(["COMMAND"]))
+                    .await?;
+                CommandTable::parse(&reply.bytes)
+                    .map(Arc::new)
+                    .ok_or_else(|| {
+                        Arc::new(Error::Upstream(format!(
+                            "COMMAND at {addr}: not a command table"
+                        )))
+                    })
+            })
+            .await
+            .cloned()
+    }
+
+    /// Sends to one node, no redirects: a keyless command to a given master.
+    async fn to_node(&self, addr: &str, proto: u8, request: Bytes, bias: usize) -> ReplyResult {
+        let conn = self.conn(addr, proto, bias).await.map_err(Arc::new)?;
+        let r = received(conn.send(request).await.await);
+        if r.is_err() {
+            self.view.refresh();
+        }
+        r
+    }
+
+    /// A whole client command in a cluster: routed by its keys' slots,
+    /// split and merged across slots, or refused (see [`split`]).
+    pub async fn execute(&self, proto: u8, args: &[Bytes], bias: usize) -> ReplyResult {
+        let table = self.commands().await?;
+        let encode = || {
+            let mut out = BytesMut::new();
+            protocol::encode_command(&mut out, args);
+            out.freeze()
+        };
+        match split::plan(&table, args) {
+            Plan::One { slot } => self.send(proto, slot, encode(), bias).await,
+            Plan::AnyMaster => {
+                let addr = self.any_master()?;
+                self.to_node(&addr, proto, encode(), bias).await
+            }
+            Plan::Refuse(bytes) => Ok(Reply {
+                bytes,
+                kind: protocol::ReplyKind::Error,
+            }),
+            Plan::AllMasters { merge } => {
+                let masters = self
+                    .view
+                    .current()
+                    .map(|t| t.masters().to_vec())
+                    .unwrap_or_default();
+                let request = encode();
+                let replies = futures::future::join_all(
+                    masters
+                        .iter()
+                        .map(|m| self.to_node(m, proto, request.clone(), bias)),
+                )
+                .await;
+                let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;
+                let parts: Vec<split::Part> = Vec::new();
+                Ok(split::merge(merge, &parts, replies))
+            }
+            Plan::Split { merge, parts } => {
+                let replies = futures::future::join_all(
+                    parts
+                        .iter()
+                        .map(|p| self.send(proto, p.slot.unwrap_or(0), p.request.clone(), bias)),
+                )
+                .await;
+                // One part's connection failed: its outcome is unknown, the
+                // client gets that error (the other parts may be applied).
+                let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;
+                Ok(split::merge(merge, &parts, replies))
+            }
+        }
+    }
+
+    /// One request on a connection of its own.
+    async fn one_off(&self, addr: &str, proto: u8, request: &Bytes) -> ReplyResult {
+        let cfg = self.connector.config();
+        let limit = cfg.connect_timeout + cfg.command_timeout;
+        let once = async {
+            let c = self
+                .connector
+                .connect_to(addr, proto, &Login::Configured, false)
+                .await?;
+            let mut stream = c.stream;
+            stream
+                .write_all(request)
+                .await
+                .map_err(|e| Error::upstream_io(&e))?;
+            FrameReader::new(stream, c.leftover).next().await
+        };
+        match tokio::time::timeout(limit, once).await {
+            Ok(r) => r.map_err(Arc::new),
+            Err(_) => Err(Arc::new(Error::Upstream(format!(
+                "{addr}: no answer within {limit:?}"
+            )))),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.notify_waiters();
+        self.view.stop();
+    }
+}

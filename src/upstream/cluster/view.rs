@@ -1,0 +1,173 @@
+//! The current [`Topology`], kept up to date by one refresher task.
+//!
+//! Triggers (a `MOVED` reply, a connection error to a node, the periodic
+//! tick) only wake the refresher through a channel that holds one wake-up;
+//! the refresher waits a short jittered moment, then takes whatever
+//! wake-ups arrived meanwhile, so a burst of triggers (every client hitting
+//! the same moved slot) becomes one `CLUSTER SLOTS` round, not one per
+//! request.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{info, warn};
+
+use super::topology::{fetch, Topology};
+use crate::net::Backoff;
+use crate::upstream::Connector;
+
+/// Triggers within this window (plus jitter) share one refresh.
+const COLLAPSE: Duration = Duration::from_millis(20);
+
+/// The cluster's slot map as nearcache currently believes it.
+pub struct ClusterView {
+    current: watch::Sender<Option<Arc<Topology>>>,
+    wake: mpsc::Sender<()>,
+    stop: Arc<Notify>,
+    stopped: AtomicBool,
+    refreshes: AtomicU64,
+    connector: Connector,
+    seeds: Vec<String>,
+    interval: Duration,
+}
+
+impl ClusterView {
+    /// Starts the refresher; the first view is asked of the seeds at once.
+    pub fn start(connector: Connector) -> Arc<ClusterView> {
+        let cfg = connector.config();
+        let seeds = cfg
+            .url
+            .cluster
+            .as_ref()
+            .map(|c| c.addresses())
+            .unwrap_or_else(|| vec![cfg.url.address()]);
+        let (wake, woken) = mpsc::channel(1);
+        let view = Arc::new(ClusterView {
+            current: watch::channel(None).0,
+            wake,
+            stop: Arc::new(Notify::new()),
+            stopped: AtomicBool::new(false),
+            refreshes: AtomicU64::new(0),
+            interval: cfg.cluster.refresh_interval,
+            connector,
+            seeds,
+        });
+        tokio::spawn(refresher(Arc::downgrade(&view), woken));
+        view
+    }
+
+    /// The latest view, once one node has answered.
+    pub fn current(&self) -> Option<Arc<Topology>> {
+        self.current.borrow().clone()
+    }
+
+    /// Sees every change of view (a new `Arc` each time the map changes).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Topology>>> {
+        self.current.subscribe()
+    }
+
+    /// Asks for a refresh soon; concurrent calls collapse into one.
+    pub fn refresh(&self) {
+        // Full means a refresh is already due: this trigger is part of it.
+        let _ = self.wake.try_send(());
+    }
+
+    /// A `MOVED` reply: the slot's new owner is known now, the rest of the
+    /// map is probably out of date too (slots move in batches).
+    pub fn moved(&self, slot: u16, addr: &str) {
+        self.current.send_if_modified(|cur| match cur {
+            Some(t) if t.owner(slot) != Some(addr) => {
+                *cur = Some(Arc::new(t.with_owner(slot, addr)));
+                true
+            }
+            _ => false,
+        });
+        self.refresh();
+    }
+
+    /// How many `CLUSTER SLOTS` rounds have run (for tests and metrics).
+    pub fn refreshes(&self) -> u64 {
+        self.refreshes.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stop.notify_one();
+    }
+
+    /// Known masters first (the likeliest to know), then the seeds.
+    fn candidates(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .current()
+            .map(|t| t.masters().to_vec())
+            .unwrap_or_default();
+        for s in &self.seeds {
+            if !out.contains(s) {
+                out.push(s.clone());
+            }
+        }
+        out
+    }
+}
+
+/// A few milliseconds that differ between sidecars, so a thousand of them
+/// hit by the same slot move do not ask the cluster in the same instant.
+fn jitter() -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    Duration::from_millis(u64::from(nanos % 30))
+}
+
+/// Holds the view only while refreshing, so dropping every other `Arc`
+/// ends the task at its next wake-up even without [`ClusterView::stop`].
+async fn refresher(view: std::sync::Weak<ClusterView>, mut woken: mpsc::Receiver<()>) {
+    let mut backoff = None::<Backoff>;
+    loop {
+        let Some(v) = view.upgrade() else { return };
+        if v.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let candidates = v.candidates();
+        let result = fetch(&v.connector, &candidates).await;
+        v.refreshes.fetch_add(1, Ordering::Relaxed);
+        let wait = match result {
+            Ok(t) => {
+                backoff = None;
+                v.current.send_if_modified(|cur| {
+                    if cur.as_deref() == Some(&t) {
+                        return false;
+                    }
+                    info!(masters = ?t.masters(), covered = t.covered(), "cluster slot map changed");
+                    *cur = Some(Arc::new(t));
+                    true
+                });
+                v.interval
+            }
+            Err(e) => {
+                warn!(error = %e, "cluster slot map refresh failed");
+                let b = backoff.get_or_insert_with(|| {
+                    Backoff::new(v.connector.config().reconnect_backoff_max)
+                });
+                // Without any view yet, retry soon; with one, keep it until
+                // a node answers.
+                b.step().min(v.interval)
+            }
+        };
+        let stop = v.stop.clone();
+        drop(v);
+        let woke = tokio::select! {
+            w = woken.recv() => w.is_some(),
+            _ = stop.notified() => return,
+            _ = tokio::time::sleep(wait) => false,
+        };
+        if woke {
+            tokio::time::sleep(COLLAPSE + jitter()).await;
+            // Triggers during the pause are answered by the coming round.
+            while woken.try_recv().is_ok() {}
+        }
+    }
+}

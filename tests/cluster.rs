@@ -1,0 +1,718 @@
+//! Redis Cluster upstream (issue 13) against a real 3-master cluster
+//! (`tests/support/cluster.rs`). What is tested here is what exists so far
+//! (see `docs/cluster.md`): the slot map read from the seeds, its refresher,
+//! redirects as nodes send them, the cluster's own key specs, the router
+//! (redirects, cross-slot split/merge), and nearcache in pass-through mode
+//! (L1 off) in front of the cluster with a plain, non-cluster client.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nearcache::net::FrameReader;
+use nearcache::upstream::cluster::commands::CommandTable;
+use nearcache::upstream::cluster::router::Router;
+use nearcache::upstream::cluster::slots::slot;
+use nearcache::upstream::cluster::topology::{fetch, Redirect};
+use nearcache::upstream::cluster::view::ClusterView;
+use nearcache::upstream::{Connector, Login};
+use support::cluster::Cluster;
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+fn connector(url: &str) -> Connector {
+    Connector::new(test_config(url).upstream).unwrap()
+}
+
+fn addr(node: &RedisServer) -> String {
+    format!("127.0.0.1:{}", node.port)
+}
+
+/// One command's raw reply from `addr`.
+async fn raw(c: &Connector, addr: &str, args: &[&str]) -> Bytes {
+    let conn = c
+        .connect_to(addr, 2, &Login::Configured, false)
+        .await
+        .unwrap();
+    let mut stream = conn.stream;
+    stream
+        .write_all(&nearcache::protocol::command(args.iter().copied()))
+        .await
+        .unwrap();
+    FrameReader::new(stream, conn.leftover)
+        .next()
+        .await
+        .unwrap()
+        .bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_map_comes_from_the_seeds_that_answer() {
+    let cluster = Cluster::start(3);
+    let dead = free_port();
+    // The first seed is down: startup must not depend on it.
+    let url = format!(
+        "redis-cluster://127.0.0.1:{dead},{}",
+        addr(&cluster.nodes[1])
+    );
+    let c = connector(&url);
+    let seeds = vec![format!("127.0.0.1:{dead}"), addr(&cluster.nodes[1])];
+    let t = fetch(&c, &seeds).await.expect("a seed answers");
+    assert_eq!(t.covered(), 16384);
+    let mut masters: Vec<String> = cluster.nodes.iter().map(addr).collect();
+    masters.sort();
+    assert_eq!(t.masters(), masters.as_slice());
+    for i in 0..60 {
+        let key = format!("key:{i}");
+        let owner = addr(cluster.owner_of(&key));
+        assert_eq!(t.owner(slot(key.as_bytes())), Some(owner.as_str()), "{key}");
+    }
+    // Only dead seeds: an error naming them, not a hang.
+    let e = fetch(&c, &[format!("127.0.0.1:{dead}")]).await.unwrap_err();
+    assert!(e.to_string().contains(&dead.to_string()), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_and_ask_replies_are_read_as_nodes_send_them() {
+    let cluster = Cluster::start(3);
+    let c = connector(&cluster.url());
+    let key = "user:1000";
+    let owner = cluster.owner_of(key);
+    let other = cluster.nodes.iter().find(|n| n.port != owner.port).unwrap();
+    let reply = raw(&c, &addr(other), &["GET", key]).await;
+    let text = String::from_utf8_lossy(&reply[1..reply.len() - 2]).into_owned();
+    assert_eq!(
+        Redirect::parse(&text, &addr(other)),
+        Some(Redirect::Moved {
+            slot: slot(key.as_bytes()),
+            addr: addr(owner)
+        }),
+        "{text}"
+    );
+    // ASK: the slot is migrating from its owner and the key is not there.
+    let s = slot(key.as_bytes()).to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "IMPORTING", &owner.node_id()][..])
+        .query(&mut other.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "MIGRATING", &other.node_id()][..])
+        .query(&mut owner.conn())
+        .unwrap();
+    let reply = raw(&c, &addr(owner), &["GET", key]).await;
+    let text = String::from_utf8_lossy(&reply[1..reply.len() - 2]).into_owned();
+    assert_eq!(
+        Redirect::parse(&text, &addr(owner)),
+        Some(Redirect::Ask {
+            slot: slot(key.as_bytes()),
+            addr: addr(other)
+        }),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_follows_a_slot_move_and_collapses_triggers() {
+    let cluster = Cluster::start(3);
+    let view = ClusterView::start(connector(&cluster.url()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Some(t) = view.current() {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "no first view");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(first.covered(), 16384);
+
+    // Move the (empty) slot 0 to another master on every node.
+    let from = cluster.owner_of_slot(0);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    let to_id = to.node_id();
+    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", "0", "NODE", &to_id][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    // A burst of triggers (every client seeing the move) is one round, or
+    // two when the burst straddles a round that is already running.
+    let before = view.refreshes();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let v = view.clone();
+            tokio::spawn(async move { v.refresh() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view.current().unwrap().owner(0) != Some(addr(to).as_str()) {
+        assert!(Instant::now() < deadline, "the view never saw the move");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rounds = view.refreshes() - before;
+    assert!(
+        (1..=2).contains(&rounds),
+        "{rounds} refreshes for one burst"
+    );
+    assert_eq!(view.current().unwrap().owner(1), first.owner(1));
+
+    // MOVED updates the map at once, before any refresh.
+    let third = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port != to.port && n.port != from.port)
+        .unwrap();
+    let mut changes = view.subscribe();
+    changes.borrow_and_update();
+    view.moved(5, &addr(third));
+    assert!(changes.has_changed().unwrap());
+    assert_eq!(view.current().unwrap().owner(5), Some(addr(third).as_str()));
+    // ...and the refresh it asks for puts the truth back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view.current().unwrap().owner(5) != first.owner(5) {
+        assert!(
+            Instant::now() < deadline,
+            "the refresh never corrected slot 5"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    view.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_specs_agree_with_command_getkeys() {
+    let server = RedisServer::start();
+    let c = connector(&server.url());
+    let table = CommandTable::parse(&raw(&c, &addr(&server), &["COMMAND"]).await).expect("parses");
+    assert!(table.len() > 200, "{}", table.len());
+    let cases: &[&[&str]] = &[
+        &["SET", "k", "v"],
+        &["GET", "k"],
+        &["MGET", "a", "b", "c"],
+        &["MSET", "a", "1", "b", "2"],
+        &["DEL", "a", "b"],
+        &["EVAL", "return 1", "2", "x", "y", "z"],
+        &["EVAL", "return 1", "0"],
+        &["XREAD", "COUNT", "1", "STREAMS", "s1", "s2", "0", "0"],
+        &["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"],
+        &["ZUNIONSTORE", "d", "2", "a", "b", "WEIGHTS", "1", "2"],
+        &["LMOVE", "a", "b", "LEFT", "RIGHT"],
+        &["BLMPOP", "0", "2", "a", "b", "LEFT"],
+        &["RENAME", "a", "b"],
+        &["SMOVE", "a", "b", "m"],
+        &["BITOP", "AND", "d", "a", "b"],
+        &["SINTERCARD", "2", "a", "b", "LIMIT", "1"],
+        &["MEMORY", "USAGE", "k"],
+        &["OBJECT", "ENCODING", "k"],
+        &["GEORADIUS", "k", "0", "0", "1", "km", "STORE", "d"],
+        &["SORT", "k", "STORE", "d"],
+        &["COPY", "a", "b"],
+        &["LCS", "a", "b"],
+        &["MSETNX", "a", "1", "b", "2"],
+    ];
+    let mut conn = server.conn();
+    for args in cases {
+        let bytes: Vec<Bytes> = args
+            .iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+        let info = table
+            .lookup(&bytes)
+            .unwrap_or_else(|| panic!("{args:?} unknown"));
+        let ours: Vec<String> = info
+            .keys(&bytes)
+            .unwrap_or_else(|e| panic!("{args:?}: {e:?}"))
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        let theirs: Vec<String> = match redis::cmd("COMMAND")
+            .arg("GETKEYS")
+            .arg(*args)
+            .query(&mut conn)
+        {
+            Ok(keys) => keys,
+            Err(e) if e.to_string().contains("no key arguments") => Vec::new(),
+            Err(e) => panic!("{args:?}: {e}"),
+        };
+        let mut sorted = ours.clone();
+        sorted.sort();
+        let mut theirs_sorted = theirs.clone();
+        theirs_sorted.sort();
+        assert_eq!(sorted, theirs_sorted, "{args:?}");
+    }
+}
+
+/// A view whose first map is known.
+async fn started_view(cluster: &Cluster) -> Arc<ClusterView> {
+    let view = ClusterView::start(connector(&cluster.url()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while view.current().is_none() {
+        assert!(Instant::now() < deadline, "no first view");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    view
+}
+
+async fn routed(router: &Router, args: &[&str]) -> String {
+    let key = args.get(1).copied().unwrap_or("");
+    let reply = router
+        .send(
+            2,
+            slot(key.as_bytes()),
+            nearcache::protocol::command(args.iter().copied()),
+            0,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    String::from_utf8_lossy(&reply.bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_follows_ask_tryagain_and_moved_through_a_slot_migration() {
+    let cluster = Cluster::start(3);
+    let router = Router::new(started_view(&cluster).await, connector(&cluster.url()));
+
+    // Keys on every master, each landing where the cluster says it lives.
+    let mut used = std::collections::HashSet::new();
+    for i in 0..30 {
+        let key = format!("k:{i}");
+        assert_eq!(
+            routed(&router, &["SET", &key, &format!("v{i}")]).await,
+            "+OK\r\n"
+        );
+        let owner = cluster.owner_of(&key);
+        let direct: String = redis::cmd("GET")
+            .arg(&key)
+            .query(&mut owner.conn())
+            .unwrap();
+        assert_eq!(direct, format!("v{i}"));
+        used.insert(owner.port);
+    }
+    assert_eq!(used.len(), 3, "30 keys should reach all three masters");
+
+    let (k1, k2, k3) = ("mig:{a}1", "mig:{a}2", "mig:{a}3");
+    let s = slot(k1.as_bytes());
+    let from = cluster.owner_of(k1);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    assert_eq!(routed(&router, &["SET", k1, "v1"]).await, "+OK\r\n");
+    assert_eq!(routed(&router, &["SET", k2, "v2"]).await, "+OK\r\n");
+    let ss = s.to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &ss, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &ss, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+    let migrate = |key: &str| {
+        let _: () = redis::cmd("MIGRATE")
+            .arg(
+                &[
+                    "127.0.0.1",
+                    &to.port.to_string(),
+                    "",
+                    "0",
+                    "5000",
+                    "KEYS",
+                    key,
+                ][..],
+            )
+            .query(&mut from.conn())
+            .unwrap();
+    };
+    migrate(k1);
+
+    // ASK: k1 is already at the target, k2 still at the source.
+    assert_eq!(routed(&router, &["GET", k1]).await, "$2\r\nv1\r\n");
+    assert_eq!(routed(&router, &["GET", k2]).await, "$2\r\nv2\r\n");
+    // A new key in a migrating slot is created at the target.
+    assert_eq!(routed(&router, &["SET", k3, "v3"]).await, "+OK\r\n");
+    let (_, at_target): ((), String) = redis::pipe()
+        .cmd("ASKING")
+        .cmd("GET")
+        .arg(k3)
+        .query(&mut to.conn())
+        .unwrap();
+    assert_eq!(at_target, "v3");
+
+    // TRYAGAIN: k1 at the target, k2 at the source. Until k2 moves too,
+    // the source answers TRYAGAIN; then ASK, then the values.
+    let moved_later = {
+        let from_port = from.port;
+        let to_port = to.port;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{from_port}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let _: () = redis::cmd("MIGRATE")
+                .arg(
+                    &[
+                        "127.0.0.1",
+                        &to_port.to_string(),
+                        "",
+                        "0",
+                        "5000",
+                        "KEYS",
+                        k2,
+                    ][..],
+                )
+                .query(&mut c)
+                .unwrap();
+        })
+    };
+    assert_eq!(
+        routed(&router, &["MGET", k1, k2]).await,
+        "*2\r\n$2\r\nv1\r\n$2\r\nv2\r\n"
+    );
+    moved_later.join().unwrap();
+
+    // MOVED: the slot now belongs to the target; the router's map says the
+    // source until the source answers MOVED.
+    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &ss, "NODE", &to.node_id()][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    assert_eq!(
+        router.view().current().unwrap().owner(s),
+        Some(addr(from).as_str())
+    );
+    assert_eq!(routed(&router, &["GET", k1]).await, "$2\r\nv1\r\n");
+    assert_eq!(
+        router.view().current().unwrap().owner(s),
+        Some(addr(to).as_str())
+    );
+    assert_eq!(routed(&router, &["SET", k2, "w2"]).await, "+OK\r\n");
+    let direct: String = redis::cmd("GET").arg(k2).query(&mut to.conn()).unwrap();
+    assert_eq!(direct, "w2");
+    router.stop();
+}
+
+async fn executed(router: &Router, args: &[&str]) -> String {
+    let args: Vec<Bytes> = args
+        .iter()
+        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+        .collect();
+    let reply = router
+        .execute(2, &args, 0)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    String::from_utf8_lossy(&reply.bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_across_slots_are_split_merged_or_refused_like_redis() {
+    let cluster = Cluster::start(3);
+    let router = Router::new(started_view(&cluster).await, connector(&cluster.url()));
+    // Keys whose slots interleave between the masters, so key order and
+    // part order differ.
+    let keys: Vec<String> = (0..8).map(|i| format!("x:{i}")).collect();
+    let owners: std::collections::HashSet<u16> =
+        keys.iter().map(|k| cluster.owner_of(k).port).collect();
+    assert!(owners.len() >= 2, "keys on at least two masters");
+
+    let mut mset = vec!["MSET"];
+    let values: Vec<String> = (0..8).map(|i| format!("v{i}")).collect();
+    for (k, v) in keys.iter().zip(&values) {
+        mset.push(k);
+        mset.push(v);
+    }
+    assert_eq!(executed(&router, &mset).await, "+OK\r\n");
+    for (k, v) in keys.iter().zip(&values) {
+        let direct: String = redis::cmd("GET")
+            .arg(k)
+            .query(&mut cluster.owner_of(k).conn())
+            .unwrap();
+        assert_eq!(&direct, v);
+    }
+
+    // MGET in the client's key order, a missing key as nil in its place.
+    let mut mget = vec!["MGET"];
+    mget.extend(keys.iter().map(String::as_str));
+    mget.insert(3, "missing");
+    let mut expected = format!("*{}\r\n", mget.len() - 1);
+    for k in &mget[1..] {
+        match k.strip_prefix("x:") {
+            Some(i) => expected.push_str(&format!("$2\r\nv{i}\r\n")),
+            None => expected.push_str("$-1\r\n"),
+        }
+    }
+    assert_eq!(executed(&router, &mget).await, expected);
+    // Two keys per slot, interleaved: one part per slot, replies put back
+    // in key order (part order would give a1 a2 a3 b1 b2).
+    assert_ne!(cluster.owner_of("{a}").port, cluster.owner_of("{b}").port);
+    assert_eq!(
+        executed(
+            &router,
+            &["MSET", "{a}1", "a1", "{b}1", "b1", "{a}2", "a2", "{b}2", "b2", "{a}3", "a3"]
+        )
+        .await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        executed(&router, &["MGET", "{a}1", "{b}1", "{a}2", "{b}2", "{a}3"]).await,
+        "*5\r\n$2\r\na1\r\n$2\r\nb1\r\n$2\r\na2\r\n$2\r\nb2\r\n$2\r\na3\r\n"
+    );
+    assert_eq!(
+        executed(&router, &["DEL", "{a}1", "{b}1", "{a}2", "{b}2", "{a}3"]).await,
+        ":5\r\n"
+    );
+
+    // Integer replies summed.
+    let mut exists = vec!["EXISTS", "missing"];
+    exists.extend(keys.iter().map(String::as_str));
+    assert_eq!(executed(&router, &exists).await, ":8\r\n");
+    assert_eq!(executed(&router, &["DBSIZE"]).await, ":8\r\n");
+    assert_eq!(
+        executed(&router, &["DEL", "x:0", "x:1", "x:2", "missing"]).await,
+        ":3\r\n"
+    );
+    assert_eq!(executed(&router, &["DBSIZE"]).await, ":5\r\n");
+
+    // Not splittable: exactly what a cluster node says.
+    let direct: redis::RedisResult<()> = redis::cmd("MSETNX")
+        .arg(&["x:3", "a", "x:4", "b"][..])
+        .query(&mut cluster.nodes[0].conn());
+    let direct = direct.unwrap_err();
+    assert_eq!(direct.code(), Some("CROSSSLOT"), "{direct}");
+    assert_eq!(
+        executed(&router, &["MSETNX", "x:3", "a", "x:4", "b"]).await,
+        "-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+    );
+    assert_eq!(
+        executed(&router, &["RENAME", "x:3", "x:4"]).await,
+        "-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+    );
+    // Same slot (hash tags): one request, atomic as Redis makes it.
+    assert_eq!(
+        executed(&router, &["MSETNX", "{t}a", "1", "{t}b", "2"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(executed(&router, &["PING"]).await, "+PONG\r\n");
+    assert_eq!(
+        executed(&router, &["NOSUCHCOMMAND", "x"]).await.get(..4),
+        Some("-ERR")
+    );
+    router.stop();
+}
+
+#[test]
+fn a_plain_client_uses_the_cluster_through_nearcache_while_a_slot_migrates() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut c = proxy.conn();
+    let mut used = std::collections::HashSet::new();
+    for i in 0..30 {
+        let key = format!("p:{i}");
+        let _: () = redis::cmd("SET").arg(&key).arg(i).query(&mut c).unwrap();
+        let back: i64 = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+        assert_eq!(back, i);
+        let direct: i64 = redis::cmd("GET")
+            .arg(&key)
+            .query(&mut cluster.owner_of(&key).conn())
+            .unwrap();
+        assert_eq!(direct, i);
+        used.insert(cluster.owner_of(&key).port);
+    }
+    assert_eq!(used.len(), 3);
+    let _: () = redis::cmd("MSET")
+        .arg(&["{a}1", "a1", "{b}1", "b1", "{a}2", "a2"][..])
+        .query(&mut c)
+        .unwrap();
+    let got: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&["{a}1", "{b}1", "nope", "{a}2"][..])
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        got,
+        [
+            Some("a1".into()),
+            Some("b1".into()),
+            None,
+            Some("a2".into())
+        ]
+    );
+    let e = redis::cmd("MSETNX")
+        .arg(&["{a}3", "x", "{b}3", "y"][..])
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert_eq!(e.code(), Some("CROSSSLOT"), "{e}");
+    let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(n, 33);
+    let e = redis::cmd("MULTI").query::<()>(&mut c).unwrap_err();
+    assert!(
+        e.to_string().contains("not supported on a Redis Cluster"),
+        "{e}"
+    );
+
+    // Traffic on keys of one slot while that slot migrates: no error, no
+    // redirect, every read sees the last write.
+    let keys: Vec<String> = (0..5).map(|i| format!("{{m}}{i}")).collect();
+    let s = slot(b"m").to_string();
+    let from = cluster.owner_of("{m}");
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(0).query(&mut c).unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, keys, url) = (stop.clone(), keys.clone(), proxy.url());
+        std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                for k in &keys {
+                    let _: () = redis::cmd("SET").arg(k).arg(n).query(&mut c).unwrap();
+                    let back: i64 = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+                    assert_eq!(back, n, "{k}");
+                }
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+    for k in &keys {
+        std::thread::sleep(Duration::from_millis(50));
+        let _: () = redis::cmd("MIGRATE")
+            .arg(
+                &[
+                    "127.0.0.1",
+                    &to.port.to_string(),
+                    "",
+                    "0",
+                    "5000",
+                    "KEYS",
+                    k,
+                ][..],
+            )
+            .query(&mut from.conn())
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = traffic.join().expect("no error reached the client");
+    assert!(rounds > 5, "{rounds} rounds of traffic");
+    // A write directly on the new owner is what nearcache reads next.
+    let _: () = redis::cmd("SET")
+        .arg(&keys[0])
+        .arg(-1)
+        .query(&mut to.conn())
+        .unwrap();
+    let back: i64 = redis::cmd("GET").arg(&keys[0]).query(&mut c).unwrap();
+    assert_eq!(back, -1);
+}
+
+#[test]
+fn nearcache_starts_and_serves_with_the_first_seed_down() {
+    let cluster = Cluster::start(3);
+    let dead = free_port();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{dead},127.0.0.1:{}",
+        cluster.nodes[2].port
+    );
+    let proxy = Proxy::with_config(test_config(&url));
+    // Ready although the first seed (the ordinary pool's target) is down.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.http_get("/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = proxy.conn();
+    for i in 0..20 {
+        let key = format!("d:{i}");
+        let _: () = redis::cmd("SET").arg(&key).arg(i).query(&mut c).unwrap();
+        let back: i64 = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+        assert_eq!(back, i);
+    }
+}
+
+#[test]
+fn keyless_and_stateful_commands_through_nearcache() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut c = proxy.conn();
+    let keys: Vec<String> = (0..12).map(|i| format!("q:{i}")).collect();
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(1).query(&mut c).unwrap();
+    }
+    // KEYS from every master, merged.
+    let mut got: Vec<String> = redis::cmd("KEYS").arg("q:*").query(&mut c).unwrap();
+    got.sort();
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(got, want);
+    // SCAN needs a cursor over the masters: refused clearly, for now.
+    let e = redis::cmd("SCAN")
+        .arg(0)
+        .query::<redis::Value>(&mut c)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not supported on a Redis Cluster"),
+        "{e}"
+    );
+    // Stateful modes have no node to pin to yet: refused, never sent to
+    // some node with the client's state.
+    for args in [
+        &["WATCH", "q:1"][..],
+        &["SUBSCRIBE", "ch"],
+        &["BLPOP", "l", "1"],
+    ] {
+        let e = redis::cmd(args[0])
+            .arg(&args[1..])
+            .query::<redis::Value>(&mut c)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not supported on a Redis Cluster"),
+            "{args:?}: {e}"
+        );
+    }
+    let e = redis::cmd("SELECT").arg(1).query::<()>(&mut c).unwrap_err();
+    assert!(!e.to_string().is_empty());
+    // A client's own login needs a connection of its own: refused, not run
+    // as nearcache's user.
+    let e = redis::cmd("AUTH")
+        .arg(&["someone", "secret"][..])
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not supported on a Redis Cluster"),
+        "{e}"
+    );
+    // The connection still works after the refusals.
+    let v: i64 = redis::cmd("GET").arg("q:1").query(&mut c).unwrap();
+    assert_eq!(v, 1);
+    // FLUSHALL on every master.
+    let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+    for n in &cluster.nodes {
+        let size: i64 = redis::cmd("DBSIZE").query(&mut n.conn()).unwrap();
+        assert_eq!(size, 0, "node {}", n.port);
+    }
+    let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(size, 0);
+}

@@ -1,0 +1,144 @@
+//! A real Redis Cluster for tests: `redis-server --cluster-enabled yes`
+//! processes on ephemeral ports, slots assigned by `redis-cli --cluster
+//! create`, killed on drop with their nodes.conf (in each server's scratch
+//! directory).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::RedisServer;
+
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    /// `n` masters, no replicas, every slot assigned, `cluster_state:ok`
+    /// everywhere.
+    pub fn start(n: usize) -> Cluster {
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let mut cmd = Command::new("redis-cli");
+        cmd.arg("--cluster").arg("create");
+        for node in &nodes {
+            cmd.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = cmd
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = Cluster { nodes };
+        c.wait_ok();
+        c
+    }
+
+    /// Waits until every node says `cluster_state:ok` and agrees on the owner
+    /// of every slot.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                let mut c = n.conn();
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).unwrap();
+                info.contains("cluster_state:ok")
+            });
+            let views: Vec<Vec<(u16, u16)>> = self.nodes.iter().map(|n| n.slot_ranges()).collect();
+            if ok && views.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster never became ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node whose port is `port`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes.iter().find(|n| n.port == port).expect("a node")
+    }
+
+    /// The node that owns `key`'s slot, asked of the first node.
+    pub fn owner_of(&self, key: &str) -> &RedisServer {
+        let mut c = self.nodes[0].conn();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)
+            .unwrap();
+        self.owner_of_slot(slot)
+    }
+
+    pub fn owner_of_slot(&self, slot: u16) -> &RedisServer {
+        let mut c = self.nodes[0].conn();
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut c).unwrap();
+        for r in ranges {
+            let redis::Value::Array(f) = r else { continue };
+            let (redis::Value::Int(s), redis::Value::Int(e), redis::Value::Array(node)) =
+                (&f[0], &f[1], &f[2])
+            else {
+                continue;
+            };
+            if (*s..=*e).contains(&(slot as i64)) {
+                let redis::Value::Int(port) = node[1] else {
+                    panic!("port")
+                };
+                return self.node(port as u16);
+            }
+        }
+        panic!("slot {slot} has no owner");
+    }
+
+    /// `redis-cluster://` URL with every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
+}
+
+impl RedisServer {
+    /// This node's cluster id.
+    pub fn node_id(&self) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.conn())
+            .unwrap()
+    }
+
+    /// `(start, end)` of every slot range in this node's view, sorted.
+    pub fn slot_ranges(&self) -> Vec<(u16, u16)> {
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut self.conn())
+            .unwrap();
+        let mut out: Vec<(u16, u16)> = ranges
+            .into_iter()
+            .filter_map(|r| match r {
+                redis::Value::Array(f) => match (&f[0], &f[1]) {
+                    (redis::Value::Int(s), redis::Value::Int(e)) => Some((*s as u16, *e as u16)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
