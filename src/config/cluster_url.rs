@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::url::{percent_decode, UpstreamUrl};
+use super::url::{node_address, split_host_port, split_userinfo, UpstreamUrl};
 
 /// The seed nodes of a Redis Cluster and the options given in its URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,15 +21,10 @@ pub struct ClusterSeeds {
 impl ClusterSeeds {
     /// Each seed as `host:port` (`[v6]:port`).
     pub fn addresses(&self) -> Vec<String> {
-        self.seeds.iter().map(|(h, p)| address(h, *p)).collect()
-    }
-}
-
-pub(super) fn address(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+        self.seeds
+            .iter()
+            .map(|(h, p)| node_address(h, *p))
+            .collect()
     }
 }
 
@@ -55,30 +50,14 @@ pub(super) fn parse(raw: &str) -> Result<Option<UpstreamUrl>, String> {
             "database {path:?}: a Redis Cluster has database 0 only"
         ));
     }
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    let decode = |s: &str| {
-        percent_decode(s).map_err(|_| "user or password is not valid percent-encoding".to_string())
-    };
-    let (username, password) = match userinfo {
-        None => (None, None),
-        Some(u) => match u.split_once(':') {
-            Some((user, pass)) => (
-                (!user.is_empty()).then(|| decode(user)).transpose()?,
-                Some(decode(pass)?),
-            ),
-            None => ((!u.is_empty()).then(|| decode(u)).transpose()?, None),
-        },
-    };
+    let (username, password, hosts) = split_userinfo(authority)?;
     let mut seeds = Vec::new();
     for h in hosts.split(',') {
         let h = h.trim();
         if h.is_empty() {
             continue;
         }
-        seeds.push(host_port(h)?);
+        seeds.push(split_host_port(h, 6379, "seed")?);
     }
     if seeds.is_empty() {
         return Err("missing host: give at least one seed node (host:port,host:port)".into());
@@ -127,43 +106,17 @@ pub(super) fn parse(raw: &str) -> Result<Option<UpstreamUrl>, String> {
     }))
 }
 
-/// `host:port`, `host` (port 6379), `[v6]:port`.
-fn host_port(s: &str) -> Result<(String, u16), String> {
-    let bad_port = |p: &str| format!("port {p:?} of {s:?} is not a port");
-    if let Some(v6) = s.strip_prefix('[') {
-        let (host, rest) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{s:?}: unclosed ["))?;
-        let port = match rest.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| bad_port(p))?,
-            None if rest.is_empty() => 6379,
-            None => return Err(format!("{s:?} is not host:port")),
-        };
-        return Ok((host.to_string(), port));
-    }
-    let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().map_err(|_| bad_port(p))?),
-        None => (s, 6379),
-    };
-    if host.is_empty() || host.contains(['/', '@', ' ']) {
-        return Err(format!("{s:?} is not host:port"));
-    }
-    Ok((host.to_string(), port))
-}
-
 pub(super) fn redacted(url: &UpstreamUrl, c: &ClusterSeeds) -> String {
     let scheme = if url.tls {
         "rediss-cluster"
     } else {
         "redis-cluster"
     };
-    let auth = match (&url.username, &url.password) {
-        (Some(u), Some(_)) => format!("{u}:***@"),
-        (None, Some(_)) => ":***@".to_string(),
-        (Some(u), None) => format!("{u}@"),
-        (None, None) => String::new(),
-    };
-    format!("{scheme}://{auth}{}", c.addresses().join(","))
+    format!(
+        "{scheme}://{}{}",
+        url.redacted_auth(),
+        c.addresses().join(",")
+    )
 }
 
 #[cfg(test)]

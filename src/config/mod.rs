@@ -18,7 +18,7 @@ mod url;
 use file::{parse_file, read_file, FileConfig};
 use resolve::*;
 pub use resolve::{parse_bytes, parse_duration};
-pub use url::{ClusterSeeds, SentinelUrl, UpstreamUrl, SENTINEL_PORT};
+pub use url::{node_address, ClusterSeeds, SentinelUrl, UpstreamUrl, SENTINEL_PORT};
 
 /// A configuration problem, always tied to the key that caused it.
 #[derive(Debug, thiserror::Error)]

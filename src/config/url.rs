@@ -107,12 +107,7 @@ impl UpstreamUrl {
         if let Some(c) = &self.cluster {
             return cluster::redacted(self, c);
         }
-        let auth = match (&self.username, &self.password) {
-            (Some(u), Some(_)) => format!("{u}:***@"),
-            (None, Some(_)) => ":***@".to_string(),
-            (Some(u), None) => format!("{u}@"),
-            (None, None) => String::new(),
-        };
+        let auth = self.redacted_auth();
         if let Some(s) = &self.sentinel {
             let scheme = if self.tls {
                 "rediss-sentinel"
@@ -131,12 +126,46 @@ impl UpstreamUrl {
     }
 
     pub fn address(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+        node_address(&self.host, self.port)
+    }
+
+    /// `user:***@` (or what of it is set) for a printable URL.
+    pub(super) fn redacted_auth(&self) -> String {
+        match (&self.username, &self.password) {
+            (Some(u), Some(_)) => format!("{u}:***@"),
+            (None, Some(_)) => ":***@".to_string(),
+            (Some(u), None) => format!("{u}@"),
+            (None, None) => String::new(),
         }
     }
+}
+
+/// `host:port`, or `[host]:port` for an IPv6 host.
+pub fn node_address(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Splits `[user[:pass]@]hosts` into the percent-decoded user (none when
+/// empty), password and the hosts.
+pub(super) fn split_userinfo(
+    authority: &str,
+) -> Result<(Option<String>, Option<String>, &str), String> {
+    let Some((userinfo, hosts)) = authority.rsplit_once('@') else {
+        return Ok((None, None, authority));
+    };
+    let decode = |s: &str| {
+        percent_decode(s).map_err(|_| "user or password is not valid percent-encoding".to_string())
+    };
+    let (user, pass) = match userinfo.split_once(':') {
+        Some((user, pass)) => (user, Some(pass)),
+        None => (userinfo, None),
+    };
+    let user = (!user.is_empty()).then(|| decode(user)).transpose()?;
+    Ok((user, pass.map(decode).transpose()?, hosts))
 }
 
 /// `[user:pass@]host[:port][,host[:port]...]/master[/db]`: the url crate
@@ -146,34 +175,13 @@ fn parse_sentinel(rest: &str, tls: bool) -> Result<UpstreamUrl, String> {
         return Err("a redis-sentinel URL takes no query or fragment".into());
     }
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    let decode = |s: &str| {
-        percent_decode(s).map_err(|_| "user or password is not valid percent-encoding".to_string())
-    };
-    let (username, password) = match userinfo {
-        None => (None, None),
-        Some(u) => {
-            let (user, pass) = match u.split_once(':') {
-                Some((user, pass)) => (user, Some(pass)),
-                None => (u, None),
-            };
-            let user = (!user.is_empty()).then(|| decode(user)).transpose()?;
-            (user, pass.map(decode).transpose()?)
-        }
-    };
+    let (username, password, hosts) = split_userinfo(authority)?;
     let mut sentinels = Vec::new();
     let mut first = None;
     for h in hosts.split(',') {
-        let (host, port) = split_host_port(h)?;
+        let (host, port) = split_host_port(h, SENTINEL_PORT, "Sentinel")?;
         first.get_or_insert((host.clone(), port));
-        sentinels.push(if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        });
+        sentinels.push(node_address(&host, port));
     }
     let (host, port) = first.ok_or("missing Sentinel hosts")?;
     let mut parts = path.split('/');
@@ -210,8 +218,14 @@ fn parse_sentinel(rest: &str, tls: bool) -> Result<UpstreamUrl, String> {
     })
 }
 
-/// `host`, `host:port`, `[v6]` or `[v6]:port`; the port defaults to Sentinel's.
-fn split_host_port(h: &str) -> Result<(String, u16), String> {
+/// `host`, `host:port`, `[v6]` or `[v6]:port`, with `default_port` when
+/// none is given (Sentinel URLs and Redis Cluster seed lists); `what` names
+/// the host in errors.
+pub(super) fn split_host_port(
+    h: &str,
+    default_port: u16,
+    what: &str,
+) -> Result<(String, u16), String> {
     let bad = || format!("{h:?} is not a host[:port]");
     let (host, port) = if let Some(v6) = h.strip_prefix('[') {
         let (host, after) = v6.split_once(']').ok_or_else(bad)?;
@@ -227,13 +241,13 @@ fn split_host_port(h: &str) -> Result<(String, u16), String> {
     };
     if host.is_empty() || host.contains(['/', '@', ' ']) {
         return Err(if h.is_empty() {
-            "empty Sentinel host (check the commas)".into()
+            format!("empty {what} host (check the commas)")
         } else {
             bad()
         });
     }
     let port = match port {
-        None => SENTINEL_PORT,
+        None => default_port,
         Some(p) => p
             .parse::<u16>()
             .ok()

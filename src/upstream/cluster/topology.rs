@@ -9,6 +9,7 @@
 use tokio::io::AsyncWriteExt;
 
 use super::slots::SLOTS;
+use crate::config::node_address;
 use crate::error::Error;
 use crate::net::FrameReader;
 use crate::protocol;
@@ -34,15 +35,6 @@ impl std::fmt::Debug for Topology {
             .field("masters", &self.masters)
             .field("covered", &self.covered())
             .finish()
-    }
-}
-
-/// `host:port`, with brackets around an IPv6 address.
-pub fn address(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 
@@ -104,7 +96,7 @@ impl Topology {
                 _ => host,
             };
             if start <= end {
-                ranges.push((start, end, address(&host, port)));
+                ranges.push((start, end, node_address(&host, port)));
             }
         }
         Ok(Topology::from_ranges(&ranges))
@@ -169,7 +161,7 @@ impl Redirect {
         let port: u16 = port.parse().ok()?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let host = if host.is_empty() { host_of(from) } else { host };
-        let addr = address(host, port);
+        let addr = node_address(host, port);
         match kind {
             "MOVED" => Some(Redirect::Moved { slot, addr }),
             "ASK" => Some(Redirect::Ask { slot, addr }),
