@@ -146,7 +146,7 @@ impl Router {
         loop {
             let (addr, reply) = match ask_to.take() {
                 Some(target) => {
-                    let r = self.asking(&target, proto, &request).await;
+                    let r = self.one_off(&target, proto, &request, true).await;
                     (target, r)
                 }
                 None => {
@@ -198,38 +198,6 @@ impl Router {
         }
     }
 
-    /// `ASKING` + `request` on a connection of their own (see the module docs).
-    async fn asking(&self, addr: &str, proto: u8, request: &Bytes) -> ReplyResult {
-        let cfg = self.connector.config();
-        let limit = cfg.connect_timeout + cfg.command_timeout;
-        let once = async {
-            let c = self
-                .connector
-                .connect_to(addr, proto, &Login::Configured, false)
-                .await?;
-            let mut out = BytesMut::with_capacity(request.len() + 16);
-            out.extend_from_slice(&protocol::command(["ASKING"]));
-            out.extend_from_slice(request);
-            let mut stream = c.stream;
-            stream
-                .write_all(&out)
-                .await
-                .map_err(|e| Error::upstream_io(&e))?;
-            let mut reader = FrameReader::new(stream, c.leftover);
-            let asking = reader.next().await?;
-            if let Some(text) = asking.error_text() {
-                return Err(Error::Upstream(format!("ASKING at {addr}: {text}")));
-            }
-            reader.next().await
-        };
-        match tokio::time::timeout(limit, once).await {
-            Ok(r) => r.map_err(Arc::new),
-            Err(_) => Err(Arc::new(Error::Upstream(format!(
-                "ASK redirect to {addr}: no answer within {limit:?}"
-            )))),
-        }
-    }
-
     /// The master keyless commands without a tip go to: the first in
     /// address order, so it is the same one every time the map is the same.
     fn any_master(&self) -> Result<String, Arc<Error>> {
@@ -249,7 +217,7 @@ impl Router {
             .get_or_try_init(|| async {
                 let addr = self.any_master()?;
                 let reply = self
-                    .one_off(&addr, 2, &protocol::command(["COMMAND"]))
+                    .one_off(&addr, 2, &protocol::command(["COMMAND"]), false)
                     .await?;
                 CommandTable::parse(&reply.bytes)
                     .map(Arc::new)
@@ -324,8 +292,9 @@ impl Router {
         }
     }
 
-    /// One request on a connection of its own.
-    async fn one_off(&self, addr: &str, proto: u8, request: &Bytes) -> ReplyResult {
+    /// One request on a connection of its own; with `asking`, after
+    /// `ASKING` on the same connection (see the module docs).
+    async fn one_off(&self, addr: &str, proto: u8, request: &Bytes, asking: bool) -> ReplyResult {
         let cfg = self.connector.config();
         let limit = cfg.connect_timeout + cfg.command_timeout;
         let once = async {
@@ -333,15 +302,29 @@ impl Router {
                 .connector
                 .connect_to(addr, proto, &Login::Configured, false)
                 .await?;
+            let mut out = BytesMut::with_capacity(request.len() + 16);
+            if asking {
+                out.extend_from_slice(&protocol::command(["ASKING"]));
+            }
+            out.extend_from_slice(request);
             let mut stream = c.stream;
             stream
-                .write_all(request)
+                .write_all(&out)
                 .await
                 .map_err(|e| Error::upstream_io(&e))?;
-            FrameReader::new(stream, c.leftover).next().await
+            let mut reader = FrameReader::new(stream, c.leftover);
+            if asking {
+                if let Some(text) = reader.next().await?.error_text() {
+                    return Err(Error::Upstream(format!("ASKING at {addr}: {text}")));
+                }
+            }
+            reader.next().await
         };
         match tokio::time::timeout(limit, once).await {
             Ok(r) => r.map_err(Arc::new),
+            Err(_) if asking => Err(Arc::new(Error::Upstream(format!(
+                "ASK redirect to {addr}: no answer within {limit:?}"
+            )))),
             Err(_) => Err(Arc::new(Error::Upstream(format!(
                 "{addr}: no answer within {limit:?}"
             )))),
