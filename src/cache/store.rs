@@ -620,10 +620,17 @@ mod tests {
         assert!(has(&s, "k"));
         std::thread::sleep(Duration::from_millis(30));
         assert!(!has(&s, "k"));
-        for i in 0..64 {
+        // The hand moves in the shard an insert goes to: enough inserts that
+        // one lands in k's shard (with 64, none did about once in 60 runs:
+        // (15/16)^64; with 256, (15/16)^256 < 1e-7).
+        for i in 0..256 {
             put(&s, &format!("other:{i}"), HOUR);
         }
-        assert_eq!(s.entries(), 64, "the expired entry was dropped by the hand");
+        assert_eq!(
+            s.entries(),
+            256,
+            "the expired entry was dropped by the hand"
+        );
         // A new fill of an expired key starts a fresh entry.
         assert!(put(&s, "k", HOUR));
         assert!(has(&s, "k"));
