@@ -298,12 +298,13 @@ impl Session {
                     if inbuf.capacity() - inbuf.len() < wanted.max(4096) {
                         inbuf.reserve(wanted.max(16 * 1024));
                     }
-                    match socket.try_read_buf(&mut inbuf) {
-                        Ok(0) => {
+                    match read_some(socket, &mut inbuf) {
+                        Ok(Read::Closed) => {
                             reading = false;
                             hung_up = true;
                         }
-                        Ok(_) => {
+                        Ok(Read::Drained) => self.info.touch(),
+                        Ok(Read::Full) => {
                             self.info.touch();
                             served = true;
                         }
@@ -668,6 +669,43 @@ impl Session {
         let silent = self.silent_reply();
         self.replies.ready(reply, silent);
         Flow::Next
+    }
+}
+
+/// What one read from the client's socket found.
+enum Read {
+    Closed,
+    /// Fewer bytes than there was room for: the socket had nothing more.
+    Drained,
+    /// The buffer's room filled: more may be waiting.
+    Full,
+}
+
+/// One read; a short read also marks the socket not readable. tokio keeps
+/// readiness until a read fails with `WouldBlock`, so without this every
+/// request would cost a second, empty `recv` and an `epoll_wait` before the
+/// task could sleep (tokio's own `AsyncRead` does the same on a short read;
+/// an edge that arrives meanwhile is kept, as readiness is cleared only for
+/// the event it came from).
+fn read_some(socket: &TcpStream, inbuf: &mut BytesMut) -> std::io::Result<Read> {
+    let room = inbuf.capacity() - inbuf.len();
+    let mut read = Read::Closed;
+    let result = socket.try_io(tokio::io::Interest::READABLE, || {
+        let n = socket.try_read_buf(inbuf)?;
+        read = match n {
+            0 => Read::Closed,
+            n if n < room => Read::Drained,
+            _ => Read::Full,
+        };
+        match read {
+            Read::Drained => Err(std::io::ErrorKind::WouldBlock.into()),
+            _ => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => Ok(read),
+        Err(_) if matches!(read, Read::Drained) => Ok(read),
+        Err(e) => Err(e),
     }
 }
 
