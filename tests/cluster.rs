@@ -667,15 +667,6 @@ fn keyless_and_stateful_commands_through_nearcache() {
     let mut want = keys.clone();
     want.sort();
     assert_eq!(got, want);
-    // SCAN needs a cursor over the masters: refused clearly, for now.
-    let e = redis::cmd("SCAN")
-        .arg(0)
-        .query::<redis::Value>(&mut c)
-        .unwrap_err();
-    assert!(
-        e.to_string().contains("not supported on a Redis Cluster"),
-        "{e}"
-    );
     // Stateful modes have no node to pin to yet: refused, never sent to
     // some node with the client's state.
     for args in [
@@ -715,4 +706,78 @@ fn keyless_and_stateful_commands_through_nearcache() {
     }
     let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(size, 0);
+}
+
+/// Every key of a SCAN through nearcache, with `extra` (MATCH, COUNT,
+/// TYPE) on each step; also the number of steps.
+fn scan_all(c: &mut redis::Connection, extra: &[&str]) -> (Vec<String>, usize) {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    let mut steps = 0;
+    loop {
+        let (next, page): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg(extra).query(c).unwrap();
+        keys.extend(page);
+        steps += 1;
+        assert!(steps < 10_000, "SCAN never ends");
+        if next == 0 {
+            return (keys, steps);
+        }
+        cursor = next;
+    }
+}
+
+#[test]
+fn scan_walks_every_master_once_with_match_count_and_type() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut c = proxy.conn();
+    let strings: Vec<String> = (0..300).map(|i| format!("s:{i}")).collect();
+    let hashes: Vec<String> = (0..30).map(|i| format!("h:{i}")).collect();
+    for k in &strings {
+        let _: () = redis::cmd("SET").arg(k).arg(1).query(&mut c).unwrap();
+    }
+    for k in &hashes {
+        let _: () = redis::cmd("HSET")
+            .arg(k)
+            .arg("f")
+            .arg(1)
+            .query(&mut c)
+            .unwrap();
+    }
+    // The keys really are spread: every master holds some.
+    for n in &cluster.nodes {
+        let size: i64 = redis::cmd("DBSIZE").query(&mut n.conn()).unwrap();
+        assert!(size > 0, "node {} holds no key", n.port);
+    }
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let (got, steps) = scan_all(&mut c, &["COUNT", "20"]);
+    let mut want: Vec<String> = strings.iter().chain(&hashes).cloned().collect();
+    want.sort();
+    assert_eq!(sorted(got), want, "every key exactly once");
+    assert!(
+        steps >= 3,
+        "one master's SCAN at least per master: {steps} steps"
+    );
+    // MATCH and TYPE reach every node.
+    let (got, _) = scan_all(&mut c, &["MATCH", "s:1*", "COUNT", "50"]);
+    let want: Vec<String> = sorted(
+        strings
+            .iter()
+            .filter(|k| k.starts_with("s:1"))
+            .cloned()
+            .collect(),
+    );
+    assert_eq!(sorted(got), want);
+    let (got, _) = scan_all(&mut c, &["TYPE", "hash"]);
+    assert_eq!(sorted(got), sorted(hashes.clone()));
+    // A cursor that is not a number: Redis's own error.
+    let e = redis::cmd("SCAN")
+        .arg("abc")
+        .query::<redis::Value>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid cursor"), "{e}");
 }

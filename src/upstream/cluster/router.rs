@@ -277,6 +277,7 @@ impl Router {
                 let parts: Vec<split::Part> = Vec::new();
                 Ok(split::merge(merge, &parts, replies))
             }
+            Plan::Scan { master, cursor } => self.scan(proto, args, master, cursor, bias).await,
             Plan::Split { merge, parts } => {
                 let replies = futures::future::join_all(
                     parts
@@ -290,6 +291,69 @@ impl Router {
                 Ok(split::merge(merge, &parts, replies))
             }
         }
+    }
+
+    /// One SCAN step: `cursor` of the `master`-th master (address order);
+    /// when that master is done, the next one starts, and the client's
+    /// cursor is 0 only after the last. MATCH, COUNT and TYPE go to each
+    /// node as given. The masters must stay the same during the scan: a
+    /// cursor naming a master that is no longer there is refused (restart
+    /// the scan), and a slot that moves during it may be seen twice or not
+    /// at all, as with any cluster client.
+    async fn scan(
+        &self,
+        proto: u8,
+        args: &[Bytes],
+        master: usize,
+        cursor: u64,
+        bias: usize,
+    ) -> ReplyResult {
+        let masters = self
+            .view
+            .current()
+            .map(|t| t.masters().to_vec())
+            .unwrap_or_default();
+        let error = |msg: &str| {
+            Ok(Reply {
+                bytes: protocol::error(msg),
+                kind: protocol::ReplyKind::Error,
+            })
+        };
+        let Some(addr) = masters.get(master) else {
+            return error(split::INVALID_CURSOR);
+        };
+        let mut request = args.to_vec();
+        request[1] = Bytes::from(cursor.to_string());
+        let mut out = BytesMut::new();
+        protocol::encode_command(&mut out, &request);
+        let reply = self.to_node(addr, proto, out.freeze(), bias).await?;
+        if reply.kind == protocol::ReplyKind::Error {
+            return Ok(reply);
+        }
+        let page = protocol::elements(&reply.bytes).filter(|e| e.len() == 2);
+        let next = page.as_ref().and_then(|e| {
+            let c = protocol::scalar(&reply.bytes[e[0].clone()])?;
+            std::str::from_utf8(&c).ok()?.parse::<u64>().ok()
+        });
+        let (Some(page), Some(next)) = (page, next) else {
+            return error("ERR nearcache: a cluster node sent a SCAN reply that cannot be read");
+        };
+        let next = match next {
+            0 if master + 1 < masters.len() => split::scan_cursor(master + 1, 0),
+            0 => Some(0),
+            c => split::scan_cursor(master, c),
+        };
+        let Some(next) = next else {
+            return error("ERR nearcache: a node's SCAN cursor is too large to combine");
+        };
+        let mut bytes = BytesMut::new();
+        protocol::array_header(&mut bytes, 2);
+        protocol::bulk(&mut bytes, next.to_string().as_bytes());
+        bytes.extend_from_slice(&reply.bytes[page[1].clone()]);
+        Ok(Reply {
+            bytes: bytes.freeze(),
+            kind: protocol::ReplyKind::Normal,
+        })
     }
 
     /// One request on a connection of its own; with `asking`, after

@@ -16,8 +16,9 @@
 //!   all-or-nothing): Redis's own `-CROSSSLOT`.
 //! - No keys: `request_policy:all_shards`/`all_nodes` go to every master
 //!   (merged as above; `agg_sum` for DBSIZE), anything else to one master
-//!   (the first in address order). `special` policies (SCAN…) are refused
-//!   for now with a clear error.
+//!   (the first in address order). SCAN walks the masters one after the
+//!   other behind one cursor (see [`scan_cursor`]); other `special`
+//!   policies are refused with a clear error.
 
 use bytes::{Bytes, BytesMut};
 
@@ -62,9 +63,39 @@ pub enum Plan {
     AllMasters { merge: Merge },
     /// Sub-requests per slot, merged.
     Split { merge: Merge, parts: Vec<Part> },
+    /// SCAN: the master and that master's cursor named by the client's
+    /// cursor ([`scan_position`]).
+    Scan { master: usize, cursor: u64 },
     /// Answered with this error reply; nothing is sent.
     Refuse(Bytes),
 }
+
+/// Bits of a SCAN cursor that name the master (in address order): room
+/// for 1,024 masters, Redis Cluster's own recommended maximum of nodes.
+const SCAN_MASTER_BITS: u32 = 10;
+
+/// The cursor handed to the client for `cursor` of master `master`: the
+/// node's cursor above, the master's index below, so that (0, 0), the
+/// start, is 0 and the client's cursor stays a plain integer (clients parse
+/// it as one). `None` when the node's cursor does not fit (a table larger
+/// than 2^54 slots: never in practice).
+pub fn scan_cursor(master: usize, cursor: u64) -> Option<u64> {
+    if master >= 1 << SCAN_MASTER_BITS || cursor.leading_zeros() < SCAN_MASTER_BITS {
+        return None;
+    }
+    Some(cursor << SCAN_MASTER_BITS | master as u64)
+}
+
+/// The master and its cursor named by a client's SCAN cursor.
+pub fn scan_position(cursor: u64) -> (usize, u64) {
+    (
+        (cursor & ((1 << SCAN_MASTER_BITS) - 1)) as usize,
+        cursor >> SCAN_MASTER_BITS,
+    )
+}
+
+/// Redis's reply to a SCAN cursor that is not a number.
+pub const INVALID_CURSOR: &str = "ERR invalid cursor";
 
 fn merge_of(policy: ResponsePolicy) -> Option<Merge> {
     match policy {
@@ -97,6 +128,18 @@ pub fn plan(table: &CommandTable, args: &[Bytes]) -> Plan {
                 match merge_of(info.response_policy) {
                     Some(merge) => Plan::AllMasters { merge },
                     None => Plan::Refuse(unsupported(&info.name)),
+                }
+            }
+            RequestPolicy::Special if info.name.eq_ignore_ascii_case("scan") => {
+                match args
+                    .get(1)
+                    .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u64>().ok())
+                {
+                    Some(c) => {
+                        let (master, cursor) = scan_position(c);
+                        Plan::Scan { master, cursor }
+                    }
+                    None => Plan::Refuse(protocol::error(INVALID_CURSOR)),
                 }
             }
             RequestPolicy::Special => Plan::Refuse(unsupported(&info.name)),
@@ -227,5 +270,22 @@ pub fn merge(merge: Merge, parts: &[Part], replies: Vec<Reply>) -> Reply {
                 kind: ReplyKind::Normal,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_cursors_name_a_master_and_its_cursor() {
+        assert_eq!(scan_cursor(0, 0), Some(0));
+        for (m, c) in [(0, 1), (1, 0), (2, 12345), (1023, (1 << 54) - 1)] {
+            let client = scan_cursor(m, c).expect("fits");
+            assert_ne!(client, 0, "only the start is 0");
+            assert_eq!(scan_position(client), (m, c));
+        }
+        assert_eq!(scan_cursor(1024, 0), None);
+        assert_eq!(scan_cursor(0, 1 << 54), None);
     }
 }
