@@ -59,18 +59,37 @@ async fn slot_map_comes_from_the_seeds_that_answer() {
     );
     let c = connector(&url);
     let seeds = vec![format!("127.0.0.1:{dead}"), addr(&cluster.nodes[1])];
-    let t = fetch(&c, &seeds).await.expect("a seed answers");
+    let t = fetch(&c, &seeds, None).await.expect("a seed answers");
     assert_eq!(t.covered(), 16384);
     let mut masters: Vec<String> = cluster.nodes.iter().map(addr).collect();
     masters.sort();
     assert_eq!(t.masters(), masters.as_slice());
+    // Each master's config epoch, read from CLUSTER NODES with the map.
+    for n in &cluster.nodes {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query(&mut n.conn())
+            .unwrap();
+        let mine: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("cluster_my_epoch:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("cluster_my_epoch");
+        assert!(
+            mine > 0,
+            "redis-cli --cluster create gives every master an epoch"
+        );
+        assert_eq!(t.epoch(&addr(n)), mine, "node {}", n.port);
+    }
     for i in 0..60 {
         let key = format!("key:{i}");
         let owner = addr(cluster.owner_of(&key));
         assert_eq!(t.owner(slot(key.as_bytes())), Some(owner.as_str()), "{key}");
     }
     // Only dead seeds: an error naming them, not a hang.
-    let e = fetch(&c, &[format!("127.0.0.1:{dead}")]).await.unwrap_err();
+    let e = fetch(&c, &[format!("127.0.0.1:{dead}")], None)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains(&dead.to_string()), "{e}");
 }
 

@@ -20,13 +20,37 @@ use crate::upstream::{Connector, Login};
 const NONE: u16 = u16::MAX;
 
 /// A slot → master map.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Topology {
     /// `host:port` of every master that owns a slot, sorted, so two equal
     /// views compare equal whatever order the nodes listed them in.
     masters: Vec<String>,
     /// For every slot, an index into `masters`, or [`NONE`].
     owners: Vec<u16>,
+    /// For every slot, its owner's config epoch as the answers gave it (0
+    /// when unknown or learnt from a `MOVED`): Redis's own rule for two
+    /// claims on one slot is that the higher epoch wins, and so is ours.
+    epochs: Vec<u64>,
+}
+
+/// Two views are the same when the same masters own the same slots; an
+/// epoch that moved without an owner changing is no change for routing.
+impl PartialEq for Topology {
+    fn eq(&self, other: &Topology) -> bool {
+        self.masters == other.masters && self.owners == other.owners
+    }
+}
+
+impl Eq for Topology {}
+
+/// One node's claim: slots `start..=end` are served by `addr`, whose config
+/// epoch is `epoch` (0 when the node's `CLUSTER NODES` was not read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub start: u16,
+    pub end: u16,
+    pub addr: String,
+    pub epoch: u64,
 }
 
 impl std::fmt::Debug for Topology {
@@ -47,17 +71,113 @@ fn host_of(addr: &str) -> &str {
 impl Topology {
     /// Builds a topology from `(first slot, last slot, master address)` ranges.
     pub fn from_ranges(ranges: &[(u16, u16, String)]) -> Topology {
-        let mut masters: Vec<String> = ranges.iter().map(|r| r.2.clone()).collect();
+        let claims: Vec<Claim> = ranges
+            .iter()
+            .map(|(start, end, addr)| Claim {
+                start: *start,
+                end: *end,
+                addr: addr.clone(),
+                epoch: 0,
+            })
+            .collect();
+        Topology::from_claims(&claims)
+    }
+
+    /// Builds a topology from claims that do not overlap.
+    fn from_claims(claims: &[Claim]) -> Topology {
+        let mut masters: Vec<String> = claims.iter().map(|c| c.addr.clone()).collect();
         masters.sort();
         masters.dedup();
+        let mut epochs = vec![0; SLOTS];
         let mut owners = vec![NONE; SLOTS];
-        for (start, end, addr) in ranges {
-            let i = masters.binary_search(addr).expect("listed above") as u16;
-            for o in &mut owners[*start as usize..=(*end as usize).min(SLOTS - 1)] {
-                *o = i;
+        for c in claims {
+            let i = masters.binary_search(&c.addr).expect("listed above");
+            let range = c.start as usize..=(c.end as usize).min(SLOTS - 1);
+            owners[range.clone()].fill(i as u16);
+            epochs[range].fill(c.epoch);
+        }
+        Topology {
+            masters,
+            owners,
+            epochs,
+        }
+    }
+
+    /// One view from several nodes' answers (each a list of claims), as
+    /// Redis itself settles two claims on one slot: the higher config epoch
+    /// wins; at equal epochs, the owner more answers name, then the one
+    /// `current` has (no flapping between equals). A slot whose owner in
+    /// `current` has a higher epoch than every answer's claim keeps it: a
+    /// node cut off in a minority answers with the map from before a
+    /// failover, and must not take the view back to it.
+    pub fn merge(answers: &[Vec<Claim>], current: Option<&Topology>) -> Topology {
+        // (address, epoch, votes) per candidate owner of each slot; answers
+        // are few (see `fetch`), so per slot the list is short.
+        let mut per_slot: Vec<Vec<(&str, u64, usize)>> = vec![Vec::new(); SLOTS];
+        for answer in answers {
+            for c in answer {
+                for cands in &mut per_slot[c.start as usize..=(c.end as usize).min(SLOTS - 1)] {
+                    match cands.iter_mut().find(|x| x.0 == c.addr) {
+                        Some(x) => {
+                            x.1 = x.1.max(c.epoch);
+                            x.2 += 1;
+                        }
+                        None => cands.push((&c.addr, c.epoch, 1)),
+                    }
+                }
             }
         }
-        Topology { masters, owners }
+        let mut claims: Vec<Claim> = Vec::new();
+        for (s, cands) in per_slot.iter().enumerate() {
+            let slot = s as u16;
+            let held = current.and_then(|t| Some((t.owner(slot)?, t.owner_epoch(slot))));
+            let best = cands.iter().max_by(|a, b| {
+                (a.1, a.2, held.is_some_and(|h| h.0 == a.0))
+                    .cmp(&(b.1, b.2, held.is_some_and(|h| h.0 == b.0)))
+                    // Deterministic among full ties: the smaller address.
+                    .then_with(|| b.0.cmp(a.0))
+            });
+            let chosen = match (best, held) {
+                (Some(b), Some(h)) if h.1 > b.1 => Some((h.0, h.1)),
+                (Some(b), _) => Some((b.0, b.1)),
+                (None, _) => None,
+            };
+            let Some((addr, epoch)) = chosen else {
+                continue;
+            };
+            match claims.last_mut() {
+                Some(last) if last.end + 1 == slot && last.addr == addr && last.epoch == epoch => {
+                    last.end = slot
+                }
+                _ => claims.push(Claim {
+                    start: slot,
+                    end: slot,
+                    addr: addr.to_string(),
+                    epoch,
+                }),
+            }
+        }
+        Topology::from_claims(&claims)
+    }
+
+    /// The config epoch of master `addr` in this view (the highest of its
+    /// slots'; 0 when unknown).
+    pub fn epoch(&self, addr: &str) -> u64 {
+        let Ok(i) = self.masters.binary_search_by(|m| m.as_str().cmp(addr)) else {
+            return 0;
+        };
+        self.owners
+            .iter()
+            .zip(&self.epochs)
+            .filter(|(&o, _)| o == i as u16)
+            .map(|(_, &e)| e)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The config epoch of `slot`'s owner (0 when unowned or unknown).
+    fn owner_epoch(&self, slot: u16) -> u64 {
+        self.epochs.get(slot as usize).copied().unwrap_or(0)
     }
 
     /// Reads a `CLUSTER SLOTS` reply (RESP2 or RESP3) from the node at
@@ -65,43 +185,83 @@ impl Topology {
     /// sends `""` when it does not know its own address), `?` an unknown
     /// endpoint, which is left out (its slots stay unserved).
     pub fn parse_cluster_slots(reply: &[u8], asked: &str) -> Result<Topology, String> {
-        let bad = || "CLUSTER SLOTS: not the reply Redis sends".to_string();
-        let mut ranges = Vec::new();
-        for entry in protocol::elements(reply).ok_or_else(bad)? {
-            let entry = &reply[entry];
-            let fields = protocol::elements(entry).ok_or_else(bad)?;
-            if fields.len() < 3 {
-                return Err(bad());
-            }
-            let num = |r: std::ops::Range<usize>| -> Result<u16, String> {
-                protocol::scalar(&entry[r])
-                    .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u16>().ok())
-                    .filter(|n| (*n as usize) < SLOTS)
-                    .ok_or_else(bad)
-            };
-            let (start, end) = (num(fields[0].clone())?, num(fields[1].clone())?);
-            let node = &entry[fields[2].clone()];
-            let parts = protocol::elements(node).ok_or_else(bad)?;
-            if parts.len() < 2 {
-                return Err(bad());
-            }
-            let host = protocol::scalar(&node[parts[0].clone()]).ok_or_else(bad)?;
-            let port = protocol::scalar(&node[parts[1].clone()])
-                .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u16>().ok())
-                .ok_or_else(bad)?;
-            let host = String::from_utf8_lossy(&host).into_owned();
-            let host = match host.as_str() {
-                "?" => continue,
-                "" => host_of(asked).to_string(),
-                _ => host,
-            };
-            if start <= end {
-                ranges.push((start, end, node_address(&host, port)));
-            }
-        }
-        Ok(Topology::from_ranges(&ranges))
+        Ok(Topology::from_claims(&claims_of(reply, asked, &[])?))
     }
+}
 
+/// The config epoch of every node in a `CLUSTER NODES` reply, by node id
+/// (`<id> <addr> <flags> <master> <ping> <pong> <config-epoch> …` per line).
+pub fn epochs_of(cluster_nodes: &[u8]) -> Vec<(Vec<u8>, u64)> {
+    let text = protocol::scalar(cluster_nodes).unwrap_or_default();
+    text.split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let mut f = line.split(|&b| b == b' ');
+            let id = f.next()?.to_vec();
+            let epoch = std::str::from_utf8(f.nth(5)?).ok()?.parse().ok()?;
+            Some((id, epoch))
+        })
+        .collect()
+}
+
+/// The claims in a `CLUSTER SLOTS` reply (see
+/// [`Topology::parse_cluster_slots`]), each with its owner's epoch from
+/// `epochs` (by node id, the third field of a node in the reply).
+pub fn claims_of(
+    reply: &[u8],
+    asked: &str,
+    epochs: &[(Vec<u8>, u64)],
+) -> Result<Vec<Claim>, String> {
+    let bad = || "CLUSTER SLOTS: not the reply Redis sends".to_string();
+    let mut ranges = Vec::new();
+    for entry in protocol::elements(reply).ok_or_else(bad)? {
+        let entry = &reply[entry];
+        let fields = protocol::elements(entry).ok_or_else(bad)?;
+        if fields.len() < 3 {
+            return Err(bad());
+        }
+        let num = |r: std::ops::Range<usize>| -> Result<u16, String> {
+            protocol::scalar(&entry[r])
+                .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u16>().ok())
+                .filter(|n| (*n as usize) < SLOTS)
+                .ok_or_else(bad)
+        };
+        let (start, end) = (num(fields[0].clone())?, num(fields[1].clone())?);
+        let node = &entry[fields[2].clone()];
+        let parts = protocol::elements(node).ok_or_else(bad)?;
+        if parts.len() < 2 {
+            return Err(bad());
+        }
+        let host = protocol::scalar(&node[parts[0].clone()]).ok_or_else(bad)?;
+        let port = protocol::scalar(&node[parts[1].clone()])
+            .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u16>().ok())
+            .ok_or_else(bad)?;
+        let host = String::from_utf8_lossy(&host).into_owned();
+        let host = match host.as_str() {
+            "?" => continue,
+            "" => host_of(asked).to_string(),
+            _ => host,
+        };
+        let id = parts
+            .get(2)
+            .and_then(|r| protocol::scalar(&node[r.clone()]))
+            .unwrap_or_default();
+        let epoch = epochs
+            .iter()
+            .find(|(i, _)| !id.is_empty() && i[..] == id[..])
+            .map_or(0, |(_, e)| *e);
+        if start <= end {
+            ranges.push(Claim {
+                start,
+                end,
+                addr: node_address(&host, port),
+                epoch,
+            });
+        }
+    }
+    Ok(ranges)
+}
+
+impl Topology {
     /// The master that owns `slot`, if any.
     pub fn owner(&self, slot: u16) -> Option<&str> {
         match self.owners.get(slot as usize) {
@@ -122,16 +282,26 @@ impl Topology {
 
     /// This view with `slot` owned by `addr`, as a `MOVED` reply says.
     pub fn with_owner(&self, slot: u16, addr: &str) -> Topology {
-        let mut ranges: Vec<(u16, u16, String)> = Vec::new();
+        // A MOVED says nothing of epochs (and may come from a node with an
+        // old map): 0, so that the next refresh's answers decide.
+        let mut claims: Vec<Claim> = Vec::new();
         for s in 0..SLOTS as u16 {
             let owner = if s == slot { Some(addr) } else { self.owner(s) };
             let Some(owner) = owner else { continue };
-            match ranges.last_mut() {
-                Some(last) if last.1 + 1 == s && last.2 == owner => last.1 = s,
-                _ => ranges.push((s, s, owner.to_string())),
+            let epoch = if s == slot { 0 } else { self.owner_epoch(s) };
+            match claims.last_mut() {
+                Some(last) if last.end + 1 == s && last.addr == owner && last.epoch == epoch => {
+                    last.end = s
+                }
+                _ => claims.push(Claim {
+                    start: s,
+                    end: s,
+                    addr: owner.to_string(),
+                    epoch,
+                }),
             }
         }
-        Topology::from_ranges(&ranges)
+        Topology::from_claims(&claims)
     }
 }
 
@@ -170,8 +340,10 @@ impl Redirect {
     }
 }
 
-/// Asks one node for `CLUSTER SLOTS`.
-pub async fn ask(connector: &Connector, addr: &str) -> Result<Topology, Error> {
+/// Asks one node for `CLUSTER SLOTS` and, on the same connection,
+/// `CLUSTER NODES` for the owners' config epochs (a node that refuses the
+/// second, e.g. by ACL, still counts, with epochs unknown).
+pub async fn ask(connector: &Connector, addr: &str) -> Result<Vec<Claim>, Error> {
     let cfg = connector.config();
     let limit = cfg.connect_timeout + cfg.command_timeout;
     let asked = async {
@@ -179,16 +351,23 @@ pub async fn ask(connector: &Connector, addr: &str) -> Result<Topology, Error> {
             .connect_to(addr, 2, &Login::Configured, false)
             .await?;
         let mut stream = c.stream;
+        let mut both = protocol::command(["CLUSTER", "SLOTS"]).to_vec();
+        both.extend_from_slice(&protocol::command(["CLUSTER", "NODES"]));
         stream
-            .write_all(&protocol::command(["CLUSTER", "SLOTS"]))
+            .write_all(&both)
             .await
             .map_err(|e| Error::upstream_io(&e))?;
         let mut reader = FrameReader::new(stream, c.leftover);
-        let reply = reader.next().await?;
-        if let Some(text) = reply.error_text() {
+        let slots = reader.next().await?;
+        if let Some(text) = slots.error_text() {
             return Err(Error::Upstream(format!("CLUSTER SLOTS at {addr}: {text}")));
         }
-        Topology::parse_cluster_slots(&reply.bytes, addr).map_err(Error::Upstream)
+        let nodes = reader.next().await?;
+        let epochs = match nodes.error_text() {
+            Some(_) => Vec::new(),
+            None => epochs_of(&nodes.bytes),
+        };
+        claims_of(&slots.bytes, addr, &epochs).map_err(Error::Upstream)
     };
     match tokio::time::timeout(limit, asked).await {
         Ok(r) => r,
@@ -198,35 +377,50 @@ pub async fn ask(connector: &Connector, addr: &str) -> Result<Topology, Error> {
     }
 }
 
-/// Asks `candidates` in turn and returns the first view that covers every
-/// slot; when none does (a cluster that is down or being set up), the one
-/// covering most. Nodes that are down are skipped, so startup works with
-/// some seeds unreachable.
-///
-/// Not done yet (issue 13): comparing several nodes' answers so that a node
-/// cut off in a minority, answering with an old map, cannot win; the first
-/// whole answer is trusted.
-pub async fn fetch(connector: &Connector, candidates: &[String]) -> Result<Topology, Error> {
-    let mut best: Option<Topology> = None;
+/// Nodes asked at once in a refresh, and the answers wanted before the
+/// view is built: more than one, so that one node with an old map cannot
+/// decide alone; few, so a thousand sidecars refreshing together do not
+/// open a connection to every node each.
+const ASK_AT_ONCE: usize = 3;
+const ANSWERS_WANTED: usize = 2;
+
+/// Asks `candidates` (known masters first, then seeds), [`ASK_AT_ONCE`]
+/// at a time, until [`ANSWERS_WANTED`] have answered or none is left, and
+/// merges the answers over `current` ([`Topology::merge`]). Nodes that are
+/// down are skipped, so startup works with some seeds unreachable.
+pub async fn fetch(
+    connector: &Connector,
+    candidates: &[String],
+    current: Option<&Topology>,
+) -> Result<Topology, Error> {
+    let mut answers = Vec::new();
     let mut errors = Vec::new();
-    for addr in candidates {
-        match ask(connector, addr).await {
-            Ok(t) if t.covered() == SLOTS => return Ok(t),
-            Ok(t) => {
-                if best.as_ref().is_none_or(|b| b.covered() < t.covered()) {
-                    best = Some(t);
-                }
+    for group in candidates.chunks(ASK_AT_ONCE) {
+        let replies = futures::future::join_all(group.iter().map(|a| ask(connector, a))).await;
+        for r in replies {
+            match r {
+                Ok(claims) => answers.push(claims),
+                Err(e) => errors.push(e.to_string()),
             }
-            Err(e) => errors.push(e.to_string()),
+        }
+        if answers.len() >= ANSWERS_WANTED {
+            break;
         }
     }
-    match best {
-        Some(t) if t.covered() > 0 => Ok(t),
-        _ if errors.is_empty() => Err(Error::Upstream(
-            "no cluster node serves any slot".to_string(),
-        )),
-        _ => Err(Error::Upstream(errors.join("; "))),
+    if answers.is_empty() {
+        return Err(Error::Upstream(if errors.is_empty() {
+            "no cluster node to ask".to_string()
+        } else {
+            errors.join("; ")
+        }));
     }
+    let t = Topology::merge(&answers, current);
+    if t.covered() == 0 {
+        return Err(Error::Upstream(
+            "no cluster node serves any slot".to_string(),
+        ));
+    }
+    Ok(t)
 }
 
 #[cfg(test)]
@@ -251,6 +445,96 @@ mod tests {
         assert_eq!(t.masters(), ["10.0.0.9:7001", "127.0.0.1:7000"]);
         assert!(Topology::parse_cluster_slots(b"+OK\r\n", "h:1").is_err());
         assert!(Topology::parse_cluster_slots(b"*1\r\n*2\r\n:0\r\n:1\r\n", "h:1").is_err());
+    }
+
+    fn claim(start: u16, end: u16, addr: &str, epoch: u64) -> Claim {
+        Claim {
+            start,
+            end,
+            addr: addr.into(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn the_higher_epoch_wins_then_the_majority_then_the_current_owner() {
+        // A failover moved 0..=99 from a (epoch 1) to r (epoch 4); one node
+        // still answers with the old map.
+        let stale = vec![claim(0, 8191, "a:1", 1), claim(8192, 16383, "b:2", 2)];
+        let fresh = vec![
+            claim(0, 99, "r:9", 4),
+            claim(100, 8191, "a:1", 1),
+            claim(8192, 16383, "b:2", 2),
+        ];
+        for answers in [
+            vec![stale.clone(), fresh.clone()],
+            vec![fresh.clone(), stale.clone(), stale.clone()],
+        ] {
+            let t = Topology::merge(&answers, None);
+            assert_eq!(t.owner(0), Some("r:9"), "the epoch beats the votes");
+            assert_eq!(t.owner(99), Some("r:9"));
+            assert_eq!(t.owner(100), Some("a:1"));
+            assert_eq!(t.epoch("r:9"), 4);
+            assert_eq!(t.covered(), SLOTS);
+        }
+        // The stale node alone, after the view has seen the failover: the
+        // slots stay with the higher epoch.
+        let current = Topology::merge(std::slice::from_ref(&fresh), None);
+        let t = Topology::merge(std::slice::from_ref(&stale), Some(&current));
+        assert_eq!(t, current);
+        // A MOVED (maybe from a node with an old map) does not stick: the
+        // next answers decide that slot.
+        let moved = current.with_owner(150, "z:1");
+        assert_eq!(moved.owner(150), Some("z:1"));
+        assert_eq!(moved.owner(151), Some("a:1"));
+        let t = Topology::merge(std::slice::from_ref(&stale), Some(&moved));
+        assert_eq!(t.owner(150), Some("a:1"));
+        assert_eq!(t.owner(0), Some("r:9"), "the rest still keeps its epochs");
+        // Equal epochs (unknown: 0): the majority, then the current owner.
+        let x = vec![claim(0, 16383, "x:1", 0)];
+        let y = vec![claim(0, 16383, "y:1", 0)];
+        let t = Topology::merge(&[x.clone(), y.clone(), y.clone()], None);
+        assert_eq!(t.owner(5), Some("y:1"));
+        let cur_x = Topology::merge(std::slice::from_ref(&x), None);
+        assert_eq!(
+            Topology::merge(&[y.clone(), x.clone()], Some(&cur_x)).owner(5),
+            Some("x:1")
+        );
+        assert_eq!(
+            Topology::merge(&[x.clone(), y.clone()], None).owner(5),
+            Some("x:1"),
+            "deterministic"
+        );
+    }
+
+    #[test]
+    fn epochs_come_from_cluster_nodes_by_node_id() {
+        let nodes = "$263\r\n\
+e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@40001 myself,master - 0 0 7 connected 0-5460\n\
+67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@40002 master - 0 1426238316232 2 connected 5461-10922\n\
+\r\n";
+        let nodes = nodes.replace(
+            "$263",
+            &format!("${}", nodes.split("\r\n").nth(1).unwrap().len()),
+        );
+        let epochs = epochs_of(nodes.as_bytes());
+        assert_eq!(
+            epochs,
+            vec![
+                (b"e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca".to_vec(), 7),
+                (b"67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1".to_vec(), 2)
+            ]
+        );
+        let slots = b"*2\r\n\
+*3\r\n:0\r\n:5460\r\n*3\r\n$9\r\n127.0.0.1\r\n:30001\r\n$40\r\ne7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca\r\n\
+*3\r\n:5461\r\n:10922\r\n*3\r\n$9\r\n127.0.0.1\r\n:30002\r\n$40\r\nffffffffffffffffffffffffffffffffffffffff\r\n";
+        let claims = claims_of(slots, "127.0.0.1:30001", &epochs).unwrap();
+        assert_eq!(claims[0], claim(0, 5460, "127.0.0.1:30001", 7));
+        assert_eq!(
+            claims[1],
+            claim(5461, 10922, "127.0.0.1:30002", 0),
+            "unknown id: epoch 0"
+        );
     }
 
     #[test]

@@ -132,7 +132,8 @@ async fn refresher(view: std::sync::Weak<ClusterView>, mut woken: mpsc::Receiver
             return;
         }
         let candidates = v.candidates();
-        let result = fetch(&v.connector, &candidates).await;
+        let current = v.current();
+        let result = fetch(&v.connector, &candidates, current.as_deref()).await;
         v.refreshes.fetch_add(1, Ordering::Relaxed);
         let wait = match result {
             Ok(t) => {
