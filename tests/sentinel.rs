@@ -422,3 +422,272 @@ fn sentinel_and_master_passwords() {
         .unwrap_err();
     assert!(err.to_string().contains("NOAUTH"), "{err}");
 }
+
+/// Two independent masters, `old` and `new`, each monitored as `m` by a
+/// Sentinel of its own: `stale` names `old`, `knowing` names `new`. Neither
+/// Sentinel can fail over alone (quorum 2) and their config epochs never
+/// move, so no `+switch-master` is ever published: when `old` is demoted
+/// behind their backs, only a `-READONLY` reply can tell nearcache.
+struct Demotion {
+    old: RedisServer,
+    new: RedisServer,
+    stale: SentinelServer,
+    knowing: SentinelServer,
+}
+
+impl Demotion {
+    fn start() -> Demotion {
+        let old = RedisServer::start();
+        let new = RedisServer::start();
+        let stale = SentinelServer::start(old.port);
+        let knowing = SentinelServer::start(new.port);
+        Demotion {
+            old,
+            new,
+            stale,
+            knowing,
+        }
+    }
+
+    /// The stale Sentinel first: nearcache starts on `old`.
+    fn url(&self) -> String {
+        format!(
+            "redis-sentinel://{},{}/m",
+            self.stale.addr(),
+            self.knowing.addr()
+        )
+    }
+
+    /// `old` becomes a replica of `new` (REPLICAOF, which closes no client
+    /// connection of `old`), in sync.
+    fn demote(&self) {
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(self.new.port)
+            .query(&mut self.old.conn())
+            .unwrap();
+        wait_until("the old master is in sync", Duration::from_secs(20), || {
+            info_field(&self.old, "replication", "master_link_status") == "up"
+        });
+    }
+
+    /// No Sentinel switched: the config epochs are where they started.
+    fn assert_no_sentinel_switch(&self) {
+        for s in [&self.stale, &self.knowing] {
+            assert_eq!(s.master_field("config-epoch").as_deref(), Some("0"));
+        }
+        assert_eq!(self.stale.master_port(), Some(self.old.port));
+    }
+}
+
+/// The master is demoted behind the Sentinels' backs (no failover, no
+/// `+switch-master`): the first write through nearcache gets `-READONLY`,
+/// which makes nearcache ask the Sentinels again; the stale one's answer is
+/// rejected by `ROLE`, the other names the new master, and the next writes
+/// go there promptly, with L1 emptied of what it held.
+#[test]
+fn readonly_from_the_master_moves_writes_to_the_new_one() {
+    let d = Demotion::start();
+    let mut cfg = test_config(&d.url());
+    // No canary write: the test's own write is the first to get READONLY.
+    cfg.cache.feed_canary = false;
+    cfg.cache.policies = vec![Policy {
+        pattern: "quote:*".into(),
+        ttl: Some(Duration::from_secs(3600)),
+    }];
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    let mut c = proxy.conn();
+    let _: () = c.set("plain:k", "first").unwrap();
+    assert_eq!(
+        get(&mut d.old.conn(), "plain:k").as_deref(),
+        Some("first"),
+        "nearcache started on the master the first Sentinel names"
+    );
+
+    let _: () = d.new.conn().set("quote:x", "on-new").unwrap();
+    d.demote();
+    // Reads still work on the demoted server; L1 holds quote:x.
+    wait_until("quote:x is served from L1", Duration::from_secs(5), || {
+        let hits = proxy.stat("hits");
+        get(&mut c, "quote:x").as_deref() == Some("on-new") && proxy.stat("hits") > hits
+    });
+    assert!(proxy.stat("entries") >= 1);
+    assert_eq!(proxy.stat("sentinel_switches"), 0);
+
+    let err = c.set::<_, _, ()>("plain:k", "refused").unwrap_err();
+    assert!(err.to_string().contains("read only replica"), "{err}");
+    let readonly_at = Instant::now();
+
+    // The switch empties L1 (checked before any read could refill it).
+    wait_until(
+        "nearcache acts on the READONLY reply",
+        Duration::from_secs(5),
+        || proxy.stat("sentinel_switches") >= 1,
+    );
+    wait_until("L1 is emptied", Duration::from_secs(5), || {
+        proxy.stat("entries") == 0
+    });
+    let mut new_master = d.new.conn();
+    wait_until(
+        "a write through nearcache lands on the new master",
+        Duration::from_secs(5),
+        || {
+            let r: redis::RedisResult<()> = c.set("plain:k", "second");
+            r.is_ok() && get(&mut new_master, "plain:k").as_deref() == Some("second")
+        },
+    );
+    eprintln!(
+        "writes on the new master {:?} after the READONLY reply",
+        readonly_at.elapsed()
+    );
+    assert_eq!(
+        proxy.stat_text("sentinel_master"),
+        format!("127.0.0.1:{}", d.new.port)
+    );
+    assert_eq!(proxy.stat("sentinel_switches"), 1);
+    // L1 serves again from the new master's feed.
+    wait_until("L1 serves again", Duration::from_secs(10), || {
+        proxy.stat("serving") == 1
+    });
+    let _: () = new_master.set("quote:x", "later").unwrap();
+    wait_until(
+        "L1 follows the new master's writes",
+        Duration::from_secs(5),
+        || get(&mut c, "quote:x").as_deref() == Some("later"),
+    );
+    d.assert_no_sentinel_switch();
+}
+
+/// The same demotion, noticed first on a pinned connection: a `SET` queued
+/// in a `MULTI` opened before the demotion gets `-READONLY`, and that alone
+/// moves nearcache (no write is sent on a shared connection until it has,
+/// and no connection is opened meanwhile, whose `ROLE` check would notice).
+#[test]
+fn readonly_on_a_pinned_connection_moves_writes_too() {
+    let d = Demotion::start();
+    let mut cfg = test_config(&d.url());
+    // No canary write through the pool, which would get READONLY first.
+    cfg.cache.feed_canary = false;
+    let proxy = Proxy::with_config(cfg);
+    // Every connection open before the demotion (the feed's too).
+    proxy.wait_serving();
+    let _: () = proxy.conn().set("plain:k", "first").unwrap();
+    assert_eq!(get(&mut d.old.conn(), "plain:k").as_deref(), Some("first"));
+    let mut tx = RawClient::connect(proxy.port);
+    assert_eq!(tx.cmd(&[b"MULTI"]), b"+OK\r\n");
+    d.demote();
+    assert_eq!(proxy.stat("sentinel_switches"), 0);
+
+    let reply = tx.cmd(&[b"SET", b"plain:k", b"in-multi"]);
+    assert!(
+        reply.starts_with(b"-READONLY "),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    wait_until(
+        "nearcache acts on the READONLY reply",
+        Duration::from_secs(5),
+        || proxy.stat("sentinel_switches") >= 1,
+    );
+    let mut new_master = d.new.conn();
+    let mut c = proxy.conn();
+    wait_until(
+        "a write through nearcache lands on the new master",
+        Duration::from_secs(5),
+        || {
+            let r: redis::RedisResult<()> = c.set("plain:k", "second");
+            r.is_ok() && get(&mut new_master, "plain:k").as_deref() == Some("second")
+        },
+    );
+    d.assert_no_sentinel_switch();
+}
+
+/// With the feed's canary write (the default), a demotion is noticed
+/// without any client write: the canary gets `-READONLY` within
+/// `feed_health_interval` (1 s), and nearcache moves to the new master.
+/// Two things act on that refused canary (the READONLY hook, and the feed's
+/// reconnect, whose `ROLE` check rejects the demoted server), so this test
+/// holds with either one alone; the tests above isolate the hook.
+#[test]
+fn the_canary_write_notices_a_demotion() {
+    let d = Demotion::start();
+    let proxy = Proxy::with_config(test_config(&d.url()));
+    proxy.wait_serving();
+    assert_eq!(proxy.stat("sentinel_switches"), 0);
+    d.demote();
+    wait_until(
+        "nearcache moves to the new master",
+        Duration::from_secs(5),
+        || proxy.stat_text("sentinel_master") == format!("127.0.0.1:{}", d.new.port),
+    );
+    let _: () = proxy.conn().set("plain:k", "v").unwrap();
+    assert_eq!(get(&mut d.new.conn(), "plain:k").as_deref(), Some("v"));
+    d.assert_no_sentinel_switch();
+}
+
+/// The master is demoted and the only Sentinel still names it: after the
+/// `-READONLY` reply no master can be confirmed, so nearcache stops using
+/// the demoted server (L1 emptied, commands get a clear error instead of
+/// going on to a replica) until a master can be confirmed again.
+#[test]
+fn readonly_with_no_master_to_confirm_stops_using_the_demoted_server() {
+    let d = Demotion::start();
+    let mut cfg = test_config(&format!("redis-sentinel://{}/m", d.stale.addr()));
+    cfg.cache.feed_canary = false;
+    cfg.cache.policies = vec![Policy {
+        pattern: "quote:*".into(),
+        ttl: Some(Duration::from_secs(3600)),
+    }];
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    let mut c = proxy.conn();
+    // Demoted to a replica of a server no Sentinel names.
+    let _: () = d.new.conn().set("quote:x", "v").unwrap();
+    d.demote();
+    // Reads still work on the demoted server; L1 holds quote:x.
+    wait_until("quote:x is served from L1", Duration::from_secs(5), || {
+        let hits = proxy.stat("hits");
+        get(&mut c, "quote:x").as_deref() == Some("v") && proxy.stat("hits") > hits
+    });
+    assert_eq!(proxy.stat("sentinel_switches"), 0);
+    assert!(proxy.stat("entries") >= 1);
+
+    let err = c.set::<_, _, ()>("plain:k", "refused").unwrap_err();
+    assert!(err.to_string().contains("read only replica"), "{err}");
+    wait_until(
+        "nearcache drops the demoted server",
+        Duration::from_secs(5),
+        || proxy.stat("sentinel_switches") >= 1 && proxy.stat_text("sentinel_master").is_empty(),
+    );
+    wait_until("L1 is emptied", Duration::from_secs(5), || {
+        proxy.stat("entries") == 0
+    });
+    // No command reaches the demoted server any more: every write gets
+    // nearcache's own error (first "the master changed ...; reconnecting"
+    // while the pool reconnects), soon the resolution's reason.
+    wait_until(
+        "writes get the resolution's error",
+        Duration::from_secs(5),
+        || {
+            let err = c.set::<_, _, ()>("plain:k", "refused").unwrap_err();
+            assert!(err.to_string().contains("upstream unavailable"), "{err}");
+            err.to_string().contains("not the master")
+        },
+    );
+
+    // The server is made master again: nearcache uses it once more.
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut d.old.conn())
+        .unwrap();
+    wait_until(
+        "a write through nearcache lands on the master again",
+        Duration::from_secs(10),
+        || {
+            let r: redis::RedisResult<()> = c.set("plain:k", "back");
+            r.is_ok() && get(&mut d.old.conn(), "plain:k").as_deref() == Some("back")
+        },
+    );
+}

@@ -12,7 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
-use support::{free_port, wait_for_port, Proxy};
+use support::{free_port, wait_for_port, wait_until, Proxy, SentinelServer};
 
 /// PEM files of one test PKI.
 struct Pki {
@@ -110,6 +110,11 @@ struct TlsRedis {
 
 impl TlsRedis {
     fn start(pki: &Pki, auth_clients: &str) -> TlsRedis {
+        TlsRedis::start_with(pki, auth_clients, &[])
+    }
+
+    /// With extra `redis-server` arguments.
+    fn start_with(pki: &Pki, auth_clients: &str, extra: &[&str]) -> TlsRedis {
         let plain_port = free_port();
         let tls_port = free_port();
         let dir = pki.dir.join(format!("redis-{tls_port}"));
@@ -127,6 +132,7 @@ impl TlsRedis {
             .args(["--tls-ca-cert-file", &p(&pki.ca)])
             .args(["--tls-auth-clients", auth_clients])
             .args(["--logfile", &p(&log)])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -374,4 +380,122 @@ fn acl_user_upstream() {
     let text = e.to_string();
     assert!(text.contains("WRONGPASS"), "{text}");
     assert!(!text.contains("wrong-pw"), "the password leaked: {text}");
+}
+
+/// `rediss-sentinel://`: the Sentinel and the servers listen with TLS
+/// (`tls-port`; the Sentinel and the replica reach the servers with
+/// `tls-replication yes`, so every address the Sentinel names is a TLS
+/// port), and nearcache speaks TLS to both, verifying each certificate
+/// against the host it dials. The master is found, writes reach it, and
+/// after a `SENTINEL FAILOVER` they reach the promoted replica (whether
+/// nearcache learns of it from `+switch-master` on its TLS subscription or
+/// from a reconnect's resolution is not told apart here).
+#[test]
+fn rediss_sentinel_finds_and_follows_the_master_over_tls() {
+    let pki = Pki::new("sentinel");
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    // Outgoing TLS (replication, the Sentinel's links) presents the client
+    // certificate: the server one is for server authentication only.
+    let (client_cert, client_key) = (p(&pki.client_cert), p(&pki.client_key));
+    let tls_out = [
+        "--tls-replication",
+        "yes",
+        "--tls-client-cert-file",
+        &client_cert,
+        "--tls-client-key-file",
+        &client_key,
+    ];
+    let master = TlsRedis::start_with(&pki, "optional", &tls_out);
+    let master_port = master.tls_port.to_string();
+    let replica = TlsRedis::start_with(
+        &pki,
+        "optional",
+        &[&tls_out[..], &["--replicaof", "127.0.0.1", &master_port]].concat(),
+    );
+    wait_until("the replica is in sync", Duration::from_secs(20), || {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut replica.admin())
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    });
+    // A plain port too, for the test's own questions; nearcache gets the TLS one.
+    let tls_port = free_port();
+    let conf = [
+        format!("tls-port {tls_port}"),
+        format!("tls-cert-file {}", p(&pki.server_cert)),
+        format!("tls-key-file {}", p(&pki.server_key)),
+        format!("tls-ca-cert-file {}", p(&pki.ca)),
+        "tls-auth-clients optional".into(),
+        "tls-replication yes".into(),
+        format!("tls-client-cert-file {client_cert}"),
+        format!("tls-client-key-file {client_key}"),
+    ];
+    let conf: Vec<&str> = conf.iter().map(String::as_str).collect();
+    let sentinel = SentinelServer::start_with(master.tls_port, free_port(), &conf);
+    wait_for_port(tls_port, Duration::from_secs(10));
+    wait_until(
+        "the Sentinel knows the replica",
+        Duration::from_secs(30),
+        || sentinel.master_field("num-slaves").as_deref() == Some("1"),
+    );
+
+    let url = format!("rediss-sentinel://127.0.0.1:{tls_port}/m");
+    let proxy = proxy(&url, &tls_keys(&pki.ca, None));
+    let _: () = query_when_up(
+        &proxy,
+        redis::cmd("SET").arg("plain:k").arg("first"),
+        Duration::from_secs(5),
+    )
+    .expect("the master is found through the TLS Sentinel");
+    let v: String = redis::cmd("GET")
+        .arg("plain:k")
+        .query(&mut master.admin())
+        .unwrap();
+    assert_eq!(v, "first");
+    proxy.wait_serving();
+
+    // SENTINEL FAILOVER refuses (-NOGOODSLAVE) until the Sentinel has
+    // talked to the replica.
+    wait_until(
+        "the Sentinel starts a failover",
+        Duration::from_secs(20),
+        || {
+            redis::cmd("SENTINEL")
+                .arg("FAILOVER")
+                .arg("m")
+                .query::<String>(&mut sentinel.conn())
+                .is_ok()
+        },
+    );
+    wait_until(
+        "nearcache follows the switch",
+        Duration::from_secs(30),
+        || proxy.stat_text("sentinel_master") == format!("127.0.0.1:{}", replica.tls_port),
+    );
+    let mut c = proxy.conn();
+    wait_until(
+        "a write through nearcache lands on the new master",
+        Duration::from_secs(10),
+        || {
+            let r: redis::RedisResult<()> =
+                redis::cmd("SET").arg("plain:k").arg("second").query(&mut c);
+            let on_new: Option<String> = redis::cmd("GET")
+                .arg("plain:k")
+                .query(&mut replica.admin())
+                .unwrap_or(None);
+            r.is_ok() && on_new.as_deref() == Some("second")
+        },
+    );
+
+    // Plain TCP to the Sentinel's TLS port gets nowhere: TLS was used.
+    let plain = proxy_plain_url(&url);
+    let p2 = Proxy::with_config_no_wait(support::test_config(&plain));
+    let e = query_when_up::<String>(&p2, &redis::cmd("PING"), Duration::from_secs(5)).unwrap_err();
+    assert!(e.to_string().contains("no Sentinel reachable"), "{e}");
+    eprintln!("plain TCP to the TLS Sentinel: {e}");
+}
+
+fn proxy_plain_url(url: &str) -> String {
+    url.replacen("rediss-sentinel://", "redis-sentinel://", 1)
 }
