@@ -800,3 +800,75 @@ fn scan_walks_every_master_once_with_match_count_and_type() {
         .unwrap_err();
     assert!(e.to_string().contains("invalid cursor"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_master_is_replaced_by_its_replica_and_its_pools_closed() {
+    let mut cluster = Cluster::start_with_replicas(3, 1);
+    let router = Router::new(started_view(&cluster).await, connector(&cluster.url()));
+    let keys: Vec<String> = (0..30).map(|i| format!("f:{i}")).collect();
+    for k in &keys {
+        assert_eq!(executed(&router, &["SET", k, k]).await, "+OK\r\n");
+    }
+    let victim = cluster.owner_of(&keys[0]).port;
+    let victim_addr = format!("127.0.0.1:{victim}");
+    // Its replica has every write before the master dies.
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut cluster.node(victim).conn())
+        .unwrap();
+    assert_eq!(acked, 1);
+    assert!(router.pooled_nodes().contains(&victim_addr));
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.port == victim)
+        .unwrap()
+        .kill();
+    // Until the replica is promoted, its slots fail promptly (an error,
+    // never a hang or a wrong value); then they are served by the replica.
+    let args: Vec<Bytes> = ["GET", keys[0].as_str()]
+        .iter()
+        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+        .collect();
+    let want = format!("${}\r\n{}\r\n", keys[0].len(), keys[0]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut failures = 0;
+    loop {
+        let started = Instant::now();
+        let r = router.execute(2, &args, 0).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "a request took {:?}",
+            started.elapsed()
+        );
+        match r {
+            Ok(reply) if reply.bytes == want.as_bytes() => break,
+            Ok(reply) => {
+                let text = String::from_utf8_lossy(&reply.bytes).into_owned();
+                assert!(text.starts_with('-'), "a wrong value: {text}");
+                failures += 1;
+            }
+            Err(_) => failures += 1,
+        }
+        assert!(Instant::now() < deadline, "the replica never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        failures > 0,
+        "the master's death went unnoticed: the test proves nothing"
+    );
+    for k in &keys {
+        let want = format!("${}\r\n{}\r\n", k.len(), k);
+        assert_eq!(executed(&router, &["GET", k]).await, want);
+    }
+    let t = router.view().current().unwrap();
+    assert!(!t.masters().contains(&victim_addr), "{:?}", t.masters());
+    // The dead master's pools are closed, not retried for ever.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while router.pooled_nodes().contains(&victim_addr) {
+        assert!(Instant::now() < deadline, "{:?}", router.pooled_nodes());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    router.stop();
+}

@@ -165,11 +165,15 @@ async fn supervise(s: Supervised) {
     // the address it had.
     let mut since: Option<Instant> = None;
     loop {
+        if pool_dropped(&s) {
+            return;
+        }
         match s
             .connector
             .connect_via(s.addr.as_deref(), s.proto, since)
             .await
         {
+            Ok(connected) if pool_dropped(&s) => drop(connected),
             Ok(connected) if *switches.borrow_and_update() != connected.epoch => {
                 // Opened to the master of before a switch that came meanwhile.
                 since = Some(Instant::now());
@@ -208,6 +212,9 @@ async fn supervise(s: Supervised) {
                 s.up.fetch_sub(1, Ordering::Relaxed);
                 m.upstream_pool_connections.dec();
                 *s.slot.conn.write() = None;
+                if pool_dropped(&s) {
+                    return;
+                }
                 if switched {
                     *s.last_error.write() =
                         "the master changed (Sentinel failover); reconnecting".into();
@@ -238,6 +245,12 @@ async fn supervise(s: Supervised) {
             _ = s.shutdown.notified() => return,
         }
     }
+}
+
+/// Nobody holds the pool any more (a cluster master that left the map):
+/// its connections are not wanted, now or later.
+fn pool_dropped(s: &Supervised) -> bool {
+    Arc::strong_count(&s.slot) == 1
 }
 
 /// The upstream Redis as seen by the rest of nearcache.

@@ -16,7 +16,13 @@ impl Cluster {
     /// `n` masters, no replicas, every slot assigned, `cluster_state:ok`
     /// everywhere.
     pub fn start(n: usize) -> Cluster {
-        let nodes: Vec<RedisServer> = (0..n)
+        Cluster::start_with_replicas(n, 0)
+    }
+
+    /// `masters` masters with `replicas` replicas each (`redis-cli` picks
+    /// which replica follows which master).
+    pub fn start_with_replicas(masters: usize, replicas: usize) -> Cluster {
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -34,7 +40,7 @@ impl Cluster {
             cmd.arg(format!("127.0.0.1:{}", node.port));
         }
         let out = cmd
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli must be installed");
         assert!(

@@ -50,13 +50,15 @@ struct Node {
     /// Requests wait for a first connection only this long after the
     /// pools started; later, a node without a connection fails at once.
     patience_until: Instant,
+    /// Ends the pools' connections when the node leaves the map.
+    shutdown: Arc<Notify>,
 }
 
 /// Multiplexed connections to every master, chosen by slot.
 pub struct Router {
     view: Arc<ClusterView>,
     connector: Connector,
-    nodes: RwLock<HashMap<String, Arc<Node>>>,
+    nodes: Arc<RwLock<HashMap<String, Arc<Node>>>>,
     run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
     /// The cluster's `COMMAND` table, read from a master on first need.
@@ -65,14 +67,21 @@ pub struct Router {
 
 impl Router {
     pub fn new(view: Arc<ClusterView>, connector: Connector) -> Router {
+        let nodes = Arc::new(RwLock::new(HashMap::new()));
+        let shutdown = Arc::new(Notify::new());
+        tokio::spawn(close_departed(
+            view.subscribe(),
+            Arc::downgrade(&nodes),
+            shutdown.clone(),
+        ));
         Router {
             view,
             connector,
-            nodes: RwLock::new(HashMap::new()),
+            nodes,
             // Each node has its own run_id; nothing watches them yet (a
             // failover clearing that master's L1 slots is step 3).
             run_id: Arc::new(watch::channel(None).0),
-            shutdown: Arc::new(Notify::new()),
+            shutdown,
             commands: tokio::sync::OnceCell::new(),
         }
     }
@@ -86,8 +95,15 @@ impl Router {
         &self.view
     }
 
-    /// The node's pools, started on first use. Pools of nodes that leave
-    /// the map are kept (not done yet: closing them).
+    /// The masters this router has pools for (for tests and operators).
+    pub fn pooled_nodes(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.nodes.read().keys().cloned().collect();
+        out.sort();
+        out
+    }
+
+    /// The node's pools, started on first use; closed when the node leaves
+    /// the map ([`close_departed`]).
     fn node(&self, addr: &str) -> Arc<Node> {
         if let Some(n) = self.nodes.read().get(addr) {
             return n.clone();
@@ -97,6 +113,7 @@ impl Router {
             .entry(addr.to_string())
             .or_insert_with(|| {
                 let size = self.connector.config().pool_size;
+                let shutdown = Arc::new(Notify::new());
                 let pool = |proto| {
                     Pool::start(
                         self.connector.clone(),
@@ -104,7 +121,7 @@ impl Router {
                         proto,
                         size,
                         self.run_id.clone(),
-                        self.shutdown.clone(),
+                        shutdown.clone(),
                         None,
                     )
                 };
@@ -113,6 +130,7 @@ impl Router {
                     resp2: pool(2),
                     resp3: pool(3),
                     patience_until: Instant::now() + FIRST_CONNECT.max(cfg.connect_timeout),
+                    shutdown,
                 })
             })
             .clone()
@@ -397,6 +415,42 @@ impl Router {
 
     pub fn stop(&self) {
         self.shutdown.notify_waiters();
+        for node in self.nodes.read().values() {
+            node.shutdown.notify_waiters();
+        }
         self.view.stop();
+    }
+}
+
+/// Closes the pools of masters that left the map (a failed master replaced
+/// by its replica, an address that changed): without this their
+/// connections would be retried for ever. A pool's supervisors also stop
+/// by themselves once the pool is dropped (see `upstream::pool_dropped`).
+async fn close_departed(
+    mut changes: watch::Receiver<Option<Arc<super::topology::Topology>>>,
+    nodes: std::sync::Weak<RwLock<HashMap<String, Arc<Node>>>>,
+    stop: Arc<Notify>,
+) {
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = stop.notified() => return,
+        }
+        let Some(topology) = changes.borrow_and_update().clone() else {
+            continue;
+        };
+        let Some(nodes) = nodes.upgrade() else { return };
+        let departed: Vec<Arc<Node>> = {
+            let mut map = nodes.write();
+            let gone: Vec<String> = map
+                .keys()
+                .filter(|a| !topology.masters().contains(a))
+                .cloned()
+                .collect();
+            gone.iter().filter_map(|a| map.remove(a)).collect()
+        };
+        for node in departed {
+            node.shutdown.notify_waiters();
+        }
     }
 }
