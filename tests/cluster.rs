@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -871,4 +872,67 @@ async fn a_failed_master_is_replaced_by_its_replica_and_its_pools_closed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     router.stop();
+}
+
+#[test]
+fn mget_across_slots_with_a_shard_down_answers_the_other_keys() {
+    let mut cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut c = proxy.conn();
+    let keys: Vec<String> = (0..12).map(|i| format!("m:{i}")).collect();
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
+    }
+    let victim = cluster.owner_of(&keys[0]).port;
+    let on_victim: Vec<bool> = keys
+        .iter()
+        .map(|k| cluster.owner_of(k).port == victim)
+        .collect();
+    assert!(on_victim.iter().any(|v| !v), "every key on one master");
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.port == victim)
+        .unwrap()
+        .kill();
+    // The redis crate turns an error element into an error for the whole
+    // reply: read the reply as it is sent.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    raw.write_all(&nearcache::protocol::command(
+        std::iter::once("MGET").chain(keys.iter().map(String::as_str)),
+    ))
+    .unwrap();
+    let mut buf = Vec::new();
+    let len = loop {
+        if let Some(n) = nearcache::protocol::frame_len(&buf) {
+            break n;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = raw.read(&mut chunk).expect("an answer within 10 s");
+        assert!(n > 0, "closed");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let items = nearcache::protocol::elements(&buf[..len]).expect("an array");
+    assert_eq!(items.len(), keys.len());
+    for ((k, item), down) in keys.iter().zip(items).zip(&on_victim) {
+        let item = String::from_utf8_lossy(&buf[item]).into_owned();
+        if *down {
+            assert!(item.starts_with("-ERR upstream unavailable"), "{k}: {item}");
+        } else {
+            assert_eq!(item, format!("${}\r\n{k}\r\n", k.len()));
+        }
+    }
+    // DEL across the same slots cannot say how many it deleted: an error.
+    let e = redis::cmd("DEL")
+        .arg(&keys)
+        .query::<i64>(&mut c)
+        .unwrap_err();
+    assert!(!e.to_string().is_empty());
 }

@@ -303,6 +303,20 @@ impl Router {
                         .map(|p| self.send(proto, p.slot.unwrap_or(0), p.request.clone(), bias)),
                 )
                 .await;
+                if merge == split::Merge::KeyOrder {
+                    // MGET: a shard that fails costs only its own keys, each
+                    // an error element in its place.
+                    let replies = replies
+                        .into_iter()
+                        .map(|r| {
+                            r.unwrap_or_else(|e| Reply {
+                                bytes: e.to_reply(),
+                                kind: protocol::ReplyKind::Error,
+                            })
+                        })
+                        .collect();
+                    return Ok(split::merge(merge, &parts, replies));
+                }
                 // One part's connection failed: its outcome is unknown, the
                 // client gets that error (the other parts may be applied).
                 let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;

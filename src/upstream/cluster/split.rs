@@ -7,7 +7,8 @@
 //!   (MGET, MSET, DEL, UNLINK, EXISTS, TOUCH in Redis 7): one request per
 //!   slot, each key carrying the arguments up to the next key (MSET's
 //!   values), merged by `response_policy`: none → an array in the client's
-//!   key order (MGET), `agg_sum` → integers summed (DEL…), `all_succeeded`
+//!   key order (MGET; a failed slot's keys are error elements in their
+//!   places, the other keys keep their values), `agg_sum` → integers summed (DEL…), `all_succeeded`
 //!   → the first error, else the first reply (MSET). **MSET across slots is
 //!   not atomic**: each slot's part is applied on its own, and a failed
 //!   part leaves the others applied.
@@ -211,7 +212,10 @@ pub fn merge(merge: Merge, parts: &[Part], replies: Vec<Reply>) -> Reply {
     let total = parts.iter().map(|p| p.order.len()).sum();
     if let Some(e) = replies.iter().find(|r| r.kind == ReplyKind::Error) {
         // Not atomic: the other parts may have been applied (MSET, DEL).
-        return e.clone();
+        // (MGET keeps its other keys: per-key errors, below.)
+        if merge != Merge::KeyOrder {
+            return e.clone();
+        }
     }
     let bad = || {
         error_reply(protocol::error(
@@ -252,6 +256,12 @@ pub fn merge(merge: Merge, parts: &[Part], replies: Vec<Reply>) -> Reply {
         Merge::KeyOrder => {
             let mut items: Vec<Option<Bytes>> = vec![None; total];
             for (part, r) in parts.iter().zip(&replies) {
+                if r.kind == ReplyKind::Error {
+                    for &at in &part.order {
+                        items[at] = Some(r.bytes.clone());
+                    }
+                    continue;
+                }
                 let Some(els) = protocol::elements(&r.bytes) else {
                     return bad();
                 };
