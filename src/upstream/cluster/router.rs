@@ -59,7 +59,6 @@ pub struct Router {
     view: Arc<ClusterView>,
     connector: Connector,
     nodes: Arc<RwLock<HashMap<String, Arc<Node>>>>,
-    run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
     /// The cluster's `COMMAND` table, read from a master on first need.
     commands: tokio::sync::OnceCell<Arc<CommandTable>>,
@@ -78,9 +77,6 @@ impl Router {
             view,
             connector,
             nodes,
-            // Each node has its own run_id; nothing watches them yet (a
-            // failover clearing that master's L1 slots is step 3).
-            run_id: Arc::new(watch::channel(None).0),
             shutdown,
             commands: tokio::sync::OnceCell::new(),
         }
@@ -114,13 +110,16 @@ impl Router {
             .or_insert_with(|| {
                 let size = self.connector.config().pool_size;
                 let shutdown = Arc::new(Notify::new());
+                let run_id = Arc::new(watch::channel(None).0);
                 let pool = |proto| {
                     Pool::start(
                         self.connector.clone(),
                         Some(addr.to_string()),
                         proto,
                         size,
-                        self.run_id.clone(),
+                        // Each node's own: one shared by all would read as
+                        // "the server changed" at every connect.
+                        run_id.clone(),
                         shutdown.clone(),
                         None,
                     )
