@@ -716,3 +716,379 @@ fn keyless_and_stateful_commands_through_nearcache() {
     let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(size, 0);
 }
+
+// ---- L1 in front of a cluster: one invalidation feed per master ----
+
+/// nearcache with L1 on (tracking feeds, one per master), serving.
+fn cached_cluster_proxy(cluster: &Cluster) -> Proxy {
+    let mut cfg = test_config(&cluster.url());
+    cfg.cache.invalidation = nearcache::config::InvalidationMode::Tracking;
+    let p = Proxy::with_config(cfg);
+    p.wait_serving();
+    p
+}
+
+/// Cacheable keys (`ind:*`, the default policy), at least two on each master.
+fn keys_on_every_master(cluster: &Cluster) -> Vec<String> {
+    let mut per: std::collections::HashMap<u16, usize> = Default::default();
+    let mut keys = Vec::new();
+    for i in 0.. {
+        let k = format!("ind:{i}");
+        let n = per.entry(cluster.owner_of(&k).port).or_default();
+        if *n < 2 {
+            *n += 1;
+            keys.push(k);
+        }
+        if per.len() == cluster.nodes.len() && per.values().all(|&n| n == 2) {
+            return keys;
+        }
+    }
+    unreachable!()
+}
+
+/// Reads `key` through nearcache until a read is an L1 hit (a fill racing
+/// with an invalidation is not stored, so it may take a read or two),
+/// every read returning `want`.
+fn until_hit(proxy: &Proxy, c: &mut redis::Connection, key: &str, want: &str) {
+    wait_until(
+        &format!("{key} served from L1"),
+        Duration::from_secs(5),
+        || {
+            let hits = proxy.stat("hits");
+            let v: String = redis::cmd("GET").arg(key).query(c).unwrap();
+            assert_eq!(v, want, "{key}");
+            proxy.stat("hits") > hits
+        },
+    );
+}
+
+/// Kills every tracking / subscribed client of `node` (its feed).
+fn kill_feed_of(node: &RedisServer, c: &mut redis::Connection) {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(c).unwrap();
+    let mut killed = 0;
+    for line in list.lines() {
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or("")
+                .to_string()
+        };
+        if field("flags=").contains('t') || !matches!(field("psub=").as_str(), "" | "0") {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg(&["KILL", "ID", &field("id=")][..])
+                .query(c)
+                .unwrap();
+            killed += 1;
+        }
+    }
+    assert!(killed > 0, "found the feed connection of {}", node.port);
+}
+
+#[test]
+fn l1_serves_hits_and_direct_writes_on_every_master_invalidate_them() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    assert!(
+        proxy.stat_text("feed").contains("3/3 masters"),
+        "{}",
+        proxy.stat_text("feed")
+    );
+    let mut c = proxy.conn();
+    let keys = keys_on_every_master(&cluster);
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg("v1").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "v1");
+        // A hit does not reach the owner.
+        let owner = cluster.owner_of(k);
+        let gets = cmdstat(owner, "get");
+        let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+        assert_eq!(v, "v1");
+        assert_eq!(cmdstat(owner, "get"), gets, "{k} read from L1");
+    }
+    // Read your own writes: a write through nearcache invalidates at once
+    // (not when the feed reports it), for this client and every other one.
+    let mut other = proxy.conn();
+    for round in 0..10 {
+        for k in &keys {
+            let v = format!("w{round}");
+            // Pipelined: the GET is dispatched before the SET is even sent.
+            let ((), back): ((), String) = redis::pipe()
+                .cmd("SET")
+                .arg(k)
+                .arg(&v)
+                .cmd("GET")
+                .arg(k)
+                .query(&mut c)
+                .unwrap();
+            assert_eq!(back, v, "{k}: own write");
+            let back: String = redis::cmd("GET").arg(k).query(&mut other).unwrap();
+            assert_eq!(back, v, "{k}: another client");
+        }
+    }
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg("v1").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "v1");
+    }
+    // A write straight on the owning master (not through nearcache) is
+    // reported by that master's feed: the next reads see it.
+    for k in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("v2")
+            .query(&mut cluster.owner_of(k).conn())
+            .unwrap();
+    }
+    for k in &keys {
+        wait_until(&format!("{k} invalidated"), Duration::from_secs(5), || {
+            let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+            v == "v2"
+        });
+        until_hit(&proxy, &mut c, k, "v2");
+    }
+}
+
+/// A master's feed killed while a write is made straight on it: no read
+/// through nearcache returns the old value, neither while that feed is
+/// down (held down: the node refuses new connections) nor after it is back.
+#[test]
+fn a_master_feed_lost_stops_l1_and_nothing_stale_is_served() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let keys = keys_on_every_master(&cluster);
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg("old").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "old");
+    }
+    let victim = cluster.owner_of(&keys[0]);
+    let mine: Vec<&String> = keys
+        .iter()
+        .filter(|k| cluster.owner_of(k).port == victim.port)
+        .collect();
+    // Open before the node stops accepting connections.
+    let mut direct = victim.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "1"][..])
+        .query(&mut direct)
+        .unwrap();
+    kill_feed_of(victim, &mut direct);
+    for k in &mine {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("new")
+            .query(&mut direct)
+            .unwrap();
+    }
+    wait_until("L1 stops serving", Duration::from_secs(5), || {
+        proxy.stat("serving") == 0
+    });
+    for _ in 0..5 {
+        for k in &mine {
+            let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+            assert_eq!(v, "new", "stale read of {k} with its master's feed down");
+        }
+        for k in keys.iter().filter(|k| !mine.contains(k)) {
+            let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+            assert_eq!(v, "old", "{k}");
+        }
+    }
+    assert_eq!(proxy.stat("serving"), 0, "the feed was held down");
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "10000"][..])
+        .query(&mut direct)
+        .unwrap();
+    proxy.wait_serving();
+    for k in &mine {
+        until_hit(&proxy, &mut c, k, "new");
+    }
+}
+
+/// A slot moved to another master (MIGRATING/IMPORTING, MIGRATE,
+/// SETSLOT NODE): the moved key is never read stale, and the change of map
+/// (here learned from a MOVED) empties L1, so a key of an untouched slot
+/// on a third master is read from its owner again.
+#[test]
+fn a_slot_move_never_serves_stale_and_empties_l1() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let moved = "ind:{m}1";
+    let from = cluster.owner_of(moved);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    let third = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port != from.port && n.port != to.port)
+        .unwrap();
+    let still = (0..)
+        .map(|i| format!("ind:s{i}"))
+        .find(|k| cluster.owner_of(k).port == third.port)
+        .unwrap();
+    for k in [moved, still.as_str()] {
+        let _: () = redis::cmd("SET").arg(k).arg("old").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "old");
+    }
+    let s = slot(b"m").to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+    let _: () = redis::cmd("MIGRATE")
+        .arg(
+            &[
+                "127.0.0.1",
+                &to.port.to_string(),
+                "",
+                "0",
+                "5000",
+                "KEYS",
+                moved,
+            ][..],
+        )
+        .query(&mut from.conn())
+        .unwrap();
+    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    let _: () = redis::cmd("SET")
+        .arg(moved)
+        .arg("new")
+        .query(&mut to.conn())
+        .unwrap();
+    let gets = cmdstat(third, "get");
+    // The new owner's feed reports the write (as fast as it travels); once
+    // it is seen, the old value never comes back.
+    let took = wait_until(
+        "the write on the new owner seen",
+        Duration::from_secs(5),
+        || {
+            let v: String = redis::cmd("GET").arg(moved).query(&mut c).unwrap();
+            v == "new"
+        },
+    );
+    eprintln!("new value seen after {took:?}");
+    for _ in 0..20 {
+        let v: String = redis::cmd("GET").arg(moved).query(&mut c).unwrap();
+        assert_eq!(v, "new", "stale read of a key whose slot moved");
+    }
+    // The map changed (nearcache followed a MOVED): L1 was emptied, the
+    // untouched key comes from its owner again, then from L1.
+    wait_until("L1 emptied by the new map", Duration::from_secs(5), || {
+        let v: String = redis::cmd("GET").arg(&still).query(&mut c).unwrap();
+        assert_eq!(v, "old");
+        cmdstat(third, "get") > gets
+    });
+    until_hit(&proxy, &mut c, &still, "old");
+    until_hit(&proxy, &mut c, moved, "new");
+}
+
+#[test]
+fn mget_across_slots_is_answered_partly_from_l1_in_key_order() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let keys = keys_on_every_master(&cluster);
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
+    }
+    let want = |ks: &[&str]| -> Vec<Option<String>> {
+        ks.iter()
+            .map(|k| (k.starts_with("ind:") && !k.contains("missing")).then(|| k.to_string()))
+            .collect()
+    };
+    // Two slots, interleaved: each slot's part is one request, its
+    // elements go back to their places in the client's order.
+    let tagged = ["ind:{a}1", "ind:{b}1", "ind:{a}2", "ind:{b}2"];
+    for k in tagged {
+        let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
+    }
+    for _ in 0..3 {
+        let got: Vec<Option<String>> = redis::cmd("MGET").arg(&tagged[..]).query(&mut c).unwrap();
+        assert_eq!(got, want(&tagged));
+    }
+    let first: Vec<&str> = keys.iter().map(String::as_str).collect();
+    // Filled element by element; a fill racing with the SETs' own
+    // invalidations is not stored, so read until every element is a hit.
+    wait_until("every MGET element from L1", Duration::from_secs(5), || {
+        let hits = proxy.stat("hits");
+        let got: Vec<Option<String>> = redis::cmd("MGET").arg(&first[..]).query(&mut c).unwrap();
+        assert_eq!(got, want(&first));
+        proxy.stat("hits") - hits == first.len() as i64
+    });
+    // Cached elements interleaved with misses on every master, in key order.
+    let mut mixed: Vec<&str> = Vec::new();
+    for (i, k) in first.iter().enumerate() {
+        mixed.push(k);
+        if i % 2 == 0 {
+            mixed.push("ind:missing");
+        }
+    }
+    mixed.push("other:{x}");
+    let mgets: u64 = cluster.nodes.iter().map(|n| cmdstat(n, "mget")).sum();
+    let hits = proxy.stat("hits");
+    let got: Vec<Option<String>> = redis::cmd("MGET").arg(&mixed[..]).query(&mut c).unwrap();
+    assert_eq!(got, want(&mixed));
+    assert_eq!(
+        proxy.stat("hits") - hits,
+        first.len() as i64,
+        "cached elements from L1"
+    );
+    let after: u64 = cluster.nodes.iter().map(|n| cmdstat(n, "mget")).sum();
+    assert!(
+        after - mgets <= 2,
+        "only the misses' slots were asked: {}",
+        after - mgets
+    );
+    // A direct write on one master invalidates that element only.
+    let _: () = redis::cmd("SET")
+        .arg(first[1])
+        .arg("changed")
+        .query(&mut cluster.owner_of(first[1]).conn())
+        .unwrap();
+    wait_until(
+        "the MGET element invalidated",
+        Duration::from_secs(5),
+        || {
+            let got: Vec<Option<String>> =
+                redis::cmd("MGET").arg(&first[..]).query(&mut c).unwrap();
+            got[1].as_deref() == Some("changed") && got[0].as_deref() == Some(first[0])
+        },
+    );
+}
+
+/// Each master's feed proves it sees writes with a canary in one of that
+/// master's slots: keyspace events turned off on one node (its feed stays
+/// connected but would miss writes) stop L1.
+#[test]
+fn a_master_feed_that_stops_seeing_writes_stops_l1() {
+    let cluster = Cluster::start(3);
+    for n in &cluster.nodes {
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "notify-keyspace-events", "KEA"][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    let mut cfg = test_config(&cluster.url());
+    cfg.cache.invalidation = nearcache::config::InvalidationMode::Keyspace;
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    assert!(
+        proxy.stat_text("feed").starts_with("keyspace"),
+        "{}",
+        proxy.stat_text("feed")
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "notify-keyspace-events", ""][..])
+        .query(&mut cluster.nodes[1].conn())
+        .unwrap();
+    wait_until("L1 stops serving", Duration::from_secs(5), || {
+        proxy.stat("serving") == 0
+    });
+}

@@ -57,7 +57,7 @@ pub(super) struct Session {
     pub state: ConnState,
     /// The login for new pinned connections (a client's own AUTH, once accepted).
     pub login: Login,
-    slot: usize,
+    pub(super) slot: usize,
     pub mux: Option<Arc<MuxConn>>,
     pub pinned: Option<PinnedConn>,
     pub replies: Replies,
@@ -387,9 +387,16 @@ impl Session {
         }
         if self.sidecar.cluster.is_some() {
             match route {
-                Route::Read { .. } | Route::MGet | Route::Pool { .. } | Route::Control => {
+                // read.rs asks the router for its fills and MGET parts.
+                Route::Read { key } => return self.read(&name, req, key).await,
+                Route::MGet => return self.mget(&name, req).await,
+                Route::Pool { keys } => {
                     count_request(&name, Outcome::Forward);
-                    return self.cluster_forward(req);
+                    return self.cluster_forward(req, &keys);
+                }
+                Route::Control => {
+                    count_request(&name, Outcome::Forward);
+                    return self.cluster_forward(req, &Keys::None);
                 }
                 Route::Pinned { .. } => {
                     count_request(&name, Outcome::Error);
@@ -429,18 +436,24 @@ impl Session {
     /// The reply queue polls only its head, so each request is sent when
     /// every earlier one is answered: the client's order holds across
     /// nodes and redirects, at the price of no pipelining (yet).
-    pub(super) fn cluster_forward(&mut self, req: &Request) -> Flow {
+    ///
+    /// `keys` are what it writes: marked as written from now (a read of
+    /// them bypasses L1 and queues behind this) until its reply is in.
+    pub(super) fn cluster_forward(&mut self, req: &Request, keys: &Keys) -> Flow {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Flow::Next;
         };
         let args = req.args.clone();
         let (proto, bias) = (self.proto, self.slot);
         let silent = self.silent_reply();
+        let guard = self.sidecar.cache.begin_write(keys);
         let reply = async move {
-            match router.execute(proto, &args, bias).await {
+            let r = match router.execute(proto, &args, bias).await {
                 Ok(r) => r.bytes,
                 Err(e) => e.to_reply(),
-            }
+            };
+            drop(guard);
+            r
         };
         self.replies.push(Owed::Composed(Box::pin(reply)), silent);
         self.path = Some(Path::Pool);
@@ -484,7 +497,7 @@ impl Session {
     /// what it writes (invalidated now and again when its reply is in).
     pub async fn forward(&mut self, req: &Request, keys: &Keys) -> Flow {
         if self.sidecar.cluster.is_some() {
-            return self.cluster_forward(req);
+            return self.cluster_forward(req, keys);
         }
         if !self.can_take(Path::Pool) {
             return Flow::Stall;

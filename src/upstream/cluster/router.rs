@@ -86,6 +86,10 @@ impl Router {
         &self.view
     }
 
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
     /// The node's pools, started on first use. Pools of nodes that leave
     /// the map are kept (not done yet: closing them).
     fn node(&self, addr: &str) -> Arc<Node> {
@@ -196,6 +200,69 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Several requests of one slot written back to back on one connection
+    /// to the slot's owner (L1 fills: the `PTTL`s and the read must be
+    /// answered by the same node, about the same moment). Returns every
+    /// reply, and `true` if any of them was a redirect: then the last
+    /// request is sent again through [`Router::send`] (redirects followed)
+    /// and the other replies may come from a node that no longer owns the
+    /// slot, so the caller must not store anything from this job.
+    pub async fn send_job(
+        &self,
+        proto: u8,
+        slot: u16,
+        requests: Vec<Bytes>,
+        bias: usize,
+    ) -> (Vec<ReplyResult>, bool) {
+        let Some(last) = requests.last().cloned() else {
+            return (Vec::new(), false);
+        };
+        let owner = self
+            .view
+            .current()
+            .and_then(|t| t.owner(slot).map(str::to_string));
+        let conn = match owner {
+            Some(addr) => self.conn(&addr, proto, bias).await.ok(),
+            None => None,
+        };
+        let Some(conn) = conn else {
+            // No owner or no connection: `send` gives the client the error
+            // it would get otherwise; nothing of it is stored.
+            let mut replies: Vec<ReplyResult> = (1..requests.len())
+                .map(|_| Err(Arc::new(Error::Upstream("not sent".into()))))
+                .collect();
+            replies.push(self.send(proto, slot, last, bias).await);
+            return (replies, true);
+        };
+        let mut pending = Vec::with_capacity(requests.len());
+        for r in requests {
+            pending.push(conn.send(r).await);
+        }
+        let mut replies = Vec::with_capacity(pending.len());
+        for rx in pending {
+            replies.push(received(rx.await));
+        }
+        if replies.iter().any(|r| r.is_err()) {
+            self.view.refresh();
+            return (replies, false);
+        }
+        let redirected = replies.iter().any(|r| {
+            r.as_ref()
+                .ok()
+                .and_then(|r| r.error_text())
+                .is_some_and(|t| {
+                    t.starts_with("MOVED") || t.starts_with("ASK") || t.starts_with("TRYAGAIN")
+                })
+        });
+        if redirected {
+            let again = self.send(proto, slot, last, bias).await;
+            if let Some(l) = replies.last_mut() {
+                *l = again;
+            }
+        }
+        (replies, redirected)
     }
 
     /// The master keyless commands without a tip go to: the first in
