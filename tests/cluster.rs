@@ -549,11 +549,6 @@ fn a_plain_client_uses_the_cluster_through_nearcache_while_a_slot_migrates() {
     assert_eq!(e.code(), Some("CROSSSLOT"), "{e}");
     let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(n, 33);
-    let e = redis::cmd("MULTI").query::<()>(&mut c).unwrap_err();
-    assert!(
-        e.to_string().contains("not supported on a Redis Cluster"),
-        "{e}"
-    );
 
     // Traffic on keys of one slot while that slot migrates: no error, no
     // redirect, every read sees the last write.
@@ -676,22 +671,13 @@ fn keyless_and_stateful_commands_through_nearcache() {
         e.to_string().contains("not supported on a Redis Cluster"),
         "{e}"
     );
-    // Stateful modes have no node to pin to yet: refused, never sent to
-    // some node with the client's state.
-    for args in [
-        &["WATCH", "q:1"][..],
-        &["SUBSCRIBE", "ch"],
-        &["BLPOP", "l", "1"],
-    ] {
-        let e = redis::cmd(args[0])
-            .arg(&args[1..])
-            .query::<redis::Value>(&mut c)
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("not supported on a Redis Cluster"),
-            "{args:?}: {e}"
-        );
-    }
+    // Stateful commands pin to a node now (tested in
+    // stateful_commands_pin_to_the_slot_owner); a keyless EVAL goes to any master.
+    let one: i64 = redis::cmd("EVAL")
+        .arg(&["return 1", "0"][..])
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(one, 1);
     let e = redis::cmd("SELECT").arg(1).query::<()>(&mut c).unwrap_err();
     assert!(!e.to_string().is_empty());
     // A client's own login needs a connection of its own: refused, not run
@@ -1091,4 +1077,209 @@ fn a_master_feed_that_stops_seeing_writes_stops_l1() {
     wait_until("L1 stops serving", Duration::from_secs(5), || {
         proxy.stat("serving") == 0
     });
+}
+
+/// Two hash tags whose slots are owned by the same master, and one whose
+/// slot is on another master.
+fn tags_by_owner(cluster: &Cluster) -> (String, String, String) {
+    let tags: Vec<String> = (0..200).map(|i| format!("t{i}")).collect();
+    let a = &tags[0];
+    let owner = cluster.owner_of(&format!("{{{a}}}")).port;
+    let same = tags[1..]
+        .iter()
+        .find(|t| {
+            cluster.owner_of(&format!("{{{t}}}")).port == owner
+                && slot(t.as_bytes()) != slot(a.as_bytes())
+        })
+        .unwrap();
+    let other = tags[1..]
+        .iter()
+        .find(|t| cluster.owner_of(&format!("{{{t}}}")).port != owner)
+        .unwrap();
+    (a.clone(), same.clone(), other.clone())
+}
+
+#[test]
+fn stateful_commands_pin_to_the_slot_owner() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let (a, same, other) = tags_by_owner(&cluster);
+    let ka = format!("ind:{{{a}}}x");
+    let kb = format!("ind:{{{a}}}y");
+
+    // MULTI/EXEC in one slot, pipelined (MULTI answered before a node is
+    // chosen, written first on the connection the first key opens)...
+    let (r1, r2, r3): (String, i64, String) = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg(&ka)
+        .arg("1")
+        .cmd("INCR")
+        .arg(&kb)
+        .cmd("GET")
+        .arg(&ka)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!((r1.as_str(), r2, r3.as_str()), ("OK", 1, "1"));
+    let owner = cluster.owner_of(&ka);
+    let direct: i64 = redis::cmd("GET").arg(&kb).query(&mut owner.conn()).unwrap();
+    assert_eq!(direct, 1);
+    // ... and one command at a time, as redis-cli does.
+    let ok: String = redis::cmd("MULTI").query(&mut c).unwrap();
+    assert_eq!(ok, "OK");
+    let q: String = redis::cmd("INCR").arg(&kb).query(&mut c).unwrap();
+    assert_eq!(q, "QUEUED");
+    let ran: Vec<i64> = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert_eq!(ran, [2]);
+    // An empty transaction, and DISCARD.
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let ran: Vec<i64> = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert!(ran.is_empty());
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let _: String = redis::cmd("INCR").arg(&kb).query(&mut c).unwrap();
+    let _: () = redis::cmd("DISCARD").query(&mut c).unwrap();
+    let v: i64 = redis::cmd("GET").arg(&kb).query(&mut c).unwrap();
+    assert_eq!(v, 2, "discarded");
+
+    // Keys across slots in a transaction: CROSSSLOT as Redis, nothing applied,
+    // whether the other slot is on the same master or on another one.
+    for t in [&same, &other] {
+        let kc = format!("ind:{{{t}}}z");
+        let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+        for k in [&ka, &kc] {
+            let q: String = redis::cmd("SET").arg(k).arg("cross").query(&mut c).unwrap();
+            assert_eq!(q, "QUEUED");
+        }
+        let e = redis::cmd("EXEC").query::<()>(&mut c).unwrap_err();
+        assert_eq!(e.code(), Some("CROSSSLOT"), "{t}: {e}");
+        assert_eq!(
+            e.detail(),
+            Some("Keys in request don't hash to the same slot"),
+            "{t}: {e}"
+        );
+        let v: String = redis::cmd("GET").arg(&ka).query(&mut c).unwrap();
+        assert_eq!(v, "1");
+        let v: Option<String> = redis::cmd("GET").arg(&kc).query(&mut c).unwrap();
+        assert_eq!(v, None);
+    }
+    // What the owning node itself answers when both slots are its own.
+    {
+        let mut d = owner.conn();
+        let _: () = redis::cmd("MULTI").query(&mut d).unwrap();
+        for k in [ka.clone(), format!("ind:{{{same}}}z")] {
+            let q: String = redis::cmd("SET")
+                .arg(&k)
+                .arg("cross")
+                .query(&mut d)
+                .unwrap();
+            assert_eq!(q, "QUEUED");
+        }
+        let e = redis::cmd("EXEC").query::<()>(&mut d).unwrap_err();
+        assert_eq!(e.code(), Some("CROSSSLOT"), "the node: {e}");
+        assert_eq!(
+            e.detail(),
+            Some("Keys in request don't hash to the same slot")
+        );
+        let _: () = redis::cmd("MULTI").query(&mut d).unwrap();
+        let e = redis::cmd("MSET")
+            .arg(&[ka.as_str(), "m", &format!("ind:{{{same}}}m"), "m"][..])
+            .query::<()>(&mut d)
+            .unwrap_err();
+        assert_eq!(e.code(), Some("CROSSSLOT"), "the node: {e}");
+        let e = redis::cmd("EXEC").query::<()>(&mut d).unwrap_err();
+        assert_eq!(e.code(), Some("EXECABORT"), "the node: {e}");
+    }
+    // One queued command whose own keys span slots: refused at once, EXEC aborts.
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let e = redis::cmd("MSET")
+        .arg(&[ka.as_str(), "m", &format!("ind:{{{other}}}m"), "m"][..])
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert_eq!(e.code(), Some("CROSSSLOT"), "{e}");
+    let e = redis::cmd("EXEC").query::<()>(&mut c).unwrap_err();
+    assert_eq!(e.code(), Some("EXECABORT"), "{e}");
+    // The connection is usable afterwards.
+    let v: String = redis::cmd("GET").arg(&ka).query(&mut c).unwrap();
+    assert_eq!(v, "1");
+
+    // WATCH, then a write straight on the owner: EXEC returns nil.
+    let _: () = redis::cmd("WATCH").arg(&ka).query(&mut c).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&ka)
+        .arg("theirs")
+        .query(&mut owner.conn())
+        .unwrap();
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let _: String = redis::cmd("SET")
+        .arg(&ka)
+        .arg("mine")
+        .query(&mut c)
+        .unwrap();
+    let r: redis::Value = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert_eq!(r, redis::Value::Nil);
+    let v: String = redis::cmd("GET").arg(&ka).query(&mut owner.conn()).unwrap();
+    assert_eq!(v, "theirs");
+    // Unwatched, the same transaction runs.
+    let _: () = redis::cmd("WATCH").arg(&ka).query(&mut c).unwrap();
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let _: String = redis::cmd("SET")
+        .arg(&ka)
+        .arg("mine")
+        .query(&mut c)
+        .unwrap();
+    let r: Vec<String> = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert_eq!(r, ["OK"]);
+
+    // BLPOP, woken by an LPUSH from another client through nearcache.
+    let list = format!("ind:{{{other}}}list");
+    let list_owner = cluster.owner_of(&list);
+    let blocked = {
+        let (url, list) = (proxy.url(), list.clone());
+        std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let r: (String, String) = redis::cmd("BLPOP")
+                .arg(&list)
+                .arg(10)
+                .query(&mut c)
+                .unwrap();
+            r
+        })
+    };
+    wait_until(
+        "BLPOP blocked on the list's owner",
+        Duration::from_secs(5),
+        || info_field(list_owner, "clients", "blocked_clients") == "1",
+    );
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&list)
+        .arg("job")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(blocked.join().unwrap(), (list.clone(), "job".to_string()));
+
+    // SUBSCRIBE receives a PUBLISH (sent through nearcache by another client).
+    let mut sub = proxy.conn();
+    let mut pubsub = sub.as_pubsub();
+    pubsub.subscribe("news").unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let got = std::cell::RefCell::new(None);
+    wait_until(
+        "the subscriber gets the message",
+        Duration::from_secs(5),
+        || {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("news")
+                .arg("hello")
+                .query(&mut c)
+                .unwrap();
+            if let Ok(m) = pubsub.get_message() {
+                *got.borrow_mut() = Some(m.get_payload::<String>().unwrap());
+            }
+            got.borrow().is_some()
+        },
+    );
+    assert_eq!(got.into_inner().as_deref(), Some("hello"));
 }

@@ -27,6 +27,7 @@ use super::{count_request, Outcome, Sidecar};
 use crate::command::Keys;
 use crate::error::Error;
 use crate::protocol::{self, Limits, Request, RequestParser};
+use crate::upstream::cluster::split;
 use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame};
 
 /// Which connection the requests still owed went to.
@@ -75,6 +76,25 @@ pub(super) struct Session {
     over_soft_since: Option<Instant>,
     /// A pinned reply is late: is the server busy or dead? (see `upstream::Health`)
     pinned_check: Option<BoxFuture<'static, bool>>,
+    /// With a cluster upstream: where the pinned connection goes and the
+    /// transaction's slot (see `Session::cluster_attach`).
+    cluster_pin: ClusterPin,
+}
+
+/// A client's pinned state with a cluster upstream.
+#[derive(Default)]
+struct ClusterPin {
+    /// The node the pinned connection is open to.
+    node: Option<String>,
+    /// MULTI was answered here and is written first on the connection the
+    /// first command naming a slot opens (MULTI itself names none).
+    deferred_multi: bool,
+    /// The slot of the transaction's first keyed command.
+    txn_slot: Option<u16>,
+    /// A queued command named another slot: EXEC gets CROSSSLOT.
+    txn_cross: bool,
+    /// A queued command was refused (its own keys span slots): EXEC gets EXECABORT.
+    txn_aborted: bool,
 }
 
 /// Runs a client's session until it disconnects, is killed, or shutdown
@@ -103,6 +123,7 @@ pub(super) async fn run(
         stalled_on_pool: false,
         over_soft_since: None,
         pinned_check: None,
+        cluster_pin: ClusterPin::default(),
         sidecar,
         info,
     };
@@ -124,7 +145,7 @@ pub(super) async fn run(
 /// that sends nothing more cannot be reset by a late request), or the
 /// grace is up.
 /// What a client in a stateful mode gets with a cluster upstream, for now.
-const CLUSTER_PINNED: &str = "ERR nearcache: MULTI, WATCH, blocking commands and pub/sub are not supported on a Redis Cluster upstream yet";
+const CLUSTER_PINNED: &str = "ERR nearcache: a client's own AUTH / HELLO AUTH and SELECT are not supported on a Redis Cluster upstream yet";
 
 async fn linger(socket: &TcpStream, grace: std::time::Duration) {
     if socket2::SockRef::from(socket)
@@ -398,12 +419,6 @@ impl Session {
                     count_request(&name, Outcome::Forward);
                     return self.cluster_forward(req, &Keys::None);
                 }
-                Route::Pinned { .. } => {
-                    count_request(&name, Outcome::Error);
-                    let silent = self.silent_reply();
-                    self.replies.ready(protocol::error(CLUSTER_PINNED), silent);
-                    return Flow::Next;
-                }
                 _ => {}
             }
         }
@@ -575,7 +590,16 @@ impl Session {
         keys: &Keys,
         blocking: bool,
     ) -> Flow {
-        match self.attach_pinned().await {
+        let attached = if self.sidecar.cluster.is_some() {
+            match self.cluster_attach(name, req).await {
+                Ok(Some(flow)) => return flow,
+                Ok(None) => Ok(Flow::Next),
+                Err(e) => Err(e),
+            }
+        } else {
+            self.attach_pinned().await
+        };
+        match attached {
             Ok(Flow::Next) => {}
             Ok(other) => return other,
             Err(e) => {
@@ -627,6 +651,167 @@ impl Session {
         Flow::Next
     }
 
+    /// Where a stateful request goes with a cluster upstream: the pinned
+    /// connection is opened to the owner of the request's slot (keyless:
+    /// any master). MULTI names no slot, so it is answered here and written
+    /// first on the connection the transaction's first keyed command opens.
+    /// A queued command in another slot than the transaction's (or owned by
+    /// another node than the pinned one) is not sent: it is answered
+    /// `QUEUED` and EXEC gets Redis's `CROSSSLOT` (what one node answers
+    /// when the slots differ), the transaction discarded upstream. Returns
+    /// `Some(flow)` when the request was answered here (or must stall),
+    /// `None` when the pinned connection is ready for it.
+    async fn cluster_attach(&mut self, name: &[u8], req: &Request) -> Result<Option<Flow>, Error> {
+        let Some(router) = self.sidecar.cluster.clone() else {
+            return Ok(None);
+        };
+        if !matches!(self.login, Login::Configured)
+            || self.state.db() != self.sidecar.config.upstream.url.db
+        {
+            return Err(Error::Client(CLUSTER_PINNED.to_string()));
+        }
+        let table = router
+            .commands()
+            .await
+            .map_err(|e| Error::Upstream(e.to_string()))?;
+        enum Target {
+            Slot(u16),
+            Any,
+            /// The request's own keys span slots: Redis's refusal.
+            Refused(Bytes),
+        }
+        let target = match split::plan(&table, &req.args) {
+            split::Plan::One { slot } => Target::Slot(slot),
+            split::Plan::AnyMaster | split::Plan::AllMasters { .. } => Target::Any,
+            split::Plan::Split { .. } => Target::Refused(protocol::error(split::CROSSSLOT)),
+            split::Plan::Refuse(bytes) => Target::Refused(bytes),
+        };
+        let in_multi = self.state.in_multi();
+        let control = matches!(name, b"EXEC" | b"DISCARD" | b"MULTI" | b"WATCH" | b"RESET");
+        let ok = |bytes: Bytes| protocol::Reply {
+            kind: if bytes.first() == Some(&b'-') {
+                protocol::ReplyKind::Error
+            } else {
+                protocol::ReplyKind::Normal
+            },
+            bytes,
+        };
+        // Answered here: the state moves as if the node had answered.
+        let local = |this: &mut Self, reply: Bytes| {
+            let (_, effect) = this.state.prepare(name, &req.args, &Keys::None, false);
+            this.state.on_reply(&effect, &ok(reply.clone()));
+            this.sync_details();
+            if !this.state.needs_pin() && !this.replies.awaiting_pinned() {
+                this.release_pinned();
+            }
+            Some(this.answer(reply))
+        };
+        if name == b"MULTI" && !in_multi {
+            self.cluster_pin.txn_slot = None;
+            self.cluster_pin.txn_cross = false;
+            self.cluster_pin.txn_aborted = false;
+            if self.pinned.is_none() {
+                self.cluster_pin.deferred_multi = true;
+                return Ok(local(self, protocol::simple("OK")));
+            }
+        }
+        if let Target::Refused(bytes) = &target {
+            if in_multi && !control {
+                // As Redis: the command is refused and the transaction flagged.
+                self.cluster_pin.txn_aborted = true;
+            }
+            return Ok(Some(self.answer(bytes.clone())));
+        }
+        if in_multi && !control {
+            if let Target::Slot(s) = target {
+                let other_node = self.pinned.is_some()
+                    && self.cluster_pin.node.is_some()
+                    && router.owner(s) != self.cluster_pin.node;
+                let other_slot = self.cluster_pin.txn_slot.is_some_and(|t| t != s);
+                if other_node || other_slot {
+                    self.cluster_pin.txn_cross = true;
+                    return Ok(local(self, protocol::simple("QUEUED")));
+                }
+                self.cluster_pin.txn_slot = Some(s);
+            }
+        }
+        if in_multi && (name == b"EXEC" || name == b"DISCARD") {
+            let refusal = if name == b"DISCARD" {
+                None
+            } else if self.cluster_pin.txn_aborted {
+                Some("EXECABORT Transaction discarded because of previous errors.")
+            } else if self.cluster_pin.txn_cross {
+                Some(split::CROSSSLOT)
+            } else {
+                None
+            };
+            if self.pinned.is_none() && self.cluster_pin.deferred_multi {
+                // Nothing reached a node: the transaction ends here.
+                self.cluster_pin.deferred_multi = false;
+                let reply = match (name, refusal) {
+                    (b"DISCARD", _) => protocol::simple("OK"),
+                    (_, Some(e)) => protocol::error(e),
+                    _ => protocol::array(&[]),
+                };
+                return Ok(local(self, reply));
+            }
+            if let Some(e) = refusal {
+                // The node's queue is dropped; the client gets Redis's error.
+                if self.pinned.is_some() {
+                    let mut owed =
+                        PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
+                    owed.internal = true;
+                    self.replies.push(Owed::Pinned(owed), false);
+                    let discard = protocol::command(["DISCARD"]);
+                    let written = match self.pinned.as_mut() {
+                        Some(conn) => conn.write(&discard).await,
+                        None => Ok(()),
+                    };
+                    if let Err(err) = written {
+                        self.pinned = None;
+                        self.replies.pinned_lost(&err);
+                    }
+                }
+                return Ok(local(self, protocol::error(e)));
+            }
+        }
+        if self.pinned.is_some() {
+            return Ok(None);
+        }
+        if !self.can_take(Path::Pinned) {
+            return Ok(Some(Flow::Stall));
+        }
+        let node = match target {
+            Target::Slot(s) => router.owner(s),
+            _ => None,
+        };
+        let node = match node {
+            Some(n) => n,
+            None => router
+                .any_master()
+                .map_err(|e| Error::Upstream(e.to_string()))?,
+        };
+        let mut conn = self
+            .sidecar
+            .upstream
+            .pinned
+            .acquire_at(Some(&node), self.proto, &Login::Configured)
+            .await?;
+        self.info
+            .upstream_id
+            .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
+        if std::mem::take(&mut self.cluster_pin.deferred_multi) {
+            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
+            owed.internal = true;
+            self.replies.push(Owed::Pinned(owed), false);
+            conn.write(&protocol::command(["MULTI"])).await?;
+        }
+        self.cluster_pin.node = Some(node);
+        self.pinned = Some(conn);
+        self.path = Some(Path::Pinned);
+        Ok(None)
+    }
+
     fn on_pinned_frame(&mut self, frame: Option<PinnedFrame>) {
         match frame {
             Some(PinnedFrame::Reply(r)) => {
@@ -652,6 +837,7 @@ impl Session {
 
     /// Gives the pinned connection back (kept for reuse only if its state is clean).
     pub fn release_pinned(&mut self) {
+        self.cluster_pin.node = None;
         if let Some(conn) = self.pinned.take() {
             let clean = !self.state.needs_pin() && !self.replies.awaiting_pinned();
             self.sidecar.upstream.pinned.release(conn, clean);

@@ -90,6 +90,11 @@ impl Router {
         &self.connector
     }
 
+    /// The master owning `slot` in the current map.
+    pub fn owner(&self, slot: u16) -> Option<String> {
+        self.view.current()?.owner(slot).map(str::to_string)
+    }
+
     /// The node's pools, started on first use. Pools of nodes that leave
     /// the map are kept (not done yet: closing them).
     fn node(&self, addr: &str) -> Arc<Node> {
@@ -267,7 +272,7 @@ impl Router {
 
     /// The master keyless commands without a tip go to: the first in
     /// address order, so it is the same one every time the map is the same.
-    fn any_master(&self) -> Result<String, Arc<Error>> {
+    pub fn any_master(&self) -> Result<String, Arc<Error>> {
         self.view
             .current()
             .and_then(|t| t.masters().first().cloned())
