@@ -1283,3 +1283,36 @@ fn stateful_commands_pin_to_the_slot_owner() {
     );
     assert_eq!(got.into_inner().as_deref(), Some("hello"));
 }
+
+/// A node nearcache takes for a master answers `-READONLY` (a keyless
+/// write reaching it after a failover made it a replica): the map is
+/// refreshed then, not at the next periodic refresh (a minute here).
+#[test]
+fn a_readonly_reply_refreshes_the_slot_map() {
+    let cluster = Cluster::start(3);
+    let old = &cluster.nodes[0];
+    let replica = cluster.add_replica(old);
+    let mut cfg = test_config(&cluster.url());
+    // No feeds: their canaries would hit MOVED and refresh the map anyway.
+    cfg.cache.enabled = false;
+    cfg.upstream.cluster.refresh_interval = Duration::from_secs(60);
+    let proxy = Proxy::with_config(cfg);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut replica.conn())
+        .unwrap();
+    wait_until("the failover", Duration::from_secs(30), || {
+        info_field(old, "replication", "role") == "slave"
+            && info_field(&replica, "replication", "role") == "master"
+    });
+    // The first FLUSHALL reaches the old master, now a replica.
+    let e = redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap_err();
+    assert_eq!(e.code(), Some("READONLY"), "{e}");
+    wait_until(
+        "FLUSHALL reaches the new master",
+        Duration::from_secs(5),
+        || redis::cmd("FLUSHALL").query::<()>(&mut c).is_ok(),
+    );
+}

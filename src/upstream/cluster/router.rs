@@ -52,6 +52,17 @@ struct Node {
     patience_until: Instant,
 }
 
+/// An error reply that says our map is out of date without naming the new
+/// owner: the cluster is (re)configuring, or the node we took for a master
+/// is a replica now (`READONLY`, e.g. a keyless write after a failover; as
+/// `upstream/mux.rs::demoted` does for Sentinel). The reply goes back as it
+/// is (the command did not run); the map is refreshed for what follows.
+fn map_is_stale(error: &str) -> bool {
+    ["CLUSTERDOWN", "LOADING", "READONLY"]
+        .iter()
+        .any(|p| error.starts_with(p))
+}
+
 /// Multiplexed connections to every master, chosen by slot.
 pub struct Router {
     view: Arc<ClusterView>,
@@ -198,7 +209,7 @@ impl Router {
                 Some(Redirect::Moved { slot: s, addr: to }) => self.view.moved(s, &to),
                 Some(Redirect::Ask { addr: to, .. }) => ask_to = Some(to),
                 None => {
-                    if text.starts_with("CLUSTERDOWN") || text.starts_with("LOADING") {
+                    if map_is_stale(&text) {
                         self.view.refresh();
                     }
                     return Ok(reply);
@@ -307,7 +318,11 @@ impl Router {
     async fn to_node(&self, addr: &str, proto: u8, request: Bytes, bias: usize) -> ReplyResult {
         let conn = self.conn(addr, proto, bias).await.map_err(Arc::new)?;
         let r = received(conn.send(request).await.await);
-        if r.is_err() {
+        let stale = match &r {
+            Err(_) => true,
+            Ok(reply) => reply.error_text().is_some_and(|t| map_is_stale(&t)),
+        };
+        if stale {
             self.view.refresh();
         }
         r
