@@ -374,3 +374,85 @@ async fn start_probe(
     let reply = async move { router.send(2, slot, write, 0).await }.boxed();
     Ok(Some((Instant::now(), key, Some(reply))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Fill;
+
+    fn feeds() -> Feeds {
+        let mut cfg = crate::config::Config::defaults().cache;
+        cfg.max_bytes = 1 << 20;
+        Feeds {
+            cache: Cache::new(cfg),
+            members: Mutex::new(Members {
+                feeds: HashMap::new(),
+                mode: "tracking",
+            }),
+        }
+    }
+
+    fn masters(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A fill of `key` under a ticket taken now, stored at once.
+    fn fill(cache: &Cache, key: &'static str) -> bool {
+        let key = Bytes::from_static(key.as_bytes());
+        cache.complete_fill(Fill {
+            ticket: cache.ticket(&key),
+            key,
+            sig: Bytes::from_static(b"GET"),
+            proto: 2,
+            reply: Bytes::from_static(b"$1\r\nv\r\n"),
+            ttl: Duration::from_secs(60),
+        })
+    }
+
+    #[test]
+    fn l1_serves_only_while_every_master_feed_is_up() {
+        let f = feeds();
+        let mut next = 0;
+        let (_, added) = f.reconcile(&masters(&["a:1", "b:1"]), &mut next);
+        assert!(!f.cache.is_serving());
+        assert!(f.up("a:1", added[0].1, "tracking"));
+        assert!(!f.cache.is_serving(), "one of two feeds");
+        assert!(f.up("b:1", added[1].1, "tracking"));
+        assert!(f.cache.is_serving());
+        assert!(fill(&f.cache, "quote:1"));
+        assert_eq!(f.cache.entries(), 1);
+        // A ticket taken before a feed goes down is not stored after.
+        let key = Bytes::from_static(b"quote:2");
+        let ticket = f.cache.ticket(&key);
+        f.down("b:1", added[1].1);
+        assert!(!f.cache.is_serving());
+        assert_eq!(f.cache.entries(), 0, "emptied when a feed went");
+        assert!(f.up("b:1", added[1].1, "tracking"));
+        assert!(!f.cache.complete_fill(Fill {
+            ticket,
+            key,
+            sig: Bytes::from_static(b"GET"),
+            proto: 2,
+            reply: Bytes::from_static(b"$1\r\nv\r\n"),
+            ttl: Duration::from_secs(60),
+        }));
+        let (removed, added2) = f.reconcile(&masters(&["a:1", "c:1"]), &mut next);
+        assert_eq!(removed, ["b:1"]);
+        assert!(!f.cache.is_serving(), "c:1 has no feed yet");
+        assert!(f.up("c:1", added2[0].1, "tracking"));
+        assert!(f.cache.is_serving());
+        // b:1 leaves and comes back: its old feed task (aborted, maybe
+        // still running to its next await) reports under its old id: ignored.
+        let (_, added3) = f.reconcile(&masters(&["a:1", "b:1", "c:1"]), &mut next);
+        assert!(!f.up("b:1", added[1].1, "tracking"));
+        assert!(!f.cache.is_serving(), "b:1's new feed is not up");
+        f.down("b:1", added[1].1);
+        assert!(f.up("b:1", added3[0].1, "tracking"));
+        assert!(f.cache.is_serving());
+        // A map change with the same masters empties L1 and keeps serving.
+        assert!(fill(&f.cache, "quote:3"));
+        f.reconcile(&masters(&["a:1", "b:1", "c:1"]), &mut next);
+        assert!(f.cache.is_serving());
+        assert_eq!(f.cache.entries(), 0);
+    }
+}
