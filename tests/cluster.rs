@@ -1316,3 +1316,43 @@ fn a_readonly_reply_refreshes_the_slot_map() {
         || redis::cmd("FLUSHALL").query::<()>(&mut c).is_ok(),
     );
 }
+
+/// A late reply on a cluster node is checked on that node, not on the
+/// first seed: with the first seed down and `command_timeout` 300 ms, a
+/// BLPOP of 2 s (pinned) and a slow script (pooled) are waited for.
+#[test]
+fn late_replies_are_checked_on_their_own_node() {
+    let cluster = Cluster::start(3);
+    let dead = free_port();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{dead},127.0.0.1:{}",
+        cluster.nodes[1].port
+    );
+    let mut cfg = test_config(&url);
+    cfg.cache.enabled = false;
+    cfg.upstream.command_timeout = Duration::from_millis(300);
+    let proxy = Proxy::with_config(cfg);
+    let mut c = proxy.conn();
+    let started = Instant::now();
+    let r: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg(&["ind:{late}list", "2"][..])
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(r, None);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // A busy node answers the check (its event loop runs the script's
+    // yields), so the pooled reply is waited for too.
+    let v: i64 = redis::cmd("EVAL")
+        .arg(
+            &[
+                "local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] \
+             while true do local n = redis.call('TIME') \
+             if n[1] * 1000000 + n[2] - s > 1000000 then return 1 end end",
+                "1",
+                "ind:{late}k",
+            ][..],
+        )
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(v, 1);
+}

@@ -279,7 +279,11 @@ impl Session {
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() && self.pinned_check.is_none() => {
                     // Late is not dead: a check on another connection decides.
-                    let health = self.sidecar.upstream.health.clone();
+                    // With a cluster, the node the pinned connection is open to.
+                    let health = match (&self.sidecar.cluster, &self.cluster_pin.node) {
+                        (Some(router), Some(node)) => router.health(node),
+                        _ => self.sidecar.upstream.health.clone(),
+                    };
                     let now = Instant::now();
                     // A blocking command is not late: an answer to any recent
                     // check will do (many blocked clients share one check per

@@ -33,7 +33,7 @@ use super::view::ClusterView;
 use crate::error::Error;
 use crate::net::FrameReader;
 use crate::protocol::{self, Reply};
-use crate::upstream::{received, Connector, Login, MuxConn, Pool, ReplyResult};
+use crate::upstream::{received, Connector, Health, Login, MuxConn, Pool, ReplyResult};
 
 /// Redirects and TRYAGAINs one request may follow before its last reply
 /// (an error) is returned as it is.
@@ -50,6 +50,9 @@ struct Node {
     /// Requests wait for a first connection only this long after the
     /// pools started; later, a node without a connection fails at once.
     patience_until: Instant,
+    /// Is this node busy or dead, when a reply is late (its pools and the
+    /// pinned connections to it).
+    health: Arc<Health>,
 }
 
 /// An error reply that says our map is out of date without naming the new
@@ -101,6 +104,11 @@ impl Router {
         &self.connector
     }
 
+    /// The liveness check of node `addr` (see `upstream/health.rs`).
+    pub fn health(&self, addr: &str) -> Arc<Health> {
+        self.node(addr).health.clone()
+    }
+
     /// The master owning `slot` in the current map.
     pub fn owner(&self, slot: u16) -> Option<String> {
         self.view.current()?.owner(slot).map(str::to_string)
@@ -117,6 +125,7 @@ impl Router {
             .entry(addr.to_string())
             .or_insert_with(|| {
                 let size = self.connector.config().pool_size;
+                let health = Health::for_node(self.connector.clone(), addr);
                 let pool = |proto| {
                     Pool::start(
                         self.connector.clone(),
@@ -125,7 +134,7 @@ impl Router {
                         size,
                         self.run_id.clone(),
                         self.shutdown.clone(),
-                        None,
+                        Some(health.clone()),
                     )
                 };
                 let cfg = self.connector.config();
@@ -133,6 +142,7 @@ impl Router {
                     resp2: pool(2),
                     resp3: pool(3),
                     patience_until: Instant::now() + FIRST_CONNECT.max(cfg.connect_timeout),
+                    health: health.clone(),
                 })
             })
             .clone()
