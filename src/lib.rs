@@ -65,13 +65,11 @@ impl Handle {
 
 /// Binds the listeners and starts every task; returns once nearcache accepts clients.
 /// An unreachable upstream is not an error: sidecars start in any order.
-pub async fn start(mut config: Config) -> anyhow::Result<Handle> {
-    if config.upstream.url.cluster.is_some() && config.cache.enabled {
-        // One feed (to the first seed) cannot vouch for the other masters'
-        // keys: until there is a feed per master, L1 would serve stale
-        // values. Pass-through only (docs/cluster.md).
-        tracing::warn!("Redis Cluster upstream: L1 is off (not supported with a cluster yet)");
-        config.cache.enabled = false;
+pub async fn start(config: Config) -> anyhow::Result<Handle> {
+    if config.upstream.url.cluster.is_some() && config.tdengine.is_some() {
+        // The TDengine fill path writes back through the ordinary pool,
+        // which a cluster does not have (docs/cluster.md).
+        tracing::warn!("Redis Cluster upstream: the TDengine tier is not used (not supported with a cluster yet)");
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -98,8 +96,14 @@ pub async fn start(mut config: Config) -> anyhow::Result<Handle> {
     let upstream = Arc::new(upstream::Upstream::start(connector));
     let cache = cache::Cache::new(config.cache.clone());
     let stop_background = Arc::new(Notify::new());
-    cache::feed::start(cache.clone(), upstream.clone(), stop_background.clone());
-    let tdengine = match config.tdengine.clone() {
+    match &cluster {
+        // One feed per master (cache/cluster_feed.rs).
+        Some(router) => {
+            cache::cluster_feed::start(cache.clone(), router.clone(), stop_background.clone())
+        }
+        None => cache::feed::start(cache.clone(), upstream.clone(), stop_background.clone()),
+    }
+    let tdengine = match config.tdengine.clone().filter(|_| cluster.is_none()) {
         Some(td) => Some(Arc::new(tdengine::Tdengine::new(td)?)),
         None => None,
     };

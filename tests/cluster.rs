@@ -569,11 +569,6 @@ fn a_plain_client_uses_the_cluster_through_nearcache_while_a_slot_migrates() {
     assert_eq!(e.code(), Some("CROSSSLOT"), "{e}");
     let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(n, 33);
-    let e = redis::cmd("MULTI").query::<()>(&mut c).unwrap_err();
-    assert!(
-        e.to_string().contains("not supported on a Redis Cluster"),
-        "{e}"
-    );
 
     // Traffic on keys of one slot while that slot migrates: no error, no
     // redirect, every read sees the last write.
@@ -687,22 +682,13 @@ fn keyless_and_stateful_commands_through_nearcache() {
     let mut want = keys.clone();
     want.sort();
     assert_eq!(got, want);
-    // Stateful modes have no node to pin to yet: refused, never sent to
-    // some node with the client's state.
-    for args in [
-        &["WATCH", "q:1"][..],
-        &["SUBSCRIBE", "ch"],
-        &["BLPOP", "l", "1"],
-    ] {
-        let e = redis::cmd(args[0])
-            .arg(&args[1..])
-            .query::<redis::Value>(&mut c)
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("not supported on a Redis Cluster"),
-            "{args:?}: {e}"
-        );
-    }
+    // Stateful commands pin to a node now (tested in
+    // stateful_commands_pin_to_the_slot_owner); a keyless EVAL goes to any master.
+    let one: i64 = redis::cmd("EVAL")
+        .arg(&["return 1", "0"][..])
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(one, 1);
     let e = redis::cmd("SELECT").arg(1).query::<()>(&mut c).unwrap_err();
     assert!(!e.to_string().is_empty());
     // A client's own login needs a connection of its own: refused, not run
@@ -935,4 +921,658 @@ fn mget_across_slots_with_a_shard_down_answers_the_other_keys() {
         .query::<i64>(&mut c)
         .unwrap_err();
     assert!(!e.to_string().is_empty());
+}
+
+// ---- L1 in front of a cluster: one invalidation feed per master ----
+
+/// nearcache with L1 on (tracking feeds, one per master), serving.
+fn cached_cluster_proxy(cluster: &Cluster) -> Proxy {
+    let mut cfg = test_config(&cluster.url());
+    cfg.cache.invalidation = nearcache::config::InvalidationMode::Tracking;
+    let p = Proxy::with_config(cfg);
+    p.wait_serving();
+    p
+}
+
+/// Cacheable keys (`ind:*`, the default policy), at least two on each master.
+fn keys_on_every_master(cluster: &Cluster) -> Vec<String> {
+    let mut per: std::collections::HashMap<u16, usize> = Default::default();
+    let mut keys = Vec::new();
+    for i in 0.. {
+        let k = format!("ind:{i}");
+        let n = per.entry(cluster.owner_of(&k).port).or_default();
+        if *n < 2 {
+            *n += 1;
+            keys.push(k);
+        }
+        if per.len() == cluster.nodes.len() && per.values().all(|&n| n == 2) {
+            return keys;
+        }
+    }
+    unreachable!()
+}
+
+/// Reads `key` through nearcache until a read is an L1 hit (a fill racing
+/// with an invalidation is not stored, so it may take a read or two),
+/// every read returning `want`.
+fn until_hit(proxy: &Proxy, c: &mut redis::Connection, key: &str, want: &str) {
+    wait_until(
+        &format!("{key} served from L1"),
+        Duration::from_secs(5),
+        || {
+            let hits = proxy.stat("hits");
+            let v: String = redis::cmd("GET").arg(key).query(c).unwrap();
+            assert_eq!(v, want, "{key}");
+            proxy.stat("hits") > hits
+        },
+    );
+}
+
+/// Kills every tracking / subscribed client of `node` (its feed).
+fn kill_feed_of(node: &RedisServer, c: &mut redis::Connection) {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(c).unwrap();
+    let mut killed = 0;
+    for line in list.lines() {
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or("")
+                .to_string()
+        };
+        if field("flags=").contains('t') || !matches!(field("psub=").as_str(), "" | "0") {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg(&["KILL", "ID", &field("id=")][..])
+                .query(c)
+                .unwrap();
+            killed += 1;
+        }
+    }
+    assert!(killed > 0, "found the feed connection of {}", node.port);
+}
+
+#[test]
+fn l1_serves_hits_and_direct_writes_on_every_master_invalidate_them() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    assert!(
+        proxy.stat_text("feed").contains("3/3 masters"),
+        "{}",
+        proxy.stat_text("feed")
+    );
+    let mut c = proxy.conn();
+    let keys = keys_on_every_master(&cluster);
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg("v1").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "v1");
+        // A hit does not reach the owner.
+        let owner = cluster.owner_of(k);
+        let gets = cmdstat(owner, "get");
+        let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+        assert_eq!(v, "v1");
+        assert_eq!(cmdstat(owner, "get"), gets, "{k} read from L1");
+    }
+    // Read your own writes: a write through nearcache invalidates at once
+    // (not when the feed reports it), for this client and every other one.
+    let mut other = proxy.conn();
+    for round in 0..10 {
+        for k in &keys {
+            let v = format!("w{round}");
+            // Pipelined: the GET is dispatched before the SET is even sent.
+            let ((), back): ((), String) = redis::pipe()
+                .cmd("SET")
+                .arg(k)
+                .arg(&v)
+                .cmd("GET")
+                .arg(k)
+                .query(&mut c)
+                .unwrap();
+            assert_eq!(back, v, "{k}: own write");
+            let back: String = redis::cmd("GET").arg(k).query(&mut other).unwrap();
+            assert_eq!(back, v, "{k}: another client");
+        }
+    }
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg("v1").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "v1");
+    }
+    // A write straight on the owning master (not through nearcache) is
+    // reported by that master's feed: the next reads see it.
+    for k in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("v2")
+            .query(&mut cluster.owner_of(k).conn())
+            .unwrap();
+    }
+    for k in &keys {
+        wait_until(&format!("{k} invalidated"), Duration::from_secs(5), || {
+            let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+            v == "v2"
+        });
+        until_hit(&proxy, &mut c, k, "v2");
+    }
+}
+
+/// A master's feed killed while a write is made straight on it: no read
+/// through nearcache returns the old value, neither while that feed is
+/// down (held down: the node refuses new connections) nor after it is back.
+#[test]
+fn a_master_feed_lost_stops_l1_and_nothing_stale_is_served() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let keys = keys_on_every_master(&cluster);
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg("old").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "old");
+    }
+    let victim = cluster.owner_of(&keys[0]);
+    let mine: Vec<&String> = keys
+        .iter()
+        .filter(|k| cluster.owner_of(k).port == victim.port)
+        .collect();
+    // Open before the node stops accepting connections.
+    let mut direct = victim.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "1"][..])
+        .query(&mut direct)
+        .unwrap();
+    kill_feed_of(victim, &mut direct);
+    for k in &mine {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("new")
+            .query(&mut direct)
+            .unwrap();
+    }
+    wait_until("L1 stops serving", Duration::from_secs(5), || {
+        proxy.stat("serving") == 0
+    });
+    for _ in 0..5 {
+        for k in &mine {
+            let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+            assert_eq!(v, "new", "stale read of {k} with its master's feed down");
+        }
+        for k in keys.iter().filter(|k| !mine.contains(k)) {
+            let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+            assert_eq!(v, "old", "{k}");
+        }
+    }
+    assert_eq!(proxy.stat("serving"), 0, "the feed was held down");
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "10000"][..])
+        .query(&mut direct)
+        .unwrap();
+    proxy.wait_serving();
+    for k in &mine {
+        until_hit(&proxy, &mut c, k, "new");
+    }
+}
+
+/// A slot moved to another master (MIGRATING/IMPORTING, MIGRATE,
+/// SETSLOT NODE): the moved key is never read stale, and the change of map
+/// (here learned from a MOVED) empties L1, so a key of an untouched slot
+/// on a third master is read from its owner again.
+#[test]
+fn a_slot_move_never_serves_stale_and_empties_l1() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let moved = "ind:{m}1";
+    let from = cluster.owner_of(moved);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    let third = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port != from.port && n.port != to.port)
+        .unwrap();
+    let still = (0..)
+        .map(|i| format!("ind:s{i}"))
+        .find(|k| cluster.owner_of(k).port == third.port)
+        .unwrap();
+    for k in [moved, still.as_str()] {
+        let _: () = redis::cmd("SET").arg(k).arg("old").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "old");
+    }
+    let s = slot(b"m").to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+    let _: () = redis::cmd("MIGRATE")
+        .arg(
+            &[
+                "127.0.0.1",
+                &to.port.to_string(),
+                "",
+                "0",
+                "5000",
+                "KEYS",
+                moved,
+            ][..],
+        )
+        .query(&mut from.conn())
+        .unwrap();
+    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    let _: () = redis::cmd("SET")
+        .arg(moved)
+        .arg("new")
+        .query(&mut to.conn())
+        .unwrap();
+    let gets = cmdstat(third, "get");
+    // The new owner's feed reports the write (as fast as it travels); once
+    // it is seen, the old value never comes back.
+    let took = wait_until(
+        "the write on the new owner seen",
+        Duration::from_secs(5),
+        || {
+            let v: String = redis::cmd("GET").arg(moved).query(&mut c).unwrap();
+            v == "new"
+        },
+    );
+    eprintln!("new value seen after {took:?}");
+    for _ in 0..20 {
+        let v: String = redis::cmd("GET").arg(moved).query(&mut c).unwrap();
+        assert_eq!(v, "new", "stale read of a key whose slot moved");
+    }
+    // The map changed (nearcache followed a MOVED): L1 was emptied, the
+    // untouched key comes from its owner again, then from L1.
+    wait_until("L1 emptied by the new map", Duration::from_secs(5), || {
+        let v: String = redis::cmd("GET").arg(&still).query(&mut c).unwrap();
+        assert_eq!(v, "old");
+        cmdstat(third, "get") > gets
+    });
+    until_hit(&proxy, &mut c, &still, "old");
+    until_hit(&proxy, &mut c, moved, "new");
+}
+
+#[test]
+fn mget_across_slots_is_answered_partly_from_l1_in_key_order() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let keys = keys_on_every_master(&cluster);
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
+    }
+    let want = |ks: &[&str]| -> Vec<Option<String>> {
+        ks.iter()
+            .map(|k| (k.starts_with("ind:") && !k.contains("missing")).then(|| k.to_string()))
+            .collect()
+    };
+    // Two slots, interleaved: each slot's part is one request, its
+    // elements go back to their places in the client's order.
+    let tagged = ["ind:{a}1", "ind:{b}1", "ind:{a}2", "ind:{b}2"];
+    for k in tagged {
+        let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
+    }
+    for _ in 0..3 {
+        let got: Vec<Option<String>> = redis::cmd("MGET").arg(&tagged[..]).query(&mut c).unwrap();
+        assert_eq!(got, want(&tagged));
+    }
+    let first: Vec<&str> = keys.iter().map(String::as_str).collect();
+    // Filled element by element; a fill racing with the SETs' own
+    // invalidations is not stored, so read until every element is a hit.
+    wait_until("every MGET element from L1", Duration::from_secs(5), || {
+        let hits = proxy.stat("hits");
+        let got: Vec<Option<String>> = redis::cmd("MGET").arg(&first[..]).query(&mut c).unwrap();
+        assert_eq!(got, want(&first));
+        proxy.stat("hits") - hits == first.len() as i64
+    });
+    // Cached elements interleaved with misses on every master, in key order.
+    let mut mixed: Vec<&str> = Vec::new();
+    for (i, k) in first.iter().enumerate() {
+        mixed.push(k);
+        if i % 2 == 0 {
+            mixed.push("ind:missing");
+        }
+    }
+    mixed.push("other:{x}");
+    let mgets: u64 = cluster.nodes.iter().map(|n| cmdstat(n, "mget")).sum();
+    let hits = proxy.stat("hits");
+    let got: Vec<Option<String>> = redis::cmd("MGET").arg(&mixed[..]).query(&mut c).unwrap();
+    assert_eq!(got, want(&mixed));
+    assert_eq!(
+        proxy.stat("hits") - hits,
+        first.len() as i64,
+        "cached elements from L1"
+    );
+    let after: u64 = cluster.nodes.iter().map(|n| cmdstat(n, "mget")).sum();
+    assert!(
+        after - mgets <= 2,
+        "only the misses' slots were asked: {}",
+        after - mgets
+    );
+    // A direct write on one master invalidates that element only.
+    let _: () = redis::cmd("SET")
+        .arg(first[1])
+        .arg("changed")
+        .query(&mut cluster.owner_of(first[1]).conn())
+        .unwrap();
+    wait_until(
+        "the MGET element invalidated",
+        Duration::from_secs(5),
+        || {
+            let got: Vec<Option<String>> =
+                redis::cmd("MGET").arg(&first[..]).query(&mut c).unwrap();
+            got[1].as_deref() == Some("changed") && got[0].as_deref() == Some(first[0])
+        },
+    );
+}
+
+/// Each master's feed proves it sees writes with a canary in one of that
+/// master's slots: keyspace events turned off on one node (its feed stays
+/// connected but would miss writes) stop L1.
+#[test]
+fn a_master_feed_that_stops_seeing_writes_stops_l1() {
+    let cluster = Cluster::start(3);
+    for n in &cluster.nodes {
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "notify-keyspace-events", "KEA"][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    let mut cfg = test_config(&cluster.url());
+    cfg.cache.invalidation = nearcache::config::InvalidationMode::Keyspace;
+    let proxy = Proxy::with_config(cfg);
+    proxy.wait_serving();
+    assert!(
+        proxy.stat_text("feed").starts_with("keyspace"),
+        "{}",
+        proxy.stat_text("feed")
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "notify-keyspace-events", ""][..])
+        .query(&mut cluster.nodes[1].conn())
+        .unwrap();
+    wait_until("L1 stops serving", Duration::from_secs(5), || {
+        proxy.stat("serving") == 0
+    });
+}
+
+/// Two hash tags whose slots are owned by the same master, and one whose
+/// slot is on another master.
+fn tags_by_owner(cluster: &Cluster) -> (String, String, String) {
+    let tags: Vec<String> = (0..200).map(|i| format!("t{i}")).collect();
+    let a = &tags[0];
+    let owner = cluster.owner_of(&format!("{{{a}}}")).port;
+    let same = tags[1..]
+        .iter()
+        .find(|t| {
+            cluster.owner_of(&format!("{{{t}}}")).port == owner
+                && slot(t.as_bytes()) != slot(a.as_bytes())
+        })
+        .unwrap();
+    let other = tags[1..]
+        .iter()
+        .find(|t| cluster.owner_of(&format!("{{{t}}}")).port != owner)
+        .unwrap();
+    (a.clone(), same.clone(), other.clone())
+}
+
+#[test]
+fn stateful_commands_pin_to_the_slot_owner() {
+    let cluster = Cluster::start(3);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let (a, same, other) = tags_by_owner(&cluster);
+    let ka = format!("ind:{{{a}}}x");
+    let kb = format!("ind:{{{a}}}y");
+
+    // MULTI/EXEC in one slot, pipelined (MULTI answered before a node is
+    // chosen, written first on the connection the first key opens)...
+    let (r1, r2, r3): (String, i64, String) = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg(&ka)
+        .arg("1")
+        .cmd("INCR")
+        .arg(&kb)
+        .cmd("GET")
+        .arg(&ka)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!((r1.as_str(), r2, r3.as_str()), ("OK", 1, "1"));
+    let owner = cluster.owner_of(&ka);
+    let direct: i64 = redis::cmd("GET").arg(&kb).query(&mut owner.conn()).unwrap();
+    assert_eq!(direct, 1);
+    // ... and one command at a time, as redis-cli does.
+    let ok: String = redis::cmd("MULTI").query(&mut c).unwrap();
+    assert_eq!(ok, "OK");
+    let q: String = redis::cmd("INCR").arg(&kb).query(&mut c).unwrap();
+    assert_eq!(q, "QUEUED");
+    let ran: Vec<i64> = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert_eq!(ran, [2]);
+    // An empty transaction, and DISCARD.
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let ran: Vec<i64> = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert!(ran.is_empty());
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let _: String = redis::cmd("INCR").arg(&kb).query(&mut c).unwrap();
+    let _: () = redis::cmd("DISCARD").query(&mut c).unwrap();
+    let v: i64 = redis::cmd("GET").arg(&kb).query(&mut c).unwrap();
+    assert_eq!(v, 2, "discarded");
+
+    // Keys across slots in a transaction: CROSSSLOT as Redis, nothing applied,
+    // whether the other slot is on the same master or on another one.
+    for t in [&same, &other] {
+        let kc = format!("ind:{{{t}}}z");
+        let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+        for k in [&ka, &kc] {
+            let q: String = redis::cmd("SET").arg(k).arg("cross").query(&mut c).unwrap();
+            assert_eq!(q, "QUEUED");
+        }
+        let e = redis::cmd("EXEC").query::<()>(&mut c).unwrap_err();
+        assert_eq!(e.code(), Some("CROSSSLOT"), "{t}: {e}");
+        assert_eq!(
+            e.detail(),
+            Some("Keys in request don't hash to the same slot"),
+            "{t}: {e}"
+        );
+        let v: String = redis::cmd("GET").arg(&ka).query(&mut c).unwrap();
+        assert_eq!(v, "1");
+        let v: Option<String> = redis::cmd("GET").arg(&kc).query(&mut c).unwrap();
+        assert_eq!(v, None);
+    }
+    // What the owning node itself answers when both slots are its own.
+    {
+        let mut d = owner.conn();
+        let _: () = redis::cmd("MULTI").query(&mut d).unwrap();
+        for k in [ka.clone(), format!("ind:{{{same}}}z")] {
+            let q: String = redis::cmd("SET")
+                .arg(&k)
+                .arg("cross")
+                .query(&mut d)
+                .unwrap();
+            assert_eq!(q, "QUEUED");
+        }
+        let e = redis::cmd("EXEC").query::<()>(&mut d).unwrap_err();
+        assert_eq!(e.code(), Some("CROSSSLOT"), "the node: {e}");
+        assert_eq!(
+            e.detail(),
+            Some("Keys in request don't hash to the same slot")
+        );
+        let _: () = redis::cmd("MULTI").query(&mut d).unwrap();
+        let e = redis::cmd("MSET")
+            .arg(&[ka.as_str(), "m", &format!("ind:{{{same}}}m"), "m"][..])
+            .query::<()>(&mut d)
+            .unwrap_err();
+        assert_eq!(e.code(), Some("CROSSSLOT"), "the node: {e}");
+        let e = redis::cmd("EXEC").query::<()>(&mut d).unwrap_err();
+        assert_eq!(e.code(), Some("EXECABORT"), "the node: {e}");
+    }
+    // One queued command whose own keys span slots: refused at once, EXEC aborts.
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let e = redis::cmd("MSET")
+        .arg(&[ka.as_str(), "m", &format!("ind:{{{other}}}m"), "m"][..])
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert_eq!(e.code(), Some("CROSSSLOT"), "{e}");
+    let e = redis::cmd("EXEC").query::<()>(&mut c).unwrap_err();
+    assert_eq!(e.code(), Some("EXECABORT"), "{e}");
+    // The connection is usable afterwards.
+    let v: String = redis::cmd("GET").arg(&ka).query(&mut c).unwrap();
+    assert_eq!(v, "1");
+
+    // WATCH, then a write straight on the owner: EXEC returns nil.
+    let _: () = redis::cmd("WATCH").arg(&ka).query(&mut c).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&ka)
+        .arg("theirs")
+        .query(&mut owner.conn())
+        .unwrap();
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let _: String = redis::cmd("SET")
+        .arg(&ka)
+        .arg("mine")
+        .query(&mut c)
+        .unwrap();
+    let r: redis::Value = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert_eq!(r, redis::Value::Nil);
+    let v: String = redis::cmd("GET").arg(&ka).query(&mut owner.conn()).unwrap();
+    assert_eq!(v, "theirs");
+    // Unwatched, the same transaction runs.
+    let _: () = redis::cmd("WATCH").arg(&ka).query(&mut c).unwrap();
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let _: String = redis::cmd("SET")
+        .arg(&ka)
+        .arg("mine")
+        .query(&mut c)
+        .unwrap();
+    let r: Vec<String> = redis::cmd("EXEC").query(&mut c).unwrap();
+    assert_eq!(r, ["OK"]);
+
+    // BLPOP, woken by an LPUSH from another client through nearcache.
+    let list = format!("ind:{{{other}}}list");
+    let list_owner = cluster.owner_of(&list);
+    let blocked = {
+        let (url, list) = (proxy.url(), list.clone());
+        std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let r: (String, String) = redis::cmd("BLPOP")
+                .arg(&list)
+                .arg(10)
+                .query(&mut c)
+                .unwrap();
+            r
+        })
+    };
+    wait_until(
+        "BLPOP blocked on the list's owner",
+        Duration::from_secs(5),
+        || info_field(list_owner, "clients", "blocked_clients") == "1",
+    );
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&list)
+        .arg("job")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(blocked.join().unwrap(), (list.clone(), "job".to_string()));
+
+    // SUBSCRIBE receives a PUBLISH (sent through nearcache by another client).
+    let mut sub = proxy.conn();
+    let mut pubsub = sub.as_pubsub();
+    pubsub.subscribe("news").unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let got = std::cell::RefCell::new(None);
+    wait_until(
+        "the subscriber gets the message",
+        Duration::from_secs(5),
+        || {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("news")
+                .arg("hello")
+                .query(&mut c)
+                .unwrap();
+            if let Ok(m) = pubsub.get_message() {
+                *got.borrow_mut() = Some(m.get_payload::<String>().unwrap());
+            }
+            got.borrow().is_some()
+        },
+    );
+    assert_eq!(got.into_inner().as_deref(), Some("hello"));
+}
+
+/// A node nearcache takes for a master answers `-READONLY` (a keyless
+/// write reaching it after a failover made it a replica): the map is
+/// refreshed then, not at the next periodic refresh (a minute here).
+#[test]
+fn a_readonly_reply_refreshes_the_slot_map() {
+    let cluster = Cluster::start(3);
+    let old = &cluster.nodes[0];
+    let replica = cluster.add_replica(old);
+    let mut cfg = test_config(&cluster.url());
+    // No feeds: their canaries would hit MOVED and refresh the map anyway.
+    cfg.cache.enabled = false;
+    cfg.upstream.cluster.refresh_interval = Duration::from_secs(60);
+    let proxy = Proxy::with_config(cfg);
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut replica.conn())
+        .unwrap();
+    wait_until("the failover", Duration::from_secs(30), || {
+        info_field(old, "replication", "role") == "slave"
+            && info_field(&replica, "replication", "role") == "master"
+    });
+    // The first FLUSHALL reaches the old master, now a replica.
+    let e = redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap_err();
+    assert_eq!(e.code(), Some("READONLY"), "{e}");
+    wait_until(
+        "FLUSHALL reaches the new master",
+        Duration::from_secs(5),
+        || redis::cmd("FLUSHALL").query::<()>(&mut c).is_ok(),
+    );
+}
+
+/// A late reply on a cluster node is checked on that node, not on the
+/// first seed: with the first seed down and `command_timeout` 300 ms, a
+/// BLPOP of 2 s (pinned) and a slow script (pooled) are waited for.
+#[test]
+fn late_replies_are_checked_on_their_own_node() {
+    let cluster = Cluster::start(3);
+    let dead = free_port();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{dead},127.0.0.1:{}",
+        cluster.nodes[1].port
+    );
+    let mut cfg = test_config(&url);
+    cfg.cache.enabled = false;
+    cfg.upstream.command_timeout = Duration::from_millis(300);
+    let proxy = Proxy::with_config(cfg);
+    let mut c = proxy.conn();
+    let started = Instant::now();
+    let r: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg(&["ind:{late}list", "2"][..])
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(r, None);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // A busy node answers the check (its event loop runs the script's
+    // yields), so the pooled reply is waited for too.
+    let v: i64 = redis::cmd("EVAL")
+        .arg(
+            &[
+                "local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] \
+             while true do local n = redis.call('TIME') \
+             if n[1] * 1000000 + n[2] - s > 1000000 then return 1 end end",
+                "1",
+                "ind:{late}k",
+            ][..],
+        )
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(v, 1);
 }

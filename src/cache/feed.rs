@@ -45,6 +45,9 @@ use crate::upstream::{next_switch, received, Login, ReplyResult, Upstream};
 const FLUSH_ONLY_PREFIX: &str = "__nearcache:flush-only__";
 /// Where the canary keys live; nothing else uses it.
 pub const CANARY_PREFIX: &str = "__nearcache__:canary:";
+/// The canary write as a script (see [`write_canary`]).
+pub(super) const CANARY_SCRIPT: &[u8] =
+    b"redis.call('INCR', KEYS[1]) return redis.call('UNLINK', KEYS[1])";
 
 /// Starts the feed task; it runs until `shutdown` is notified.
 pub fn start(cache: Arc<Cache>, upstream: Arc<Upstream>, shutdown: Arc<Notify>) {
@@ -52,25 +55,8 @@ pub fn start(cache: Arc<Cache>, upstream: Arc<Upstream>, shutdown: Arc<Notify>) 
         cache.set_serving(false, "disabled");
         return;
     }
-    let canary_key = Bytes::from(format!(
-        "{CANARY_PREFIX}{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    let decaying = cache.clone();
-    let stop_decay = shutdown.clone();
-    tokio::spawn(async move {
-        // "Hot" means recent: hit counts halve every ten seconds.
-        let mut every = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            tokio::select! {
-                _ = every.tick() => decaying.decay_hits(),
-                _ = stop_decay.notified() => return,
-            }
-        }
-    });
+    let canary_key = Bytes::from(format!("{CANARY_PREFIX}{}", canary_instance()));
+    spawn_decay(cache.clone(), shutdown.clone());
     tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_secs(1));
         let mut failing = false;
@@ -114,10 +100,35 @@ pub fn start(cache: Arc<Cache>, upstream: Arc<Upstream>, shutdown: Arc<Notify>) 
     });
 }
 
-type FeedConn = FrameReader<BoxStream>;
+/// Halves the recent-hit counts every ten seconds until `shutdown`.
+pub(super) fn spawn_decay(cache: Arc<Cache>, shutdown: Arc<Notify>) {
+    tokio::spawn(async move {
+        // "Hot" means recent: hit counts halve every ten seconds.
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = every.tick() => cache.decay_hits(),
+                _ = shutdown.notified() => return,
+            }
+        }
+    });
+}
+
+/// A new canary key for this process (unique across restarts and pods).
+pub(super) fn canary_instance() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    )
+}
+
+pub(super) type FeedConn = FrameReader<BoxStream>;
 
 /// Sends a command and returns its reply, skipping pushes that arrive first.
-async fn call(conn: &mut FeedConn, args: &[&[u8]]) -> Result<protocol::Reply, Error> {
+pub(super) async fn call(conn: &mut FeedConn, args: &[&[u8]]) -> Result<protocol::Reply, Error> {
     conn.write(&protocol::command(args)).await?;
     loop {
         let r = conn.next().await?;
@@ -127,7 +138,7 @@ async fn call(conn: &mut FeedConn, args: &[&[u8]]) -> Result<protocol::Reply, Er
     }
 }
 
-fn error_text(r: &protocol::Reply) -> String {
+pub(super) fn error_text(r: &protocol::Reply) -> String {
     String::from_utf8_lossy(&r.bytes).trim().to_string()
 }
 
@@ -151,7 +162,7 @@ pub fn keyspace_flags_sufficient(flags: &str) -> bool {
 /// two cost about the same. Tracking's messages also leave before the write's
 /// own reply, keyspace's after it (p50 12 ms later at 1,000 feeds), and
 /// tracking needs neither the server setting nor `CONFIG GET` rights.
-async fn choose_mode(
+pub(super) async fn choose_mode(
     cache: &Cache,
     conn: &mut FeedConn,
 ) -> Result<Option<InvalidationMode>, Error> {
@@ -194,7 +205,7 @@ async fn choose_mode(
 }
 
 /// Subscribes the feed connection; returns the mode's label.
-async fn subscribe(
+pub(super) async fn subscribe(
     cache: &Cache,
     conn: &mut FeedConn,
     mode: InvalidationMode,
@@ -298,7 +309,7 @@ async fn write_canary(
     n: u64,
     plain: bool,
 ) -> oneshot::Receiver<ReplyResult> {
-    const SCRIPT: &[u8] = b"redis.call('INCR', KEYS[1]) return redis.call('UNLINK', KEYS[1])";
+    const SCRIPT: &[u8] = CANARY_SCRIPT;
     let n = n.to_string();
     let write = if plain {
         protocol::command([&b"SET"[..], key, n.as_bytes(), b"PX", b"60000"])
@@ -467,7 +478,7 @@ async fn run_once(
                 if let Some(front) = front {
                     owed.push_front(front);
                 }
-                handle_push(cache, &frame.bytes, &keyspace_prefix, canary_key)
+                handle_push(cache, &frame.bytes, &keyspace_prefix, Some(canary_key))
             }
             (kind, Some(Owed::WriteBack(wb))) => {
                 let outcome = match kind {
@@ -552,13 +563,18 @@ impl Drop for RequestsOpen<'_> {
 }
 
 /// Applies one push; true if it reported the canary key.
-fn handle_push(cache: &Cache, bytes: &Bytes, keyspace_prefix: &[u8], canary_key: &[u8]) -> bool {
+pub(super) fn handle_push(
+    cache: &Cache,
+    bytes: &Bytes,
+    keyspace_prefix: &[u8],
+    canary_key: Option<&[u8]>,
+) -> bool {
     let Some(parts) = push_parts(bytes) else {
         return false;
     };
     let mut canary = false;
     let mut invalidate = |key: &[u8]| {
-        if key == canary_key {
+        if Some(key) == canary_key {
             canary = true;
         } else {
             cache.invalidate(key, "feed");

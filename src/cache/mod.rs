@@ -10,6 +10,7 @@
 //! key's remaining TTL in the same round trip as its read, and the entry
 //! expires at the earlier of that and the policy's TTL.
 
+pub mod cluster_feed;
 mod consistency;
 pub mod feed;
 mod policy;

@@ -23,6 +23,7 @@ use crate::cache::{self, Fetched, Lookup, PolicyRef, Ticket};
 use crate::command::Keys;
 use crate::protocol::{self, ReplyKind, Request};
 use crate::tdengine::fill::Keep;
+use crate::upstream::cluster::{slots, split};
 use crate::upstream::{received, MuxConn, ReplyResult};
 
 /// How long L1 may keep what a fill read, from the `PTTL` sent `sent` before
@@ -270,6 +271,35 @@ impl Session {
         td_route: bool,
         keep: Option<Keep>,
     ) -> Option<BoxFuture<'static, Fetched>> {
+        if let Some(router) = self.sidecar.cluster.clone() {
+            // One job to the slot's owner; a fill that had to follow a
+            // redirect is answered but not stored (its PTTL and read may
+            // come from different nodes, or from one whose feed is not the
+            // owner's).
+            let request = vec![pttl_request(key), req.encoded()];
+            let (proto, bias, slot) = (self.proto, self.slot, slots::slot(key));
+            self.path_pool();
+            return Some(
+                async move {
+                    let sent = Instant::now();
+                    let (mut replies, redirected) =
+                        router.send_job(proto, slot, request, bias).await;
+                    let read = replies.pop().unwrap_or_else(|| {
+                        Err(Arc::new(crate::Error::Internal("empty fill job".into())))
+                    });
+                    let pttl = replies.pop().unwrap_or_else(|| {
+                        Err(Arc::new(crate::Error::Internal("empty fill job".into())))
+                    });
+                    let cap = if redirected {
+                        Some(Duration::ZERO)
+                    } else {
+                        cap_from_pttl(pttl, sent)
+                    };
+                    (read, cap)
+                }
+                .boxed(),
+            );
+        }
         let conn = self.conn_for_read()?;
         let sent = Instant::now();
         let pttl = conn.send(pttl_request(key)).await;
@@ -374,6 +404,10 @@ impl Session {
             let items: Vec<Bytes> = parts.into_iter().flatten().collect();
             return self.answer(protocol::array(&items));
         }
+        if self.sidecar.cluster.is_some() {
+            count_request(name, Outcome::Miss);
+            return self.cluster_mget(req, parts, missing, fills).await;
+        }
         let Some(conn) = self.conn_for_read() else {
             return self.flow_after_failed_send();
         };
@@ -440,6 +474,113 @@ impl Session {
                 }
                 None => fetched.into_iter().map(|e| (e, None)).collect(),
             };
+            assemble_mget(&cache, parts, elements, fills, caps, proto).await
+        }
+        .boxed();
+        let silent = self.silent_reply();
+        self.replies.push(Owed::Composed(assembled), silent);
+        Flow::Next
+    }
+}
+
+impl Session {
+    /// The misses of an MGET with a cluster upstream: split by slot as
+    /// [`split::plan`] splits any MGET, each part sent with the `PTTL`s of
+    /// its fillable keys as one job to the part's owner (a part that
+    /// followed a redirect stores nothing), the parts and L1's hits put back
+    /// in the client's key order.
+    async fn cluster_mget(
+        &mut self,
+        req: &Request,
+        parts: Vec<Option<Bytes>>,
+        missing: Vec<Bytes>,
+        mut fills: Vec<ElementFill>,
+    ) -> Flow {
+        let Some(router) = self.sidecar.cluster.clone() else {
+            return Flow::Next;
+        };
+        let cache = self.sidecar.cache.clone();
+        let mut args = Vec::with_capacity(missing.len() + 1);
+        args.push(req.args[0].clone());
+        args.extend(missing.iter().cloned());
+        let (proto, bias) = (self.proto, self.slot);
+        let done = self.outstanding.track(&missing, false);
+        self.path_pool();
+        let assembled = async move {
+            let _done = done;
+            let table = match router.commands().await {
+                Ok(t) => t,
+                Err(e) => return e.to_reply(),
+            };
+            let jobs: Vec<(u16, Bytes, Vec<usize>)> = match split::plan(&table, &args) {
+                split::Plan::One { slot } => {
+                    let mut out = BytesMut::new();
+                    protocol::encode_command(&mut out, &args);
+                    vec![(slot, out.freeze(), (0..missing.len()).collect())]
+                }
+                split::Plan::Split { parts, .. } => parts
+                    .into_iter()
+                    .map(|p| (p.slot.unwrap_or(0), p.request, p.order))
+                    .collect(),
+                split::Plan::Refuse(bytes) => return bytes,
+                _ => return protocol::error("ERR nearcache: MGET could not be routed by slot"),
+            };
+            let sent = Instant::now();
+            let results = futures::future::join_all(jobs.iter().map(|(slot, request, order)| {
+                let mut job: Vec<Bytes> = order
+                    .iter()
+                    .filter_map(|&i| fills[i].as_ref().map(|(k, _, _)| pttl_request(k)))
+                    .collect();
+                job.push(request.clone());
+                router.send_job(proto, *slot, job, bias)
+            }))
+            .await;
+            let mut elements: Vec<Option<Bytes>> = vec![None; missing.len()];
+            let mut caps: Vec<Option<Duration>> = vec![Some(Duration::ZERO); missing.len()];
+            for ((_, _, order), (mut replies, redirected)) in jobs.iter().zip(results) {
+                // A shard that fails costs only its own keys: each is that
+                // error, in its place, and nothing of it is stored.
+                let failed = match replies.pop() {
+                    Some(Ok(r)) if r.kind != ReplyKind::Error => Ok(r),
+                    Some(Ok(r)) => Err(r.bytes),
+                    Some(Err(e)) => Err(e.to_reply()),
+                    None => return protocol::error("ERR nearcache: empty MGET job"),
+                };
+                let reply = match failed {
+                    Ok(r) => r,
+                    Err(error) => {
+                        for &i in order {
+                            elements[i] = Some(error.clone());
+                            fills[i] = None;
+                        }
+                        continue;
+                    }
+                };
+                let Some(fetched) = protocol::split_array(&reply.bytes) else {
+                    return reply.bytes;
+                };
+                if fetched.len() != order.len() {
+                    return protocol::error(
+                        "ERR upstream protocol error: MGET reply length mismatch",
+                    );
+                }
+                let mut pttls = replies.into_iter();
+                for (&i, value) in order.iter().zip(fetched) {
+                    if fills[i].is_some() {
+                        let pttl = pttls.next();
+                        if !redirected {
+                            caps[i] = pttl.map_or(Some(Duration::ZERO), |p| cap_from_pttl(p, sent));
+                        }
+                    }
+                    elements[i] = Some(value);
+                }
+            }
+            let Some(elements) = elements.into_iter().collect::<Option<Vec<Bytes>>>() else {
+                return protocol::error(
+                    "ERR nearcache: a cluster node sent a reply that cannot be merged",
+                );
+            };
+            let elements = elements.into_iter().map(|e| (e, None)).collect();
             assemble_mget(&cache, parts, elements, fills, caps, proto).await
         }
         .boxed();

@@ -27,6 +27,7 @@ use super::{count_request, Outcome, Sidecar};
 use crate::command::Keys;
 use crate::error::Error;
 use crate::protocol::{self, Limits, Request, RequestParser};
+use crate::upstream::cluster::split;
 use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame};
 
 /// Which connection the requests still owed went to.
@@ -57,7 +58,7 @@ pub(super) struct Session {
     pub state: ConnState,
     /// The login for new pinned connections (a client's own AUTH, once accepted).
     pub login: Login,
-    slot: usize,
+    pub(super) slot: usize,
     pub mux: Option<Arc<MuxConn>>,
     pub pinned: Option<PinnedConn>,
     pub replies: Replies,
@@ -75,6 +76,25 @@ pub(super) struct Session {
     over_soft_since: Option<Instant>,
     /// A pinned reply is late: is the server busy or dead? (see `upstream::Health`)
     pinned_check: Option<BoxFuture<'static, bool>>,
+    /// With a cluster upstream: where the pinned connection goes and the
+    /// transaction's slot (see `Session::cluster_attach`).
+    cluster_pin: ClusterPin,
+}
+
+/// A client's pinned state with a cluster upstream.
+#[derive(Default)]
+struct ClusterPin {
+    /// The node the pinned connection is open to.
+    node: Option<String>,
+    /// MULTI was answered here and is written first on the connection the
+    /// first command naming a slot opens (MULTI itself names none).
+    deferred_multi: bool,
+    /// The slot of the transaction's first keyed command.
+    txn_slot: Option<u16>,
+    /// A queued command named another slot: EXEC gets CROSSSLOT.
+    txn_cross: bool,
+    /// A queued command was refused (its own keys span slots): EXEC gets EXECABORT.
+    txn_aborted: bool,
 }
 
 /// Runs a client's session until it disconnects, is killed, or shutdown
@@ -103,6 +123,7 @@ pub(super) async fn run(
         stalled_on_pool: false,
         over_soft_since: None,
         pinned_check: None,
+        cluster_pin: ClusterPin::default(),
         sidecar,
         info,
     };
@@ -124,7 +145,7 @@ pub(super) async fn run(
 /// that sends nothing more cannot be reset by a late request), or the
 /// grace is up.
 /// What a client in a stateful mode gets with a cluster upstream, for now.
-const CLUSTER_PINNED: &str = "ERR nearcache: MULTI, WATCH, blocking commands and pub/sub are not supported on a Redis Cluster upstream yet";
+const CLUSTER_PINNED: &str = "ERR nearcache: a client's own AUTH / HELLO AUTH and SELECT are not supported on a Redis Cluster upstream yet";
 
 async fn linger(socket: &TcpStream, grace: std::time::Duration) {
     if socket2::SockRef::from(socket)
@@ -258,7 +279,11 @@ impl Session {
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() && self.pinned_check.is_none() => {
                     // Late is not dead: a check on another connection decides.
-                    let health = self.sidecar.upstream.health.clone();
+                    // With a cluster, the node the pinned connection is open to.
+                    let health = match (&self.sidecar.cluster, &self.cluster_pin.node) {
+                        (Some(router), Some(node)) => router.health(node),
+                        _ => self.sidecar.upstream.health.clone(),
+                    };
                     let now = Instant::now();
                     // A blocking command is not late: an answer to any recent
                     // check will do (many blocked clients share one check per
@@ -388,15 +413,16 @@ impl Session {
         }
         if self.sidecar.cluster.is_some() {
             match route {
-                Route::Read { .. } | Route::MGet | Route::Pool { .. } | Route::Control => {
+                // read.rs asks the router for its fills and MGET parts.
+                Route::Read { key } => return self.read(&name, req, key).await,
+                Route::MGet => return self.mget(&name, req).await,
+                Route::Pool { keys } => {
                     count_request(&name, Outcome::Forward);
-                    return self.cluster_forward(req);
+                    return self.cluster_forward(req, &keys);
                 }
-                Route::Pinned { .. } => {
-                    count_request(&name, Outcome::Error);
-                    let silent = self.silent_reply();
-                    self.replies.ready(protocol::error(CLUSTER_PINNED), silent);
-                    return Flow::Next;
+                Route::Control => {
+                    count_request(&name, Outcome::Forward);
+                    return self.cluster_forward(req, &Keys::None);
                 }
                 _ => {}
             }
@@ -430,18 +456,24 @@ impl Session {
     /// The reply queue polls only its head, so each request is sent when
     /// every earlier one is answered: the client's order holds across
     /// nodes and redirects, at the price of no pipelining (yet).
-    pub(super) fn cluster_forward(&mut self, req: &Request) -> Flow {
+    ///
+    /// `keys` are what it writes: marked as written from now (a read of
+    /// them bypasses L1 and queues behind this) until its reply is in.
+    pub(super) fn cluster_forward(&mut self, req: &Request, keys: &Keys) -> Flow {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Flow::Next;
         };
         let args = req.args.clone();
         let (proto, bias) = (self.proto, self.slot);
         let silent = self.silent_reply();
+        let guard = self.sidecar.cache.begin_write(keys);
         let reply = async move {
-            match router.execute(proto, &args, bias).await {
+            let r = match router.execute(proto, &args, bias).await {
                 Ok(r) => r.bytes,
                 Err(e) => e.to_reply(),
-            }
+            };
+            drop(guard);
+            r
         };
         self.replies.push(Owed::Composed(Box::pin(reply)), silent);
         self.path = Some(Path::Pool);
@@ -485,7 +517,7 @@ impl Session {
     /// what it writes (invalidated now and again when its reply is in).
     pub async fn forward(&mut self, req: &Request, keys: &Keys) -> Flow {
         if self.sidecar.cluster.is_some() {
-            return self.cluster_forward(req);
+            return self.cluster_forward(req, keys);
         }
         if !self.can_take(Path::Pool) {
             return Flow::Stall;
@@ -563,7 +595,16 @@ impl Session {
         keys: &Keys,
         blocking: bool,
     ) -> Flow {
-        match self.attach_pinned().await {
+        let attached = if self.sidecar.cluster.is_some() {
+            match self.cluster_attach(name, req).await {
+                Ok(Some(flow)) => return flow,
+                Ok(None) => Ok(Flow::Next),
+                Err(e) => Err(e),
+            }
+        } else {
+            self.attach_pinned().await
+        };
+        match attached {
             Ok(Flow::Next) => {}
             Ok(other) => return other,
             Err(e) => {
@@ -615,6 +656,171 @@ impl Session {
         Flow::Next
     }
 
+    /// Where a stateful request goes with a cluster upstream: the pinned
+    /// connection is opened to the owner of the request's slot (keyless:
+    /// any master). MULTI names no slot, so it is answered here and written
+    /// first on the connection the transaction's first keyed command opens.
+    /// A queued command in another slot than the transaction's (or owned by
+    /// another node than the pinned one) is not sent: it is answered
+    /// `QUEUED` and EXEC gets Redis's `CROSSSLOT` (what one node answers
+    /// when the slots differ), the transaction discarded upstream. Returns
+    /// `Some(flow)` when the request was answered here (or must stall),
+    /// `None` when the pinned connection is ready for it.
+    async fn cluster_attach(&mut self, name: &[u8], req: &Request) -> Result<Option<Flow>, Error> {
+        let Some(router) = self.sidecar.cluster.clone() else {
+            return Ok(None);
+        };
+        if !matches!(self.login, Login::Configured)
+            || self.state.db() != self.sidecar.config.upstream.url.db
+        {
+            return Err(Error::Client(CLUSTER_PINNED.to_string()));
+        }
+        let table = router
+            .commands()
+            .await
+            .map_err(|e| Error::Upstream(e.to_string()))?;
+        enum Target {
+            Slot(u16),
+            Any,
+            /// The request's own keys span slots: Redis's refusal.
+            Refused(Bytes),
+        }
+        let target = match split::plan(&table, &req.args) {
+            split::Plan::One { slot } => Target::Slot(slot),
+            split::Plan::AnyMaster | split::Plan::AllMasters { .. } => Target::Any,
+            split::Plan::Split { .. } => Target::Refused(protocol::error(split::CROSSSLOT)),
+            split::Plan::Refuse(bytes) => Target::Refused(bytes),
+            // Its cursor spans the masters; one pinned node cannot follow it.
+            split::Plan::Scan { .. } => Target::Refused(protocol::error(
+                "ERR nearcache: SCAN in a transaction or with WATCH is not supported on a Redis Cluster upstream",
+            )),
+        };
+        let in_multi = self.state.in_multi();
+        let control = matches!(name, b"EXEC" | b"DISCARD" | b"MULTI" | b"WATCH" | b"RESET");
+        let ok = |bytes: Bytes| protocol::Reply {
+            kind: if bytes.first() == Some(&b'-') {
+                protocol::ReplyKind::Error
+            } else {
+                protocol::ReplyKind::Normal
+            },
+            bytes,
+        };
+        // Answered here: the state moves as if the node had answered.
+        let local = |this: &mut Self, reply: Bytes| {
+            let (_, effect) = this.state.prepare(name, &req.args, &Keys::None, false);
+            this.state.on_reply(&effect, &ok(reply.clone()));
+            this.sync_details();
+            if !this.state.needs_pin() && !this.replies.awaiting_pinned() {
+                this.release_pinned();
+            }
+            Some(this.answer(reply))
+        };
+        if name == b"MULTI" && !in_multi {
+            self.cluster_pin.txn_slot = None;
+            self.cluster_pin.txn_cross = false;
+            self.cluster_pin.txn_aborted = false;
+            if self.pinned.is_none() {
+                self.cluster_pin.deferred_multi = true;
+                return Ok(local(self, protocol::simple("OK")));
+            }
+        }
+        if let Target::Refused(bytes) = &target {
+            if in_multi && !control {
+                // As Redis: the command is refused and the transaction flagged.
+                self.cluster_pin.txn_aborted = true;
+            }
+            return Ok(Some(self.answer(bytes.clone())));
+        }
+        if in_multi && !control {
+            if let Target::Slot(s) = target {
+                let other_node = self.pinned.is_some()
+                    && self.cluster_pin.node.is_some()
+                    && router.owner(s) != self.cluster_pin.node;
+                let other_slot = self.cluster_pin.txn_slot.is_some_and(|t| t != s);
+                if other_node || other_slot {
+                    self.cluster_pin.txn_cross = true;
+                    return Ok(local(self, protocol::simple("QUEUED")));
+                }
+                self.cluster_pin.txn_slot = Some(s);
+            }
+        }
+        if in_multi && (name == b"EXEC" || name == b"DISCARD") {
+            let refusal = if name == b"DISCARD" {
+                None
+            } else if self.cluster_pin.txn_aborted {
+                Some("EXECABORT Transaction discarded because of previous errors.")
+            } else if self.cluster_pin.txn_cross {
+                Some(split::CROSSSLOT)
+            } else {
+                None
+            };
+            if self.pinned.is_none() && self.cluster_pin.deferred_multi {
+                // Nothing reached a node: the transaction ends here.
+                self.cluster_pin.deferred_multi = false;
+                let reply = match (name, refusal) {
+                    (b"DISCARD", _) => protocol::simple("OK"),
+                    (_, Some(e)) => protocol::error(e),
+                    _ => protocol::array(&[]),
+                };
+                return Ok(local(self, reply));
+            }
+            if let Some(e) = refusal {
+                // The node's queue is dropped; the client gets Redis's error.
+                if self.pinned.is_some() {
+                    let mut owed =
+                        PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
+                    owed.internal = true;
+                    self.replies.push(Owed::Pinned(owed), false);
+                    let discard = protocol::command(["DISCARD"]);
+                    let written = match self.pinned.as_mut() {
+                        Some(conn) => conn.write(&discard).await,
+                        None => Ok(()),
+                    };
+                    if let Err(err) = written {
+                        self.pinned = None;
+                        self.replies.pinned_lost(&err);
+                    }
+                }
+                return Ok(local(self, protocol::error(e)));
+            }
+        }
+        if self.pinned.is_some() {
+            return Ok(None);
+        }
+        if !self.can_take(Path::Pinned) {
+            return Ok(Some(Flow::Stall));
+        }
+        let node = match target {
+            Target::Slot(s) => router.owner(s),
+            _ => None,
+        };
+        let node = match node {
+            Some(n) => n,
+            None => router
+                .any_master()
+                .map_err(|e| Error::Upstream(e.to_string()))?,
+        };
+        let mut conn = self
+            .sidecar
+            .upstream
+            .pinned
+            .acquire_at(Some(&node), self.proto, &Login::Configured)
+            .await?;
+        self.info
+            .upstream_id
+            .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
+        if std::mem::take(&mut self.cluster_pin.deferred_multi) {
+            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
+            owed.internal = true;
+            self.replies.push(Owed::Pinned(owed), false);
+            conn.write(&protocol::command(["MULTI"])).await?;
+        }
+        self.cluster_pin.node = Some(node);
+        self.pinned = Some(conn);
+        self.path = Some(Path::Pinned);
+        Ok(None)
+    }
+
     fn on_pinned_frame(&mut self, frame: Option<PinnedFrame>) {
         match frame {
             Some(PinnedFrame::Reply(r)) => {
@@ -640,6 +846,7 @@ impl Session {
 
     /// Gives the pinned connection back (kept for reuse only if its state is clean).
     pub fn release_pinned(&mut self) {
+        self.cluster_pin.node = None;
         if let Some(conn) = self.pinned.take() {
             let clean = !self.state.needs_pin() && !self.replies.awaiting_pinned();
             self.sidecar.upstream.pinned.release(conn, clean);

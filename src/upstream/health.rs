@@ -38,6 +38,8 @@ struct State {
 /// The upstream's liveness, checked on demand.
 pub struct Health {
     connector: Connector,
+    /// A cluster node to check instead of the configured upstream.
+    node: Option<String>,
     state: Arc<Mutex<State>>,
 }
 
@@ -45,6 +47,17 @@ impl Health {
     pub fn new(connector: Connector) -> Arc<Health> {
         Arc::new(Health {
             connector,
+            node: None,
+            state: Arc::new(Mutex::new(State::default())),
+        })
+    }
+
+    /// The liveness of one Redis Cluster node (its pools and the pinned
+    /// connections to it ask it, not the first seed).
+    pub fn for_node(connector: Connector, addr: &str) -> Arc<Health> {
+        Arc::new(Health {
+            connector,
+            node: Some(addr.to_string()),
             state: Arc::new(Mutex::new(State::default())),
         })
     }
@@ -71,7 +84,11 @@ impl Health {
                     s.next += 1;
                     // Its own task: it completes (and its answer counts for
                     // later callers) even if every waiter has gone.
-                    let task = tokio::spawn(probe(self.connector.clone(), self.state.clone()));
+                    let task = tokio::spawn(probe(
+                        self.connector.clone(),
+                        self.node.clone(),
+                        self.state.clone(),
+                    ));
                     let p = async move { task.await.unwrap_or(false) }.boxed().shared();
                     s.running = Some((id, p.clone()));
                     (id, p)
@@ -88,14 +105,15 @@ impl Health {
 }
 
 /// One check: connect, `PING`, read one reply, all within `connect_timeout`.
-async fn probe(connector: Connector, state: Arc<Mutex<State>>) -> bool {
+async fn probe(connector: Connector, node: Option<String>, state: Arc<Mutex<State>>) -> bool {
     let cfg = connector.config();
     let timeout = cfg.connect_timeout;
     // With Sentinel the URL names a Sentinel: ask the master connections
     // are opened to (none known: nothing proves the old one alive).
-    let addr = match connector.sentinel() {
-        Some(sentinel) => sentinel.master(),
-        None => Some(cfg.url.address()),
+    let addr = match (node, connector.sentinel()) {
+        (Some(node), _) => Some(node),
+        (None, Some(sentinel)) => sentinel.master(),
+        (None, None) => Some(cfg.url.address()),
     };
     let check = async {
         let addr = addr.ok_or_else(|| crate::error::Error::Upstream("no master known".into()))?;

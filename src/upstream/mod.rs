@@ -61,9 +61,8 @@ pub struct Pool {
 impl Pool {
     /// `addr` is the node every connection goes to: `None` for the
     /// configured upstream (a single Redis, or the master Sentinel names),
-    /// one master of a cluster otherwise. Without `health`, a late reply
-    /// ends its connection at once (cluster nodes: the check would ask the
-    /// wrong server).
+    /// one master of a cluster otherwise (then `health` checks that node).
+    /// Without `health`, a late reply ends its connection at once.
     pub(crate) fn start(
         connector: Connector,
         addr: Option<String>,

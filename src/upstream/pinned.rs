@@ -42,6 +42,8 @@ pub struct PinnedConn {
     pub proto: u8,
     /// Opened with a client's own credentials: never handed to another client.
     pub foreign: bool,
+    /// The cluster node it is connected to (`None`: the configured upstream).
+    pub node: Option<String>,
     reader: tokio::task::JoinHandle<()>,
     _permit: OwnedSemaphorePermit,
 }
@@ -149,11 +151,24 @@ impl PinnedPool {
     /// A connection in the configured database with the given login: a
     /// clean idle one when there is one, else a new one.
     pub async fn acquire(&self, proto: u8, login: &Login) -> Result<PinnedConn, Error> {
+        self.acquire_at(None, proto, login).await
+    }
+
+    /// [`PinnedPool::acquire`] on a given cluster node (`None`: the
+    /// configured upstream); idle connections are reused only on their node.
+    pub async fn acquire_at(
+        &self,
+        node: Option<&str>,
+        proto: u8,
+        login: &Login,
+    ) -> Result<PinnedConn, Error> {
         if matches!(login, Login::Configured) {
             loop {
                 let candidate = {
                     let mut idle = self.idle.lock();
-                    let at = idle.iter().position(|c| c.proto == proto);
+                    let at = idle
+                        .iter()
+                        .position(|c| c.proto == proto && c.node.as_deref() == node);
                     at.map(|i| idle.swap_remove(i))
                 };
                 match candidate {
@@ -183,7 +198,10 @@ impl PinnedPool {
                 }
             }
         };
-        let connected = self.connector.connect(proto, login, false).await?;
+        let connected = match node {
+            Some(addr) => self.connector.connect_to(addr, proto, login, false).await?,
+            None => self.connector.connect(proto, login, false).await?,
+        };
         let watch = Watch {
             switches: self.connector.switches(),
             epoch: connected.epoch,
@@ -203,6 +221,7 @@ impl PinnedPool {
             connection_id: connected.info.connection_id,
             proto,
             foreign: !matches!(login, Login::Configured),
+            node: node.map(str::to_string),
             reader,
             _permit: permit,
         })

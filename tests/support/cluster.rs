@@ -148,3 +148,43 @@ impl RedisServer {
         out
     }
 }
+
+impl Cluster {
+    /// Starts a node, joins it to the cluster as a replica of `master` and
+    /// waits until its replication link is up. Not in `nodes` (it owns no
+    /// slot); killed on drop of the returned server.
+    pub fn add_replica(&self, master: &RedisServer) -> RedisServer {
+        let replica = RedisServer::start_with(&[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ]);
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["MEET", "127.0.0.1", &master.port.to_string()][..])
+            .query(&mut replica.conn())
+            .unwrap();
+        let id = master.node_id();
+        // Unknown node until the gossip has told the replica about it.
+        super::wait_until(
+            "the replica knows its master",
+            Duration::from_secs(30),
+            || {
+                let r: redis::RedisResult<()> = redis::cmd("CLUSTER")
+                    .arg(&["REPLICATE", &id][..])
+                    .query(&mut replica.conn());
+                r.is_ok()
+            },
+        );
+        super::wait_until("the replica's link is up", Duration::from_secs(30), || {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut replica.conn())
+                .unwrap();
+            info.contains("master_link_status:up")
+        });
+        replica
+    }
+}

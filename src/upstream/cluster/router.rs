@@ -33,7 +33,7 @@ use super::view::ClusterView;
 use crate::error::Error;
 use crate::net::FrameReader;
 use crate::protocol::{self, Reply};
-use crate::upstream::{received, Connector, Login, MuxConn, Pool, ReplyResult};
+use crate::upstream::{received, Connector, Health, Login, MuxConn, Pool, ReplyResult};
 
 /// Redirects and TRYAGAINs one request may follow before its last reply
 /// (an error) is returned as it is.
@@ -52,6 +52,20 @@ struct Node {
     patience_until: Instant,
     /// Ends the pools' connections when the node leaves the map.
     shutdown: Arc<Notify>,
+    /// Is this node busy or dead, when a reply is late (its pools and the
+    /// pinned connections to it).
+    health: Arc<Health>,
+}
+
+/// An error reply that says our map is out of date without naming the new
+/// owner: the cluster is (re)configuring, or the node we took for a master
+/// is a replica now (`READONLY`, e.g. a keyless write after a failover; as
+/// `upstream/mux.rs::demoted` does for Sentinel). The reply goes back as it
+/// is (the command did not run); the map is refreshed for what follows.
+fn map_is_stale(error: &str) -> bool {
+    ["CLUSTERDOWN", "LOADING", "READONLY"]
+        .iter()
+        .any(|p| error.starts_with(p))
 }
 
 /// Multiplexed connections to every master, chosen by slot.
@@ -98,6 +112,20 @@ impl Router {
         out
     }
 
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// The liveness check of node `addr` (see `upstream/health.rs`).
+    pub fn health(&self, addr: &str) -> Arc<Health> {
+        self.node(addr).health.clone()
+    }
+
+    /// The master owning `slot` in the current map.
+    pub fn owner(&self, slot: u16) -> Option<String> {
+        self.view.current()?.owner(slot).map(str::to_string)
+    }
+
     /// The node's pools, started on first use; closed when the node leaves
     /// the map ([`close_departed`]).
     fn node(&self, addr: &str) -> Arc<Node> {
@@ -111,6 +139,7 @@ impl Router {
                 let size = self.connector.config().pool_size;
                 let shutdown = Arc::new(Notify::new());
                 let run_id = Arc::new(watch::channel(None).0);
+                let health = Health::for_node(self.connector.clone(), addr);
                 let pool = |proto| {
                     Pool::start(
                         self.connector.clone(),
@@ -121,7 +150,7 @@ impl Router {
                         // "the server changed" at every connect.
                         run_id.clone(),
                         shutdown.clone(),
-                        None,
+                        Some(health.clone()),
                     )
                 };
                 let cfg = self.connector.config();
@@ -130,6 +159,7 @@ impl Router {
                     resp3: pool(3),
                     patience_until: Instant::now() + FIRST_CONNECT.max(cfg.connect_timeout),
                     shutdown,
+                    health: health.clone(),
                 })
             })
             .clone()
@@ -206,7 +236,7 @@ impl Router {
                 Some(Redirect::Moved { slot: s, addr: to }) => self.view.moved(s, &to),
                 Some(Redirect::Ask { addr: to, .. }) => ask_to = Some(to),
                 None => {
-                    if text.starts_with("CLUSTERDOWN") || text.starts_with("LOADING") {
+                    if map_is_stale(&text) {
                         self.view.refresh();
                     }
                     return Ok(reply);
@@ -215,9 +245,72 @@ impl Router {
         }
     }
 
+    /// Several requests of one slot written back to back on one connection
+    /// to the slot's owner (L1 fills: the `PTTL`s and the read must be
+    /// answered by the same node, about the same moment). Returns every
+    /// reply, and `true` if any of them was a redirect: then the last
+    /// request is sent again through [`Router::send`] (redirects followed)
+    /// and the other replies may come from a node that no longer owns the
+    /// slot, so the caller must not store anything from this job.
+    pub async fn send_job(
+        &self,
+        proto: u8,
+        slot: u16,
+        requests: Vec<Bytes>,
+        bias: usize,
+    ) -> (Vec<ReplyResult>, bool) {
+        let Some(last) = requests.last().cloned() else {
+            return (Vec::new(), false);
+        };
+        let owner = self
+            .view
+            .current()
+            .and_then(|t| t.owner(slot).map(str::to_string));
+        let conn = match owner {
+            Some(addr) => self.conn(&addr, proto, bias).await.ok(),
+            None => None,
+        };
+        let Some(conn) = conn else {
+            // No owner or no connection: `send` gives the client the error
+            // it would get otherwise; nothing of it is stored.
+            let mut replies: Vec<ReplyResult> = (1..requests.len())
+                .map(|_| Err(Arc::new(Error::Upstream("not sent".into()))))
+                .collect();
+            replies.push(self.send(proto, slot, last, bias).await);
+            return (replies, true);
+        };
+        let mut pending = Vec::with_capacity(requests.len());
+        for r in requests {
+            pending.push(conn.send(r).await);
+        }
+        let mut replies = Vec::with_capacity(pending.len());
+        for rx in pending {
+            replies.push(received(rx.await));
+        }
+        if replies.iter().any(|r| r.is_err()) {
+            self.view.refresh();
+            return (replies, false);
+        }
+        let redirected = replies.iter().any(|r| {
+            r.as_ref()
+                .ok()
+                .and_then(|r| r.error_text())
+                .is_some_and(|t| {
+                    t.starts_with("MOVED") || t.starts_with("ASK") || t.starts_with("TRYAGAIN")
+                })
+        });
+        if redirected {
+            let again = self.send(proto, slot, last, bias).await;
+            if let Some(l) = replies.last_mut() {
+                *l = again;
+            }
+        }
+        (replies, redirected)
+    }
+
     /// The master keyless commands without a tip go to: the first in
     /// address order, so it is the same one every time the map is the same.
-    fn any_master(&self) -> Result<String, Arc<Error>> {
+    pub fn any_master(&self) -> Result<String, Arc<Error>> {
         self.view
             .current()
             .and_then(|t| t.masters().first().cloned())
@@ -252,7 +345,11 @@ impl Router {
     async fn to_node(&self, addr: &str, proto: u8, request: Bytes, bias: usize) -> ReplyResult {
         let conn = self.conn(addr, proto, bias).await.map_err(Arc::new)?;
         let r = received(conn.send(request).await.await);
-        if r.is_err() {
+        let stale = match &r {
+            Err(_) => true,
+            Ok(reply) => reply.error_text().is_some_and(|t| map_is_stale(&t)),
+        };
+        if stale {
             self.view.refresh();
         }
         r
