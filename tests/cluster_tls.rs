@@ -135,6 +135,7 @@ fn rediss_cluster_serves_every_master_over_tls() {
     for n in &cluster.nodes {
         assert!(e.contains(&n.tls_port.to_string()), "{e}");
     }
+    assert_eq!(proxy.http_get("/readyz").0, 503, "not ready without a map");
 }
 
 /// Every node's certificate is checked against the host nearcache dials
@@ -262,4 +263,5 @@ fn acl_user_reaches_every_master_and_a_wrong_password_fails_clearly() {
     assert!(!e.contains("wrong-pw"), "the password leaked: {e}");
     // Still so later (the refresh backing off keeps the reason).
     error_saying(&proxy, "acl:2", "WRONGPASS");
+    assert_eq!(proxy.http_get("/readyz").0, 503, "not ready without a map");
 }
