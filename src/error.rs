@@ -29,6 +29,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The message without the kind's prefix, for an error told inside
+    /// another (`upstream unavailable: a: …; b: …`, not the prefix thrice).
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Upstream(s) => s.clone(),
+            e => e.to_string(),
+        }
+    }
+
     pub fn upstream_io(e: &io::Error) -> Error {
         Error::Upstream(e.to_string())
     }

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod relay;
+pub mod tls_cluster;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

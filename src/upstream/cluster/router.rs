@@ -197,11 +197,10 @@ impl Router {
                     (target, r)
                 }
                 None => {
-                    let topo = self.view.current().ok_or_else(|| {
-                        Arc::new(Error::Upstream(
-                            "the cluster's slot map is not known yet".into(),
-                        ))
-                    })?;
+                    let topo = self
+                        .view
+                        .current()
+                        .ok_or_else(|| Arc::new(Error::Upstream(self.view.unknown())))?;
                     let Some(addr) = topo.owner(slot).map(str::to_string) else {
                         return Ok(Reply {
                             bytes: protocol::error("CLUSTERDOWN Hash slot not served"),
@@ -314,11 +313,7 @@ impl Router {
         self.view
             .current()
             .and_then(|t| t.masters().first().cloned())
-            .ok_or_else(|| {
-                Arc::new(Error::Upstream(
-                    "the cluster's slot map is not known yet".into(),
-                ))
-            })
+            .ok_or_else(|| Arc::new(Error::Upstream(self.view.unknown())))
     }
 
     /// The cluster's command table (key specs and tips).

@@ -397,10 +397,11 @@ pub async fn fetch(
     let mut errors = Vec::new();
     for group in candidates.chunks(ASK_AT_ONCE) {
         let replies = futures::future::join_all(group.iter().map(|a| ask(connector, a))).await;
-        for r in replies {
+        for (addr, r) in group.iter().zip(replies) {
             match r {
                 Ok(claims) => answers.push(claims),
-                Err(e) => errors.push(e.to_string()),
+                // Named by node: a handshake error does not say where.
+                Err(e) => errors.push(format!("{addr}: {}", e.detail())),
             }
         }
         if answers.len() >= ANSWERS_WANTED {

@@ -28,6 +28,10 @@ pub struct ClusterView {
     stop: Arc<Notify>,
     stopped: AtomicBool,
     refreshes: AtomicU64,
+    /// Why the last refresh failed (cleared by a successful one): told to
+    /// clients while no view is known, so a wrong password or a TLS
+    /// mismatch is not just "not known yet".
+    last_error: parking_lot::Mutex<Option<String>>,
     connector: Connector,
     seeds: Vec<String>,
     interval: Duration,
@@ -50,6 +54,7 @@ impl ClusterView {
             stop: Arc::new(Notify::new()),
             stopped: AtomicBool::new(false),
             refreshes: AtomicU64::new(0),
+            last_error: parking_lot::Mutex::new(None),
             interval: cfg.cluster.refresh_interval,
             connector,
             seeds,
@@ -85,6 +90,15 @@ impl ClusterView {
             _ => false,
         });
         self.refresh();
+    }
+
+    /// Why no view is known: "not known yet", with the last refresh's
+    /// error when one failed.
+    pub fn unknown(&self) -> String {
+        match &*self.last_error.lock() {
+            Some(e) => format!("the cluster's slot map is not known yet: {e}"),
+            None => "the cluster's slot map is not known yet".into(),
+        }
     }
 
     /// How many `CLUSTER SLOTS` rounds have run (for tests and metrics).
@@ -138,6 +152,7 @@ async fn refresher(view: std::sync::Weak<ClusterView>, mut woken: mpsc::Receiver
         let wait = match result {
             Ok(t) => {
                 backoff = None;
+                *v.last_error.lock() = None;
                 v.current.send_if_modified(|cur| {
                     if cur.as_deref() == Some(&t) {
                         return false;
@@ -150,6 +165,7 @@ async fn refresher(view: std::sync::Weak<ClusterView>, mut woken: mpsc::Receiver
             }
             Err(e) => {
                 warn!(error = %e, "cluster slot map refresh failed");
+                *v.last_error.lock() = Some(e.detail());
                 let b = backoff.get_or_insert_with(|| {
                     Backoff::new(v.connector.config().reconnect_backoff_max)
                 });
