@@ -230,6 +230,19 @@ impl RequestParser {
     }
 
     fn multibulk(&mut self, buf: &mut BytesMut, limits: &Limits) -> Result<Step, ProtocolError> {
+        if self.partial.is_none() {
+            if let Some(request) = whole_request(buf, limits) {
+                return Ok(Step::Request(request));
+            }
+        }
+        self.multibulk_general(buf, limits)
+    }
+
+    fn multibulk_general(
+        &mut self,
+        buf: &mut BytesMut,
+        limits: &Limits,
+    ) -> Result<Step, ProtocolError> {
         let mb = match &mut self.partial {
             Some(mb) => mb,
             None => {
@@ -292,6 +305,64 @@ impl RequestParser {
             raw: Some(raw),
         }))
     }
+}
+
+/// Most requests are short and arrive whole: this reads one straight off
+/// the buffer, with no partial state kept. Anything else (a request not all
+/// there yet, a long one, a header Redis would refuse) is `None`, and the
+/// general path reads it from the start, errors included; so whatever this
+/// returns is what the general path would have.
+fn whole_request(buf: &mut BytesMut, limits: &Limits) -> Option<Request> {
+    /// A header's length: `[1-9][0-9]*` or `0`, then CRLF; `None` for
+    /// anything else (`-1`, `$01`, a missing CR...). Returns the length and
+    /// where the line after it starts.
+    fn length(b: &[u8], mut at: usize) -> Option<(u64, usize)> {
+        let first = *b.get(at)?;
+        if !first.is_ascii_digit() || (first == b'0' && b.get(at + 1) != Some(&b'\r')) {
+            return None;
+        }
+        let mut n: u64 = 0;
+        while let Some(&d) = b.get(at) {
+            if !d.is_ascii_digit() {
+                break;
+            }
+            n = n * 10 + u64::from(d - b'0');
+            if n > 1 << 40 {
+                return None;
+            }
+            at += 1;
+        }
+        (b.get(at..at + 2)? == b"\r\n").then_some((n, at + 2))
+    }
+    const MAX_ARGS: u64 = 16;
+    let b = &buf[..];
+    let (count, mut pos) = length(b, 1)?;
+    if count == 0 || count > MAX_ARGS || count > limits.max_multibulk_len {
+        return None;
+    }
+    let mut ranges: smallvec::SmallVec<[(usize, usize); 4]> = smallvec::SmallVec::new();
+    for _ in 0..count {
+        if b.get(pos) != Some(&b'$') {
+            return None;
+        }
+        let (len, start) = length(b, pos + 1)?;
+        if len > limits.max_bulk_len {
+            return None;
+        }
+        let end = start + len as usize;
+        // Like Redis, the two bytes after the data are skipped unread.
+        if b.len() < end + 2 {
+            return None;
+        }
+        ranges.push((start, end));
+        pos = end + 2;
+    }
+    let raw = buf.split_to(pos).freeze();
+    let args = ranges.iter().map(|&(s, e)| raw.slice(s..e)).collect();
+    Some(Request {
+        args,
+        raw: Some(raw),
+    })
 }
 
 enum Step {
@@ -422,6 +493,62 @@ mod tests {
         max_multibulk_len: 1024,
         max_query_buffer: 1 << 24,
     };
+
+    /// The fast path answers exactly what the general path answers, or
+    /// leaves the request to it: whole, truncated, odd headers, limits.
+    #[test]
+    fn whole_requests_read_fast_are_read_as_the_general_path_reads_them() {
+        let tight = Limits {
+            max_bulk_len: 5,
+            max_multibulk_len: 3,
+            max_query_buffer: 1 << 24,
+        };
+        let mut inputs: Vec<Vec<u8>> = vec![
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec(),
+            b"*1\r\n$0\r\n\r\n".to_vec(),
+            b"*2\r\n$3\r\nGET\r\n$01\r\nk\r\n".to_vec(),
+            b"*02\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec(),
+            b"*2\r\n$3\r\nGET\r\n$-1\r\n".to_vec(),
+            b"*-1\r\n".to_vec(),
+            b"*0\r\n".to_vec(),
+            b"*2\r\n$3\nGET\r\n$1\r\nk\r\n".to_vec(),
+            b"*2\r\n$3\r\nGET\r\n:1\r\n".to_vec(),
+            b"*1\r\n$3\r\nGETxx*1\r\n$4\r\nPING\r\n".to_vec(),
+            b"*1\r\n$6\r\nlonger\r\n".to_vec(),
+            b"*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$1\r\nd\r\n".to_vec(),
+        ];
+        let mut many = b"*17\r\n".to_vec();
+        for _ in 0..17 {
+            many.extend_from_slice(b"$1\r\nx\r\n");
+        }
+        inputs.push(many);
+        let mut read_fast = 0;
+        for input in &inputs {
+            for cut in 1..=input.len() {
+                for limits in [&LIMITS, &tight] {
+                    let mut fast = BytesMut::from(&input[..cut]);
+                    let mut general = fast.clone();
+                    let Some(r) = whole_request(&mut fast, limits) else {
+                        continue;
+                    };
+                    read_fast += 1;
+                    let want = RequestParser::default().multibulk_general(&mut general, limits);
+                    let Ok(Step::Request(want)) = want else {
+                        panic!(
+                            "{:?}: the general path did not read a request",
+                            &input[..cut]
+                        );
+                    };
+                    assert_eq!(r.args, want.args, "{:?}", &input[..cut]);
+                    assert_eq!(r.raw, want.raw);
+                    assert_eq!(fast, general, "the same bytes left");
+                }
+            }
+        }
+        // Whole GET, empty argument, the 4 args (both limits for the first
+        // two; the tight multibulk limit refuses the 4 args), the PING.
+        assert!(read_fast >= 5, "the fast path read only {read_fast}");
+    }
 
     fn parse_with(
         parser: &mut RequestParser,
