@@ -682,6 +682,14 @@ fn keyless_and_stateful_commands_through_nearcache() {
     let mut want = keys.clone();
     want.sort();
     assert_eq!(got, want);
+    // RANDOMKEY: a key of some master (Redis tips it all_shards without a
+    // merge); INFO: one master's answer (clients send it at connect time).
+    for _ in 0..6 {
+        let k: String = redis::cmd("RANDOMKEY").query(&mut c).unwrap();
+        assert!(keys.contains(&k), "{k}");
+    }
+    let info: String = redis::cmd("INFO").arg("server").query(&mut c).unwrap();
+    assert!(info.contains("redis_version:"), "{info}");
     // Stateful commands pin to a node now (tested in
     // stateful_commands_pin_to_the_slot_owner); a keyless EVAL goes to any master.
     let one: i64 = redis::cmd("EVAL")
@@ -712,6 +720,8 @@ fn keyless_and_stateful_commands_through_nearcache() {
     }
     let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(size, 0);
+    let none: Option<String> = redis::cmd("RANDOMKEY").query(&mut c).unwrap();
+    assert_eq!(none, None);
 }
 
 /// Every key of a SCAN through nearcache, with `extra` (MATCH, COUNT,

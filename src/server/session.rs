@@ -687,7 +687,9 @@ impl Session {
         }
         let target = match split::plan(&table, &req.args) {
             split::Plan::One { slot } => Target::Slot(slot),
-            split::Plan::AnyMaster | split::Plan::AllMasters { .. } => Target::Any,
+            split::Plan::AnyMaster | split::Plan::AllMasters { .. } | split::Plan::RandomKey => {
+                Target::Any
+            }
             split::Plan::Split { .. } => Target::Refused(protocol::error(split::CROSSSLOT)),
             split::Plan::Refuse(bytes) => Target::Refused(bytes),
             // Its cursor spans the masters; one pinned node cannot follow it.

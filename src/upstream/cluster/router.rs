@@ -386,6 +386,32 @@ impl Router {
                 let parts: Vec<split::Part> = Vec::new();
                 Ok(split::merge(merge, &parts, replies))
             }
+            Plan::RandomKey => {
+                let masters = self
+                    .view
+                    .current()
+                    .map(|t| t.masters().to_vec())
+                    .unwrap_or_default();
+                let start = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() as usize);
+                let mut last = None;
+                for i in 0..masters.len() {
+                    let addr = &masters[(start + i) % masters.len()];
+                    let reply = self.to_node(addr, proto, encode(), bias).await?;
+                    // A key (a bulk string) or an error ends it; nil: the next.
+                    let nil = matches!(&reply.bytes[..], b"$-1\r\n" | b"_\r\n");
+                    if !nil {
+                        return Ok(reply);
+                    }
+                    last = Some(reply);
+                }
+                last.ok_or_else(|| {
+                    Arc::new(Error::Upstream(
+                        "the cluster's slot map is not known yet".into(),
+                    ))
+                })
+            }
             Plan::Scan { master, cursor } => self.scan(proto, args, master, cursor, bias).await,
             Plan::Split { merge, parts } => {
                 let replies = futures::future::join_all(

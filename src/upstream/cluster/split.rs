@@ -16,8 +16,10 @@
 //!   Redis 7.0 tips it `multi_shard`/`agg_min`: split, it would no longer be
 //!   all-or-nothing): Redis's own `-CROSSSLOT`.
 //! - No keys: `request_policy:all_shards`/`all_nodes` go to every master
-//!   (merged as above; `agg_sum` for DBSIZE), anything else to one master
-//!   (the first in address order). SCAN walks the masters one after the
+//!   (merged as above; `agg_sum` for DBSIZE) when their response policy
+//!   says how to merge, else to one master, like anything else keyless
+//!   (the first in address order): INFO describes that master. RANDOMKEY
+//!   asks masters in turn until one has a key. SCAN walks the masters one after the
 //!   other behind one cursor (see [`scan_cursor`]); other `special`
 //!   policies are refused with a clear error.
 
@@ -64,6 +66,10 @@ pub enum Plan {
     AllMasters { merge: Merge },
     /// Sub-requests per slot, merged.
     Split { merge: Merge, parts: Vec<Part> },
+    /// RANDOMKEY: masters asked in turn from a random one, until one has a
+    /// key (Redis 7 tips it `all_shards` without a response policy, which
+    /// would concatenate single keys).
+    RandomKey,
     /// SCAN: the master and that master's cursor named by the client's
     /// cursor ([`scan_position`]).
     Scan { master: usize, cursor: u64 },
@@ -124,11 +130,17 @@ pub fn plan(table: &CommandTable, args: &[Bytes]) -> Plan {
         }
     };
     if positions.is_empty() {
+        if info.name.eq_ignore_ascii_case("randomkey") {
+            return Plan::RandomKey;
+        }
         return match info.request_policy {
             RequestPolicy::AllNodes | RequestPolicy::AllShards => {
                 match merge_of(info.response_policy) {
                     Some(merge) => Plan::AllMasters { merge },
-                    None => Plan::Refuse(unsupported(&info.name)),
+                    // No merge we know (INFO, MEMORY STATS, LATENCY…): one
+                    // master's answer, about that master (clients send INFO
+                    // at connect time, e.g. ioredis's ready check).
+                    None => Plan::AnyMaster,
                 }
             }
             RequestPolicy::Special if info.name.eq_ignore_ascii_case("scan") => {
