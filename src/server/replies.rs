@@ -69,7 +69,19 @@ pub enum Owed {
     },
     Fill(FillWaiter),
     Composed(BoxFuture<'static, Bytes>),
+    /// A cluster request already written to its node when it was read
+    /// (redirects, if any, followed when it reaches the front).
+    Eager(BoxFuture<'static, Bytes>),
     Pinned(PinnedReplies),
+}
+
+impl Owed {
+    /// May a request written at once overtake this one? Only a reply known
+    /// already, or another request written at once (in order, per slot on
+    /// one connection): anything else is sent when it reaches the front.
+    fn lets_eager_pass(&self) -> bool {
+        matches!(self, Owed::Ready(_) | Owed::Eager(_))
+    }
 }
 
 struct Item {
@@ -87,6 +99,8 @@ pub struct Replies {
     /// it sent after it must not overtake it elsewhere, so the client is
     /// closed once everything owed is written, as Redis would close it.
     pub broken: bool,
+    /// Items queued that a request written at once must not overtake.
+    holding: usize,
 }
 
 impl Replies {
@@ -99,7 +113,16 @@ impl Replies {
                 return;
             }
         }
+        if !owed.lets_eager_pass() {
+            self.holding += 1;
+        }
         self.queue.push_back(Item { owed, silent });
+    }
+
+    /// May a request be written to its node now, ahead of the replies
+    /// owed before it? (See [`Owed::Eager`].)
+    pub fn eager_may_pass(&self) -> bool {
+        self.holding == 0
     }
 
     pub fn ready(&mut self, bytes: Bytes, silent: bool) {
@@ -146,7 +169,7 @@ impl Replies {
                     Poll::Ready(Err(e)) => e.to_reply(),
                     Poll::Pending => break,
                 },
-                Owed::Composed(f) => match f.poll_unpin(cx) {
+                Owed::Composed(f) | Owed::Eager(f) => match f.poll_unpin(cx) {
                     Poll::Ready(b) => b,
                     Poll::Pending => break,
                 },
@@ -162,6 +185,9 @@ impl Replies {
             let Some(item) = self.queue.pop_front() else {
                 break;
             };
+            if !item.owed.lets_eager_pass() {
+                self.holding -= 1;
+            }
             if let Owed::Upstream { guard: Some(g), .. } = item.owed {
                 // The write is done: its keys are invalidated again before
                 // the client can see the reply.

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
 use super::clients::ClientInfo;
@@ -27,8 +27,9 @@ use super::{count_request, Outcome, Sidecar};
 use crate::command::Keys;
 use crate::error::Error;
 use crate::protocol::{self, Limits, Request, RequestParser};
+use crate::upstream::cluster::router::Router;
 use crate::upstream::cluster::split;
-use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame};
+use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame, ReplyResult};
 
 /// Which connection the requests still owed went to.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -79,6 +80,17 @@ pub(super) struct Session {
     /// With a cluster upstream: where the pinned connection goes and the
     /// transaction's slot (see `Session::cluster_attach`).
     cluster_pin: ClusterPin,
+    /// With a cluster upstream: the node and connection each slot's
+    /// requests written at once went to, while any of them is owed.
+    eager_routes: Vec<EagerRoute>,
+}
+
+struct EagerRoute {
+    slot: u16,
+    addr: String,
+    conn: Arc<MuxConn>,
+    /// Alive while a request of this route is owed.
+    owed: std::sync::Weak<()>,
 }
 
 /// A client's pinned state with a cluster upstream.
@@ -124,6 +136,7 @@ pub(super) async fn run(
         over_soft_since: None,
         pinned_check: None,
         cluster_pin: ClusterPin::default(),
+        eager_routes: Vec::new(),
         sidecar,
         info,
     };
@@ -467,6 +480,27 @@ impl Session {
         let (proto, bias) = (self.proto, self.slot);
         let silent = self.silent_reply();
         let guard = self.sidecar.cache.begin_write(keys);
+        if let Some((slot, addr, rx, token)) = self.write_now(&router, req) {
+            // Pipelining: written to its node now; what comes back is
+            // looked at (redirects followed) when it reaches the front, so
+            // a redirected request is resent before anything after it.
+            let request = req.encoded();
+            let reply = async move {
+                let r = match router
+                    .send_after(proto, slot, request, bias, Some((addr, rx)))
+                    .await
+                {
+                    Ok(r) => r.bytes,
+                    Err(e) => e.to_reply(),
+                };
+                drop(guard);
+                drop(token);
+                r
+            };
+            self.replies.push(Owed::Eager(Box::pin(reply)), silent);
+            self.path = Some(Path::Pool);
+            return Flow::Next;
+        }
         let reply = async move {
             let r = match router.execute(proto, &args, bias).await {
                 Ok(r) => r.bytes,
@@ -478,6 +512,45 @@ impl Session {
         self.replies.push(Owed::Composed(Box::pin(reply)), silent);
         self.path = Some(Path::Pool);
         Flow::Next
+    }
+
+    /// Writes a one-slot request to its node at once when nothing owed
+    /// before it could be overtaken (see `Owed::Eager`): requests of one
+    /// slot go, in order, on the connection the first of them took while
+    /// any of them is owed, even if the slot's owner changes meanwhile
+    /// (the node answers MOVED and they are resent in order). Anything
+    /// else (keys in several slots, keyless, a connection not ready, a full
+    /// queue) is `None`: sent when it reaches the front, as before.
+    fn write_now(
+        &mut self,
+        router: &Router,
+        req: &Request,
+    ) -> Option<(u16, String, oneshot::Receiver<ReplyResult>, Arc<()>)> {
+        if !self.replies.eager_may_pass() || !self.can_take(Path::Pool) {
+            return None;
+        }
+        let table = router.commands_now()?;
+        let split::Plan::One { slot } = split::plan(&table, &req.args) else {
+            return None;
+        };
+        self.eager_routes.retain(|r| r.owed.strong_count() > 0);
+        let (addr, conn, token) = match self.eager_routes.iter().find(|r| r.slot == slot) {
+            Some(r) => (r.addr.clone(), r.conn.clone(), r.owed.upgrade()?),
+            None => {
+                let addr = router.owner(slot)?;
+                let conn = router.conn_now(&addr, self.proto, self.slot)?;
+                let token = Arc::new(());
+                self.eager_routes.push(EagerRoute {
+                    slot,
+                    addr: addr.clone(),
+                    conn: conn.clone(),
+                    owed: Arc::downgrade(&token),
+                });
+                (addr, conn, token)
+            }
+        };
+        let rx = conn.try_send(req.encoded())?;
+        Some((slot, addr, rx, token))
     }
 
     /// May a request take `path` now, given the ones still owed?

@@ -132,6 +132,23 @@ impl MuxConn {
         rx
     }
 
+    /// Queues a request without waiting: `None` when the queue is full or
+    /// the connection is closed (the caller sends it another way).
+    pub fn try_send(&self, request: Bytes) -> Option<oneshot::Receiver<ReplyResult>> {
+        if !self.is_alive() {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        match self.jobs.try_send(Job { request, reply: tx }) {
+            Ok(()) => Some(rx),
+            Err(_) => {
+                self.outstanding.fetch_sub(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
     /// Completes when the connection is closed.
     pub async fn closed(&self) {
         let notified = self.closed.notified();

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 use super::commands::CommandTable;
 use super::split::{self, Plan};
@@ -188,10 +188,41 @@ impl Router {
     /// Sends `request` (one encoded command) to the owner of `slot` and
     /// returns its reply, following MOVED, ASK and TRYAGAIN.
     pub async fn send(&self, proto: u8, slot: u16, request: Bytes, bias: usize) -> ReplyResult {
+        self.send_after(proto, slot, request, bias, None).await
+    }
+
+    /// The command table when it has been read already (no waiting).
+    pub fn commands_now(&self) -> Option<Arc<CommandTable>> {
+        self.commands.get().cloned()
+    }
+
+    /// A live, punctual connection to `addr` now, without waiting for one:
+    /// for a request written to its node as soon as it is read.
+    pub fn conn_now(&self, addr: &str, proto: u8, bias: usize) -> Option<Arc<MuxConn>> {
+        let node = self.node(addr);
+        let pool = if proto == 3 { &node.resp3 } else { &node.resp2 };
+        pool.conn(bias).ok().filter(|c| !c.is_late())
+    }
+
+    /// [`Router::send`] for a request whose first attempt is already in
+    /// flight (`first`: the node it went to and its reply): redirects and
+    /// TRYAGAIN are followed from there, in the same way.
+    pub async fn send_after(
+        &self,
+        proto: u8,
+        slot: u16,
+        request: Bytes,
+        bias: usize,
+        mut first: Option<(String, oneshot::Receiver<ReplyResult>)>,
+    ) -> ReplyResult {
         let mut redirects = 0;
         let mut ask_to: Option<String> = None;
         loop {
             let (addr, reply) = match ask_to.take() {
+                _ if first.is_some() => {
+                    let (addr, rx) = first.take().expect("checked");
+                    (addr, received(rx.await))
+                }
                 Some(target) => {
                     let r = self.one_off(&target, proto, &request, true).await;
                     (target, r)
