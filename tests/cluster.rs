@@ -808,13 +808,20 @@ async fn a_failed_master_is_replaced_by_its_replica_and_its_pools_closed() {
     }
     let victim = cluster.owner_of(&keys[0]).port;
     let victim_addr = format!("127.0.0.1:{victim}");
-    // Its replica has every write before the master dies.
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5000)
-        .query(&mut cluster.node(victim).conn())
-        .unwrap();
-    assert_eq!(acked, 1);
+    // Its replica has every write before the master dies (its first sync
+    // may still be running on a loaded machine: WAIT again until it acks).
+    wait_until(
+        "the replica acknowledges the writes",
+        Duration::from_secs(60),
+        || {
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(1)
+                .arg(1000)
+                .query(&mut cluster.node(victim).conn())
+                .unwrap();
+            acked == 1
+        },
+    );
     assert!(router.pooled_nodes().contains(&victim_addr));
     cluster
         .nodes

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::RedisServer;
+use super::{free_port, RedisServer};
 
 pub struct Cluster {
     pub nodes: Vec<RedisServer>,
@@ -24,6 +24,9 @@ impl Cluster {
     pub fn start_with_replicas(masters: usize, replicas: usize) -> Cluster {
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
+                // The bus port defaults to port + 10000, which Redis refuses
+                // for ports above 55535 (ephemeral ports go up to 60999).
+                let bus = free_port().to_string();
                 RedisServer::start_with(&[
                     "--cluster-enabled",
                     "yes",
@@ -31,6 +34,8 @@ impl Cluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
+                    "--cluster-port",
+                    &bus,
                 ])
             })
             .collect();
@@ -128,6 +133,22 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// This node's cluster bus port (`ip:port@cport` of its own line in
+    /// CLUSTER NODES).
+    pub fn bus_port(&self) -> u16 {
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut self.conn())
+            .unwrap();
+        let mine = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .expect("a myself line");
+        let addr = mine.split(' ').nth(1).expect("an address");
+        let cport = addr.split('@').nth(1).expect("@cport");
+        cport.split(',').next().unwrap().parse().expect("a port")
+    }
+
     /// `(start, end)` of every slot range in this node's view, sorted.
     pub fn slot_ranges(&self) -> Vec<(u16, u16)> {
         let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
@@ -154,6 +175,7 @@ impl Cluster {
     /// waits until its replication link is up. Not in `nodes` (it owns no
     /// slot); killed on drop of the returned server.
     pub fn add_replica(&self, master: &RedisServer) -> RedisServer {
+        let bus = free_port().to_string();
         let replica = RedisServer::start_with(&[
             "--cluster-enabled",
             "yes",
@@ -161,9 +183,18 @@ impl Cluster {
             "nodes.conf",
             "--cluster-node-timeout",
             "2000",
+            "--cluster-port",
+            &bus,
         ]);
         let _: () = redis::cmd("CLUSTER")
-            .arg(&["MEET", "127.0.0.1", &master.port.to_string()][..])
+            .arg(
+                &[
+                    "MEET",
+                    "127.0.0.1",
+                    &master.port.to_string(),
+                    &master.bus_port().to_string(),
+                ][..],
+            )
             .query(&mut replica.conn())
             .unwrap();
         let id = master.node_id();
