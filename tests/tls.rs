@@ -4,102 +4,14 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
+// The test PKI (a CA, a server certificate for 127.0.0.1 and localhost, a
+// client certificate, an unrelated CA), shared with tests/cluster_tls.rs.
+use support::tls_cluster::TestPki as Pki;
 use support::{free_port, wait_for_port, wait_until, Proxy, SentinelServer};
-
-/// PEM files of one test PKI.
-struct Pki {
-    dir: PathBuf,
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-    other_ca: PathBuf,
-}
-
-fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    (p.self_signed(&key).unwrap(), key)
-}
-
-fn leaf(
-    cn: &str,
-    sans: &[&str],
-    usage: ExtendedKeyUsagePurpose,
-    issuer: &rcgen::Certificate,
-    issuer_key: &KeyPair,
-) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-    let mut p = CertificateParams::new(sans).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    p.extended_key_usages = vec![usage];
-    let cert = p.signed_by(&key, issuer, issuer_key).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("nearcache-tls-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (ca_cert, ca_key) = ca("nearcache test CA");
-        let (server_pem, server_key) = leaf(
-            "redis",
-            &["127.0.0.1", "localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            &ca_cert,
-            &ca_key,
-        );
-        let (client_pem, client_key) = leaf(
-            "nearcache",
-            &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
-            &ca_cert,
-            &ca_key,
-        );
-        let (other_ca, _) = ca("some other CA");
-        let write = |file: &str, text: &str| {
-            let p = dir.join(file);
-            std::fs::write(&p, text).unwrap();
-            p
-        };
-        Pki {
-            ca: write("ca.pem", &ca_cert.pem()),
-            server_cert: write("server.pem", &server_pem),
-            server_key: write("server.key", &server_key),
-            client_cert: write("client.pem", &client_pem),
-            client_key: write("client.key", &client_key),
-            other_ca: write("other-ca.pem", &other_ca.pem()),
-            dir,
-        }
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// redis-server with a TLS port, plus a plain port used only to set it up.
 struct TlsRedis {
@@ -228,7 +140,7 @@ fn get(key: &str) -> redis::Cmd {
 
 #[test]
 fn rediss_with_ca_file_works() {
-    let pki = Pki::new("ok");
+    let pki = Pki::new();
     let redis = TlsRedis::start(&pki, "optional");
     let url = format!("rediss://127.0.0.1:{}", redis.tls_port);
     let p = proxy(&url, &tls_keys(&pki.ca, None));
@@ -274,7 +186,7 @@ fn rediss_with_ca_file_works() {
 
 #[test]
 fn rediss_with_the_wrong_ca_fails_fast_and_says_why() {
-    let pki = Pki::new("wrongca");
+    let pki = Pki::new();
     let redis = TlsRedis::start(&pki, "optional");
     let url = format!("rediss://127.0.0.1:{}", redis.tls_port);
     let p = proxy(&url, &tls_keys(&pki.other_ca, None));
@@ -314,7 +226,7 @@ fn rediss_with_the_wrong_ca_fails_fast_and_says_why() {
 
 #[test]
 fn client_certificate_when_redis_requires_one() {
-    let pki = Pki::new("mtls");
+    let pki = Pki::new();
     let redis = TlsRedis::start(&pki, "yes");
     let url = format!("rediss://127.0.0.1:{}", redis.tls_port);
 
@@ -343,7 +255,7 @@ fn client_certificate_when_redis_requires_one() {
 
 #[test]
 fn acl_user_upstream() {
-    let pki = Pki::new("acl");
+    let pki = Pki::new();
     let redis = TlsRedis::start(&pki, "optional");
     let mut admin = redis.admin();
     redis::cmd("ACL")
@@ -392,7 +304,7 @@ fn acl_user_upstream() {
 /// from a reconnect's resolution is not told apart here).
 #[test]
 fn rediss_sentinel_finds_and_follows_the_master_over_tls() {
-    let pki = Pki::new("sentinel");
+    let pki = Pki::new();
     let p = |p: &Path| p.to_str().unwrap().to_string();
     // Outgoing TLS (replication, the Sentinel's links) presents the client
     // certificate: the server one is for server authentication only.

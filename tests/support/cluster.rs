@@ -8,6 +8,23 @@ use std::time::{Duration, Instant};
 
 use super::{free_port, RedisServer};
 
+/// A `redis-server --cluster-enabled yes`, not yet in a cluster.
+fn start_node() -> RedisServer {
+    // The bus port defaults to port + 10000, which Redis refuses for ports
+    // above 55535 (ephemeral ports go up to 60999).
+    let bus = free_port().to_string();
+    RedisServer::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "2000",
+        "--cluster-port",
+        &bus,
+    ])
+}
+
 pub struct Cluster {
     pub nodes: Vec<RedisServer>,
 }
@@ -23,21 +40,7 @@ impl Cluster {
     /// which replica follows which master).
     pub fn start_with_replicas(masters: usize, replicas: usize) -> Cluster {
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
-            .map(|_| {
-                // The bus port defaults to port + 10000, which Redis refuses
-                // for ports above 55535 (ephemeral ports go up to 60999).
-                let bus = free_port().to_string();
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                    "--cluster-port",
-                    &bus,
-                ])
-            })
+            .map(|_| start_node())
             .collect();
         let mut cmd = Command::new("redis-cli");
         cmd.arg("--cluster").arg("create");
@@ -175,17 +178,7 @@ impl Cluster {
     /// waits until its replication link is up. Not in `nodes` (it owns no
     /// slot); killed on drop of the returned server.
     pub fn add_replica(&self, master: &RedisServer) -> RedisServer {
-        let bus = free_port().to_string();
-        let replica = RedisServer::start_with(&[
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "2000",
-            "--cluster-port",
-            &bus,
-        ]);
+        let replica = start_node();
         let _: () = redis::cmd("CLUSTER")
             .arg(
                 &[

@@ -145,17 +145,7 @@ impl Topology {
             let Some((addr, epoch)) = chosen else {
                 continue;
             };
-            match claims.last_mut() {
-                Some(last) if last.end + 1 == slot && last.addr == addr && last.epoch == epoch => {
-                    last.end = slot
-                }
-                _ => claims.push(Claim {
-                    start: slot,
-                    end: slot,
-                    addr: addr.to_string(),
-                    epoch,
-                }),
-            }
+            extend(&mut claims, slot, addr, epoch);
         }
         Topology::from_claims(&claims)
     }
@@ -289,19 +279,25 @@ impl Topology {
             let owner = if s == slot { Some(addr) } else { self.owner(s) };
             let Some(owner) = owner else { continue };
             let epoch = if s == slot { 0 } else { self.owner_epoch(s) };
-            match claims.last_mut() {
-                Some(last) if last.end + 1 == s && last.addr == owner && last.epoch == epoch => {
-                    last.end = s
-                }
-                _ => claims.push(Claim {
-                    start: s,
-                    end: s,
-                    addr: owner.to_string(),
-                    epoch,
-                }),
-            }
+            extend(&mut claims, s, owner, epoch);
         }
         Topology::from_claims(&claims)
+    }
+}
+
+/// Adds `slot` (the one after the last claim's, or a new range) owned by
+/// `addr` at `epoch` to `claims`, built slot by slot in order.
+fn extend(claims: &mut Vec<Claim>, slot: u16, addr: &str, epoch: u64) {
+    match claims.last_mut() {
+        Some(last) if last.end + 1 == slot && last.addr == addr && last.epoch == epoch => {
+            last.end = slot
+        }
+        _ => claims.push(Claim {
+            start: slot,
+            end: slot,
+            addr: addr.to_string(),
+            epoch,
+        }),
     }
 }
 
