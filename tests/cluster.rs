@@ -1699,3 +1699,200 @@ fn pipelined_increments_stay_in_order_and_exactly_once_while_their_slot_migrates
         );
     }
 }
+
+// ---- Randomized stale-read checker through resharding and failover ----
+
+/// The replica following `master` (by `ROLE`).
+fn replica_of<'c>(cluster: &'c Cluster, master: &RedisServer) -> &'c RedisServer {
+    cluster
+        .nodes
+        .iter()
+        .find(|n| {
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut n.conn()).unwrap();
+            matches!((&role[0], &role[2]), (redis::Value::BulkString(r), redis::Value::Int(p))
+                if r == b"slave" && *p as u16 == master.port)
+        })
+        .expect("a replica of the master")
+}
+
+/// Two nearcache instances with L1 in front of a 3-master, 3-replica
+/// cluster; writers through both, readers through both, while a slot
+/// migrates (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE) and then a master
+/// fails over to its replica (`CLUSTER FAILOVER`, which loses no write, so
+/// an older value after it can only come from L1). No read may return a
+/// value older than one acknowledged more than BOUND before the read
+/// started, and no reader may see a key go back in time. Errors during
+/// the moments of the switch are allowed (counted), stale values are not.
+#[test]
+fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
+    const BOUND: Duration = Duration::from_millis(500);
+    const KEYS: usize = 16;
+    type History = std::sync::Mutex<Vec<(u64, Instant)>>;
+    let cluster = Cluster::start_with_replicas(3, 1);
+    let cached = || {
+        let mut cfg = test_config(&cluster.url());
+        cfg.cache.invalidation = nearcache::config::InvalidationMode::Tracking;
+        let p = Proxy::with_config(cfg);
+        p.wait_serving();
+        p
+    };
+    let (a, b) = (cached(), cached());
+    let key = |k: usize| format!("quote:chk{k}");
+    let history: Arc<Vec<History>> = Arc::new(
+        (0..KEYS)
+            .map(|_| std::sync::Mutex::new(vec![(0, Instant::now())]))
+            .collect(),
+    );
+    {
+        let mut c = a.conn();
+        for k in 0..KEYS {
+            let _: () = redis::cmd("SET").arg(key(k)).arg(0).query(&mut c).unwrap();
+        }
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut threads = Vec::new();
+    // One writer per key group, so each key's versions are totally ordered.
+    for w in 0..4usize {
+        let url = if w % 2 == 0 { a.url() } else { b.url() };
+        let (history, stop, errors) = (history.clone(), stop.clone(), errors.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut version = 0u64;
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                version += 1;
+                i = (i * 5 + 1) % (KEYS / 4);
+                let k = w + 4 * i;
+                let v = version * 4 + w as u64;
+                match redis::cmd("SET")
+                    .arg(format!("quote:chk{k}"))
+                    .arg(v)
+                    .query::<()>(&mut c)
+                {
+                    Ok(()) => history[k].lock().unwrap().push((v, Instant::now())),
+                    // Unknown outcome: not acknowledged, so nothing is owed.
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }));
+    }
+    for r in 0..4usize {
+        let url = if r % 2 == 0 { a.url() } else { b.url() };
+        let (history, stop, reads, errors) =
+            (history.clone(), stop.clone(), reads.clone(), errors.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut last_seen = [0u64; KEYS];
+            let mut i = r;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i = (i * 7 + 3) % KEYS;
+                let started = Instant::now();
+                let v: u64 = match redis::cmd("GET").arg(format!("quote:chk{i}")).query(&mut c) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let h = history[i].lock().unwrap();
+                let n = h.partition_point(|(_, at)| *at + BOUND < started);
+                let (must_see, acked) = if n == 0 { (0, started) } else { h[n - 1] };
+                assert!(
+                    v >= must_see,
+                    "stale read of quote:chk{i}: got {v}, but {must_see} was acknowledged {:?} before the read",
+                    started - acked
+                );
+                assert!(v >= last_seen[i], "quote:chk{i} went back in time: {} then {v}", last_seen[i]);
+                last_seen[i] = v;
+            }
+        }));
+    }
+    let hits_before = a.stat("hits") + b.stat("hits");
+    std::thread::sleep(Duration::from_secs(2));
+    let hits_steady = a.stat("hits") + b.stat("hits") - hits_before;
+
+    // Resharding: the slot of quote:chk0 moves to another master, keys and all.
+    let s = slot(key(0).as_bytes()).to_string();
+    let from = cluster.owner_of(&key(0));
+    let to = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port != from.port && !replica_is(n))
+        .expect("another master");
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let moving: Vec<String> = redis::cmd("CLUSTER")
+        .arg(&["GETKEYSINSLOT", &s, "100"][..])
+        .query(&mut from.conn())
+        .unwrap();
+    for k in &moving {
+        let _: () = redis::cmd("MIGRATE")
+            .arg(&["127.0.0.1", &to.port.to_string(), k, "0", "5000"][..])
+            .query(&mut from.conn())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in cluster.nodes.iter().filter(|n| !replica_is(n)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Failover: the master of quote:chk1 hands over to its replica.
+    let old = cluster.owner_of(&key(1));
+    let replica = replica_of(&cluster, old);
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut replica.conn())
+        .unwrap();
+    wait_until("the replica is a master", Duration::from_secs(30), || {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut replica.conn()).unwrap();
+        matches!(&role[0], redis::Value::BulkString(r) if r == b"master")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join()
+            .expect("a checker thread found a stale read or failed");
+    }
+    let hits = a.stat("hits") + b.stat("hits") - hits_before;
+    let reads = reads.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "cluster checker: {reads} reads, {hits} L1 hits ({hits_steady} in the first 2 s), {} errors, \
+         {} keys migrated, L1 emptied {} and {} times",
+        errors.load(std::sync::atomic::Ordering::Relaxed),
+        moving.len(),
+        a.stat("flushes"),
+        b.stat("flushes")
+    );
+    assert!(
+        !moving.is_empty(),
+        "the migrated slot held no key: the resharding checked nothing"
+    );
+    assert!(
+        hits_steady > 100,
+        "L1 served too little to check ({hits_steady} hits)"
+    );
+    assert!(hits > 1000, "the checker must exercise L1 ({hits} hits)");
+}
+
+/// Is this node a replica (by `ROLE`)?
+fn replica_is(n: &RedisServer) -> bool {
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut n.conn()).unwrap();
+    matches!(&role[0], redis::Value::BulkString(r) if r == b"slave")
+}
