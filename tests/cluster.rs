@@ -1896,3 +1896,72 @@ fn replica_is(n: &RedisServer) -> bool {
     let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut n.conn()).unwrap();
     matches!(&role[0], redis::Value::BulkString(r) if r == b"slave")
 }
+
+/// A pipeline spanning slots with one shard stalled (SIGSTOP: its sockets
+/// stay open, nothing answers): the replies come back in the client's
+/// order, the stalled shard's as errors once `command_timeout` and the
+/// liveness check (`connect_timeout`) have passed, the others' as values;
+/// the client is never left waiting longer than that.
+#[test]
+fn a_stalled_shard_delays_a_pipeline_only_until_the_command_timeout() {
+    let cluster = Cluster::start(3);
+    let mut cfg = test_config(&cluster.url());
+    cfg.upstream.command_timeout = Duration::from_millis(500);
+    cfg.upstream.connect_timeout = Duration::from_millis(300);
+    let proxy = Proxy::with_config(cfg);
+    // Keys not cached by the default policies: every GET goes upstream.
+    let keys: Vec<String> = (0..12).map(|i| format!("st:{i}")).collect();
+    let mut c = proxy.conn();
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
+    }
+    let stalled = cluster.owner_of(&keys[0]);
+    let on_stalled: Vec<bool> = keys
+        .iter()
+        .map(|k| cluster.owner_of(k).port == stalled.port)
+        .collect();
+    assert!(on_stalled.iter().any(|s| !s), "every key on one master");
+    stalled.signal("STOP");
+    let started = Instant::now();
+    let mut p = redis::pipe();
+    for k in &keys {
+        p.cmd("GET").arg(k);
+    }
+    // The redis crate makes an error element an error for the whole
+    // pipeline: read each reply on its own.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(&p.get_packed_pipeline()).unwrap();
+    let mut buf = Vec::new();
+    let mut replies = Vec::new();
+    while replies.len() < keys.len() {
+        while let Some(n) = nearcache::protocol::frame_len(&buf) {
+            replies.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            buf.drain(..n);
+        }
+        if replies.len() == keys.len() {
+            break;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = raw.read(&mut chunk).expect("every reply within 10 s");
+        assert!(n > 0, "closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let took = started.elapsed();
+    stalled.signal("CONT");
+    eprintln!(
+        "stalled shard: {took:?}, e.g. {:?}",
+        replies.iter().find(|r| r.starts_with('-'))
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the pipeline waited {took:?}"
+    );
+    for ((k, reply), stalled) in keys.iter().zip(&replies).zip(&on_stalled) {
+        if *stalled {
+            assert!(reply.starts_with('-'), "{k} on the stalled shard: {reply}");
+        } else {
+            assert_eq!(reply, &format!("${}\r\n{k}\r\n", k.len()), "{k}");
+        }
+    }
+}
