@@ -751,7 +751,7 @@ impl Session {
         let table = router
             .commands()
             .await
-            .map_err(|e| Error::Upstream(e.to_string()))?;
+            .map_err(|e| Error::Upstream(e.detail()))?;
         enum Target {
             Slot(u16),
             Any,
@@ -873,7 +873,7 @@ impl Session {
             Some(n) => n,
             None => router
                 .any_master()
-                .map_err(|e| Error::Upstream(e.to_string()))?,
+                .map_err(|e| Error::Upstream(e.detail()))?,
         };
         let mut conn = self
             .sidecar
