@@ -516,7 +516,16 @@ fn concurrent_cold_gets_share_one_upstream_request() {
     cfg.cache.feed_health_interval = Duration::from_secs(10);
     let proxy = Proxy::with_config(cfg);
     proxy.wait_serving();
+    // The SET's own invalidation must be in before the GETs: arriving while
+    // their fill is in flight, it would (rightly) make later GETs start a
+    // fill of their own instead of joining that one (a loaded CI run saw 2).
+    let invalidated = proxy.stat("invalidations");
     let _: () = redis.conn().set("quote:hot", "v").unwrap();
+    wait_until(
+        "the SET's invalidation reached nearcache",
+        Duration::from_secs(10),
+        || proxy.stat("invalidations") > invalidated,
+    );
     let before = cmdstat(&redis, "get");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
