@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::feed::{self, FeedConn, CANARY_PREFIX, CANARY_SCRIPT};
+use super::feed::{self, FeedConn, CANARY_PREFIX};
 use super::Cache;
 use crate::error::Error;
 use crate::metrics;
@@ -364,12 +364,7 @@ async fn start_probe(
     };
     let tag = slots::tags()[slot as usize];
     let key = Bytes::from(format!("{CANARY_PREFIX}{{{tag}}}{instance}"));
-    let n = n.to_string();
-    let write = if plain {
-        protocol::command([&b"SET"[..], &key, n.as_bytes(), b"PX", b"60000"])
-    } else {
-        protocol::command([&b"EVAL"[..], CANARY_SCRIPT, b"1", &key, n.as_bytes()])
-    };
+    let write = feed::canary_write(&key, n, plain);
     let router = router.clone();
     let reply = async move { router.send(2, slot, write, 0).await }.boxed();
     Ok(Some((Instant::now(), key, Some(reply))))

@@ -46,8 +46,7 @@ const FLUSH_ONLY_PREFIX: &str = "__nearcache:flush-only__";
 /// Where the canary keys live; nothing else uses it.
 pub const CANARY_PREFIX: &str = "__nearcache__:canary:";
 /// The canary write as a script (see [`write_canary`]).
-pub(super) const CANARY_SCRIPT: &[u8] =
-    b"redis.call('INCR', KEYS[1]) return redis.call('UNLINK', KEYS[1])";
+const CANARY_SCRIPT: &[u8] = b"redis.call('INCR', KEYS[1]) return redis.call('UNLINK', KEYS[1])";
 
 /// Starts the feed task; it runs until `shutdown` is notified.
 pub fn start(cache: Arc<Cache>, upstream: Arc<Upstream>, shutdown: Arc<Notify>) {
@@ -298,24 +297,29 @@ pub(super) async fn subscribe(
     Ok("tracking")
 }
 
-/// Writes the canary through the pool; the reply comes back on the receiver.
 /// The canary write: a script that creates and deletes the key at once, so
 /// it is reported to the feed but never seen in the keyspace (DBSIZE, SCAN),
-/// or, where scripts are not allowed, a SET that expires in a minute. (INCR
-/// and UNLINK: command statistics of SET and DEL stay the application's.)
+/// or, where scripts are not allowed (`plain`), a SET that expires in a
+/// minute. (INCR and UNLINK: command statistics of SET and DEL stay the
+/// application's.)
+pub(super) fn canary_write(key: &[u8], n: u64, plain: bool) -> Bytes {
+    let n = n.to_string();
+    if plain {
+        protocol::command([&b"SET"[..], key, n.as_bytes(), b"PX", b"60000"])
+    } else {
+        protocol::command([&b"EVAL"[..], CANARY_SCRIPT, b"1", key, n.as_bytes()])
+    }
+}
+
+/// Writes the canary ([`canary_write`]) through the pool; the reply comes
+/// back on the receiver.
 async fn write_canary(
     upstream: &Upstream,
     key: &Bytes,
     n: u64,
     plain: bool,
 ) -> oneshot::Receiver<ReplyResult> {
-    const SCRIPT: &[u8] = CANARY_SCRIPT;
-    let n = n.to_string();
-    let write = if plain {
-        protocol::command([&b"SET"[..], key, n.as_bytes(), b"PX", b"60000"])
-    } else {
-        protocol::command([&b"EVAL"[..], SCRIPT, b"1", key, n.as_bytes()])
-    };
+    let write = canary_write(key, n, plain);
     match upstream.pool(2).conn(0) {
         Ok(conn) => conn.send(write).await,
         Err(e) => {

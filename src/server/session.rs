@@ -465,10 +465,11 @@ impl Session {
         }
     }
 
-    /// A command for a Redis Cluster upstream, routed by its keys' slots.
-    /// The reply queue polls only its head, so each request is sent when
-    /// every earlier one is answered: the client's order holds across
-    /// nodes and redirects, at the price of no pipelining (yet).
+    /// A command for a Redis Cluster upstream, routed by its keys' slots:
+    /// written to its node at once when it can be ([`Session::write_now`]),
+    /// else sent when it reaches the front of the reply queue (which polls
+    /// only its head), so the client's order holds across nodes and
+    /// redirects either way.
     ///
     /// `keys` are what it writes: marked as written from now (a read of
     /// them bypasses L1 and queues behind this) until its reply is in.
@@ -476,15 +477,14 @@ impl Session {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Flow::Next;
         };
-        let args = req.args.clone();
         let (proto, bias) = (self.proto, self.slot);
         let silent = self.silent_reply();
         let guard = self.sidecar.cache.begin_write(keys);
-        if let Some((slot, addr, rx, token)) = self.write_now(&router, req) {
+        let request = req.encoded();
+        if let Some((slot, addr, rx, token)) = self.write_now(&router, req, &request) {
             // Pipelining: written to its node now; what comes back is
             // looked at (redirects followed) when it reaches the front, so
             // a redirected request is resent before anything after it.
-            let request = req.encoded();
             let reply = async move {
                 let r = match router
                     .send_after(proto, slot, request, bias, Some((addr, rx)))
@@ -501,6 +501,7 @@ impl Session {
             self.path = Some(Path::Pool);
             return Flow::Next;
         }
+        let args = req.args.clone();
         let reply = async move {
             let r = match router.execute(proto, &args, bias).await {
                 Ok(r) => r.bytes,
@@ -525,6 +526,7 @@ impl Session {
         &mut self,
         router: &Router,
         req: &Request,
+        request: &Bytes,
     ) -> Option<(u16, String, oneshot::Receiver<ReplyResult>, Arc<()>)> {
         if !self.replies.eager_may_pass() || !self.can_take(Path::Pool) {
             return None;
@@ -549,7 +551,7 @@ impl Session {
                 (addr, conn, token)
             }
         };
-        let rx = conn.try_send(req.encoded())?;
+        let rx = conn.try_send(request.clone())?;
         Some((slot, addr, rx, token))
     }
 

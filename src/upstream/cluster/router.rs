@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::commands::CommandTable;
@@ -31,9 +30,8 @@ use super::split::{self, Plan};
 use super::topology::Redirect;
 use super::view::ClusterView;
 use crate::error::Error;
-use crate::net::FrameReader;
 use crate::protocol::{self, Reply};
-use crate::upstream::{received, Connector, Health, Login, MuxConn, Pool, ReplyResult};
+use crate::upstream::{received, Connector, Health, MuxConn, Pool, ReplyResult};
 
 /// Redirects and TRYAGAINs one request may follow before its last reply
 /// (an error) is returned as it is.
@@ -55,6 +53,16 @@ struct Node {
     /// Is this node busy or dead, when a reply is late (its pools and the
     /// pinned connections to it).
     health: Arc<Health>,
+}
+
+impl Node {
+    fn pool(&self, proto: u8) -> &Pool {
+        if proto == 3 {
+            &self.resp3
+        } else {
+            &self.resp2
+        }
+    }
 }
 
 /// An error reply that says our map is out of date without naming the new
@@ -169,7 +177,7 @@ impl Router {
     /// pool was just started.
     async fn conn(&self, addr: &str, proto: u8, bias: usize) -> Result<Arc<MuxConn>, Error> {
         let node = self.node(addr);
-        let pool = if proto == 3 { &node.resp3 } else { &node.resp2 };
+        let pool = node.pool(proto);
         loop {
             match pool.conn(bias) {
                 Ok(c) => return Ok(c),
@@ -199,9 +207,11 @@ impl Router {
     /// A live, punctual connection to `addr` now, without waiting for one:
     /// for a request written to its node as soon as it is read.
     pub fn conn_now(&self, addr: &str, proto: u8, bias: usize) -> Option<Arc<MuxConn>> {
-        let node = self.node(addr);
-        let pool = if proto == 3 { &node.resp3 } else { &node.resp2 };
-        pool.conn(bias).ok().filter(|c| !c.is_late())
+        self.node(addr)
+            .pool(proto)
+            .conn(bias)
+            .ok()
+            .filter(|c| !c.is_late())
     }
 
     /// [`Router::send`] for a request whose first attempt is already in
@@ -218,16 +228,13 @@ impl Router {
         let mut redirects = 0;
         let mut ask_to: Option<String> = None;
         loop {
-            let (addr, reply) = match ask_to.take() {
-                _ if first.is_some() => {
-                    let (addr, rx) = first.take().expect("checked");
-                    (addr, received(rx.await))
-                }
-                Some(target) => {
+            let (addr, reply) = match (first.take(), ask_to.take()) {
+                (Some((addr, rx)), _) => (addr, received(rx.await)),
+                (None, Some(target)) => {
                     let r = self.one_off(&target, proto, &request, true).await;
                     (target, r)
                 }
-                None => {
+                (None, None) => {
                     let topo = self
                         .view
                         .current()
@@ -338,6 +345,15 @@ impl Router {
         (replies, redirected)
     }
 
+    /// Every master of the current map, in address order (none before
+    /// the first map).
+    fn masters(&self) -> Vec<String> {
+        self.view
+            .current()
+            .map(|t| t.masters().to_vec())
+            .unwrap_or_default()
+    }
+
     /// The master keyless commands without a tip go to: the first in
     /// address order, so it is the same one every time the map is the same.
     pub fn any_master(&self) -> Result<String, Arc<Error>> {
@@ -401,11 +417,7 @@ impl Router {
                 kind: protocol::ReplyKind::Error,
             }),
             Plan::AllMasters { merge } => {
-                let masters = self
-                    .view
-                    .current()
-                    .map(|t| t.masters().to_vec())
-                    .unwrap_or_default();
+                let masters = self.masters();
                 let request = encode();
                 let replies = futures::future::join_all(
                     masters
@@ -418,11 +430,7 @@ impl Router {
                 Ok(split::merge(merge, &parts, replies))
             }
             Plan::RandomKey => {
-                let masters = self
-                    .view
-                    .current()
-                    .map(|t| t.masters().to_vec())
-                    .unwrap_or_default();
+                let masters = self.masters();
                 let start = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.subsec_nanos() as usize);
@@ -437,11 +445,7 @@ impl Router {
                     }
                     last = Some(reply);
                 }
-                last.ok_or_else(|| {
-                    Arc::new(Error::Upstream(
-                        "the cluster's slot map is not known yet".into(),
-                    ))
-                })
+                last.ok_or_else(|| Arc::new(Error::Upstream(self.view.unknown())))
             }
             Plan::Scan { master, cursor } => self.scan(proto, args, master, cursor, bias).await,
             Plan::Split { merge, parts } => {
@@ -488,11 +492,7 @@ impl Router {
         cursor: u64,
         bias: usize,
     ) -> ReplyResult {
-        let masters = self
-            .view
-            .current()
-            .map(|t| t.masters().to_vec())
-            .unwrap_or_default();
+        let masters = self.masters();
         let error = |msg: &str| {
             Ok(Reply {
                 bytes: protocol::error(msg),
@@ -539,40 +539,29 @@ impl Router {
     /// One request on a connection of its own; with `asking`, after
     /// `ASKING` on the same connection (see the module docs).
     async fn one_off(&self, addr: &str, proto: u8, request: &Bytes, asking: bool) -> ReplyResult {
-        let cfg = self.connector.config();
-        let limit = cfg.connect_timeout + cfg.command_timeout;
-        let once = async {
-            let c = self
-                .connector
-                .connect_to(addr, proto, &Login::Configured, false)
-                .await?;
-            let mut out = BytesMut::with_capacity(request.len() + 16);
-            if asking {
-                out.extend_from_slice(&protocol::command(["ASKING"]));
-            }
-            out.extend_from_slice(request);
-            let mut stream = c.stream;
-            stream
-                .write_all(&out)
-                .await
-                .map_err(|e| Error::upstream_io(&e))?;
-            let mut reader = FrameReader::new(stream, c.leftover);
-            if asking {
-                if let Some(text) = reader.next().await?.error_text() {
-                    return Err(Error::Upstream(format!("ASKING at {addr}: {text}")));
-                }
-            }
-            reader.next().await
+        let requests = if asking {
+            vec![protocol::command(["ASKING"]), request.clone()]
+        } else {
+            vec![request.clone()]
         };
-        match tokio::time::timeout(limit, once).await {
-            Ok(r) => r.map_err(Arc::new),
-            Err(_) if asking => Err(Arc::new(Error::Upstream(format!(
-                "ASK redirect to {addr}: no answer within {limit:?}"
-            )))),
-            Err(_) => Err(Arc::new(Error::Upstream(format!(
-                "{addr}: no answer within {limit:?}"
-            )))),
+        let late = |limit| {
+            if asking {
+                format!("ASK redirect to {addr}: no answer within {limit:?}")
+            } else {
+                format!("{addr}: no answer within {limit:?}")
+            }
+        };
+        let mut replies = super::exchange(&self.connector, addr, proto, &requests, late)
+            .await
+            .map_err(Arc::new)?;
+        if asking {
+            if let Some(text) = replies[0].error_text() {
+                return Err(Arc::new(Error::Upstream(format!(
+                    "ASKING at {addr}: {text}"
+                ))));
+            }
         }
+        Ok(replies.pop().expect("one reply per request"))
     }
 
     pub fn stop(&self) {

@@ -6,14 +6,11 @@
 //! `Arc` of it without locks, and a change builds a new one (see
 //! [`super::view`]).
 
-use tokio::io::AsyncWriteExt;
-
 use super::slots::SLOTS;
 use crate::config::node_address;
 use crate::error::Error;
-use crate::net::FrameReader;
 use crate::protocol;
-use crate::upstream::{Connector, Login};
+use crate::upstream::Connector;
 
 /// No master serves the slot (a cluster being set up, or a failed master
 /// without a replica).
@@ -340,37 +337,26 @@ impl Redirect {
 /// `CLUSTER NODES` for the owners' config epochs (a node that refuses the
 /// second, e.g. by ACL, still counts, with epochs unknown).
 pub async fn ask(connector: &Connector, addr: &str) -> Result<Vec<Claim>, Error> {
-    let cfg = connector.config();
-    let limit = cfg.connect_timeout + cfg.command_timeout;
-    let asked = async {
-        let c = connector
-            .connect_to(addr, 2, &Login::Configured, false)
-            .await?;
-        let mut stream = c.stream;
-        let mut both = protocol::command(["CLUSTER", "SLOTS"]).to_vec();
-        both.extend_from_slice(&protocol::command(["CLUSTER", "NODES"]));
-        stream
-            .write_all(&both)
-            .await
-            .map_err(|e| Error::upstream_io(&e))?;
-        let mut reader = FrameReader::new(stream, c.leftover);
-        let slots = reader.next().await?;
-        if let Some(text) = slots.error_text() {
-            return Err(Error::Upstream(format!("CLUSTER SLOTS at {addr}: {text}")));
-        }
-        let nodes = reader.next().await?;
-        let epochs = match nodes.error_text() {
-            Some(_) => Vec::new(),
-            None => epochs_of(&nodes.bytes),
-        };
-        claims_of(&slots.bytes, addr, &epochs).map_err(Error::Upstream)
-    };
-    match tokio::time::timeout(limit, asked).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::Upstream(format!(
-            "CLUSTER SLOTS at {addr}: no answer within {limit:?}"
-        ))),
+    let replies = super::exchange(
+        connector,
+        addr,
+        2,
+        &[
+            protocol::command(["CLUSTER", "SLOTS"]),
+            protocol::command(["CLUSTER", "NODES"]),
+        ],
+        |limit| format!("CLUSTER SLOTS at {addr}: no answer within {limit:?}"),
+    )
+    .await?;
+    let (slots, nodes) = (&replies[0], &replies[1]);
+    if let Some(text) = slots.error_text() {
+        return Err(Error::Upstream(format!("CLUSTER SLOTS at {addr}: {text}")));
     }
+    let epochs = match nodes.error_text() {
+        Some(_) => Vec::new(),
+        None => epochs_of(&nodes.bytes),
+    };
+    claims_of(&slots.bytes, addr, &epochs).map_err(Error::Upstream)
 }
 
 /// Nodes asked at once in a refresh, and the answers wanted before the
