@@ -504,28 +504,59 @@ fn invalidation_during_a_fill_cancels_the_insert() {
     );
 }
 
+/// A client's second GET of a key, pipelined while its first one's fill is
+/// in flight, shares that fill only if no invalidation of the key came in
+/// meanwhile: here the fill read "old", then a write made it "new" and
+/// nearcache learned of it, so Redis would answer the second GET "new".
+#[test]
+fn a_pipelined_read_after_an_invalidation_does_not_join_the_older_fill() {
+    let redis = RedisServer::start();
+    let relay = support::relay::Relay::start(redis.port);
+    let proxy = Proxy::with_config(test_config(&relay.url()));
+    proxy.wait_serving();
+    let mut direct = redis.conn();
+    let _: () = direct.set("quote:pipe", "old").unwrap();
+
+    relay.hold_replies_from(b"$3\r\nold\r\n");
+    let mut client = support::RawClient::connect(proxy.port);
+    client.send(&[b"GET", b"quote:pipe"]);
+    relay.wait_holding(Duration::from_secs(5));
+    let invalidations = proxy.stat("invalidations");
+    let _: () = direct.set("quote:pipe", "new").unwrap();
+    wait_until("the invalidation arrived", Duration::from_secs(5), || {
+        proxy.stat("invalidations") > invalidations
+    });
+    let (gets, coalesced) = (cmdstat(&redis, "get"), proxy.stat("coalesced_misses"));
+    client.send(&[b"GET", b"quote:pipe"]);
+    wait_until(
+        "nearcache took the second GET (read upstream or joined)",
+        Duration::from_secs(5),
+        || cmdstat(&redis, "get") > gets || proxy.stat("coalesced_misses") > coalesced,
+    );
+    relay.release();
+    assert_eq!(client.reply(), b"$3\r\nold\r\n", "the fill's own reply");
+    assert_eq!(
+        client.reply(),
+        b"$3\r\nnew\r\n",
+        "the second GET joined a fill older than the invalidation"
+    );
+}
+
 /// 1,000 concurrent cold GETs of one key from 50 connections share one
 /// upstream GET: the relay holds that GET on its way to Redis until the 999
 /// others have joined it, so every one of them arrives while it is in flight.
 #[test]
 fn concurrent_cold_gets_share_one_upstream_request() {
     let redis = RedisServer::start();
+    // Written before nearcache starts: an invalidation of the key arriving
+    // while the GETs come in would (rightly) make the later ones read anew.
+    let _: () = redis.conn().set("quote:hot", "v").unwrap();
     let relay = support::relay::Relay::start(redis.port);
     let mut cfg = test_config(&relay.url());
     // The canary must not end the feed while the test holds a pool connection.
     cfg.cache.feed_health_interval = Duration::from_secs(10);
     let proxy = Proxy::with_config(cfg);
     proxy.wait_serving();
-    // The SET's own invalidation must be in before the GETs: arriving while
-    // their fill is in flight, it would (rightly) make later GETs start a
-    // fill of their own instead of joining that one (a loaded CI run saw 2).
-    let invalidated = proxy.stat("invalidations");
-    let _: () = redis.conn().set("quote:hot", "v").unwrap();
-    wait_until(
-        "the SET's invalidation reached nearcache",
-        Duration::from_secs(10),
-        || proxy.stat("invalidations") > invalidated,
-    );
     let before = cmdstat(&redis, "get");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

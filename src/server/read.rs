@@ -23,6 +23,8 @@ use crate::cache::{self, Fetched, Lookup, PolicyRef, Ticket};
 use crate::command::Keys;
 use crate::protocol::{self, ReplyKind, Request};
 use crate::tdengine::fill::Keep;
+use crate::tdengine::Tdengine;
+use crate::upstream::cluster::router::Router;
 use crate::upstream::cluster::{slots, split};
 use crate::upstream::{received, MuxConn, ReplyResult};
 
@@ -57,8 +59,9 @@ pub(super) struct Outstanding {
 /// What an earlier read still owed means for a new read of the same key.
 pub(super) enum Earlier {
     None,
-    /// The same command in flight: share its reply (never older than it).
-    Join(cache::FillWaiter),
+    /// The same command in flight: share its reply (never older than it),
+    /// if no invalidation came in since that fill took this ticket.
+    Join(cache::FillWaiter, Ticket),
     /// Another command: read upstream, behind it.
     Behind,
 }
@@ -66,15 +69,15 @@ pub(super) enum Earlier {
 /// When an outstanding read is answered.
 enum Done {
     Flag(Arc<AtomicBool>),
-    /// A fill, with the command signature and protocol it reads.
-    Fill(cache::FillWaiter, Bytes, u8),
+    /// A fill, with the command signature and protocol it reads and its ticket.
+    Fill(cache::FillWaiter, Bytes, u8, Ticket),
 }
 
 impl Done {
     fn is_done(&self) -> bool {
         match self {
             Done::Flag(f) => f.load(Ordering::Acquire),
-            Done::Fill(w, _, _) => w.peek().is_some(),
+            Done::Fill(w, ..) => w.peek().is_some(),
         }
     }
 }
@@ -107,8 +110,15 @@ impl Outstanding {
         Answered(flag)
     }
 
-    fn track_fill(&mut self, key: &Bytes, waiter: &cache::FillWaiter, sig: &Bytes, proto: u8) {
-        let done = Done::Fill(waiter.clone(), sig.clone(), proto);
+    fn track_fill(
+        &mut self,
+        key: &Bytes,
+        waiter: &cache::FillWaiter,
+        sig: &Bytes,
+        proto: u8,
+        ticket: Ticket,
+    ) {
+        let done = Done::Fill(waiter.clone(), sig.clone(), proto, ticket);
         self.reads.push((key.clone(), done, false));
     }
 
@@ -119,11 +129,11 @@ impl Outstanding {
             return Earlier::None;
         }
         let same = self.reads.iter().rev().find_map(|(k, done, _)| match done {
-            Done::Fill(w, s, p) if k == key && s == sig && *p == proto => Some(w.clone()),
+            Done::Fill(w, s, p, t) if k == key && s == sig && *p == proto => Some((w.clone(), *t)),
             _ => None,
         });
         match same {
-            Some(w) => Earlier::Join(w),
+            Some((w, t)) => Earlier::Join(w, t),
             None => Earlier::Behind,
         }
     }
@@ -155,15 +165,26 @@ impl Outstanding {
 /// A cacheable MGET element's fill: its key, ticket and policy.
 type ElementFill = Option<(Bytes, Ticket, PolicyRef)>;
 
+/// Where a fill's read goes (see [`Session::fetch_route`]).
+enum FetchRoute {
+    Conn(Arc<MuxConn>),
+    Cluster(Arc<Router>),
+}
+
+/// What the waiters of a claimed fill get if its request was never sent
+/// (the claiming session ended first).
+fn never_sent() -> crate::Error {
+    crate::Error::Internal("the fill's request was never sent".into())
+}
+
 impl Session {
     pub(super) async fn read(&mut self, name: &[u8], req: &Request, key: Bytes) -> Flow {
         let cache = self.sidecar.cache.clone();
-        let td_route = name == b"GET"
-            && self
-                .sidecar
-                .tdengine
-                .as_ref()
-                .is_some_and(|t| t.matches(&key));
+        let td = self
+            .sidecar
+            .tdengine
+            .clone()
+            .filter(|t| name == b"GET" && t.matches(&key));
         let policy = if cache.is_serving() {
             cache.policy(&key)
         } else {
@@ -171,23 +192,25 @@ impl Session {
         };
         let Some(policy) = policy else {
             count_request(name, Outcome::Forward);
-            return self.plain_read(req, key, td_route).await;
+            return self.plain_read(req, key, td).await;
         };
         let sig = cache::signature(name, &req.args);
         match self.outstanding.earlier(&key, &sig, self.proto) {
             Earlier::None => {}
-            Earlier::Join(waiter) => {
+            // An invalidation since that fill began may be of a write Redis
+            // ran after the fill's read and before this one: read behind it.
+            Earlier::Join(waiter, ticket) if cache.ticket(&key) == ticket => {
                 count_request(name, Outcome::Miss);
                 cache.count_coalesced();
                 let silent = self.silent_reply();
                 self.replies.push(Owed::Fill(waiter), silent);
                 return Flow::Next;
             }
-            Earlier::Behind => {
+            Earlier::Join(..) | Earlier::Behind => {
                 // An earlier read of this key is still owed: behind it, on the
                 // client's connection, as Redis would run it.
                 count_request(name, Outcome::Miss);
-                return self.plain_read(req, key, td_route).await;
+                return self.plain_read(req, key, td).await;
             }
         }
         let silent = self.reply_off || self.skip_next;
@@ -202,40 +225,60 @@ impl Session {
             }
             Lookup::Bypass => {
                 count_request(name, Outcome::Miss);
-                return self.plain_read(req, key, td_route).await;
+                return self.plain_read(req, key, td).await;
             }
             Lookup::Miss(ticket) => ticket,
         };
         count_request(name, Outcome::Miss);
         if let Some(waiter) = cache.join_fill(&key, &sig, self.proto, ticket) {
-            self.outstanding.track_fill(&key, &waiter, &sig, self.proto);
+            self.outstanding
+                .track_fill(&key, &waiter, &sig, self.proto, ticket);
             let silent = self.silent_reply();
             self.replies.push(Owed::Fill(waiter), silent);
             return Flow::Next;
         }
-        let keep = td_route.then(|| Keep {
-            cache: cache.clone(),
-            sig: sig.clone(),
-            ttl: policy.ttl,
-        });
-        let Some(fetch) = self.fetch(req, &key, td_route, keep).await else {
+        let Some(route) = self.fetch_route() else {
             return self.flow_after_failed_send();
         };
-        let waiter = cache.fill(&key, &sig, self.proto, ticket, policy.ttl, move || fetch);
-        self.outstanding.track_fill(&key, &waiter, &sig, self.proto);
+        // The flight is claimed before its request is sent (sending may
+        // await): an identical miss arriving meanwhile joins this fill
+        // instead of sending a second read that would then be thrown away.
+        let mut claimed = None;
+        let waiter = cache.fill(&key, &sig, self.proto, ticket, policy.ttl, || {
+            let (tx, rx) = oneshot::channel::<BoxFuture<'static, Fetched>>();
+            claimed = Some(tx);
+            async move {
+                match rx.await {
+                    Ok(fetch) => fetch.await,
+                    Err(_) => (Err(Arc::new(never_sent())), None),
+                }
+            }
+            .boxed()
+        });
+        if let Some(claimed) = claimed {
+            let keep = td.is_some().then(|| Keep {
+                cache: cache.clone(),
+                sig: sig.clone(),
+                ttl: policy.ttl,
+            });
+            let _ = claimed.send(self.fetch(route, req, &key, td, keep).await);
+        }
+        self.outstanding
+            .track_fill(&key, &waiter, &sig, self.proto, ticket);
         let silent = self.silent_reply();
         self.replies.push(Owed::Fill(waiter), silent);
         Flow::Next
     }
 
     /// A read that L1 must not answer or store: on the client's connection.
-    async fn plain_read(&mut self, req: &Request, key: Bytes, td_route: bool) -> Flow {
-        if !td_route {
+    async fn plain_read(&mut self, req: &Request, key: Bytes, td: Option<Arc<Tdengine>>) -> Flow {
+        if td.is_none() {
             return self.forward(req, &Keys::None).await;
         }
-        let Some(fetch) = self.fetch(req, &key, true, None).await else {
+        let Some(route) = self.fetch_route() else {
             return self.flow_after_failed_send();
         };
+        let fetch = self.fetch(route, req, &key, td, None).await;
         let silent = self.silent_reply();
         let reply = fetch
             .map(|(r, _)| match r {
@@ -257,30 +300,40 @@ impl Session {
         }
     }
 
+    /// Where a fill's read goes: `None` after queueing the error (or
+    /// deciding to stall). Nothing is sent yet.
+    fn fetch_route(&mut self) -> Option<FetchRoute> {
+        match self.sidecar.cluster.clone() {
+            Some(router) => Some(FetchRoute::Cluster(router)),
+            None => self.conn_for_read().map(FetchRoute::Conn),
+        }
+    }
+
     /// Sends `PTTL key` and the read on the client's multiplexed connection;
     /// returns the future of the reply and its TTL cap. A TDengine-routed GET
     /// that Redis answers nil is filled from TDengine on the same connection,
     /// and the client's later requests wait for it (its write-back must
     /// neither overtake nor be overtaken by them); with `keep`, the filled
-    /// value goes to L1 by way of the feed. `None`: nothing was sent (a
-    /// stall, or the error is already queued).
+    /// value goes to L1 by way of the feed.
     async fn fetch(
         &mut self,
+        route: FetchRoute,
         req: &Request,
         key: &Bytes,
-        td_route: bool,
+        td: Option<Arc<Tdengine>>,
         keep: Option<Keep>,
-    ) -> Option<BoxFuture<'static, Fetched>> {
-        if let Some(router) = self.sidecar.cluster.clone() {
-            // One job to the slot's owner; a fill that had to follow a
-            // redirect is answered but not stored (its PTTL and read may
-            // come from different nodes, or from one whose feed is not the
-            // owner's).
-            let request = vec![pttl_request(key), req.encoded()];
-            let (proto, bias, slot) = (self.proto, self.slot, slots::slot(key));
-            self.path_pool();
-            return Some(
-                async move {
+    ) -> BoxFuture<'static, Fetched> {
+        let conn = match route {
+            FetchRoute::Conn(conn) => conn,
+            FetchRoute::Cluster(router) => {
+                // One job to the slot's owner; a fill that had to follow a
+                // redirect is answered but not stored (its PTTL and read may
+                // come from different nodes, or from one whose feed is not the
+                // owner's).
+                let request = vec![pttl_request(key), req.encoded()];
+                let (proto, bias, slot) = (self.proto, self.slot, slots::slot(key));
+                self.path_pool();
+                return async move {
                     let sent = Instant::now();
                     let (mut replies, redirected) =
                         router.send_job(proto, slot, request, bias).await;
@@ -297,40 +350,34 @@ impl Session {
                     };
                     (read, cap)
                 }
-                .boxed(),
-            );
-        }
-        let conn = self.conn_for_read()?;
+                .boxed();
+            }
+        };
         let sent = Instant::now();
         let pttl = conn.send(pttl_request(key)).await;
         let rx = conn.send(req.encoded()).await;
         self.path_pool();
-        if !td_route {
-            return Some(
-                async move {
-                    let cap = cap_from_pttl(received(pttl.await), sent);
-                    (received(rx.await), cap)
-                }
-                .boxed(),
-            );
-        }
-        let td = self.sidecar.tdengine.clone()?;
+        let Some(td) = td else {
+            return async move {
+                let cap = cap_from_pttl(received(pttl.await), sent);
+                (received(rx.await), cap)
+            }
+            .boxed();
+        };
         let proto = self.proto;
         let key = key.clone();
         let done = self.outstanding.track([&key], true);
-        Some(
-            async move {
-                let _done = done;
-                let cap = cap_from_pttl(received(pttl.await), sent);
-                match received(rx.await) {
-                    Ok(first) if first.kind == ReplyKind::Nil => {
-                        crate::tdengine::fill::fill(&td, &conn, &key, proto, keep.as_ref()).await
-                    }
-                    other => (other, cap),
+        async move {
+            let _done = done;
+            let cap = cap_from_pttl(received(pttl.await), sent);
+            match received(rx.await) {
+                Ok(first) if first.kind == ReplyKind::Nil => {
+                    crate::tdengine::fill::fill(&td, &conn, &key, proto, keep.as_ref()).await
                 }
+                other => (other, cap),
             }
-            .boxed(),
-        )
+        }
+        .boxed()
     }
 
     /// The client's multiplexed connection for a read, or `None` after
