@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 /// What CLIENT LIST shows of a client; changed rarely, by its session.
 #[derive(Clone, Debug, Default)]
@@ -45,7 +45,18 @@ pub struct ClientInfo {
     /// Reply bytes waiting for the client to read them (CLIENT LIST `omem`).
     pub output: AtomicU64,
     killed: AtomicBool,
-    pub kill: Notify,
+    /// Shutdown has started: the session stops reading and drains.
+    draining: AtomicBool,
+    /// The session's task, woken by a kill or the drain. (Looked at on
+    /// every turn of the session's loop: a Notify or a watch would take a
+    /// lock each time.)
+    waker: AtomicWaker,
+}
+
+/// What the session is told from outside.
+pub enum Signal {
+    Killed,
+    Drain,
 }
 
 impl ClientInfo {
@@ -60,7 +71,34 @@ impl ClientInfo {
 
     fn kill(&self) {
         self.killed.store(true, Ordering::Release);
-        self.kill.notify_one();
+        self.waker.wake();
+    }
+
+    /// Starts the session's drain (shutdown).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// A kill, or the drain while the session is still `reading`; for the
+    /// session's own task.
+    pub fn poll_signal(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        reading: bool,
+    ) -> std::task::Poll<Signal> {
+        self.waker.register(cx.waker());
+        if self.is_killed() {
+            std::task::Poll::Ready(Signal::Killed)
+        } else if reading && self.is_draining() {
+            std::task::Poll::Ready(Signal::Drain)
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     /// One CLIENT LIST line (without the newline), as Redis 7.2 formats it.
@@ -134,7 +172,8 @@ impl Clients {
             upstream_id: AtomicI64::new(-1),
             output: AtomicU64::new(0),
             killed: AtomicBool::new(false),
-            kill: Notify::new(),
+            draining: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         });
         self.map.lock().insert(id, info.clone());
         info

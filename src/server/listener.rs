@@ -74,12 +74,11 @@ pub async fn serve(
             id: info.id,
             _permit: permit,
         };
-        let shutdown = shutdown.clone();
         let done = done_tx.clone();
         let sidecar = sidecar.clone();
         tokio::spawn(async move {
             let id = info.id;
-            session::run(sidecar, socket, info, shutdown).await;
+            session::run(sidecar, socket, info).await;
             drop(admitted);
             debug!(client = id, "client disconnected");
             drop(done);
@@ -87,6 +86,10 @@ pub async fn serve(
     }
     drop(listener);
     drop(done_tx);
+    // Every session spawned was registered first, so each is told.
+    for client in sidecar.clients.all() {
+        client.drain();
+    }
     let grace = sidecar.config.shutdown_grace;
     info!(
         clients = sidecar.clients.count(),

@@ -16,10 +16,10 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::clients::ClientInfo;
+use super::clients::{ClientInfo, Signal};
 use super::pinned::ConnState;
 use super::replies::{Owed, PinnedReplies, Replies};
 use super::route::{self, Route, View};
@@ -111,12 +111,7 @@ struct ClusterPin {
 
 /// Runs a client's session until it disconnects, is killed, or shutdown
 /// drains it.
-pub(super) async fn run(
-    sidecar: Arc<Sidecar>,
-    socket: TcpStream,
-    info: Arc<ClientInfo>,
-    shutdown: watch::Receiver<bool>,
-) {
+pub(super) async fn run(sidecar: Arc<Sidecar>, socket: TcpStream, info: Arc<ClientInfo>) {
     let default_db = sidecar.config.upstream.url.db;
     let mut session = Session {
         slot: info.id as usize,
@@ -140,10 +135,9 @@ pub(super) async fn run(
         sidecar,
         info,
     };
-    let draining = shutdown.clone();
-    session.serve(&socket, shutdown).await;
+    session.serve(&socket).await;
     session.release_pinned();
-    if *draining.borrow() {
+    if session.info.is_draining() {
         let grace = session.sidecar.config.shutdown_grace;
         linger(&socket, grace).await;
     }
@@ -197,7 +191,7 @@ impl Session {
         }
     }
 
-    async fn serve(&mut self, socket: &TcpStream, mut shutdown: watch::Receiver<bool>) {
+    async fn serve(&mut self, socket: &TcpStream) {
         let limits = self.limits();
         let max_pending = self.sidecar.config.server.max_pending_per_client;
         let mut inbuf = BytesMut::with_capacity(16 * 1024);
@@ -287,7 +281,12 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = self.info.kill.notified() => return,
+                // First: with `biased`, a client that always has input ready
+                // would otherwise never see the drain.
+                signal = std::future::poll_fn(|cx| self.info.poll_signal(cx, reading)) => match signal {
+                    Signal::Killed => return,
+                    Signal::Drain => reading = false,
+                },
                 frame = next_frame(&mut self.pinned) => self.on_pinned_frame(frame),
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() && self.pinned_check.is_none() => {
@@ -325,9 +324,6 @@ impl Session {
                         self.replies.pinned_lost(&e);
                     }
                 }
-                // Before the socket: with `biased`, a client that always has
-                // input ready would otherwise never see the drain.
-                _ = shutdown.wait_for(|s| *s), if reading => reading = false,
                 r = socket.readable(), if wants_input => {
                     if r.is_err() {
                         return;

@@ -9,8 +9,10 @@
 //! requests, so waiting never reorders them).
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -20,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
 use futures::future::{BoxFuture, FutureExt};
+use futures::task::AtomicWaker;
 
 use super::connector::Connected;
 use super::health::Health;
@@ -58,6 +61,11 @@ pub struct MuxConn {
     /// The oldest request's reply is overdue (the server is busy or dead).
     late: AtomicBool,
     closed: Notify,
+    /// The writer and reader tasks, woken by [`MuxConn::close`], and the
+    /// reader by the writer when a request is written. (They look on every
+    /// turn of their loops: a Notify would take a lock each time.)
+    writer_waker: AtomicWaker,
+    reader_waker: AtomicWaker,
     /// Requests queued or written and not answered yet.
     outstanding: AtomicUsize,
 }
@@ -76,24 +84,18 @@ impl MuxConn {
             alive: AtomicBool::new(true),
             late: AtomicBool::new(false),
             closed: Notify::new(),
+            writer_waker: AtomicWaker::new(),
+            reader_waker: AtomicWaker::new(),
             outstanding: AtomicUsize::new(0),
         });
         let readonly = connected.readonly;
         let (rd, wr) = tokio::io::split(connected.stream);
         let inflight = Arc::new(Mutex::new(VecDeque::<InFlight>::new()));
-        let wake_reader = Arc::new(Notify::new());
-        tokio::spawn(write_loop(
-            conn.clone(),
-            wr,
-            rx,
-            inflight.clone(),
-            wake_reader.clone(),
-        ));
+        tokio::spawn(write_loop(conn.clone(), wr, rx, inflight.clone()));
         tokio::spawn(read_loop(
             conn.clone(),
             FrameReader::new(rd, connected.leftover),
             inflight,
-            wake_reader,
             command_timeout,
             readonly,
             health,
@@ -162,6 +164,18 @@ impl MuxConn {
     pub fn close(&self) {
         if self.alive.swap(false, Ordering::AcqRel) {
             self.closed.notify_waiters();
+            self.writer_waker.wake();
+            self.reader_waker.wake();
+        }
+    }
+
+    /// Ready once the connection is closed; for the task `waker` wakes.
+    fn poll_closed(&self, waker: &AtomicWaker, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        waker.register(cx.waker());
+        if self.is_alive() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
         }
     }
 
@@ -193,14 +207,13 @@ async fn write_loop(
     mut wr: WriteHalf<BoxStream>,
     mut rx: mpsc::Receiver<Job>,
     inflight: Arc<Mutex<VecDeque<InFlight>>>,
-    wake_reader: Arc<Notify>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(128);
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
         let got = tokio::select! {
             n = rx.recv_many(&mut batch, 256) => n,
-            _ = conn.closed() => 0,
+            _ = poll_fn(|cx| conn.poll_closed(&conn.writer_waker, cx)) => 0,
         };
         if got == 0 || !conn.is_alive() {
             break;
@@ -217,7 +230,7 @@ async fn write_loop(
                 });
             }
         }
-        wake_reader.notify_one();
+        conn.reader_waker.wake();
         if let Err(e) = wr.write_all(&out).await {
             debug!(error = %e, "upstream write failed");
             metrics::get()
@@ -251,7 +264,6 @@ async fn read_loop(
     conn: Arc<MuxConn>,
     mut reader: FrameReader<ReadHalf<BoxStream>>,
     inflight: Arc<Mutex<VecDeque<InFlight>>>,
-    wake_reader: Arc<Notify>,
     command_timeout: Duration,
     readonly: Option<Arc<Notify>>,
     health: Option<Arc<Health>>,
@@ -263,6 +275,12 @@ async fn read_loop(
     // while it runs, replies keep being read.
     let mut check: Option<BoxFuture<'static, bool>> = None;
     let mut proven: Option<Instant> = None;
+    // Made once, not per read: a new timer per reply costs a timer-wheel
+    // insertion and removal. The alarm is moved only when it would ring
+    // late; ringing early just means one more turn of the loop (and a later
+    // deadline).
+    let alarm = tokio::time::sleep(command_timeout);
+    tokio::pin!(alarm);
     let failure: Error = 'conn: loop {
         // Every complete reply already buffered.
         loop {
@@ -319,16 +337,30 @@ async fn read_loop(
             }
         }
         let checking = check.is_some();
+        if let Some(due) = due.filter(|_| !checking) {
+            let due = tokio::time::Instant::from_std(due);
+            if alarm.is_elapsed() || alarm.deadline() > due {
+                alarm.as_mut().reset(due);
+            }
+        }
         let read = async {
             match due {
-                Some(due) if !checking => tokio::time::timeout_at(due.into(), reader.fill())
-                    .await
-                    .unwrap_or(Ok(())),
+                Some(_) if !checking => tokio::select! {
+                    r = reader.fill() => r,
+                    _ = &mut alarm => Ok(()),
+                },
                 Some(_) => reader.fill().await,
                 // Idle: wait for data or for a request to start the timeout clock.
                 None => tokio::select! {
                     r = reader.fill() => r,
-                    _ = wake_reader.notified() => Ok(()),
+                    _ = poll_fn(|cx| {
+                        conn.reader_waker.register(cx.waker());
+                        if inflight.lock().is_empty() && conn.is_alive() {
+                            Poll::Pending
+                        } else {
+                            Poll::Ready(())
+                        }
+                    }) => Ok(()),
                 },
             }
         };
@@ -347,7 +379,7 @@ async fn read_loop(
                 // Busy, not dead: wait another period before asking again.
                 proven = Some(Instant::now());
             }
-            _ = conn.closed() => break Error::Upstream("connection closed".into()),
+            _ = poll_fn(|cx| conn.poll_closed(&conn.reader_waker, cx)) => break Error::Upstream("connection closed".into()),
         }
     };
     debug!(error = %failure, "upstream connection lost");
