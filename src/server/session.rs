@@ -324,7 +324,9 @@ impl Session {
                         self.replies.pinned_lost(&e);
                     }
                 }
-                r = socket.readable(), if wants_input => {
+                // poll_*_ready: the socket's one waker slot, where
+                // readable() would add and remove a waiter every turn.
+                r = std::future::poll_fn(|cx| socket.poll_read_ready(cx)), if wants_input => {
                     if r.is_err() {
                         return;
                     }
@@ -346,7 +348,7 @@ impl Session {
                         Err(_) => return,
                     }
                 }
-                r = socket.writable(), if !self.replies.out.is_empty() => {
+                r = std::future::poll_fn(|cx| socket.poll_write_ready(cx)), if !self.replies.out.is_empty() => {
                     if r.is_err() {
                         return;
                     }
