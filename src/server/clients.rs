@@ -85,13 +85,19 @@ impl ClientInfo {
     }
 
     /// A kill, or the drain while the session is still `reading`; for the
-    /// session's own task.
+    /// session's own task, whose waker does not change. `registered` is the
+    /// session's: a signal's wake takes the waker, so it is registered again
+    /// only after one (a kill ends the session; a drain lets it go on).
     pub fn poll_signal(
         &self,
         cx: &mut std::task::Context<'_>,
         reading: bool,
+        registered: &mut bool,
     ) -> std::task::Poll<Signal> {
-        self.waker.register(cx.waker());
+        if !*registered {
+            self.waker.register(cx.waker());
+            *registered = true;
+        }
         if self.is_killed() {
             std::task::Poll::Ready(Signal::Killed)
         } else if reading && self.is_draining() {

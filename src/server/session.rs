@@ -203,6 +203,7 @@ impl Session {
         let mut closing = false;
         // A batch was read (and answered) since the last yield.
         let mut served = false;
+        let mut signal_waker = false;
         loop {
             // Dispatch what is buffered, unless the client is not reading its replies.
             while !closing
@@ -283,9 +284,12 @@ impl Session {
                 biased;
                 // First: with `biased`, a client that always has input ready
                 // would otherwise never see the drain.
-                signal = std::future::poll_fn(|cx| self.info.poll_signal(cx, reading)) => match signal {
+                signal = std::future::poll_fn(|cx| self.info.poll_signal(cx, reading, &mut signal_waker)) => match signal {
                     Signal::Killed => return,
-                    Signal::Drain => reading = false,
+                    Signal::Drain => {
+                        reading = false;
+                        signal_waker = false;
+                    }
                 },
                 frame = next_frame(&mut self.pinned) => self.on_pinned_frame(frame),
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
