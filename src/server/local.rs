@@ -318,6 +318,7 @@ impl Session {
             self.sidecar.upstream.pinned.release(conn, false);
         }
         self.info.upstream_id.store(-1, Ordering::Relaxed);
+        self.shard_reset();
         self.state.reset();
         self.login = Login::Configured;
         self.proto = 2;

@@ -27,6 +27,7 @@ mod read;
 mod replies;
 mod route;
 mod session;
+mod shard;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;

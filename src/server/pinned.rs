@@ -89,6 +89,11 @@ pub struct ConnState {
     subs: [HashSet<Bytes>; 3],
     /// Subscribe-family confirmations still to come.
     confirmations_owed: usize,
+    /// With a cluster upstream shard channels live on links of their own
+    /// (`shard.rs`), not on the pinned connection: they do not pin it.
+    shard_apart: bool,
+    /// Shard confirmations still to come from those links.
+    shard_owed: usize,
     monitor: bool,
     blocking: usize,
     tracking: bool,
@@ -114,6 +119,8 @@ impl ConnState {
             watching: false,
             subs: Default::default(),
             confirmations_owed: 0,
+            shard_apart: false,
+            shard_owed: 0,
             monitor: false,
             blocking: 0,
             tracking: false,
@@ -127,7 +134,7 @@ impl ConnState {
         self.db != self.default_db
             || self.multi.is_some()
             || self.watching
-            || self.subscriptions() > 0
+            || self.pinned_subscriptions() > 0
             || self.confirmations_owed > 0
             || self.monitor
             || self.blocking > 0
@@ -146,6 +153,21 @@ impl ConnState {
 
     pub fn subscriptions(&self) -> usize {
         self.subs.iter().map(|s| s.len()).sum()
+    }
+
+    /// Subscriptions that live on the pinned connection.
+    fn pinned_subscriptions(&self) -> usize {
+        let shard = if self.shard_apart {
+            0
+        } else {
+            self.subs[2].len()
+        };
+        self.subs[0].len() + self.subs[1].len() + shard
+    }
+
+    /// Shard channels are kept on links of their own (a cluster upstream).
+    pub fn keep_shard_apart(&mut self) {
+        self.shard_apart = true;
     }
 
     pub fn subscription_counts(&self) -> [usize; 3] {
@@ -258,6 +280,41 @@ impl ConnState {
         }
     }
 
+    /// With a cluster upstream, shard channels live on connections of
+    /// their own (`shard.rs`): `n` confirmations are owed for them.
+    pub fn shard_owe(&mut self, n: usize) {
+        self.shard_owed += n;
+    }
+
+    /// One shard confirmation is written to the client: the client's shard
+    /// channels change as on Redis; returns how many it has now (the count
+    /// Redis puts in the confirmation: shard channels only).
+    pub fn shard_confirmed(&mut self, subscribe: bool, channel: Option<&Bytes>) -> usize {
+        self.shard_owed = self.shard_owed.saturating_sub(1);
+        let set = &mut self.subs[kind_index(SubKind::Shard)];
+        if let Some(ch) = channel {
+            if subscribe {
+                set.insert(ch.clone());
+            } else {
+                set.remove(ch);
+            }
+        }
+        set.len()
+    }
+
+    /// A shard command that owed `n` confirmations failed as a whole.
+    pub fn shard_failed(&mut self, n: usize) {
+        self.shard_owed = self.shard_owed.saturating_sub(n);
+    }
+
+    /// A shard channel ended without the client asking (nearcache could not
+    /// subscribe it again after its slot moved); returns the shard count left.
+    pub fn shard_dropped(&mut self, channel: &Bytes) -> usize {
+        let set = &mut self.subs[kind_index(SubKind::Shard)];
+        set.remove(channel);
+        set.len()
+    }
+
     /// Keys the transaction's queued writes touch, taken at EXEC.
     pub fn take_multi_keys(&mut self) -> Keys {
         match &mut self.multi {
@@ -364,7 +421,9 @@ impl ConnState {
     /// The connection is gone (or the client sent RESET): back to a fresh
     /// connection's state.
     pub fn reset(&mut self) {
+        let apart = self.shard_apart;
         *self = ConnState::new(self.default_db);
+        self.shard_apart = apart;
     }
 }
 

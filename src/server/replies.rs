@@ -59,6 +59,41 @@ impl PinnedReplies {
     }
 }
 
+/// The confirmations a client's SSUBSCRIBE / SUNSUBSCRIBE owes with a
+/// cluster upstream (see `shard.rs`): one per channel, from whichever node
+/// the channel lives on (or from nearcache), written with the counts a
+/// single Redis would give once the item reaches the front.
+pub struct ShardReplies {
+    pub id: u64,
+    pub subscribe: bool,
+    /// In the client's order; `None`: a bare SUNSUBSCRIBE with nothing subscribed.
+    pub channels: Vec<Option<Bytes>>,
+    pub confirmed: Vec<bool>,
+    /// The command failed at a node: this error is the whole reply, as on Redis.
+    pub error: Option<Bytes>,
+    /// The reply, set by the session when the item is at the front.
+    pub done: Option<Bytes>,
+}
+
+impl ShardReplies {
+    pub fn new(id: u64, subscribe: bool, channels: Vec<Option<Bytes>>) -> ShardReplies {
+        let confirmed = vec![false; channels.len()];
+        ShardReplies {
+            id,
+            subscribe,
+            channels,
+            confirmed,
+            error: None,
+            done: None,
+        }
+    }
+
+    /// Every node has answered.
+    pub fn complete(&self) -> bool {
+        self.error.is_some() || self.confirmed.iter().all(|c| *c)
+    }
+}
+
 pub enum Owed {
     Ready(Bytes),
     /// From the client's multiplexed connection or the control connection;
@@ -73,6 +108,7 @@ pub enum Owed {
     /// (redirects, if any, followed when it reaches the front).
     Eager(BoxFuture<'static, Bytes>),
     Pinned(PinnedReplies),
+    Shard(ShardReplies),
 }
 
 impl Owed {
@@ -181,6 +217,10 @@ impl Replies {
                     }
                 }
                 Owed::Pinned(_) => break,
+                Owed::Shard(s) => match s.done.take() {
+                    Some(b) => b,
+                    None => break,
+                },
             };
             let Some(item) = self.queue.pop_front() else {
                 break;
@@ -247,9 +287,33 @@ impl Replies {
 
     /// Is a reply owed that may never come (a blocking command, subscriptions)?
     pub fn awaiting_open_ended(&self) -> bool {
-        self.queue
-            .iter()
-            .any(|i| matches!(&i.owed, Owed::Pinned(p) if !p.complete() && p.open_ended))
+        self.queue.iter().any(|i| match &i.owed {
+            Owed::Pinned(p) => !p.complete() && p.open_ended,
+            Owed::Shard(s) => s.done.is_none(),
+            _ => false,
+        })
+    }
+
+    /// The shard confirmations `id` owes (see `shard.rs`).
+    pub fn shard(&mut self, id: u64) -> Option<&mut ShardReplies> {
+        self.queue.iter_mut().find_map(|i| match &mut i.owed {
+            Owed::Shard(s) if s.id == id => Some(s),
+            _ => None,
+        })
+    }
+
+    /// The shard confirmations at the front, once every node has answered
+    /// and before they are written.
+    pub fn front_shard(&mut self) -> Option<&mut ShardReplies> {
+        match self.queue.front_mut().map(|i| &mut i.owed) {
+            Some(Owed::Shard(s)) if s.done.is_none() && s.complete() => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Are shard confirmations still to be written?
+    pub fn shard_owed(&self) -> bool {
+        self.queue.iter().any(|i| matches!(i.owed, Owed::Shard(_)))
     }
 
     /// Are the pinned replies overdue at `now` all open-ended ones (a

@@ -63,7 +63,7 @@ pub(super) struct Session {
     pub mux: Option<Arc<MuxConn>>,
     pub pinned: Option<PinnedConn>,
     pub replies: Replies,
-    path: Option<Path>,
+    pub(super) path: Option<Path>,
     /// CLIENT REPLY OFF / SKIP, emulated here: replies are read and dropped.
     pub reply_off: bool,
     pub skip_next: bool,
@@ -83,6 +83,9 @@ pub(super) struct Session {
     /// With a cluster upstream: the node and connection each slot's
     /// requests written at once went to, while any of them is owed.
     eager_routes: Vec<EagerRoute>,
+    /// With a cluster upstream: the client's shard channels, on links of
+    /// their own (see `shard.rs`).
+    pub(super) shard: super::shard::ShardSubs,
 }
 
 struct EagerRoute {
@@ -132,9 +135,13 @@ pub(super) async fn run(sidecar: Arc<Sidecar>, socket: TcpStream, info: Arc<Clie
         pinned_check: None,
         cluster_pin: ClusterPin::default(),
         eager_routes: Vec::new(),
+        shard: Default::default(),
         sidecar,
         info,
     };
+    if session.sidecar.cluster.is_some() {
+        session.state.keep_shard_apart();
+    }
     session.serve(&socket).await;
     session.release_pinned();
     if session.info.is_draining() {
@@ -237,7 +244,7 @@ impl Session {
                     }
                 }
             }
-            self.replies.collect_now();
+            self.settle_shard();
             if !self.replies.out.is_empty() && !self.write_some(socket) {
                 return;
             }
@@ -280,6 +287,8 @@ impl Session {
                 // Nothing overdue (the late reply came): the check has nothing to decide.
                 self.pinned_check = None;
             }
+            let (links, shard_due) = (self.shard.has_links(), self.shard.next_due());
+            let (mut shard_frame, mut shard_retry) = (None, false);
             tokio::select! {
                 biased;
                 // First: with `biased`, a client that always has input ready
@@ -292,6 +301,10 @@ impl Session {
                     }
                 },
                 frame = next_frame(&mut self.pinned) => self.on_pinned_frame(frame),
+                // Handled after the select: its futures are not dropped
+                // until it returns, and one of them is not `Send`.
+                got = std::future::poll_fn(|cx| self.shard.poll_frame(cx)), if links => shard_frame = Some(got),
+                _ = tokio::time::sleep_until(shard_due.unwrap_or_else(Instant::now).into()), if shard_due.is_some() => shard_retry = true,
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() && self.pinned_check.is_none() => {
                     // Late is not dead: a check on another connection decides.
@@ -358,6 +371,12 @@ impl Session {
                     }
                 }
             }
+            if let Some((node, frame)) = shard_frame {
+                self.on_shard_frame(node, frame).await;
+            }
+            if shard_retry {
+                self.shard_retry().await;
+            }
         }
     }
 
@@ -371,7 +390,7 @@ impl Session {
         } else {
             ("normal", limits.normal)
         };
-        let held = self.replies.out.len() as u64;
+        let held = (self.replies.out.len() + self.shard.held_bytes()) as u64;
         if limit.hard > 0 && held > limit.hard {
             return Some(format!(
                 "{held} bytes of unread {class} output, over the hard limit of {}",
@@ -416,6 +435,9 @@ impl Session {
 
     async fn dispatch(&mut self, req: &Request) -> Flow {
         let name = req.name_upper();
+        if let Some(flow) = self.shard_pubsub_mode(&name, req) {
+            return flow;
+        }
         let view = View {
             authed: self.authed,
             pinned: self.state.needs_pin(),
@@ -672,6 +694,11 @@ impl Session {
         keys: &Keys,
         blocking: bool,
     ) -> Flow {
+        if self.sidecar.cluster.is_some() {
+            if let Some(flow) = self.shard_route(name, req).await {
+                return flow;
+            }
+        }
         let attached = if self.sidecar.cluster.is_some() {
             match self.cluster_attach(name, req).await {
                 Ok(Some(flow)) => return flow,
