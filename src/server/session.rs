@@ -211,6 +211,11 @@ impl Session {
         // A batch was read (and answered) since the last yield.
         let mut served = false;
         let mut signal_waker = false;
+        // One timer for the pinned reply's deadline and the shard retry,
+        // made once: a Sleep made every turn costs a runtime-handle clone
+        // even while its branch is off.
+        let timer = tokio::time::sleep(std::time::Duration::ZERO);
+        tokio::pin!(timer);
         loop {
             // Dispatch what is buffered, unless the client is not reading its replies.
             while !closing
@@ -288,7 +293,18 @@ impl Session {
                 self.pinned_check = None;
             }
             let (links, shard_due) = (self.shard.has_links(), self.shard.next_due());
-            let (mut shard_frame, mut shard_retry) = (None, false);
+            let (mut shard_frame, mut rang) = (None, false);
+            let check_due = deadline.filter(|_| self.pinned_check.is_none());
+            let wake_at = match (check_due, shard_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(at) = wake_at {
+                let at = tokio::time::Instant::from_std(at);
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+            }
             tokio::select! {
                 biased;
                 // First: with `biased`, a client that always has input ready
@@ -304,27 +320,8 @@ impl Session {
                 // Handled after the select: its futures are not dropped
                 // until it returns, and one of them is not `Send`.
                 got = std::future::poll_fn(|cx| self.shard.poll_frame(cx)), if links => shard_frame = Some(got),
-                _ = tokio::time::sleep_until(shard_due.unwrap_or_else(Instant::now).into()), if shard_due.is_some() => shard_retry = true,
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() && self.pinned_check.is_none() => {
-                    // Late is not dead: a check on another connection decides.
-                    // With a cluster, the node the pinned connection is open to.
-                    let health = match (&self.sidecar.cluster, &self.cluster_pin.node) {
-                        (Some(router), Some(node)) => router.health(node),
-                        _ => self.sidecar.upstream.health.clone(),
-                    };
-                    let now = Instant::now();
-                    // A blocking command is not late: an answer to any recent
-                    // check will do (many blocked clients share one check per
-                    // half period, not one each).
-                    let fresh = self.sidecar.config.upstream.command_timeout / 2;
-                    let since = if self.replies.overdue_open_ended_only(now) {
-                        now.checked_sub(fresh).unwrap_or(now)
-                    } else {
-                        now
-                    };
-                    self.pinned_check = Some(Box::pin(async move { health.alive_since(since).await }));
-                }
+                _ = &mut timer, if wake_at.is_some() => rang = true,
                 alive = std::future::poll_fn(|cx| match self.pinned_check.as_mut() {
                     Some(c) => c.as_mut().poll(cx),
                     None => std::task::Poll::Pending,
@@ -374,10 +371,36 @@ impl Session {
             if let Some((node, frame)) = shard_frame {
                 self.on_shard_frame(node, frame).await;
             }
-            if shard_retry {
-                self.shard_retry().await;
+            if rang {
+                let now = Instant::now();
+                if check_due.is_some_and(|d| d <= now) {
+                    self.start_pinned_check(now);
+                }
+                if shard_due.is_some_and(|d| d <= now) {
+                    self.shard_retry().await;
+                }
             }
         }
+    }
+
+    /// The pinned reply is late. Late is not dead: a check on another
+    /// connection decides (with a cluster, to the node the pinned connection
+    /// is open to).
+    fn start_pinned_check(&mut self, now: Instant) {
+        let health = match (&self.sidecar.cluster, &self.cluster_pin.node) {
+            (Some(router), Some(node)) => router.health(node),
+            _ => self.sidecar.upstream.health.clone(),
+        };
+        // A blocking command is not late: an answer to any recent check will
+        // do (many blocked clients share one check per half period, not one
+        // each).
+        let fresh = self.sidecar.config.upstream.command_timeout / 2;
+        let since = if self.replies.overdue_open_ended_only(now) {
+            now.checked_sub(fresh).unwrap_or(now)
+        } else {
+            now
+        };
+        self.pinned_check = Some(Box::pin(async move { health.alive_since(since).await }));
     }
 
     /// Has the client left more output unread than its class may
