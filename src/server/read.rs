@@ -192,7 +192,7 @@ impl Session {
         };
         let Some(policy) = policy else {
             count_request(name, Outcome::Forward);
-            return self.plain_read(req, key, td).await;
+            return self.plain_read(req, key, td, true).await;
         };
         let sig = cache::signature(name, &req.args);
         match self.outstanding.earlier(&key, &sig, self.proto) {
@@ -210,7 +210,7 @@ impl Session {
                 // An earlier read of this key is still owed: behind it, on the
                 // client's connection, as Redis would run it.
                 count_request(name, Outcome::Miss);
-                return self.plain_read(req, key, td).await;
+                return self.plain_read(req, key, td, false).await;
             }
         }
         let silent = self.reply_off || self.skip_next;
@@ -225,7 +225,7 @@ impl Session {
             }
             Lookup::Bypass => {
                 count_request(name, Outcome::Miss);
-                return self.plain_read(req, key, td).await;
+                return self.plain_read(req, key, td, false).await;
             }
             Lookup::Miss(ticket) => ticket,
         };
@@ -271,9 +271,21 @@ impl Session {
     }
 
     /// A read that L1 must not answer or store: on the client's connection.
-    async fn plain_read(&mut self, req: &Request, key: Bytes, td: Option<Arc<Tdengine>>) -> Flow {
+    /// With `may_read_replica` (L1 is out of it: the key is outside the
+    /// policies or L1 is not serving), a cluster's replica may answer it;
+    /// not when it must run behind a write or an earlier read of its key.
+    async fn plain_read(
+        &mut self,
+        req: &Request,
+        key: Bytes,
+        td: Option<Arc<Tdengine>>,
+        may_read_replica: bool,
+    ) -> Flow {
         if td.is_none() {
-            return self.forward(req, &Keys::None).await;
+            return match may_read_replica {
+                true => self.forward_read(req).await,
+                false => self.forward(req, &Keys::None).await,
+            };
         }
         let Some(route) = self.fetch_route() else {
             return self.flow_after_failed_send();
@@ -412,7 +424,7 @@ impl Session {
             .filter(|t| keys.iter().any(|k| t.matches(k)));
         if !serving && td.is_none() {
             count_request(name, Outcome::Forward);
-            return self.forward(req, &Keys::None).await;
+            return self.forward_read(req).await;
         }
         let sig = Bytes::from_static(b"MGET");
         let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
