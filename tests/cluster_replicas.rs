@@ -44,7 +44,8 @@ fn pairs(cluster: &Cluster) -> Vec<(&RedisServer, &RedisServer)> {
     out
 }
 
-/// A 3-master, 3-replica cluster whose replicas have synced.
+/// A 3-master, 3-replica cluster whose replicas have synced and that every
+/// node lists in `CLUSTER SLOTS` (so nearcache's first map has them).
 fn cluster_with_replicas() -> Cluster {
     let cluster = Cluster::start_with_replicas(3, 1);
     for (_, replica) in pairs(&cluster) {
@@ -52,6 +53,21 @@ fn cluster_with_replicas() -> Cluster {
             info_field(replica, "replication", "master_link_status") == "up"
         });
     }
+    wait_until(
+        "every node lists a replica for every range",
+        Duration::from_secs(30),
+        || {
+            cluster.nodes.iter().all(|n| {
+                let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query(&mut n.conn())
+                    .unwrap();
+                ranges
+                    .iter()
+                    .all(|r| matches!(r, redis::Value::Array(f) if f.len() == 4))
+            })
+        },
+    );
     cluster
 }
 
@@ -134,20 +150,9 @@ fn forwarded_reads_go_to_replicas_while_fills_and_writes_stay_on_masters() {
     let proxy = proxy_with(&cluster, true);
     let mut c = proxy.conn();
 
-    // Writes: on the masters, never tried on a replica first.
     let keys = keys_on_every_master(&cluster, "rr:");
-    let sets = calls(&masters, "set");
     for k in &keys {
         let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
-    }
-    let after: u64 = calls(&masters, "set").iter().sum();
-    assert_eq!(
-        after - sets.iter().sum::<u64>(),
-        keys.len() as u64,
-        "SETs on masters"
-    );
-    for r in &replicas {
-        assert_eq!(rejected(r, "set"), 0, "no SET sent to replica {}", r.port);
     }
     replicated(&cluster);
 
@@ -159,6 +164,18 @@ fn forwarded_reads_go_to_replicas_while_fills_and_writes_stay_on_masters() {
         }
         replicas.iter().all(|r| cmdstat(r, "get") > 0)
     });
+    // Writes, with the replicas' pools up: on the masters, never tried on
+    // a replica first (it would refuse them with a MOVED).
+    let sets: u64 = calls(&masters, "set").iter().sum();
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
+    }
+    let after: u64 = calls(&masters, "set").iter().sum();
+    assert_eq!(after - sets, keys.len() as u64, "SETs on masters");
+    for r in &replicas {
+        assert_eq!(rejected(r, "set"), 0, "no SET sent to replica {}", r.port);
+    }
+    replicated(&cluster);
     let (m0, r0) = (calls(&masters, "get"), calls(&replicas, "get"));
     let rounds = 5;
     for _ in 0..rounds {

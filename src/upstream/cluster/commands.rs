@@ -18,8 +18,8 @@ use crate::protocol;
 pub enum RequestPolicy {
     /// No tip: any one master.
     Default,
-    /// Every node; nearcache sends it to every master (replicas are not
-    /// connected unless `replica_reads`).
+    /// Every node; nearcache sends it to every master (replicas only ever
+    /// get keyed reads, with `replica_reads`).
     AllNodes,
     AllShards,
     /// A multi-key command: split per slot.
