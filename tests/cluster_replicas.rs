@@ -137,8 +137,8 @@ fn proxy_with(cluster: &Cluster, replica_reads: bool) -> Proxy {
 
 /// With `replica_reads`: reads L1 does not serve (keys outside the
 /// policies) are answered by replicas with the right values (after `WAIT`)
-/// while the masters see none of them; MGET across slots and STRLEN (any
-/// command flagged `readonly`) too; writes go to masters (no replica
+/// while the masters see none of them; STRLEN (any command flagged
+/// `readonly`) and the parts of an MGET across slots too; writes go to masters (no replica
 /// refuses one); a cacheable read's L1 fill comes from the master, and
 /// then L1 serves it.
 #[test]
@@ -217,6 +217,21 @@ fn forwarded_reads_go_to_replicas_while_fills_and_writes_stay_on_masters() {
         calls(&masters, "get"),
         m0,
         "no forwarded read reached a master"
+    );
+    // MGET across slots while L1 serves, of keys outside the policies:
+    // every part on a replica.
+    let mget0 = calls(&replicas, "mget");
+    let all: Vec<String> = redis::cmd("MGET").arg(&keys).query(&mut c).unwrap();
+    assert_eq!(all, keys);
+    let mget1 = calls(&replicas, "mget");
+    assert!(
+        mget1.iter().zip(&mget0).all(|(a, b)| a > b),
+        "MGET parts on every replica: {mget0:?} -> {mget1:?}"
+    );
+    assert_eq!(
+        calls(&masters, "mget"),
+        vec![0; 3],
+        "no MGET part on a master"
     );
 
     // Cacheable keys (`ind:*`): the fill is read on the master (PTTL + GET

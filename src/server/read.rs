@@ -430,13 +430,13 @@ impl Session {
         let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         let mut fills: Vec<ElementFill> = Vec::new();
+        // Per missing key: L1 is out of it (no policy), so with a cluster
+        // and `replica_reads` a replica may answer it.
+        let mut free: Vec<bool> = Vec::new();
         for k in keys {
             // A key with an earlier read still owed is read upstream, behind it.
-            let policy = if serving && !self.outstanding.reading(k) {
-                cache.policy(k)
-            } else {
-                None
-            };
+            let behind = !serving || self.outstanding.reading(k);
+            let policy = if behind { None } else { cache.policy(k) };
             let mut hit = None;
             let found = policy.map(|p| {
                 (
@@ -451,6 +451,7 @@ impl Session {
                 other => {
                     parts.push(None);
                     missing.push(k.clone());
+                    free.push(!behind && other.is_none());
                     fills.push(match other {
                         Some((p, Lookup::Miss(t))) => Some((k.clone(), t, p)),
                         _ => None,
@@ -465,7 +466,7 @@ impl Session {
         }
         if self.sidecar.cluster.is_some() {
             count_request(name, Outcome::Miss);
-            return self.cluster_mget(req, parts, missing, fills).await;
+            return self.cluster_mget(req, parts, missing, fills, free).await;
         }
         let Some(conn) = self.conn_for_read() else {
             return self.flow_after_failed_send();
@@ -547,13 +548,16 @@ impl Session {
     /// [`split::plan`] splits any MGET, each part sent with the `PTTL`s of
     /// its fillable keys as one job to the part's owner (a part that
     /// followed a redirect stores nothing), the parts and L1's hits put back
-    /// in the client's key order.
+    /// in the client's key order. A part whose keys are all `free` (no
+    /// policy: nothing to fill, nothing to run behind) is a plain read, which
+    /// with `replica_reads` a replica may answer.
     async fn cluster_mget(
         &mut self,
         req: &Request,
         parts: Vec<Option<Bytes>>,
         missing: Vec<Bytes>,
         mut fills: Vec<ElementFill>,
+        free: Vec<bool>,
     ) -> Flow {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Flow::Next;
@@ -585,13 +589,18 @@ impl Session {
                 _ => return protocol::error("ERR nearcache: MGET could not be routed by slot"),
             };
             let sent = Instant::now();
+            let replica = router.replica_ok_now(&args);
             let results = futures::future::join_all(jobs.iter().map(|(slot, request, order)| {
+                if replica && order.iter().all(|&i| free[i]) {
+                    let read = router.send_after(proto, *slot, request.clone(), bias, None, true);
+                    return futures::future::Either::Left(read.map(|r| (vec![r], false)));
+                }
                 let mut job: Vec<Bytes> = order
                     .iter()
                     .filter_map(|&i| fills[i].as_ref().map(|(k, _, _)| pttl_request(k)))
                     .collect();
                 job.push(request.clone());
-                router.send_job(proto, *slot, job, bias)
+                futures::future::Either::Right(router.send_job(proto, *slot, job, bias))
             }))
             .await;
             let mut elements: Vec<Option<Bytes>> = vec![None; missing.len()];
