@@ -483,3 +483,106 @@ fn a_killed_replica_sends_reads_back_to_the_master_promptly() {
         assert_eq!(&v, k);
     }
 }
+
+/// A replica that answers `MOVED` (its master gave the slot away, and
+/// nearcache's map does not know yet): the read follows it to the new
+/// owner, the map is updated, and the right value comes back.
+#[test]
+fn a_moved_from_a_replica_is_followed_to_the_new_owner() {
+    let cluster = cluster_with_replicas();
+    let pairs = pairs(&cluster);
+    let key = "mv:{a}1";
+    let s = nearcache::upstream::cluster::slots::slot(key.as_bytes());
+    let from = cluster.owner_of(key);
+    let (_, from_replica) = *pairs.iter().find(|p| p.0.port == from.port).unwrap();
+    let to = pairs
+        .iter()
+        .map(|p| p.0)
+        .find(|m| m.port != from.port)
+        .unwrap();
+    let mut cfg = test_config(&cluster.url());
+    cfg.upstream.cluster.replica_reads = true;
+    // Nothing but the MOVED tells the router of the move.
+    cfg.upstream.cluster.refresh_interval = Duration::from_secs(600);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let connector = Connector::new(cfg.upstream).unwrap();
+    let router =
+        rt.block_on(async { Router::new(ClusterView::start(connector.clone()), connector) });
+    let get = |router: &Router| {
+        rt.block_on(async {
+            let request = nearcache::protocol::command(["GET", key]);
+            router
+                .send_after(2, s, request, 0, None, true)
+                .await
+                .map(|r| r.bytes)
+        })
+    };
+    wait_until("the router has a map", Duration::from_secs(10), || {
+        router.view().current().is_some()
+    });
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg("v1")
+        .query(&mut from.conn())
+        .unwrap();
+    replicated(&cluster);
+    wait_until(
+        "the read reaches the replica",
+        Duration::from_secs(10),
+        || {
+            let r = get(&router).unwrap();
+            assert_eq!(&r[..], b"$2\r\nv1\r\n");
+            cmdstat(from_replica, "get") > 0
+        },
+    );
+
+    // The slot moves to another master; its old master's replica learns it.
+    let ss = s.to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &ss, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &ss, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+    let _: () = redis::cmd("MIGRATE")
+        .arg(&["127.0.0.1", &to.port.to_string(), key, "0", "5000"][..])
+        .query(&mut from.conn())
+        .unwrap();
+    for m in std::iter::once(to).chain(pairs.iter().map(|p| p.0).filter(|m| m.port != to.port)) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &ss, "NODE", &to.node_id()][..])
+            .query(&mut m.conn())
+            .unwrap();
+    }
+    wait_until(
+        "the old master's replica sees the new owner",
+        Duration::from_secs(20),
+        || {
+            let r: redis::RedisResult<String> =
+                redis::cmd("GET").arg(key).query(&mut from_replica.conn());
+            r.is_err_and(|e| e.to_string().contains(&to.port.to_string()))
+        },
+    );
+    let owner = |router: &Router| {
+        router
+            .view()
+            .current()
+            .unwrap()
+            .owner(s)
+            .map(str::to_string)
+    };
+    assert_eq!(owner(&router), Some(format!("127.0.0.1:{}", from.port)));
+    let rejected_before = rejected(from_replica, "get");
+    let to_gets = cmdstat(to, "get");
+    assert_eq!(&get(&router).unwrap()[..], b"$2\r\nv1\r\n");
+    assert_eq!(
+        rejected(from_replica, "get"),
+        rejected_before + 1,
+        "the replica answered MOVED"
+    );
+    assert_eq!(cmdstat(to, "get"), to_gets + 1, "the new owner answered");
+    assert_eq!(owner(&router), Some(format!("127.0.0.1:{}", to.port)));
+    router.stop();
+}
