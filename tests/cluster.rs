@@ -424,7 +424,7 @@ async fn executed(router: &Router, args: &[&str]) -> String {
         .map(|a| Bytes::copy_from_slice(a.as_bytes()))
         .collect();
     let reply = router
-        .execute(2, &args, 0)
+        .execute(2, &args, 0, false)
         .await
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     String::from_utf8_lossy(&reply.bytes).into_owned()
@@ -840,7 +840,7 @@ async fn a_failed_master_is_replaced_by_its_replica_and_its_pools_closed() {
     let mut failures = 0;
     loop {
         let started = Instant::now();
-        let r = router.execute(2, &args, 0).await;
+        let r = router.execute(2, &args, 0, false).await;
         assert!(
             started.elapsed() < Duration::from_secs(8),
             "a request took {:?}",

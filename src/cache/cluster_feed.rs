@@ -39,6 +39,7 @@ use crate::net::{Backoff, FrameReader};
 use crate::protocol::{self, ReplyKind};
 use crate::upstream::cluster::router::Router;
 use crate::upstream::cluster::slots;
+use crate::upstream::cluster::topology::Topology;
 use crate::upstream::{Login, ReplyResult};
 
 /// Which masters have a feed, and which of those feeds are up.
@@ -157,28 +158,37 @@ pub fn start(cache: Arc<Cache>, router: Arc<Router>, shutdown: Arc<Notify>) {
         let mut maps = router.view().subscribe();
         let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut next_id = 0u64;
+        // The map last reconciled (`None` until then or after a restart).
+        let mut last: Option<Arc<Topology>> = None;
         loop {
-            let masters = maps
-                .borrow_and_update()
+            let now = maps.borrow_and_update().clone();
+            // Only replicas changed (one failed, joined, was promoted
+            // without its master's slots moving yet): L1 is filled from
+            // masters only, so nothing cached is in doubt.
+            let replicas_only = matches!((&last, &now), (Some(l), Some(n)) if l.same_owners(n));
+            let masters = now
                 .as_ref()
                 .map(|t| t.masters().to_vec())
                 .unwrap_or_default();
-            let (removed, added) = feeds.reconcile(&masters, &mut next_id);
-            for a in removed {
-                if let Some(t) = tasks.remove(&a) {
-                    t.abort();
+            last = now;
+            if !replicas_only {
+                let (removed, added) = feeds.reconcile(&masters, &mut next_id);
+                for a in removed {
+                    if let Some(t) = tasks.remove(&a) {
+                        t.abort();
+                    }
                 }
-            }
-            for (addr, id) in added {
-                let task = tokio::spawn(node_feed(
-                    feeds.clone(),
-                    router.clone(),
-                    addr.clone(),
-                    id,
-                    instance.clone(),
-                ));
-                if let Some(old) = tasks.insert(addr, task) {
-                    old.abort();
+                for (addr, id) in added {
+                    let task = tokio::spawn(node_feed(
+                        feeds.clone(),
+                        router.clone(),
+                        addr.clone(),
+                        id,
+                        instance.clone(),
+                    ));
+                    if let Some(old) = tasks.insert(addr, task) {
+                        old.abort();
+                    }
                 }
             }
             tokio::select! {
@@ -189,6 +199,7 @@ pub fn start(cache: Arc<Cache>, router: Arc<Router>, shutdown: Arc<Notify>) {
                         t.abort();
                     }
                     feeds.members.lock().feeds.clear();
+                    last = None;
                 }
                 _ = shutdown.notified() => break,
             }

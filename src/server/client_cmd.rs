@@ -270,7 +270,7 @@ impl Session {
     /// Sends a request on the control connection.
     pub(super) async fn control(&mut self, req: &Request) -> Flow {
         if self.sidecar.cluster.is_some() {
-            return self.cluster_forward(req, &crate::command::Keys::None);
+            return self.cluster_forward(req, &crate::command::Keys::None, false);
         }
         let silent = self.silent_reply();
         match self.sidecar.upstream.control() {

@@ -192,7 +192,7 @@ impl Session {
         };
         let Some(policy) = policy else {
             count_request(name, Outcome::Forward);
-            return self.plain_read(req, key, td).await;
+            return self.plain_read(req, key, td, true).await;
         };
         let sig = cache::signature(name, &req.args);
         match self.outstanding.earlier(&key, &sig, self.proto) {
@@ -210,7 +210,7 @@ impl Session {
                 // An earlier read of this key is still owed: behind it, on the
                 // client's connection, as Redis would run it.
                 count_request(name, Outcome::Miss);
-                return self.plain_read(req, key, td).await;
+                return self.plain_read(req, key, td, false).await;
             }
         }
         let silent = self.reply_off || self.skip_next;
@@ -225,7 +225,7 @@ impl Session {
             }
             Lookup::Bypass => {
                 count_request(name, Outcome::Miss);
-                return self.plain_read(req, key, td).await;
+                return self.plain_read(req, key, td, false).await;
             }
             Lookup::Miss(ticket) => ticket,
         };
@@ -271,9 +271,21 @@ impl Session {
     }
 
     /// A read that L1 must not answer or store: on the client's connection.
-    async fn plain_read(&mut self, req: &Request, key: Bytes, td: Option<Arc<Tdengine>>) -> Flow {
+    /// With `may_read_replica` (L1 is out of it: the key is outside the
+    /// policies or L1 is not serving), a cluster's replica may answer it;
+    /// not when it must run behind a write or an earlier read of its key.
+    async fn plain_read(
+        &mut self,
+        req: &Request,
+        key: Bytes,
+        td: Option<Arc<Tdengine>>,
+        may_read_replica: bool,
+    ) -> Flow {
         if td.is_none() {
-            return self.forward(req, &Keys::None).await;
+            return match may_read_replica {
+                true => self.forward_read(req).await,
+                false => self.forward(req, &Keys::None).await,
+            };
         }
         let Some(route) = self.fetch_route() else {
             return self.flow_after_failed_send();
@@ -412,19 +424,19 @@ impl Session {
             .filter(|t| keys.iter().any(|k| t.matches(k)));
         if !serving && td.is_none() {
             count_request(name, Outcome::Forward);
-            return self.forward(req, &Keys::None).await;
+            return self.forward_read(req).await;
         }
         let sig = Bytes::from_static(b"MGET");
         let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         let mut fills: Vec<ElementFill> = Vec::new();
+        // Per missing key: L1 is out of it (no policy), so with a cluster
+        // and `replica_reads` a replica may answer it.
+        let mut free: Vec<bool> = Vec::new();
         for k in keys {
             // A key with an earlier read still owed is read upstream, behind it.
-            let policy = if serving && !self.outstanding.reading(k) {
-                cache.policy(k)
-            } else {
-                None
-            };
+            let behind = !serving || self.outstanding.reading(k);
+            let policy = if behind { None } else { cache.policy(k) };
             let mut hit = None;
             let found = policy.map(|p| {
                 (
@@ -439,6 +451,7 @@ impl Session {
                 other => {
                     parts.push(None);
                     missing.push(k.clone());
+                    free.push(!behind && other.is_none());
                     fills.push(match other {
                         Some((p, Lookup::Miss(t))) => Some((k.clone(), t, p)),
                         _ => None,
@@ -453,7 +466,7 @@ impl Session {
         }
         if self.sidecar.cluster.is_some() {
             count_request(name, Outcome::Miss);
-            return self.cluster_mget(req, parts, missing, fills).await;
+            return self.cluster_mget(req, parts, missing, fills, free).await;
         }
         let Some(conn) = self.conn_for_read() else {
             return self.flow_after_failed_send();
@@ -535,13 +548,16 @@ impl Session {
     /// [`split::plan`] splits any MGET, each part sent with the `PTTL`s of
     /// its fillable keys as one job to the part's owner (a part that
     /// followed a redirect stores nothing), the parts and L1's hits put back
-    /// in the client's key order.
+    /// in the client's key order. A part whose keys are all `free` (no
+    /// policy: nothing to fill, nothing to run behind) is a plain read, which
+    /// with `replica_reads` a replica may answer.
     async fn cluster_mget(
         &mut self,
         req: &Request,
         parts: Vec<Option<Bytes>>,
         missing: Vec<Bytes>,
         mut fills: Vec<ElementFill>,
+        free: Vec<bool>,
     ) -> Flow {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Flow::Next;
@@ -573,13 +589,18 @@ impl Session {
                 _ => return protocol::error("ERR nearcache: MGET could not be routed by slot"),
             };
             let sent = Instant::now();
+            let replica = router.replica_ok_now(&args);
             let results = futures::future::join_all(jobs.iter().map(|(slot, request, order)| {
+                if replica && order.iter().all(|&i| free[i]) {
+                    let read = router.send_after(proto, *slot, request.clone(), bias, None, true);
+                    return futures::future::Either::Left(read.map(|r| (vec![r], false)));
+                }
                 let mut job: Vec<Bytes> = order
                     .iter()
                     .filter_map(|&i| fills[i].as_ref().map(|(k, _, _)| pttl_request(k)))
                     .collect();
                 job.push(request.clone());
-                router.send_job(proto, *slot, job, bias)
+                futures::future::Either::Right(router.send_job(proto, *slot, job, bias))
             }))
             .await;
             let mut elements: Vec<Option<Bytes>> = vec![None; missing.len()];

@@ -16,7 +16,6 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::clients::{ClientInfo, Signal};
@@ -27,9 +26,9 @@ use super::{count_request, Outcome, Sidecar};
 use crate::command::Keys;
 use crate::error::Error;
 use crate::protocol::{self, Limits, Request, RequestParser};
-use crate::upstream::cluster::router::Router;
+use crate::upstream::cluster::router::{Router, Sent};
 use crate::upstream::cluster::split;
-use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame, ReplyResult};
+use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame};
 
 /// Which connection the requests still owed went to.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -90,6 +89,9 @@ pub(super) struct Session {
 
 struct EagerRoute {
     slot: u16,
+    /// Reads sent to a replica of the slot's master (`replica_reads`) have
+    /// a route of their own.
+    at_replica: bool,
     addr: String,
     conn: Arc<MuxConn>,
     /// Alive while a request of this route is owed.
@@ -478,11 +480,13 @@ impl Session {
                 Route::MGet => return self.mget(&name, req).await,
                 Route::Pool { keys } => {
                     count_request(&name, Outcome::Forward);
-                    return self.cluster_forward(req, &keys);
+                    // A read-only command may go to a replica (the router
+                    // decides by the cluster's command flags).
+                    return self.cluster_forward(req, &keys, true);
                 }
                 Route::Control => {
                     count_request(&name, Outcome::Forward);
-                    return self.cluster_forward(req, &Keys::None);
+                    return self.cluster_forward(req, &Keys::None, false);
                 }
                 _ => {}
             }
@@ -520,7 +524,15 @@ impl Session {
     ///
     /// `keys` are what it writes: marked as written from now (a read of
     /// them bypasses L1 and queues behind this) until its reply is in.
-    pub(super) fn cluster_forward(&mut self, req: &Request, keys: &Keys) -> Flow {
+    /// With `may_read_replica` and `replica_reads`, a read-only command goes
+    /// to a replica (see `router.rs`); false for what must see the master
+    /// (reads behind a write or an earlier read of the same key).
+    pub(super) fn cluster_forward(
+        &mut self,
+        req: &Request,
+        keys: &Keys,
+        may_read_replica: bool,
+    ) -> Flow {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Flow::Next;
         };
@@ -528,13 +540,14 @@ impl Session {
         let silent = self.silent_reply();
         let guard = self.sidecar.cache.begin_write(keys);
         let request = req.encoded();
-        if let Some((slot, addr, rx, token)) = self.write_now(&router, req, &request) {
+        let replica = may_read_replica && router.replica_ok_now(&req.args);
+        if let Some((slot, sent, token)) = self.write_now(&router, req, &request, replica) {
             // Pipelining: written to its node now; what comes back is
             // looked at (redirects followed) when it reaches the front, so
             // a redirected request is resent before anything after it.
             let reply = async move {
                 let r = match router
-                    .send_after(proto, slot, request, bias, Some((addr, rx)))
+                    .send_after(proto, slot, request, bias, Some(sent), replica)
                     .await
                 {
                     Ok(r) => r.bytes,
@@ -550,7 +563,7 @@ impl Session {
         }
         let args = req.args.clone();
         let reply = async move {
-            let r = match router.execute(proto, &args, bias).await {
+            let r = match router.execute(proto, &args, bias, may_read_replica).await {
                 Ok(r) => r.bytes,
                 Err(e) => e.to_reply(),
             };
@@ -568,13 +581,16 @@ impl Session {
     /// any of them is owed, even if the slot's owner changes meanwhile
     /// (the node answers MOVED and they are resent in order). Anything
     /// else (keys in several slots, keyless, a connection not ready, a full
-    /// queue) is `None`: sent when it reaches the front, as before.
+    /// queue) is `None`: sent when it reaches the front, as before. With
+    /// `replica` (a read the router lets go to a replica), a connected
+    /// replica of the slot's master takes it when there is one.
     fn write_now(
         &mut self,
         router: &Router,
         req: &Request,
         request: &Bytes,
-    ) -> Option<(u16, String, oneshot::Receiver<ReplyResult>, Arc<()>)> {
+        replica: bool,
+    ) -> Option<(u16, Sent, Arc<()>)> {
         if !self.replies.eager_may_pass() || !self.can_take(Path::Pool) {
             return None;
         }
@@ -583,23 +599,50 @@ impl Session {
             return None;
         };
         self.eager_routes.retain(|r| r.owed.strong_count() > 0);
-        let (addr, conn, token) = match self.eager_routes.iter().find(|r| r.slot == slot) {
-            Some(r) => (r.addr.clone(), r.conn.clone(), r.owed.upgrade()?),
+        // A read may follow the slot's master route (it then keeps its
+        // place behind the writes on it); a write never takes a replica's.
+        let route = self
+            .eager_routes
+            .iter()
+            .find(|r| r.slot == slot && (!r.at_replica || replica));
+        let (addr, at_replica, conn, token) = match route {
+            Some(r) => (
+                r.addr.clone(),
+                r.at_replica,
+                r.conn.clone(),
+                r.owed.upgrade()?,
+            ),
             None => {
-                let addr = router.owner(slot)?;
-                let conn = router.conn_now(&addr, self.proto, self.slot)?;
+                let found = match replica {
+                    true => router.replica_now(slot, self.proto, self.slot),
+                    false => None,
+                };
+                let (addr, at_replica, conn) = match found {
+                    Some((addr, conn)) => (addr, true, conn),
+                    None => {
+                        let addr = router.owner(slot)?;
+                        let conn = router.conn_now(&addr, self.proto, self.slot)?;
+                        (addr, false, conn)
+                    }
+                };
                 let token = Arc::new(());
                 self.eager_routes.push(EagerRoute {
                     slot,
+                    at_replica,
                     addr: addr.clone(),
                     conn: conn.clone(),
                     owed: Arc::downgrade(&token),
                 });
-                (addr, conn, token)
+                (addr, at_replica, conn, token)
             }
         };
-        let rx = conn.try_send(request.clone())?;
-        Some((slot, addr, rx, token))
+        let reply = conn.try_send(request.clone())?;
+        let sent = Sent {
+            addr,
+            at_replica,
+            reply,
+        };
+        Some((slot, sent, token))
     }
 
     /// May a request take `path` now, given the ones still owed?
@@ -639,7 +682,7 @@ impl Session {
     /// what it writes (invalidated now and again when its reply is in).
     pub async fn forward(&mut self, req: &Request, keys: &Keys) -> Flow {
         if self.sidecar.cluster.is_some() {
-            return self.cluster_forward(req, keys);
+            return self.cluster_forward(req, keys, false);
         }
         if !self.can_take(Path::Pool) {
             return Flow::Stall;
@@ -659,6 +702,16 @@ impl Session {
         self.path = Some(Path::Pool);
         self.replies.push(Owed::Upstream { rx, guard }, silent);
         Flow::Next
+    }
+
+    /// A read L1 neither answers nor fills (a key outside the policies, L1
+    /// not serving): [`Session::forward`], except that with a cluster and
+    /// `replica_reads` it may go to a replica.
+    pub async fn forward_read(&mut self, req: &Request) -> Flow {
+        if self.sidecar.cluster.is_some() {
+            return self.cluster_forward(req, &Keys::None, true);
+        }
+        self.forward(req, &Keys::None).await
     }
 
     /// Requests were just sent on the multiplexed connection.

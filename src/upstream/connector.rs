@@ -59,6 +59,17 @@ pub struct Connected {
     pub readonly: Option<Arc<Notify>>,
 }
 
+/// Where a pool's connections go.
+#[derive(Clone, Debug)]
+pub enum Dial {
+    /// The configured upstream (a single Redis, or the master Sentinel names).
+    Configured,
+    /// One node of a cluster (a master).
+    Node(String),
+    /// A cluster replica, for reads: every connection sends `READONLY`.
+    Replica(String),
+}
+
 /// Opens connections to the configured upstream, with the handshake applied.
 #[derive(Clone)]
 pub struct Connector {
@@ -138,12 +149,12 @@ impl Connector {
     ) -> Result<Connected, Error> {
         match &self.sentinel {
             None => {
-                self.dial(self.cfg.url.address(), proto, login, want_run_id)
+                self.dial(self.cfg.url.address(), proto, login, want_run_id, false)
                     .await
             }
             Some(s) => {
                 s.connect(since, move |addr| {
-                    self.dial(addr, proto, login, want_run_id)
+                    self.dial(addr, proto, login, want_run_id, false)
                 })
                 .await
             }
@@ -159,38 +170,46 @@ impl Connector {
         login: &Login,
         want_run_id: bool,
     ) -> Result<Connected, Error> {
-        self.dial(addr.to_string(), proto, login, want_run_id).await
+        self.dial(addr.to_string(), proto, login, want_run_id, false)
+            .await
     }
 
-    /// A pool connection: to `node` when given (cluster), else to the
-    /// configured upstream as a reconnect after `since`.
+    /// A pool connection to where `dial` says; to the configured upstream
+    /// as a reconnect after `since`.
     pub(super) async fn connect_via(
         &self,
-        node: Option<&str>,
+        dial: &Dial,
         proto: u8,
         since: Option<Instant>,
     ) -> Result<Connected, Error> {
-        match node {
-            Some(addr) => self.connect_to(addr, proto, &Login::Configured, true).await,
-            None => {
+        match dial {
+            Dial::Node(addr) => self.connect_to(addr, proto, &Login::Configured, true).await,
+            Dial::Replica(addr) => {
+                self.dial(addr.clone(), proto, &Login::Configured, true, true)
+                    .await
+            }
+            Dial::Configured => {
                 self.connect_since(proto, &Login::Configured, true, since)
                     .await
             }
         }
     }
 
-    /// Connects to `addr` and runs the handshake.
+    /// Connects to `addr` and runs the handshake; with `readonly`, the
+    /// handshake ends with `READONLY` (a cluster replica then serves reads
+    /// of its master's slots instead of redirecting them).
     async fn dial(
         &self,
         addr: String,
         proto: u8,
         login: &Login,
         want_run_id: bool,
+        readonly: bool,
     ) -> Result<Connected, Error> {
         let stream = net::connect(&addr, self.tls.as_ref(), self.cfg.connect_timeout).await?;
         match tokio::time::timeout(
             self.cfg.connect_timeout,
-            self.handshake(stream, &addr, proto, login, want_run_id),
+            self.handshake(stream, &addr, proto, login, want_run_id, readonly),
         )
         .await
         {
@@ -209,6 +228,7 @@ impl Connector {
         proto: u8,
         login: &Login,
         want_run_id: bool,
+        readonly: bool,
     ) -> Result<Connected, Error> {
         let url = &self.cfg.url;
         let mut out = BytesMut::new();
@@ -243,6 +263,9 @@ impl Connector {
         let check_role = self.sentinel.is_some();
         if check_role {
             out.extend_from_slice(&protocol::command(["ROLE"]));
+        }
+        if readonly {
+            out.extend_from_slice(&protocol::command(["READONLY"]));
         }
         stream
             .write_all(&out)
@@ -294,6 +317,12 @@ impl Connector {
                 return Err(Error::Upstream(format!(
                     "{addr} is a {role}, not the master"
                 )));
+            }
+        }
+        if readonly {
+            let r = reader.next().await?;
+            if let Some(text) = r.error_text() {
+                return Err(Error::Upstream(format!("READONLY at {addr}: {text}")));
             }
         }
         let (stream, leftover) = reader.into_parts();

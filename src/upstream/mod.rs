@@ -30,7 +30,7 @@ use parking_lot::RwLock;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-pub use connector::{Connected, Connector, Login, ServerInfo};
+pub use connector::{Connected, Connector, Dial, Login, ServerInfo};
 pub use health::Health;
 pub use mux::{received, timed_out, MuxConn, ReplyResult};
 pub use pinned::{PinnedConn, PinnedFrame, PinnedPool};
@@ -59,13 +59,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// `addr` is the node every connection goes to: `None` for the
-    /// configured upstream (a single Redis, or the master Sentinel names),
-    /// one master of a cluster otherwise (then `health` checks that node).
-    /// Without `health`, a late reply ends its connection at once.
+    /// `dial` is where every connection goes: the configured upstream (a
+    /// single Redis, or the master Sentinel names), or one node of a
+    /// cluster (then `health` checks that node). Without `health`, a late
+    /// reply ends its connection at once.
     pub(crate) fn start(
         connector: Connector,
-        addr: Option<String>,
+        dial: Dial,
         proto: u8,
         size: usize,
         run_id: Arc<watch::Sender<Option<String>>>,
@@ -87,7 +87,7 @@ impl Pool {
         for slot in &pool.slots {
             tokio::spawn(supervise(Supervised {
                 connector: connector.clone(),
-                addr: addr.clone(),
+                dial: dial.clone(),
                 proto,
                 slot: slot.clone(),
                 last_error: pool.last_error.clone(),
@@ -143,7 +143,7 @@ impl Pool {
 
 struct Supervised {
     connector: Connector,
-    addr: Option<String>,
+    dial: Dial,
     proto: u8,
     slot: Arc<Slot>,
     last_error: Arc<RwLock<String>>,
@@ -167,11 +167,7 @@ async fn supervise(s: Supervised) {
         if pool_dropped(&s) {
             return;
         }
-        match s
-            .connector
-            .connect_via(s.addr.as_deref(), s.proto, since)
-            .await
-        {
+        match s.connector.connect_via(&s.dial, s.proto, since).await {
             Ok(connected) if pool_dropped(&s) => drop(connected),
             Ok(connected) if *switches.borrow_and_update() != connected.epoch => {
                 // Opened to the master of before a switch that came meanwhile.
@@ -276,7 +272,7 @@ impl Upstream {
         let pool = |proto, size| {
             Pool::start(
                 connector.clone(),
-                None,
+                Dial::Configured,
                 proto,
                 size,
                 run_id.clone(),

@@ -18,8 +18,8 @@ use crate::protocol;
 pub enum RequestPolicy {
     /// No tip: any one master.
     Default,
-    /// Every node; nearcache sends it to every master (replicas are not
-    /// connected unless `replica_reads`).
+    /// Every node; nearcache sends it to every master (replicas only ever
+    /// get keyed reads, with `replica_reads`).
     AllNodes,
     AllShards,
     /// A multi-key command: split per slot.
@@ -79,6 +79,8 @@ pub struct CommandInfo {
     pub write: bool,
     pub readonly: bool,
     pub blocking: bool,
+    /// In the `@scripting` ACL category (EVAL_RO, FCALL_RO, …).
+    pub scripting: bool,
     pub request_policy: RequestPolicy,
     pub response_policy: ResponsePolicy,
     specs: Vec<KeySpec>,
@@ -309,6 +311,13 @@ fn parse_entry(entry: &[u8]) -> Option<CommandInfo> {
         .filter_map(text)
         .collect();
     let has = |flag: &str| flags.iter().any(|x| x.eq_ignore_ascii_case(flag));
+    let scripting = f
+        .get(6)
+        .and_then(|x| parts(x))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(text)
+        .any(|c| c.eq_ignore_ascii_case("@scripting"));
     let mut request_policy = RequestPolicy::Default;
     let mut response_policy = ResponsePolicy::Default;
     for tip in f
@@ -366,6 +375,7 @@ fn parse_entry(entry: &[u8]) -> Option<CommandInfo> {
         write: has("write"),
         readonly: has("readonly"),
         blocking: has("blocking"),
+        scripting,
         request_policy,
         response_policy,
         specs,

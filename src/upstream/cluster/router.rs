@@ -14,10 +14,21 @@
 //!   is never resent; the error goes back and the map is refreshed (a dead
 //!   master never answers MOVED).
 //!
+//! - With `replica_reads`, a read-only command (the cluster's `COMMAND`
+//!   flags: `readonly`, not `write`, `blocking` or `@scripting`) may go to
+//!   a replica of its slot's master instead ([`Router::replica_ok`]), on
+//!   pools whose connections sent `READONLY`; the replicas are taken in
+//!   turn, and the master serves it when none has a live connection. Being
+//!   a read, it is resent to the master when the replica's connection fails
+//!   or the replica answers a redirect, `LOADING`, `MASTERDOWN` or
+//!   `CLUSTERDOWN`. Writes, L1 fills ([`Router::send_job`]), keyless and
+//!   pinned commands never go to a replica.
+//!
 //! `session.rs::cluster_forward` sends every upstream-bound command of a
 //! cluster client through [`Router::execute`] (see `docs/cluster.md`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,13 +36,13 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 use tokio::sync::{oneshot, watch, Notify};
 
-use super::commands::CommandTable;
+use super::commands::{CommandInfo, CommandTable};
 use super::split::{self, Plan};
 use super::topology::Redirect;
 use super::view::ClusterView;
 use crate::error::Error;
 use crate::protocol::{self, Reply};
-use crate::upstream::{received, Connector, Health, MuxConn, Pool, ReplyResult};
+use crate::upstream::{received, Connector, Dial, Health, MuxConn, Pool, ReplyResult};
 
 /// Redirects and TRYAGAINs one request may follow before its last reply
 /// (an error) is returned as it is.
@@ -41,7 +52,8 @@ const MAX_REDIRECTS: u32 = 5;
 /// just learned (at least `connect_timeout`).
 const FIRST_CONNECT: Duration = Duration::from_secs(2);
 
-/// A master's multiplexed connections, one pool per RESP version.
+/// A node's multiplexed connections (a master's, or a replica's for
+/// reads), one pool per RESP version.
 struct Node {
     resp2: Pool,
     resp3: Pool,
@@ -76,11 +88,38 @@ fn map_is_stale(error: &str) -> bool {
         .any(|p| error.starts_with(p))
 }
 
-/// Multiplexed connections to every master, chosen by slot.
+/// An error reply from a replica that its master would not give (the
+/// replica is syncing, has lost its master, or is cut off): the read is
+/// resent to the master.
+fn replica_unfit(error: &str) -> bool {
+    ["LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN"]
+        .iter()
+        .any(|p| error.starts_with(p))
+}
+
+type Nodes = Arc<RwLock<HashMap<String, Arc<Node>>>>;
+
+/// A request's first attempt, already written to a node.
+pub struct Sent {
+    pub addr: String,
+    /// `addr` is a replica (the request is a read; see [`Router::replica_ok`]).
+    pub at_replica: bool,
+    pub reply: oneshot::Receiver<ReplyResult>,
+}
+
+/// Multiplexed connections to every master (and, with `replica_reads`,
+/// to the replicas reads may go to), chosen by slot.
 pub struct Router {
     view: Arc<ClusterView>,
     connector: Connector,
-    nodes: Arc<RwLock<HashMap<String, Arc<Node>>>>,
+    nodes: Nodes,
+    /// Pools of replicas (their connections sent `READONLY`), started on a
+    /// replica's first read; only with `replica_reads`.
+    replicas: Nodes,
+    /// Whether read-only commands may go to replicas (`replica_reads`).
+    replica_reads: bool,
+    /// Where the next replica read starts among its slot's replicas.
+    next_replica: AtomicUsize,
     shutdown: Arc<Notify>,
     /// The cluster's `COMMAND` table, read from a master on first need.
     commands: tokio::sync::OnceCell<Arc<CommandTable>>,
@@ -88,19 +127,108 @@ pub struct Router {
 
 impl Router {
     pub fn new(view: Arc<ClusterView>, connector: Connector) -> Router {
-        let nodes = Arc::new(RwLock::new(HashMap::new()));
+        let nodes: Nodes = Arc::new(RwLock::new(HashMap::new()));
+        let replicas: Nodes = Arc::new(RwLock::new(HashMap::new()));
         let shutdown = Arc::new(Notify::new());
         tokio::spawn(close_departed(
             view.subscribe(),
             Arc::downgrade(&nodes),
+            Arc::downgrade(&replicas),
             shutdown.clone(),
         ));
+        let replica_reads = connector.config().cluster.replica_reads;
         Router {
             view,
             connector,
             nodes,
+            replicas,
+            replica_reads,
+            next_replica: AtomicUsize::new(0),
             shutdown,
             commands: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Are reads sent to replicas (`replica_reads`)?
+    pub fn replica_reads(&self) -> bool {
+        self.replica_reads
+    }
+
+    /// May this command go to a replica? With `replica_reads`, a command
+    /// the cluster flags `readonly` and not `write` or `blocking`, outside
+    /// `@scripting`: a script's cache is per node (`SCRIPT LOAD` through
+    /// nearcache reaches the masters only, so a replica would answer
+    /// `NOSCRIPT` to EVALSHA_RO), and a long script belongs where its
+    /// writes would run anyway. Only keyed commands are asked (keyless ones
+    /// go to masters whatever this says).
+    pub fn replica_ok(&self, info: &CommandInfo) -> bool {
+        self.replica_reads && info.readonly && !info.write && !info.blocking && !info.scripting
+    }
+
+    /// [`Router::replica_ok`] for `args`, by the command table when it has
+    /// been read.
+    pub fn replica_ok_now(&self, args: &[Bytes]) -> bool {
+        self.replica_reads
+            && self
+                .commands_now()
+                .and_then(|t| t.lookup(args))
+                .is_some_and(|i| self.replica_ok(&i))
+    }
+
+    /// The replicas this router has pools for (for tests and operators).
+    pub fn pooled_replicas(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.replicas.read().keys().cloned().collect();
+        out.sort();
+        out
+    }
+
+    /// A replica of `slot`'s master with a live, punctual connection now
+    /// (none waited for): the replicas are taken in turn from a rotating
+    /// start. `None` when the slot has none, or none is connected.
+    pub fn replica_now(&self, slot: u16, proto: u8, bias: usize) -> Option<(String, Arc<MuxConn>)> {
+        if !self.replica_reads {
+            return None;
+        }
+        let topo = self.view.current()?;
+        let replicas = topo.replicas(slot);
+        if replicas.is_empty() {
+            return None;
+        }
+        let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
+        (0..replicas.len()).find_map(|i| {
+            let addr = &replicas[(start + i) % replicas.len()];
+            let conn = self
+                .replica(addr)
+                .pool(proto)
+                .conn(bias)
+                .ok()
+                .filter(|c| !c.is_late())?;
+            Some((addr.clone(), conn))
+        })
+    }
+
+    /// [`Router::replica_now`], waiting (bounded, as for a master) while a
+    /// replica's pool was just started and has not connected yet.
+    async fn replica_conn(
+        &self,
+        slot: u16,
+        proto: u8,
+        bias: usize,
+    ) -> Option<(String, Arc<MuxConn>)> {
+        loop {
+            if let Some(found) = self.replica_now(slot, proto, bias) {
+                return Some(found);
+            }
+            let topo = self.view.current()?;
+            let now = Instant::now();
+            let starting = topo
+                .replicas(slot)
+                .iter()
+                .any(|a| now < self.replica(a).patience_until);
+            if !starting {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -134,13 +262,22 @@ impl Router {
         self.view.current()?.owner(slot).map(str::to_string)
     }
 
-    /// The node's pools, started on first use; closed when the node leaves
-    /// the map ([`close_departed`]).
+    /// The master's pools, started on first use; closed when the node
+    /// leaves the map ([`close_departed`]).
     fn node(&self, addr: &str) -> Arc<Node> {
-        if let Some(n) = self.nodes.read().get(addr) {
+        self.node_in(&self.nodes, addr, Dial::Node(addr.to_string()))
+    }
+
+    /// The replica's pools (`READONLY` connections), as [`Router::node`].
+    fn replica(&self, addr: &str) -> Arc<Node> {
+        self.node_in(&self.replicas, addr, Dial::Replica(addr.to_string()))
+    }
+
+    fn node_in(&self, nodes: &Nodes, addr: &str, dial: Dial) -> Arc<Node> {
+        if let Some(n) = nodes.read().get(addr) {
             return n.clone();
         }
-        let mut nodes = self.nodes.write();
+        let mut nodes = nodes.write();
         nodes
             .entry(addr.to_string())
             .or_insert_with(|| {
@@ -151,7 +288,7 @@ impl Router {
                 let pool = |proto| {
                     Pool::start(
                         self.connector.clone(),
-                        Some(addr.to_string()),
+                        dial.clone(),
                         proto,
                         size,
                         // Each node's own: one shared by all would read as
@@ -196,7 +333,8 @@ impl Router {
     /// Sends `request` (one encoded command) to the owner of `slot` and
     /// returns its reply, following MOVED, ASK and TRYAGAIN.
     pub async fn send(&self, proto: u8, slot: u16, request: Bytes, bias: usize) -> ReplyResult {
-        self.send_after(proto, slot, request, bias, None).await
+        self.send_after(proto, slot, request, bias, None, false)
+            .await
     }
 
     /// The command table when it has been read already (no waiting).
@@ -216,42 +354,64 @@ impl Router {
 
     /// [`Router::send`] for a request whose first attempt is already in
     /// flight (`first`: the node it went to and its reply): redirects and
-    /// TRYAGAIN are followed from there, in the same way.
+    /// TRYAGAIN are followed from there, in the same way. With `replica`
+    /// (a read that [`Router::replica_ok`] allows), attempts go to a
+    /// replica of the slot's master while one is connected and has not
+    /// failed this request; the master otherwise.
     pub async fn send_after(
         &self,
         proto: u8,
         slot: u16,
         request: Bytes,
         bias: usize,
-        mut first: Option<(String, oneshot::Receiver<ReplyResult>)>,
+        mut first: Option<Sent>,
+        replica: bool,
     ) -> ReplyResult {
+        let mut replica = replica && self.replica_reads;
         let mut redirects = 0;
         let mut ask_to: Option<String> = None;
         loop {
-            let (addr, reply) = match (first.take(), ask_to.take()) {
-                (Some((addr, rx)), _) => (addr, received(rx.await)),
+            let (addr, at_replica, reply) = match (first.take(), ask_to.take()) {
+                (Some(f), _) => (f.addr, f.at_replica, received(f.reply.await)),
                 (None, Some(target)) => {
                     let r = self.one_off(&target, proto, &request, true).await;
-                    (target, r)
+                    (target, false, r)
                 }
                 (None, None) => {
                     let topo = self
                         .view
                         .current()
                         .ok_or_else(|| Arc::new(Error::Upstream(self.view.unknown())))?;
-                    let Some(addr) = topo.owner(slot).map(str::to_string) else {
+                    let Some(owner) = topo.owner(slot).map(str::to_string) else {
                         return Ok(Reply {
                             bytes: protocol::error("CLUSTERDOWN Hash slot not served"),
                             kind: protocol::ReplyKind::Error,
                         });
                     };
-                    let conn = self.conn(&addr, proto, bias).await.map_err(Arc::new)?;
+                    let at = match replica {
+                        true => self.replica_conn(slot, proto, bias).await,
+                        false => None,
+                    };
+                    let (addr, at_replica, conn) = match at {
+                        Some((addr, conn)) => (addr, true, conn),
+                        None => {
+                            let conn = self.conn(&owner, proto, bias).await.map_err(Arc::new)?;
+                            (owner, false, conn)
+                        }
+                    };
                     let r = received(conn.send(request.clone()).await.await);
-                    (addr, r)
+                    (addr, at_replica, r)
                 }
             };
             let reply = match reply {
                 Ok(r) => r,
+                Err(e) if at_replica => {
+                    // A read: resending it cannot apply anything twice.
+                    self.view.refresh();
+                    tracing::debug!(replica = %addr, error = %e, "replica read failed; resent to the master");
+                    replica = false;
+                    continue;
+                }
                 Err(e) => {
                     // Outcome unknown: never resent.
                     self.view.refresh();
@@ -261,6 +421,16 @@ impl Router {
             let Some(text) = reply.error_text() else {
                 return Ok(reply);
             };
+            if at_replica {
+                // Whatever the replica says next is the master's to answer:
+                // a MOVED means the map changed (followed below, to the new
+                // owner), other unfit replies are resent to the master.
+                replica = false;
+                if replica_unfit(&text) {
+                    self.view.refresh();
+                    continue;
+                }
+            }
             if redirects >= MAX_REDIRECTS {
                 return Ok(reply);
             }
@@ -398,16 +568,30 @@ impl Router {
     }
 
     /// A whole client command in a cluster: routed by its keys' slots,
-    /// split and merged across slots, or refused (see [`split`]).
-    pub async fn execute(&self, proto: u8, args: &[Bytes], bias: usize) -> ReplyResult {
+    /// split and merged across slots, or refused (see [`split`]). With
+    /// `may_read_replica`, a read [`Router::replica_ok`] allows goes to
+    /// replicas (each slot's part, when split).
+    pub async fn execute(
+        &self,
+        proto: u8,
+        args: &[Bytes],
+        bias: usize,
+        may_read_replica: bool,
+    ) -> ReplyResult {
         let table = self.commands().await?;
         let encode = || {
             let mut out = BytesMut::new();
             protocol::encode_command(&mut out, args);
             out.freeze()
         };
+        let replica = may_read_replica
+            && self.replica_reads
+            && table.lookup(args).is_some_and(|i| self.replica_ok(&i));
         match split::plan(&table, args) {
-            Plan::One { slot } => self.send(proto, slot, encode(), bias).await,
+            Plan::One { slot } => {
+                self.send_after(proto, slot, encode(), bias, None, replica)
+                    .await
+            }
             Plan::AnyMaster => {
                 let addr = self.any_master()?;
                 self.to_node(&addr, proto, encode(), bias).await
@@ -449,11 +633,10 @@ impl Router {
             }
             Plan::Scan { master, cursor } => self.scan(proto, args, master, cursor, bias).await,
             Plan::Split { merge, parts } => {
-                let replies = futures::future::join_all(
-                    parts
-                        .iter()
-                        .map(|p| self.send(proto, p.slot.unwrap_or(0), p.request.clone(), bias)),
-                )
+                let replies = futures::future::join_all(parts.iter().map(|p| {
+                    let slot = p.slot.unwrap_or(0);
+                    self.send_after(proto, slot, p.request.clone(), bias, None, replica)
+                }))
                 .await;
                 if merge == split::Merge::KeyOrder {
                     // MGET: a shard that fails costs only its own keys, each
@@ -569,17 +752,22 @@ impl Router {
         for node in self.nodes.read().values() {
             node.shutdown.notify_waiters();
         }
+        for node in self.replicas.read().values() {
+            node.shutdown.notify_waiters();
+        }
         self.view.stop();
     }
 }
 
 /// Closes the pools of masters that left the map (a failed master replaced
-/// by its replica, an address that changed): without this their
-/// connections would be retried for ever. A pool's supervisors also stop
-/// by themselves once the pool is dropped (see `upstream::pool_dropped`).
+/// by its replica, an address that changed) and of replicas that left it
+/// (failed, promoted, removed): without this their connections would be
+/// retried for ever. A pool's supervisors also stop by themselves once the
+/// pool is dropped (see `upstream::pool_dropped`).
 async fn close_departed(
     mut changes: watch::Receiver<Option<Arc<super::topology::Topology>>>,
     nodes: std::sync::Weak<RwLock<HashMap<String, Arc<Node>>>>,
+    replicas: std::sync::Weak<RwLock<HashMap<String, Arc<Node>>>>,
     stop: Arc<Notify>,
 ) {
     loop {
@@ -590,18 +778,21 @@ async fn close_departed(
         let Some(topology) = changes.borrow_and_update().clone() else {
             continue;
         };
-        let Some(nodes) = nodes.upgrade() else { return };
-        let departed: Vec<Arc<Node>> = {
-            let mut map = nodes.write();
-            let gone: Vec<String> = map
-                .keys()
-                .filter(|a| !topology.masters().contains(a))
-                .cloned()
-                .collect();
-            gone.iter().filter_map(|a| map.remove(a)).collect()
+        let (Some(nodes), Some(replicas)) = (nodes.upgrade(), replicas.upgrade()) else {
+            return;
         };
+        let kept = topology.all_replicas();
+        let mut departed = remove_unless(&nodes, |a| topology.masters().iter().any(|m| m == a));
+        departed.extend(remove_unless(&replicas, |a| kept.iter().any(|r| r == a)));
         for node in departed {
             node.shutdown.notify_waiters();
         }
     }
+}
+
+/// Takes the nodes whose address `keep` refuses out of `nodes`.
+fn remove_unless(nodes: &Nodes, keep: impl Fn(&str) -> bool) -> Vec<Arc<Node>> {
+    let mut map = nodes.write();
+    let gone: Vec<String> = map.keys().filter(|a| !keep(a)).cloned().collect();
+    gone.iter().filter_map(|a| map.remove(a)).collect()
 }

@@ -2,6 +2,10 @@
 //! here; `CLUSTER SHARDS` only from 8, and it had bugs before), and the
 //! redirects (`MOVED`, `ASK`) that say a view is out of date.
 //!
+//! Each range's entries after its master are that master's replicas (a
+//! replica that failed is left out by Redis itself); they are kept for
+//! replica reads (`router.rs`), never for writes or L1 fills.
+//!
 //! A [`Topology`] is an immutable snapshot: the request path reads an
 //! `Arc` of it without locks, and a change builds a new one (see
 //! [`super::view`]).
@@ -28,13 +32,16 @@ pub struct Topology {
     /// when unknown or learnt from a `MOVED`): Redis's own rule for two
     /// claims on one slot is that the higher epoch wins, and so is ours.
     epochs: Vec<u64>,
+    /// The replicas of each master (same index as `masters`), sorted.
+    replicas: Vec<Vec<String>>,
 }
 
-/// Two views are the same when the same masters own the same slots; an
-/// epoch that moved without an owner changing is no change for routing.
+/// Two views are the same when the same masters own the same slots and
+/// have the same replicas; an epoch that moved without an owner changing
+/// is no change for routing.
 impl PartialEq for Topology {
     fn eq(&self, other: &Topology) -> bool {
-        self.masters == other.masters && self.owners == other.owners
+        self.same_owners(other) && self.replicas == other.replicas
     }
 }
 
@@ -48,6 +55,8 @@ pub struct Claim {
     pub end: u16,
     pub addr: String,
     pub epoch: u64,
+    /// The replicas the answer lists after `addr` for this range.
+    pub replicas: Vec<String>,
 }
 
 impl std::fmt::Debug for Topology {
@@ -75,28 +84,46 @@ impl Topology {
                 end: *end,
                 addr: addr.clone(),
                 epoch: 0,
+                replicas: Vec::new(),
             })
             .collect();
         Topology::from_claims(&claims)
     }
 
-    /// Builds a topology from claims that do not overlap.
+    /// Builds a topology from claims that do not overlap. A master's
+    /// replicas are those every one of its claims lists (one answer may be
+    /// older than another: a replica is used only when all agree), never
+    /// an address that is a master itself.
     fn from_claims(claims: &[Claim]) -> Topology {
         let mut masters: Vec<String> = claims.iter().map(|c| c.addr.clone()).collect();
         masters.sort();
         masters.dedup();
         let mut epochs = vec![0; SLOTS];
         let mut owners = vec![NONE; SLOTS];
+        let mut replicas: Vec<Option<Vec<String>>> = vec![None; masters.len()];
         for c in claims {
             let i = masters.binary_search(&c.addr).expect("listed above");
             let range = c.start as usize..=(c.end as usize).min(SLOTS - 1);
             owners[range.clone()].fill(i as u16);
             epochs[range].fill(c.epoch);
+            let listed = replicas[i].get_or_insert_with(|| c.replicas.clone());
+            listed.retain(|r| c.replicas.contains(r));
         }
+        let replicas = replicas
+            .into_iter()
+            .map(|r| {
+                let mut r = r.unwrap_or_default();
+                r.retain(|a| masters.binary_search(a).is_err());
+                r.sort();
+                r.dedup();
+                r
+            })
+            .collect();
         Topology {
             masters,
             owners,
             epochs,
+            replicas,
         }
     }
 
@@ -124,6 +151,23 @@ impl Topology {
                 }
             }
         }
+        // Every answer's replicas of each master, intersected (see
+        // `from_claims`); a master no answer names keeps `current`'s.
+        let mut replicas: std::collections::HashMap<&str, Vec<String>> = Default::default();
+        for c in answers.iter().flatten() {
+            let listed = replicas
+                .entry(c.addr.as_str())
+                .or_insert_with(|| c.replicas.clone());
+            listed.retain(|r| c.replicas.contains(r));
+        }
+        let replicas_of = |addr: &str| -> Vec<String> {
+            match replicas.get(addr) {
+                Some(r) => r.clone(),
+                None => current
+                    .map(|t| t.replicas_of(addr).to_vec())
+                    .unwrap_or_default(),
+            }
+        };
         let mut claims: Vec<Claim> = Vec::new();
         for (s, cands) in per_slot.iter().enumerate() {
             let slot = s as u16;
@@ -142,9 +186,38 @@ impl Topology {
             let Some((addr, epoch)) = chosen else {
                 continue;
             };
-            extend(&mut claims, slot, addr, epoch);
+            extend(&mut claims, slot, addr, epoch, &replicas_of);
         }
         Topology::from_claims(&claims)
+    }
+
+    /// The replicas of master `addr` in this view (none if it is not one).
+    pub fn replicas_of(&self, addr: &str) -> &[String] {
+        match self.masters.binary_search_by(|m| m.as_str().cmp(addr)) {
+            Ok(i) => &self.replicas[i],
+            Err(_) => &[],
+        }
+    }
+
+    /// The replicas of `slot`'s master.
+    pub fn replicas(&self, slot: u16) -> &[String] {
+        match self.owners.get(slot as usize) {
+            Some(&i) if i != NONE => &self.replicas[i as usize],
+            _ => &[],
+        }
+    }
+
+    /// Every replica of every master, sorted.
+    pub fn all_replicas(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.replicas.iter().flatten().cloned().collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Do the same masters own the same slots (replicas aside)?
+    pub fn same_owners(&self, other: &Topology) -> bool {
+        self.masters == other.masters && self.owners == other.owners
     }
 
     /// The config epoch of master `addr` in this view (the highest of its
@@ -213,39 +286,55 @@ pub fn claims_of(
                 .ok_or_else(bad)
         };
         let (start, end) = (num(fields[0].clone())?, num(fields[1].clone())?);
-        let node = &entry[fields[2].clone()];
-        let parts = protocol::elements(node).ok_or_else(bad)?;
-        if parts.len() < 2 {
-            return Err(bad());
-        }
-        let host = protocol::scalar(&node[parts[0].clone()]).ok_or_else(bad)?;
-        let port = protocol::scalar(&node[parts[1].clone()])
-            .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u16>().ok())
-            .ok_or_else(bad)?;
-        let host = String::from_utf8_lossy(&host).into_owned();
-        let host = match host.as_str() {
-            "?" => continue,
-            "" => host_of(asked).to_string(),
-            _ => host,
+        let Some((addr, id)) = node_of(&entry[fields[2].clone()], asked)? else {
+            continue;
         };
-        let id = parts
-            .get(2)
-            .and_then(|r| protocol::scalar(&node[r.clone()]))
-            .unwrap_or_default();
         let epoch = epochs
             .iter()
             .find(|(i, _)| !id.is_empty() && i[..] == id[..])
             .map_or(0, |(_, e)| *e);
+        let mut replicas = Vec::new();
+        for f in &fields[3..] {
+            if let Some((r, _)) = node_of(&entry[f.clone()], asked)? {
+                replicas.push(r);
+            }
+        }
         if start <= end {
             ranges.push(Claim {
                 start,
                 end,
-                addr: node_address(&host, port),
+                addr,
                 epoch,
+                replicas,
             });
         }
     }
     Ok(ranges)
+}
+
+/// One node of a `CLUSTER SLOTS` range (`[host, port, id, …]`): its
+/// address and id, `None` for an unknown endpoint (`?`).
+fn node_of(node: &[u8], asked: &str) -> Result<Option<(String, Vec<u8>)>, String> {
+    let bad = || "CLUSTER SLOTS: not the reply Redis sends".to_string();
+    let parts = protocol::elements(node).ok_or_else(bad)?;
+    if parts.len() < 2 {
+        return Err(bad());
+    }
+    let host = protocol::scalar(&node[parts[0].clone()]).ok_or_else(bad)?;
+    let port = protocol::scalar(&node[parts[1].clone()])
+        .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u16>().ok())
+        .ok_or_else(bad)?;
+    let host = String::from_utf8_lossy(&host).into_owned();
+    let host = match host.as_str() {
+        "?" => return Ok(None),
+        "" => host_of(asked).to_string(),
+        _ => host,
+    };
+    let id = parts
+        .get(2)
+        .and_then(|r| protocol::scalar(&node[r.clone()]))
+        .unwrap_or_default();
+    Ok(Some((node_address(&host, port), id.to_vec())))
 }
 
 impl Topology {
@@ -272,19 +361,27 @@ impl Topology {
         // A MOVED says nothing of epochs (and may come from a node with an
         // old map): 0, so that the next refresh's answers decide.
         let mut claims: Vec<Claim> = Vec::new();
+        let replicas_of = |a: &str| self.replicas_of(a).to_vec();
         for s in 0..SLOTS as u16 {
             let owner = if s == slot { Some(addr) } else { self.owner(s) };
             let Some(owner) = owner else { continue };
             let epoch = if s == slot { 0 } else { self.owner_epoch(s) };
-            extend(&mut claims, s, owner, epoch);
+            extend(&mut claims, s, owner, epoch, &replicas_of);
         }
         Topology::from_claims(&claims)
     }
 }
 
 /// Adds `slot` (the one after the last claim's, or a new range) owned by
-/// `addr` at `epoch` to `claims`, built slot by slot in order.
-fn extend(claims: &mut Vec<Claim>, slot: u16, addr: &str, epoch: u64) {
+/// `addr` at `epoch` to `claims`, built slot by slot in order; a new range
+/// takes `addr`'s replicas from `replicas_of`.
+fn extend(
+    claims: &mut Vec<Claim>,
+    slot: u16,
+    addr: &str,
+    epoch: u64,
+    replicas_of: &dyn Fn(&str) -> Vec<String>,
+) {
     match claims.last_mut() {
         Some(last) if last.end + 1 == slot && last.addr == addr && last.epoch == epoch => {
             last.end = slot
@@ -294,6 +391,7 @@ fn extend(claims: &mut Vec<Claim>, slot: u16, addr: &str, epoch: u64) {
             end: slot,
             addr: addr.to_string(),
             epoch,
+            replicas: replicas_of(addr),
         }),
     }
 }
@@ -426,6 +524,12 @@ mod tests {
         assert_eq!(t.owner(16383), None);
         assert_eq!(t.covered(), 10923);
         assert_eq!(t.masters(), ["10.0.0.9:7001", "127.0.0.1:7000"]);
+        // Entries after the master are its replicas.
+        assert_eq!(t.replicas(5461), ["127.0.0.1:7101"]);
+        assert_eq!(t.replicas_of("10.0.0.9:7001"), ["127.0.0.1:7101"]);
+        assert!(t.replicas(0).is_empty());
+        assert!(t.replicas(16383).is_empty(), "an unserved slot has none");
+        assert_eq!(t.all_replicas(), ["127.0.0.1:7101"]);
         assert!(Topology::parse_cluster_slots(b"+OK\r\n", "h:1").is_err());
         assert!(Topology::parse_cluster_slots(b"*1\r\n*2\r\n:0\r\n:1\r\n", "h:1").is_err());
     }
@@ -436,6 +540,7 @@ mod tests {
             end,
             addr: addr.into(),
             epoch,
+            replicas: Vec::new(),
         }
     }
 
@@ -488,6 +593,43 @@ mod tests {
             Some("x:1"),
             "deterministic"
         );
+    }
+
+    #[test]
+    fn replicas_are_those_every_answer_lists() {
+        let with = |c: Claim, r: &[&str]| Claim {
+            replicas: r.iter().map(|a| a.to_string()).collect(),
+            ..c
+        };
+        let one = vec![
+            with(claim(0, 8191, "a:1", 1), &["ra:1", "ra:2"]),
+            with(claim(8192, 16383, "b:2", 2), &["rb:1"]),
+        ];
+        // An older answer: ra:2 had not joined yet; b's replica listed
+        // as a master elsewhere is never a replica.
+        let two = vec![
+            with(claim(0, 8191, "a:1", 1), &["ra:1"]),
+            with(claim(8192, 16383, "b:2", 2), &["rb:1", "a:1"]),
+        ];
+        let t = Topology::merge(&[one.clone(), two], None);
+        assert_eq!(t.replicas(0), ["ra:1"]);
+        assert_eq!(t.replicas(9000), ["rb:1"]);
+        let whole = Topology::merge(std::slice::from_ref(&one), None);
+        assert_eq!(whole.replicas(0), ["ra:1", "ra:2"]);
+        // A replica change is a new view for routing, not for the owners.
+        assert_ne!(t, whole);
+        assert!(t.same_owners(&whole));
+        // A MOVED keeps every master's replicas; the moved slot takes its
+        // new owner's.
+        let m = whole.with_owner(10, "b:2");
+        assert_eq!(m.replicas(10), ["rb:1"]);
+        assert_eq!(m.replicas(11), ["ra:1", "ra:2"]);
+        // A master no answer names (it keeps its slots by epoch) keeps the
+        // current view's replicas.
+        let stale = vec![claim(0, 8191, "z:9", 0), claim(8192, 16383, "b:2", 2)];
+        let held = Topology::merge(&[stale], Some(&whole));
+        assert_eq!(held.owner(0), Some("a:1"));
+        assert_eq!(held.replicas(0), ["ra:1", "ra:2"]);
     }
 
     #[test]
