@@ -124,13 +124,18 @@ impl ConnState {
 
     /// Does the client need its own connection for what it asked so far?
     pub fn needs_pin(&self) -> bool {
+        self.blocking > 0 || self.needs_pin_beyond_blocking()
+    }
+
+    /// Does it need it for more than blocking commands in flight (which
+    /// end by themselves)?
+    pub fn needs_pin_beyond_blocking(&self) -> bool {
         self.db != self.default_db
             || self.multi.is_some()
             || self.watching
             || self.subscriptions() > 0
             || self.confirmations_owed > 0
             || self.monitor
-            || self.blocking > 0
             || self.tracking
             || self.no_touch
             || self.foreign

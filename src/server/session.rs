@@ -671,7 +671,7 @@ impl Session {
         blocking: bool,
     ) -> Flow {
         let attached = if self.sidecar.cluster.is_some() {
-            match self.cluster_attach(name, req).await {
+            match self.cluster_attach(name, req, keys, blocking).await {
                 Ok(Some(flow)) => return flow,
                 Ok(None) => Ok(Flow::Next),
                 Err(e) => Err(e),
@@ -738,10 +738,20 @@ impl Session {
     /// A queued command in another slot than the transaction's (or owned by
     /// another node than the pinned one) is not sent: it is answered
     /// `QUEUED` and EXEC gets Redis's `CROSSSLOT` (what one node answers
-    /// when the slots differ), the transaction discarded upstream. Returns
-    /// `Some(flow)` when the request was answered here (or must stall),
-    /// `None` when the pinned connection is ready for it.
-    async fn cluster_attach(&mut self, name: &[u8], req: &Request) -> Result<Option<Flow>, Error> {
+    /// when the slots differ), the transaction discarded upstream. Outside
+    /// a transaction, a keyed command of another node's slot never goes to
+    /// the pinned node (it would answer MOVED): behind blocking commands it
+    /// waits for them and is routed afresh; while subscribed or watching it
+    /// goes through the router. Returns `Some(flow)` when the request was
+    /// answered here (or must stall), `None` when the pinned connection is
+    /// ready for it.
+    async fn cluster_attach(
+        &mut self,
+        name: &[u8],
+        req: &Request,
+        keys: &Keys,
+        blocking: bool,
+    ) -> Result<Option<Flow>, Error> {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Ok(None);
         };
@@ -749,6 +759,13 @@ impl Session {
             || self.state.db() != self.sidecar.config.upstream.url.db
         {
             return Err(Error::Client(CLUSTER_PINNED.to_string()));
+        }
+        if self.pinned.is_some() && !self.state.needs_pin_beyond_blocking() {
+            // Pinned only for blocking commands in flight, to their slot's
+            // owner: what follows may belong to another node (which would
+            // answer MOVED) or to every master (a node would count only its
+            // own keys). Routed afresh once they are answered.
+            return Ok(Some(Flow::Stall));
         }
         let table = router
             .commands()
@@ -760,7 +777,20 @@ impl Session {
             /// The request's own keys span slots: Redis's refusal.
             Refused(Bytes),
         }
-        let target = match split::plan(&table, &req.args) {
+        // Redis refuses a wrong number of arguments before anything else
+        // (and flags the transaction): keyless, it must not pin a
+        // transaction to an arbitrary master.
+        let malformed = table.lookup(&req.args).filter(|i| {
+            self.state.in_multi() && self.pinned.is_none() && !i.arity_fits(req.args.len())
+        });
+        let plan = match malformed {
+            Some(i) => split::Plan::Refuse(protocol::error(&format!(
+                "ERR wrong number of arguments for '{}' command",
+                i.name
+            ))),
+            None => split::plan(&table, &req.args),
+        };
+        let target = match plan {
             split::Plan::One { slot } => Target::Slot(slot),
             split::Plan::AnyMaster | split::Plan::AllMasters { .. } | split::Plan::RandomKey => {
                 Target::Any
@@ -773,6 +803,13 @@ impl Session {
             )),
         };
         let in_multi = self.state.in_multi();
+        if in_multi && name == b"WATCH" {
+            // Redis refuses it whatever the keys; a node that does not own
+            // them would answer MOVED first.
+            return Ok(Some(
+                self.answer(protocol::error("ERR WATCH inside MULTI is not allowed")),
+            ));
+        }
         let control = matches!(name, b"EXEC" | b"DISCARD" | b"MULTI" | b"WATCH" | b"RESET");
         let ok = |bytes: Bytes| protocol::Reply {
             kind: if bytes.first() == Some(&b'-') {
@@ -859,6 +896,29 @@ impl Session {
                     }
                 }
                 return Ok(local(self, protocol::error(e)));
+            }
+        }
+        let stateful = blocking || matches!(name, b"WATCH" | b"SSUBSCRIBE" | b"SUNSUBSCRIBE");
+        if let (Target::Slot(s), Some(pinned_to), false) =
+            (&target, &self.cluster_pin.node, stateful)
+        {
+            if self.pinned.is_some() && router.owner(*s).as_ref() != Some(pinned_to) {
+                // Subscribed or watching on one node, a key of another: the
+                // pinned node would answer MOVED. A RESP2 subscriber gets
+                // what Redis answers it for any such command.
+                if self.proto == 2 && self.state.subscriptions() > 0 {
+                    let full = table.lookup(&req.args).map_or_else(
+                        || String::from_utf8_lossy(name).to_ascii_lowercase(),
+                        |i| i.name.clone(),
+                    );
+                    return Ok(Some(self.answer(protocol::error(&format!(
+                        "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                    )))));
+                }
+                if !self.can_take(Path::Pool) {
+                    return Ok(Some(Flow::Stall));
+                }
+                return Ok(Some(self.cluster_forward(req, keys)));
             }
         }
         if self.pinned.is_some() {
