@@ -141,6 +141,18 @@ impl ConnState {
             || self.foreign
     }
 
+    /// May the client's other commands run on another connection without
+    /// changing what they do? Yes with subscriptions, WATCH or blocking
+    /// commands in flight; not with tracking (reads register their keys),
+    /// NO-TOUCH, MONITOR, another user's login or another database.
+    pub fn others_may_go_elsewhere(&self) -> bool {
+        !(self.tracking
+            || self.no_touch
+            || self.monitor
+            || self.foreign
+            || self.db != self.default_db)
+    }
+
     pub fn db(&self) -> u32 {
         self.db
     }

@@ -742,7 +742,8 @@ impl Session {
     /// a transaction, a keyed command of another node's slot never goes to
     /// the pinned node (it would answer MOVED): behind blocking commands it
     /// waits for them and is routed afresh; while subscribed or watching it
-    /// goes through the router. Returns `Some(flow)` when the request was
+    /// goes through the router, as do DBSIZE, KEYS, RANDOMKEY and SCAN
+    /// (every master's keys). Returns `Some(flow)` when the request was
     /// answered here (or must stall), `None` when the pinned connection is
     /// ready for it.
     async fn cluster_attach(
@@ -774,6 +775,8 @@ impl Session {
         enum Target {
             Slot(u16),
             Any,
+            /// Every master's answer (DBSIZE, KEYS, RANDOMKEY, SCAN).
+            Masters,
             /// The request's own keys span slots: Redis's refusal.
             Refused(Bytes),
         }
@@ -790,19 +793,21 @@ impl Session {
             ))),
             None => split::plan(&table, &req.args),
         };
+        let in_multi = self.state.in_multi();
         let target = match plan {
             split::Plan::One { slot } => Target::Slot(slot),
-            split::Plan::AnyMaster | split::Plan::AllMasters { .. } | split::Plan::RandomKey => {
-                Target::Any
-            }
+            split::Plan::AnyMaster => Target::Any,
+            // Queued on the transaction's node, they answer for it alone.
+            split::Plan::AllMasters { .. } | split::Plan::RandomKey if in_multi => Target::Any,
+            split::Plan::AllMasters { .. } | split::Plan::RandomKey => Target::Masters,
             split::Plan::Split { .. } => Target::Refused(protocol::error(split::CROSSSLOT)),
             split::Plan::Refuse(bytes) => Target::Refused(bytes),
             // Its cursor spans the masters; one pinned node cannot follow it.
-            split::Plan::Scan { .. } => Target::Refused(protocol::error(
-                "ERR nearcache: SCAN in a transaction or with WATCH is not supported on a Redis Cluster upstream",
+            split::Plan::Scan { .. } if in_multi => Target::Refused(protocol::error(
+                "ERR nearcache: SCAN in a transaction is not supported on a Redis Cluster upstream",
             )),
+            split::Plan::Scan { .. } => Target::Masters,
         };
-        let in_multi = self.state.in_multi();
         if in_multi && name == b"WATCH" {
             // Redis refuses it whatever the keys; a node that does not own
             // them would answer MOVED first.
@@ -899,27 +904,35 @@ impl Session {
             }
         }
         let stateful = blocking || matches!(name, b"WATCH" | b"SSUBSCRIBE" | b"SUNSUBSCRIBE");
-        if let (Target::Slot(s), Some(pinned_to), false) =
-            (&target, &self.cluster_pin.node, stateful)
+        let resp2_subscriber = self.proto == 2 && self.state.subscriptions() > 0;
+        let elsewhere = match &target {
+            Target::Slot(s) => !stateful && router.owner(*s) != self.cluster_pin.node,
+            // A RESP2 subscriber's node answers as Redis would (PING, or the refusal).
+            Target::Masters => !resp2_subscriber,
+            _ => false,
+        };
+        if self.pinned.is_some()
+            && self.cluster_pin.node.is_some()
+            && elsewhere
+            && self.state.others_may_go_elsewhere()
         {
-            if self.pinned.is_some() && router.owner(*s).as_ref() != Some(pinned_to) {
-                // Subscribed or watching on one node, a key of another: the
-                // pinned node would answer MOVED. A RESP2 subscriber gets
-                // what Redis answers it for any such command.
-                if self.proto == 2 && self.state.subscriptions() > 0 {
-                    let full = table.lookup(&req.args).map_or_else(
-                        || String::from_utf8_lossy(name).to_ascii_lowercase(),
-                        |i| i.name.clone(),
-                    );
-                    return Ok(Some(self.answer(protocol::error(&format!(
-                        "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
-                    )))));
-                }
-                if !self.can_take(Path::Pool) {
-                    return Ok(Some(Flow::Stall));
-                }
-                return Ok(Some(self.cluster_forward(req, keys)));
+            // Subscribed or watching on one node, a key of another (the
+            // pinned node would answer MOVED) or every master's keys (it
+            // would answer for its own). A RESP2 subscriber gets what
+            // Redis answers it for any such command.
+            if resp2_subscriber {
+                let full = table.lookup(&req.args).map_or_else(
+                    || String::from_utf8_lossy(name).to_ascii_lowercase(),
+                    |i| i.name.clone(),
+                );
+                return Ok(Some(self.answer(protocol::error(&format!(
+                    "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                )))));
             }
+            if !self.can_take(Path::Pool) {
+                return Ok(Some(Flow::Stall));
+            }
+            return Ok(Some(self.cluster_forward(req, keys)));
         }
         if self.pinned.is_some() {
             return Ok(None);
