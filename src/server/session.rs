@@ -101,6 +101,10 @@ struct ClusterPin {
     /// MULTI was answered here and is written first on the connection the
     /// first command naming a slot opens (MULTI itself names none).
     deferred_multi: bool,
+    /// Keyless commands queued while the transaction has no node yet:
+    /// written after MULTI on the node its first keyed command names (any
+    /// master if none does).
+    deferred: Vec<Bytes>,
     /// The slot of the transaction's first keyed command.
     txn_slot: Option<u16>,
     /// A queued command named another slot: EXEC gets CROSSSLOT.
@@ -835,6 +839,7 @@ impl Session {
             Some(this.answer(reply))
         };
         if name == b"MULTI" && !in_multi {
+            self.cluster_pin.deferred.clear();
             self.cluster_pin.txn_slot = None;
             self.cluster_pin.txn_cross = false;
             self.cluster_pin.txn_aborted = false;
@@ -851,6 +856,16 @@ impl Session {
             return Ok(Some(self.answer(bytes.clone())));
         }
         if in_multi && !control {
+            let known = table.lookup(&req.args).is_some();
+            if matches!(target, Target::Any) && known && self.pinned.is_none() {
+                // Pinned now, it would tie the transaction to any master,
+                // and a later key of another node would get CROSSSLOT.
+                let queued = protocol::simple("QUEUED");
+                let (_, effect) = self.state.prepare(name, &req.args, keys, false);
+                self.state.on_reply(&effect, &ok(queued.clone()));
+                self.cluster_pin.deferred.push(req.encoded());
+                return Ok(Some(self.answer(queued)));
+            }
             if let Target::Slot(s) = target {
                 let other_node = self.pinned.is_some()
                     && self.cluster_pin.node.is_some()
@@ -873,9 +888,12 @@ impl Session {
             } else {
                 None
             };
-            if self.pinned.is_none() && self.cluster_pin.deferred_multi {
+            let to_run =
+                name == b"EXEC" && refusal.is_none() && !self.cluster_pin.deferred.is_empty();
+            if self.pinned.is_none() && self.cluster_pin.deferred_multi && !to_run {
                 // Nothing reached a node: the transaction ends here.
                 self.cluster_pin.deferred_multi = false;
+                self.cluster_pin.deferred.clear();
                 let reply = match (name, refusal) {
                     (b"DISCARD", _) => protocol::simple("OK"),
                     (_, Some(e)) => protocol::error(e),
@@ -959,11 +977,18 @@ impl Session {
         self.info
             .upstream_id
             .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
-        if std::mem::take(&mut self.cluster_pin.deferred_multi) {
-            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
+        // (RESET ends a transaction without coming here: the state says.)
+        let multi = std::mem::take(&mut self.cluster_pin.deferred_multi) && self.state.in_multi();
+        let queued = std::mem::take(&mut self.cluster_pin.deferred);
+        if multi {
+            let expect = 1 + queued.len();
+            let mut owed = PinnedReplies::new(expect, super::pinned::Effect::None, self.deadline());
             owed.internal = true;
             self.replies.push(Owed::Pinned(owed), false);
             conn.write(&protocol::command(["MULTI"])).await?;
+            for request in &queued {
+                conn.write(request).await?;
+            }
         }
         self.cluster_pin.node = Some(node);
         self.pinned = Some(conn);
