@@ -766,10 +766,10 @@ impl Session {
             return Err(Error::Client(CLUSTER_PINNED.to_string()));
         }
         if self.pinned.is_some() && !self.state.needs_pin_beyond_blocking() {
-            // Pinned only for blocking commands in flight, to their slot's
-            // owner: what follows may belong to another node (which would
-            // answer MOVED) or to every master (a node would count only its
-            // own keys). Routed afresh once they are answered.
+            // Pinned only for replies still owed (blocking commands, the end
+            // of a transaction), by a node that may not own what follows
+            // (it would answer MOVED; a next MULTI would be tied to it) or
+            // own only some of it (DBSIZE). Routed afresh once they are in.
             return Ok(Some(Flow::Stall));
         }
         let table = router
