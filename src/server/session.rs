@@ -856,8 +856,13 @@ impl Session {
             return Ok(Some(self.answer(bytes.clone())));
         }
         if in_multi && !control {
-            let known = table.lookup(&req.args).is_some();
-            if matches!(target, Target::Any) && known && self.pinned.is_none() {
+            if matches!(target, Target::Any) && self.pinned.is_none() {
+                if !table.knows(&req.args) {
+                    // Any node refuses it without running it, and Redis
+                    // flags the transaction: no need to pin it anywhere.
+                    self.cluster_pin.txn_aborted = true;
+                    return Ok(Some(self.cluster_forward(req, keys)));
+                }
                 // Pinned now, it would tie the transaction to any master,
                 // and a later key of another node would get CROSSSLOT.
                 let queued = protocol::simple("QUEUED");

@@ -261,6 +261,13 @@ impl CommandTable {
         Some(cmd.clone())
     }
 
+    /// Does the cluster know this command (and its subcommand, for a
+    /// container)? Else a node refuses it before running anything.
+    pub fn knows(&self, args: &[Bytes]) -> bool {
+        self.lookup(args)
+            .is_some_and(|i| !i.has_subcommands || i.name.contains('|'))
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
