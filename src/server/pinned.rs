@@ -50,12 +50,14 @@ pub enum Expect {
 pub enum Effect {
     None,
     Select(u32),
-    /// Queued inside MULTI; a SELECT takes effect at EXEC.
-    Queued {
+    /// Queued inside MULTI (a SELECT is noted for EXEC).
+    Queued,
+    Multi,
+    /// The transaction ended when EXEC was sent; its SELECT takes effect
+    /// if it ran.
+    Exec {
         select: Option<u32>,
     },
-    Multi,
-    Exec,
     Discard,
     Watch {
         was: bool,
@@ -131,16 +133,33 @@ impl ConnState {
 
     /// Does the client need its own connection for what it asked so far?
     pub fn needs_pin(&self) -> bool {
+        self.blocking > 0 || self.needs_pin_beyond_blocking()
+    }
+
+    /// Does it need it for more than blocking commands in flight (which
+    /// end by themselves)?
+    pub fn needs_pin_beyond_blocking(&self) -> bool {
         self.db != self.default_db
             || self.multi.is_some()
             || self.watching
             || self.pinned_subscriptions() > 0
             || self.confirmations_owed > 0
             || self.monitor
-            || self.blocking > 0
             || self.tracking
             || self.no_touch
             || self.foreign
+    }
+
+    /// May the client's other commands run on another connection without
+    /// changing what they do? Yes with subscriptions, WATCH or blocking
+    /// commands in flight; not with tracking (reads register their keys),
+    /// NO-TOUCH, MONITOR, another user's login or another database.
+    pub fn others_may_go_elsewhere(&self) -> bool {
+        !(self.tracking
+            || self.no_touch
+            || self.monitor
+            || self.foreign
+            || self.db != self.default_db)
     }
 
     pub fn db(&self) -> u32 {
@@ -206,10 +225,14 @@ impl ConnState {
                     Keys::Some(k) => multi.keys.extend(k.iter().cloned()),
                     Keys::None => {}
                 }
-                let select = (name == b"SELECT")
-                    .then(|| args.get(1).and_then(|d| parse_db(d)))
-                    .flatten();
-                return (Expect::Count(1), Effect::Queued { select });
+                if name == b"SELECT" {
+                    // (Refused when queued, it aborts the transaction: EXEC
+                    // will not run it.)
+                    if let Some(db) = args.get(1).and_then(|d| parse_db(d)) {
+                        multi.select = Some(db);
+                    }
+                }
+                return (Expect::Count(1), Effect::Queued);
             }
         }
         let effect = match name {
@@ -217,8 +240,20 @@ impl ConnState {
                 self.multi.get_or_insert_with(Multi::default);
                 Effect::Multi
             }
-            b"EXEC" => Effect::Exec,
-            b"DISCARD" => Effect::Discard,
+            b"EXEC" | b"DISCARD" => {
+                // Requests written after them are outside the transaction,
+                // though their reply has not come yet (a pipeline).
+                let ended = self.multi.take();
+                if ended.is_some() {
+                    self.watching = false;
+                }
+                match name {
+                    b"EXEC" => Effect::Exec {
+                        select: ended.and_then(|m| m.select),
+                    },
+                    _ => Effect::Discard,
+                }
+            }
             b"WATCH" => {
                 let was = self.watching;
                 self.watching = true;
@@ -334,27 +369,13 @@ impl ConnState {
                     self.db = *db;
                 }
             }
-            Effect::Queued { select } => {
-                if let (Some(db), Some(multi), true) = (select, &mut self.multi, ok) {
-                    multi.select = Some(*db);
-                }
-            }
-            Effect::Multi => {}
-            Effect::Exec => {
+            Effect::Queued | Effect::Multi | Effect::Discard => {}
+            Effect::Exec { select } => {
                 // An array: the transaction ran. Nil (WATCH) or an error (EXECABORT): it did not.
-                if let Some(multi) = self.multi.take() {
-                    let ran = reply.kind == ReplyKind::Normal
-                        && matches!(reply.bytes.first(), Some(b'*'));
-                    if let (true, Some(db)) = (ran, multi.select) {
-                        self.db = db;
-                    }
-                    self.watching = false;
-                }
-            }
-            Effect::Discard => {
-                if ok {
-                    self.multi = None;
-                    self.watching = false;
+                let ran =
+                    reply.kind == ReplyKind::Normal && matches!(reply.bytes.first(), Some(b'*'));
+                if let (true, Some(db)) = (ran, select) {
+                    self.db = *db;
                 }
             }
             Effect::Watch { was } => {

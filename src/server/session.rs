@@ -106,6 +106,10 @@ struct ClusterPin {
     /// MULTI was answered here and is written first on the connection the
     /// first command naming a slot opens (MULTI itself names none).
     deferred_multi: bool,
+    /// Keyless commands queued while the transaction has no node yet:
+    /// written after MULTI on the node its first keyed command names (any
+    /// master if none does).
+    deferred: Vec<Bytes>,
     /// The slot of the transaction's first keyed command.
     txn_slot: Option<u16>,
     /// A queued command named another slot: EXEC gets CROSSSLOT.
@@ -776,7 +780,7 @@ impl Session {
             }
         }
         let attached = if self.sidecar.cluster.is_some() {
-            match self.cluster_attach(name, req).await {
+            match self.cluster_attach(name, req, keys, blocking).await {
                 Ok(Some(flow)) => return flow,
                 Ok(None) => Ok(Flow::Next),
                 Err(e) => Err(e),
@@ -843,10 +847,21 @@ impl Session {
     /// A queued command in another slot than the transaction's (or owned by
     /// another node than the pinned one) is not sent: it is answered
     /// `QUEUED` and EXEC gets Redis's `CROSSSLOT` (what one node answers
-    /// when the slots differ), the transaction discarded upstream. Returns
-    /// `Some(flow)` when the request was answered here (or must stall),
-    /// `None` when the pinned connection is ready for it.
-    async fn cluster_attach(&mut self, name: &[u8], req: &Request) -> Result<Option<Flow>, Error> {
+    /// when the slots differ), the transaction discarded upstream. Outside
+    /// a transaction, a keyed command of another node's slot never goes to
+    /// the pinned node (it would answer MOVED): behind blocking commands it
+    /// waits for them and is routed afresh; while subscribed or watching it
+    /// goes through the router, as do DBSIZE, KEYS, RANDOMKEY and SCAN
+    /// (every master's keys). Returns `Some(flow)` when the request was
+    /// answered here (or must stall), `None` when the pinned connection is
+    /// ready for it.
+    async fn cluster_attach(
+        &mut self,
+        name: &[u8],
+        req: &Request,
+        keys: &Keys,
+        blocking: bool,
+    ) -> Result<Option<Flow>, Error> {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Ok(None);
         };
@@ -855,6 +870,13 @@ impl Session {
         {
             return Err(Error::Client(CLUSTER_PINNED.to_string()));
         }
+        if self.pinned.is_some() && !self.state.needs_pin_beyond_blocking() {
+            // Pinned only for replies still owed (blocking commands, the end
+            // of a transaction), by a node that may not own what follows
+            // (it would answer MOVED; a next MULTI would be tied to it) or
+            // own only some of it (DBSIZE). Routed afresh once they are in.
+            return Ok(Some(Flow::Stall));
+        }
         let table = router
             .commands()
             .await
@@ -862,22 +884,46 @@ impl Session {
         enum Target {
             Slot(u16),
             Any,
+            /// Every master's answer (DBSIZE, KEYS, RANDOMKEY, SCAN).
+            Masters,
             /// The request's own keys span slots: Redis's refusal.
             Refused(Bytes),
         }
-        let target = match split::plan(&table, &req.args) {
+        // Redis refuses a wrong number of arguments before anything else
+        // (and flags the transaction): keyless, it must not pin a
+        // transaction to an arbitrary master.
+        let malformed = table.lookup(&req.args).filter(|i| {
+            self.state.in_multi() && self.pinned.is_none() && !i.arity_fits(req.args.len())
+        });
+        let plan = match malformed {
+            Some(i) => split::Plan::Refuse(protocol::error(&format!(
+                "ERR wrong number of arguments for '{}' command",
+                i.name
+            ))),
+            None => split::plan(&table, &req.args),
+        };
+        let in_multi = self.state.in_multi();
+        let target = match plan {
             split::Plan::One { slot } => Target::Slot(slot),
-            split::Plan::AnyMaster | split::Plan::AllMasters { .. } | split::Plan::RandomKey => {
-                Target::Any
-            }
+            split::Plan::AnyMaster => Target::Any,
+            // Queued on the transaction's node, they answer for it alone.
+            split::Plan::AllMasters { .. } | split::Plan::RandomKey if in_multi => Target::Any,
+            split::Plan::AllMasters { .. } | split::Plan::RandomKey => Target::Masters,
             split::Plan::Split { .. } => Target::Refused(protocol::error(split::CROSSSLOT)),
             split::Plan::Refuse(bytes) => Target::Refused(bytes),
             // Its cursor spans the masters; one pinned node cannot follow it.
-            split::Plan::Scan { .. } => Target::Refused(protocol::error(
-                "ERR nearcache: SCAN in a transaction or with WATCH is not supported on a Redis Cluster upstream",
+            split::Plan::Scan { .. } if in_multi => Target::Refused(protocol::error(
+                "ERR nearcache: SCAN in a transaction is not supported on a Redis Cluster upstream",
             )),
+            split::Plan::Scan { .. } => Target::Masters,
         };
-        let in_multi = self.state.in_multi();
+        if in_multi && name == b"WATCH" {
+            // Redis refuses it whatever the keys; a node that does not own
+            // them would answer MOVED first.
+            return Ok(Some(
+                self.answer(protocol::error("ERR WATCH inside MULTI is not allowed")),
+            ));
+        }
         let control = matches!(name, b"EXEC" | b"DISCARD" | b"MULTI" | b"WATCH" | b"RESET");
         let ok = |bytes: Bytes| protocol::Reply {
             kind: if bytes.first() == Some(&b'-') {
@@ -898,6 +944,7 @@ impl Session {
             Some(this.answer(reply))
         };
         if name == b"MULTI" && !in_multi {
+            self.cluster_pin.deferred.clear();
             self.cluster_pin.txn_slot = None;
             self.cluster_pin.txn_cross = false;
             self.cluster_pin.txn_aborted = false;
@@ -914,6 +961,21 @@ impl Session {
             return Ok(Some(self.answer(bytes.clone())));
         }
         if in_multi && !control {
+            if matches!(target, Target::Any) && self.pinned.is_none() {
+                if !table.knows(&req.args) {
+                    // Any node refuses it without running it, and Redis
+                    // flags the transaction: no need to pin it anywhere.
+                    self.cluster_pin.txn_aborted = true;
+                    return Ok(Some(self.cluster_forward(req, keys, false)));
+                }
+                // Pinned now, it would tie the transaction to any master,
+                // and a later key of another node would get CROSSSLOT.
+                let queued = protocol::simple("QUEUED");
+                let (_, effect) = self.state.prepare(name, &req.args, keys, false);
+                self.state.on_reply(&effect, &ok(queued.clone()));
+                self.cluster_pin.deferred.push(req.encoded());
+                return Ok(Some(self.answer(queued)));
+            }
             if let Target::Slot(s) = target {
                 let other_node = self.pinned.is_some()
                     && self.cluster_pin.node.is_some()
@@ -936,9 +998,12 @@ impl Session {
             } else {
                 None
             };
-            if self.pinned.is_none() && self.cluster_pin.deferred_multi {
+            let to_run =
+                name == b"EXEC" && refusal.is_none() && !self.cluster_pin.deferred.is_empty();
+            if self.pinned.is_none() && self.cluster_pin.deferred_multi && !to_run {
                 // Nothing reached a node: the transaction ends here.
                 self.cluster_pin.deferred_multi = false;
+                self.cluster_pin.deferred.clear();
                 let reply = match (name, refusal) {
                     (b"DISCARD", _) => protocol::simple("OK"),
                     (_, Some(e)) => protocol::error(e),
@@ -966,6 +1031,37 @@ impl Session {
                 return Ok(local(self, protocol::error(e)));
             }
         }
+        let stateful = blocking || matches!(name, b"WATCH" | b"SSUBSCRIBE" | b"SUNSUBSCRIBE");
+        let resp2_subscriber = self.proto == 2 && self.state.subscriptions() > 0;
+        let elsewhere = match &target {
+            Target::Slot(s) => !stateful && router.owner(*s) != self.cluster_pin.node,
+            // A RESP2 subscriber's node answers as Redis would (PING, or the refusal).
+            Target::Masters => !resp2_subscriber,
+            _ => false,
+        };
+        if self.pinned.is_some()
+            && self.cluster_pin.node.is_some()
+            && elsewhere
+            && self.state.others_may_go_elsewhere()
+        {
+            // Subscribed or watching on one node, a key of another (the
+            // pinned node would answer MOVED) or every master's keys (it
+            // would answer for its own). A RESP2 subscriber gets what
+            // Redis answers it for any such command.
+            if resp2_subscriber {
+                let full = table.lookup(&req.args).map_or_else(
+                    || String::from_utf8_lossy(name).to_ascii_lowercase(),
+                    |i| i.name.clone(),
+                );
+                return Ok(Some(self.answer(protocol::error(&format!(
+                    "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                )))));
+            }
+            if !self.can_take(Path::Pool) {
+                return Ok(Some(Flow::Stall));
+            }
+            return Ok(Some(self.cluster_forward(req, keys, false)));
+        }
         if self.pinned.is_some() {
             return Ok(None);
         }
@@ -991,11 +1087,18 @@ impl Session {
         self.info
             .upstream_id
             .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
-        if std::mem::take(&mut self.cluster_pin.deferred_multi) {
-            let mut owed = PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
+        // (RESET ends a transaction without coming here: the state says.)
+        let multi = std::mem::take(&mut self.cluster_pin.deferred_multi) && self.state.in_multi();
+        let queued = std::mem::take(&mut self.cluster_pin.deferred);
+        if multi {
+            let expect = 1 + queued.len();
+            let mut owed = PinnedReplies::new(expect, super::pinned::Effect::None, self.deadline());
             owed.internal = true;
             self.replies.push(Owed::Pinned(owed), false);
             conn.write(&protocol::command(["MULTI"])).await?;
+            for request in &queued {
+                conn.write(request).await?;
+            }
         }
         self.cluster_pin.node = Some(node);
         self.pinned = Some(conn);

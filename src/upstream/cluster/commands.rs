@@ -99,10 +99,16 @@ pub enum KeysError {
 }
 
 impl CommandInfo {
+    /// Does Redis accept this many arguments (the name included)?
+    pub fn arity_fits(&self, argc: usize) -> bool {
+        let argc = argc as i64;
+        (self.arity <= 0 || argc == self.arity) && (self.arity >= 0 || argc >= -self.arity)
+    }
+
     /// The positions of the keys in `args` (`args[0]` is the name).
     pub fn key_positions(&self, args: &[Bytes]) -> Result<Vec<usize>, KeysError> {
         let argc = args.len() as i64;
-        if (self.arity > 0 && argc != self.arity) || (self.arity < 0 && argc < -self.arity) {
+        if !self.arity_fits(args.len()) {
             return Err(KeysError::Invalid);
         }
         let mut out = Vec::new();
@@ -255,6 +261,13 @@ impl CommandTable {
             }
         }
         Some(cmd.clone())
+    }
+
+    /// Does the cluster know this command (and its subcommand, for a
+    /// container)? Else a node refuses it before running anything.
+    pub fn knows(&self, args: &[Bytes]) -> bool {
+        self.lookup(args)
+            .is_some_and(|i| !i.has_subcommands || i.name.contains('|'))
     }
 
     pub fn len(&self) -> usize {
