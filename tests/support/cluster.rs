@@ -10,19 +10,30 @@ use super::{free_port, RedisServer};
 
 /// A `redis-server --cluster-enabled yes`, not yet in a cluster.
 fn start_node() -> RedisServer {
-    // The bus port defaults to port + 10000, which Redis refuses for ports
-    // above 55535 (ephemeral ports go up to 60999).
-    let bus = free_port().to_string();
-    RedisServer::start_with(&[
-        "--cluster-enabled",
-        "yes",
-        "--cluster-config-file",
-        "nodes.conf",
-        "--cluster-node-timeout",
-        "2000",
-        "--cluster-port",
-        &bus,
-    ])
+    let mut tries = 0;
+    loop {
+        // The bus port defaults to port + 10000, which Redis refuses for
+        // ports above 55535 (ephemeral ports go up to 60999). Either port
+        // may be taken by another test before the server binds it: new ones.
+        let bus = free_port().to_string();
+        match RedisServer::try_start_with(&[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-port",
+            &bus,
+        ]) {
+            Ok(node) => return node,
+            Err(why) if tries < 5 => {
+                tries += 1;
+                eprintln!("cluster node did not start ({why}); other ports");
+            }
+            Err(why) => panic!("cluster node did not start: {why}"),
+        }
+    }
 }
 
 pub struct Cluster {

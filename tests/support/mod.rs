@@ -48,18 +48,42 @@ impl RedisServer {
     }
 
     /// Starts with extra `redis-server` arguments (e.g. `["--notify-keyspace-events", "KEA"]`).
+    /// A port that another test took between [`free_port`] and the server's
+    /// bind is given up for a new one.
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        let mut tries = 0;
+        loop {
+            match RedisServer::try_start_with(extra) {
+                Ok(s) => return s,
+                Err(why) if tries < 5 => {
+                    tries += 1;
+                    eprintln!("redis-server did not start ({why}); another port");
+                }
+                Err(why) => panic!("redis-server did not start: {why}"),
+            }
+        }
+    }
+
+    /// One attempt on a fresh port: an error if the server exits or the
+    /// port answers for another process.
+    pub fn try_start_with(extra: &[&str]) -> Result<RedisServer, String> {
         let mut s = RedisServer {
             port: free_port(),
             child: None,
             dir: scratch_dir(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        s.spawn();
-        s
+        s.try_spawn()?;
+        Ok(s)
     }
 
     fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn() {
+            panic!("redis-server on {}: {why}", self.port);
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -74,24 +98,43 @@ impl RedisServer {
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        self.child = Some(
-            cmd.spawn()
-                .expect("redis-server must be installed (see README)"),
-        );
-        wait_for_port(self.port, Duration::from_secs(10));
-        // PING until it answers: the port opens before loading finishes.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let child = cmd
+            .spawn()
+            .expect("redis-server must be installed (see README)");
+        let pid = child.id().to_string();
+        self.child = Some(child);
+        // Until it answers as itself: the port opens before loading
+        // finishes, and a port taken by another test answers for that one.
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut c) = self.client().get_connection() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return;
-                }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!("exited ({status}); port or bus port taken?"));
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {} did not answer",
-                self.port
-            );
+            let info = self.client().get_connection().ok().and_then(|mut c| {
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query::<String>(&mut c)
+                    .ok()
+            });
+            if let Some(info) = info {
+                if info
+                    .lines()
+                    .any(|l| l.strip_prefix("process_id:") == Some(pid.as_str()))
+                {
+                    return Ok(());
+                }
+                self.kill();
+                return Err(format!("port {} answers for another process", self.port));
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!("no answer on {} within 20 s", self.port));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
