@@ -951,24 +951,6 @@ fn cached_cluster_proxy(cluster: &Cluster) -> Proxy {
     p
 }
 
-/// Cacheable keys (`ind:*`, the default policy), at least two on each master.
-fn keys_on_every_master(cluster: &Cluster) -> Vec<String> {
-    let mut per: std::collections::HashMap<u16, usize> = Default::default();
-    let mut keys = Vec::new();
-    for i in 0.. {
-        let k = format!("ind:{i}");
-        let n = per.entry(cluster.owner_of(&k).port).or_default();
-        if *n < 2 {
-            *n += 1;
-            keys.push(k);
-        }
-        if per.len() == cluster.nodes.len() && per.values().all(|&n| n == 2) {
-            return keys;
-        }
-    }
-    unreachable!()
-}
-
 /// Reads `key` through nearcache until a read is an L1 hit (a fill racing
 /// with an invalidation is not stored, so it may take a read or two),
 /// every read returning `want`.
@@ -1017,7 +999,7 @@ fn l1_serves_hits_and_direct_writes_on_every_master_invalidate_them() {
         proxy.stat_text("feed")
     );
     let mut c = proxy.conn();
-    let keys = keys_on_every_master(&cluster);
+    let keys = cluster.keys_on_every_master("ind:");
     for k in &keys {
         let _: () = redis::cmd("SET").arg(k).arg("v1").query(&mut c).unwrap();
         until_hit(&proxy, &mut c, k, "v1");
@@ -1078,7 +1060,7 @@ fn a_master_feed_lost_stops_l1_and_nothing_stale_is_served() {
     let cluster = Cluster::start(3);
     let proxy = cached_cluster_proxy(&cluster);
     let mut c = proxy.conn();
-    let keys = keys_on_every_master(&cluster);
+    let keys = cluster.keys_on_every_master("ind:");
     for k in &keys {
         let _: () = redis::cmd("SET").arg(k).arg("old").query(&mut c).unwrap();
         until_hit(&proxy, &mut c, k, "old");
@@ -1217,7 +1199,7 @@ fn mget_across_slots_is_answered_partly_from_l1_in_key_order() {
     let cluster = Cluster::start(3);
     let proxy = cached_cluster_proxy(&cluster);
     let mut c = proxy.conn();
-    let keys = keys_on_every_master(&cluster);
+    let keys = cluster.keys_on_every_master("ind:");
     for k in &keys {
         let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
     }

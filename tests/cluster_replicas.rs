@@ -71,24 +71,6 @@ fn cluster_with_replicas() -> Cluster {
     cluster
 }
 
-/// Keys `prefix0…` until every master owns at least two.
-fn keys_on_every_master(cluster: &Cluster, prefix: &str) -> Vec<String> {
-    let mut per: std::collections::HashMap<u16, usize> = Default::default();
-    let mut keys = Vec::new();
-    for i in 0.. {
-        let k = format!("{prefix}{i}");
-        let n = per.entry(cluster.owner_of(&k).port).or_default();
-        if *n < 2 {
-            *n += 1;
-            keys.push(k);
-        }
-        if per.len() == 3 && per.values().all(|&n| n == 2) {
-            return keys;
-        }
-    }
-    unreachable!()
-}
-
 /// Every write made so far on each master has reached its replica: a write
 /// of our own on the master, then `WAIT 1` (replication is one ordered
 /// stream, so the earlier writes, made through nearcache, are in it).
@@ -150,7 +132,7 @@ fn forwarded_reads_go_to_replicas_while_fills_and_writes_stay_on_masters() {
     let proxy = proxy_with(&cluster, true);
     let mut c = proxy.conn();
 
-    let keys = keys_on_every_master(&cluster, "rr:");
+    let keys = cluster.keys_on_every_master("rr:");
     for k in &keys {
         let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
     }
@@ -236,7 +218,7 @@ fn forwarded_reads_go_to_replicas_while_fills_and_writes_stay_on_masters() {
 
     // Cacheable keys (`ind:*`): the fill is read on the master (PTTL + GET
     // as one job), never on a replica, and then L1 answers.
-    let cached = keys_on_every_master(&cluster, "ind:rr");
+    let cached = cluster.keys_on_every_master("ind:rr");
     for k in &cached {
         let _: () = redis::cmd("SET").arg(k).arg("v1").query(&mut c).unwrap();
     }
@@ -276,7 +258,7 @@ fn with_replica_reads_off_nothing_reaches_replicas() {
     let replicas: Vec<&RedisServer> = pairs.iter().map(|p| p.1).collect();
     let proxy = proxy_with(&cluster, false);
     let mut c = proxy.conn();
-    let keys = keys_on_every_master(&cluster, "rr:");
+    let keys = cluster.keys_on_every_master("rr:");
     for k in &keys {
         let _: () = redis::cmd("SET").arg(k).arg(k).query(&mut c).unwrap();
     }
@@ -331,7 +313,7 @@ fn a_killed_replica_sends_reads_back_to_the_master_promptly() {
     cfg.upstream.connect_timeout = Duration::from_millis(300);
     let proxy = Proxy::with_config(cfg);
     let mut c = proxy.conn();
-    let keys = keys_on_every_master(&cluster, "rk:");
+    let keys = cluster.keys_on_every_master("rk:");
     let mine: Vec<String> = keys
         .iter()
         .filter(|k| cluster.owner_of(k).port == master_port)

@@ -127,6 +127,47 @@ impl Cluster {
         panic!("slot {slot} has no owner");
     }
 
+    /// Masters that own slots, as the first node's `CLUSTER SLOTS` says.
+    pub fn masters(&self) -> usize {
+        let mut c = self.nodes[0].conn();
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut c).unwrap();
+        let mut ports: Vec<i64> = ranges
+            .iter()
+            .filter_map(|r| match r {
+                redis::Value::Array(f) => match f.get(2) {
+                    Some(redis::Value::Array(node)) => match node.get(1) {
+                        Some(redis::Value::Int(port)) => Some(*port),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports.len()
+    }
+
+    /// Keys `prefix0`, `prefix1`, … until every master owns two of them.
+    pub fn keys_on_every_master(&self, prefix: &str) -> Vec<String> {
+        let masters = self.masters();
+        let mut per: std::collections::HashMap<u16, usize> = Default::default();
+        let mut keys = Vec::new();
+        for i in 0.. {
+            let k = format!("{prefix}{i}");
+            let n = per.entry(self.owner_of(&k).port).or_default();
+            if *n < 2 {
+                *n += 1;
+                keys.push(k);
+            }
+            if per.len() == masters && per.values().all(|&n| n == 2) {
+                break;
+            }
+        }
+        keys
+    }
+
     /// `redis-cluster://` URL with every node as a seed.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self
