@@ -19,7 +19,7 @@ use nearcache::upstream::cluster::slots::slot;
 use nearcache::upstream::cluster::topology::{fetch, Redirect};
 use nearcache::upstream::cluster::view::ClusterView;
 use nearcache::upstream::{Connector, Login};
-use support::cluster::Cluster;
+use support::cluster::{assign_slot, begin_slot_move, Cluster};
 use support::*;
 use tokio::io::AsyncWriteExt;
 
@@ -113,14 +113,7 @@ async fn moved_and_ask_replies_are_read_as_nodes_send_them() {
     );
     // ASK: the slot is migrating from its owner and the key is not there.
     let s = slot(key.as_bytes()).to_string();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "IMPORTING", &owner.node_id()][..])
-        .query(&mut other.conn())
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "MIGRATING", &other.node_id()][..])
-        .query(&mut owner.conn())
-        .unwrap();
+    begin_slot_move(&s, owner, other);
     let reply = raw(&c, &addr(owner), &["GET", key]).await;
     let text = String::from_utf8_lossy(&reply[1..reply.len() - 2]).into_owned();
     assert_eq!(
@@ -150,13 +143,7 @@ async fn the_view_follows_a_slot_move_and_collapses_triggers() {
     // Move the (empty) slot 0 to another master on every node.
     let from = cluster.owner_of_slot(0);
     let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
-    let to_id = to.node_id();
-    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
-        let _: () = redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", "0", "NODE", &to_id][..])
-            .query(&mut n.conn())
-            .unwrap();
-    }
+    assign_slot(0, to, &cluster.nodes);
     // A burst of triggers (every client seeing the move) is one round, or
     // two when the burst straddles a round that is already running.
     let before = view.refreshes();
@@ -322,15 +309,7 @@ async fn router_follows_ask_tryagain_and_moved_through_a_slot_migration() {
     let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
     assert_eq!(routed(&router, &["SET", k1, "v1"]).await, "+OK\r\n");
     assert_eq!(routed(&router, &["SET", k2, "v2"]).await, "+OK\r\n");
-    let ss = s.to_string();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &ss, "IMPORTING", &from.node_id()][..])
-        .query(&mut to.conn())
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &ss, "MIGRATING", &to.node_id()][..])
-        .query(&mut from.conn())
-        .unwrap();
+    begin_slot_move(s, from, to);
     let migrate = |key: &str| {
         let _: () = redis::cmd("MIGRATE")
             .arg(
@@ -397,12 +376,7 @@ async fn router_follows_ask_tryagain_and_moved_through_a_slot_migration() {
 
     // MOVED: the slot now belongs to the target; the router's map says the
     // source until the source answers MOVED.
-    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
-        let _: () = redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &ss, "NODE", &to.node_id()][..])
-            .query(&mut n.conn())
-            .unwrap();
-    }
+    assign_slot(s, to, &cluster.nodes);
     assert_eq!(
         router.view().current().unwrap().owner(s),
         Some(addr(from).as_str())
@@ -597,14 +571,7 @@ fn a_plain_client_uses_the_cluster_through_nearcache_while_a_slot_migrates() {
         })
     };
     std::thread::sleep(Duration::from_millis(100));
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
-        .query(&mut to.conn())
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
-        .query(&mut from.conn())
-        .unwrap();
+    begin_slot_move(&s, from, to);
     for k in &keys {
         std::thread::sleep(Duration::from_millis(50));
         let _: () = redis::cmd("MIGRATE")
@@ -623,12 +590,7 @@ fn a_plain_client_uses_the_cluster_through_nearcache_while_a_slot_migrates() {
             .unwrap();
     }
     std::thread::sleep(Duration::from_millis(100));
-    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
-        let _: () = redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
-            .query(&mut n.conn())
-            .unwrap();
-    }
+    assign_slot(&s, to, &cluster.nodes);
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = traffic.join().expect("no error reached the client");
@@ -1134,14 +1096,7 @@ fn a_slot_move_never_serves_stale_and_empties_l1() {
         until_hit(&proxy, &mut c, k, "old");
     }
     let s = slot(b"m").to_string();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
-        .query(&mut to.conn())
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
-        .query(&mut from.conn())
-        .unwrap();
+    begin_slot_move(&s, from, to);
     let _: () = redis::cmd("MIGRATE")
         .arg(
             &[
@@ -1156,12 +1111,7 @@ fn a_slot_move_never_serves_stale_and_empties_l1() {
         )
         .query(&mut from.conn())
         .unwrap();
-    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
-        let _: () = redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
-            .query(&mut n.conn())
-            .unwrap();
-    }
+    assign_slot(&s, to, &cluster.nodes);
     let _: () = redis::cmd("SET")
         .arg(moved)
         .arg("new")
@@ -1641,14 +1591,7 @@ fn pipelined_increments_stay_in_order_and_exactly_once_while_their_slot_migrates
         })
         .collect();
     std::thread::sleep(Duration::from_millis(200));
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
-        .query(&mut to.conn())
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
-        .query(&mut from.conn())
-        .unwrap();
+    begin_slot_move(&s, from, to);
     for counter in &counters {
         std::thread::sleep(Duration::from_millis(100));
         let _: () = redis::cmd("MIGRATE")
@@ -1657,12 +1600,7 @@ fn pipelined_increments_stay_in_order_and_exactly_once_while_their_slot_migrates
             .unwrap();
     }
     std::thread::sleep(Duration::from_millis(100));
-    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
-        let _: () = redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
-            .query(&mut n.conn())
-            .unwrap();
-    }
+    assign_slot(&s, to, &cluster.nodes);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for (counter, t) in counters.iter().zip(traffic) {
@@ -1807,14 +1745,7 @@ fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
         .iter()
         .find(|n| n.port != from.port && !replica_is(n))
         .expect("another master");
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
-        .query(&mut to.conn())
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
-        .query(&mut from.conn())
-        .unwrap();
+    begin_slot_move(&s, from, to);
     std::thread::sleep(Duration::from_millis(500));
     let moving: Vec<String> = redis::cmd("CLUSTER")
         .arg(&["GETKEYSINSLOT", &s, "100"][..])

@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use nearcache::upstream::cluster::slots::slot;
-use support::cluster::Cluster;
+use support::cluster::{assign_slot, begin_slot_move, Cluster};
 use support::*;
 
 /// What Redis sends for one channel of an (un)subscribe, RESP2.
@@ -72,21 +72,8 @@ fn subscribers_on(node: &RedisServer, channel: &str) -> i64 {
 /// IMPORTING / MIGRATING, then SETSLOT NODE on the new owner first and on
 /// every other node (the old owner drops its shard channels then).
 fn move_slot(cluster: &Cluster, slot: u16, from: &RedisServer, to: &RedisServer) {
-    let s = slot.to_string();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
-        .query(&mut to.conn())
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
-        .query(&mut from.conn())
-        .unwrap();
-    for n in std::iter::once(to).chain(cluster.nodes.iter().filter(|n| n.port != to.port)) {
-        let _: () = redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
-            .query(&mut n.conn())
-            .unwrap();
-    }
+    begin_slot_move(slot, from, to);
+    assign_slot(slot, to, &cluster.nodes);
 }
 
 /// The case: a client SSUBSCRIBEs through nearcache, the channel's

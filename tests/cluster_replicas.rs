@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nearcache::upstream::cluster::router::Router;
 use nearcache::upstream::cluster::view::ClusterView;
 use nearcache::upstream::Connector;
-use support::cluster::Cluster;
+use support::cluster::{assign_slot, begin_slot_move, Cluster};
 use support::*;
 
 /// `(master, its replica)` for every master, by `ROLE`.
@@ -519,25 +519,12 @@ fn a_moved_from_a_replica_is_followed_to_the_new_owner() {
     );
 
     // The slot moves to another master; its old master's replica learns it.
-    let ss = s.to_string();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &ss, "IMPORTING", &from.node_id()][..])
-        .query(&mut to.conn())
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &ss, "MIGRATING", &to.node_id()][..])
-        .query(&mut from.conn())
-        .unwrap();
+    begin_slot_move(s, from, to);
     let _: () = redis::cmd("MIGRATE")
         .arg(&["127.0.0.1", &to.port.to_string(), key, "0", "5000"][..])
         .query(&mut from.conn())
         .unwrap();
-    for m in std::iter::once(to).chain(pairs.iter().map(|p| p.0).filter(|m| m.port != to.port)) {
-        let _: () = redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &ss, "NODE", &to.node_id()][..])
-            .query(&mut m.conn())
-            .unwrap();
-    }
+    assign_slot(s, to, pairs.iter().map(|p| p.0));
     wait_until(
         "the old master's replica sees the new owner",
         Duration::from_secs(20),

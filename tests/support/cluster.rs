@@ -36,6 +36,37 @@ fn start_node() -> RedisServer {
     }
 }
 
+/// The first step of moving `slot` from `from` to `to`: IMPORTING on the
+/// new owner, MIGRATING on the old one (keys then move with MIGRATE).
+pub fn begin_slot_move(slot: impl std::fmt::Display, from: &RedisServer, to: &RedisServer) {
+    let s = slot.to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "IMPORTING", &from.node_id()][..])
+        .query(&mut to.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["SETSLOT", &s, "MIGRATING", &to.node_id()][..])
+        .query(&mut from.conn())
+        .unwrap();
+}
+
+/// The last step: `CLUSTER SETSLOT slot NODE to` on `to` first, then on
+/// each other node of `nodes` (the order Redis documents for a migration).
+pub fn assign_slot<'a>(
+    slot: impl std::fmt::Display,
+    to: &RedisServer,
+    nodes: impl IntoIterator<Item = &'a RedisServer>,
+) {
+    let (s, to_id) = (slot.to_string(), to.node_id());
+    let others: Vec<&RedisServer> = nodes.into_iter().filter(|n| n.port != to.port).collect();
+    for n in std::iter::once(to).chain(others) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &s, "NODE", &to_id][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+}
+
 pub struct Cluster {
     pub nodes: Vec<RedisServer>,
 }
