@@ -282,9 +282,10 @@ impl Session {
         may_read_replica: bool,
     ) -> Flow {
         if td.is_none() {
-            return match may_read_replica {
-                true => self.forward_read(req).await,
-                false => self.forward(req, &Keys::None).await,
+            return if may_read_replica {
+                self.forward_read(req).await
+            } else {
+                self.forward(req, &Keys::None).await
             };
         }
         let Some(route) = self.fetch_route() else {

@@ -353,9 +353,10 @@ async fn read_loop(
                 // Idle: wait for data or for a request to start the timeout clock.
                 None => tokio::select! {
                     r = reader.fill() => r,
+                    // (Close has its own branch below, on the same waker.)
                     _ = poll_fn(|cx| {
                         conn.reader_waker.register(cx.waker());
-                        if inflight.lock().is_empty() && conn.is_alive() {
+                        if inflight.lock().is_empty() {
                             Poll::Pending
                         } else {
                             Poll::Ready(())
