@@ -301,10 +301,7 @@ impl Session {
             let (links, shard_due) = (self.shard.has_links(), self.shard.next_due());
             let (mut shard_frame, mut rang) = (None, false);
             let check_due = deadline.filter(|_| self.pinned_check.is_none());
-            let wake_at = match (check_due, shard_due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let wake_at = check_due.into_iter().chain(shard_due).min();
             if let Some(at) = wake_at {
                 let at = tokio::time::Instant::from_std(at);
                 if timer.deadline() != at {
