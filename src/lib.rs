@@ -66,11 +66,6 @@ impl Handle {
 /// Binds the listeners and starts every task; returns once nearcache accepts clients.
 /// An unreachable upstream is not an error: sidecars start in any order.
 pub async fn start(config: Config) -> anyhow::Result<Handle> {
-    if config.upstream.url.cluster.is_some() && config.tdengine.is_some() {
-        // The TDengine fill path writes back through the ordinary pool,
-        // which a cluster does not have (docs/cluster.md).
-        tracing::warn!("Redis Cluster upstream: the TDengine tier is not used (not supported with a cluster yet)");
-    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen))?;
@@ -103,7 +98,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         }
         None => cache::feed::start(cache.clone(), upstream.clone(), stop_background.clone()),
     }
-    let tdengine = match config.tdengine.clone().filter(|_| cluster.is_none()) {
+    let tdengine = match config.tdengine.clone() {
         Some(td) => Some(Arc::new(tdengine::Tdengine::new(td)?)),
         None => None,
     };

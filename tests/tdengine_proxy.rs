@@ -14,9 +14,9 @@ mod taosadapter;
 use std::time::{Duration, Instant};
 
 use nearcache::config::{InvalidationMode, TdOnError, TdengineConfig};
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::{Proxy, RedisServer};
-use taosadapter::{kline_row, Fault, Mode, TaosAdapter, Val};
+use taosadapter::{expected_1d, Fault, Mode, TaosAdapter};
 
 const TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -77,26 +77,6 @@ impl Env {
             proxy,
         }
     }
-}
-
-/// The JSON nearcache must produce for `kline:{symbol}:1d` (rows 599..100, newest first).
-fn expected_1d(symbol: &str) -> Value {
-    let rows: Vec<Value> = (100..600)
-        .rev()
-        .map(|i| {
-            let r = kline_row(symbol, i, 86_400_000);
-            let v = |x: &Val| match x {
-                Val::Ts(t) | Val::I64(t) => json!(t),
-                Val::F64(f) => json!(f),
-                Val::Str(s) => json!(s),
-                Val::Null => Value::Null,
-            };
-            // kline_row: ts, symbol, open, high, low, close, volume
-            json!({"ts": v(&r[0]), "open": v(&r[2]), "high": v(&r[3]), "low": v(&r[4]),
-                   "close": v(&r[5]), "volume": v(&r[6])})
-        })
-        .collect();
-    Value::Array(rows)
 }
 
 fn parse(v: &[u8]) -> Value {
@@ -660,7 +640,7 @@ fn cold_fill_latency_through_nearcache(mode) {
 });
 
 for_each_path!(
-/// `fill_mget_elements_with_ttl` on its own (what `Session::mget` will call):
+/// `fill_mget_elements` on its own (what `Session::mget` calls):
 /// a real upstream connection and the stand-in, RESP2 and RESP3.
 fn fill_mget_elements_fills_nil_elements_of_routed_keys(mode) {
     use bytes::Bytes;
@@ -721,7 +701,8 @@ fn fill_mget_elements_fills_nil_elements_of_routed_keys(mode) {
                 .unwrap()
                 .unwrap();
             let elements = protocol::split_array(&reply.bytes).expect("array");
-            fill::fill_mget_elements_with_ttl(&td, &conn, &keys, elements, proto, &[]).await
+            let target = fill::Target::Conn(conn);
+            fill::fill_mget_elements(&td, &target, &keys, elements, proto, &[]).await
         });
         let nil = protocol::nil(proto == 3);
         assert_eq!(out.len(), 6);

@@ -22,7 +22,7 @@ use super::{count_request, Outcome};
 use crate::cache::{self, Fetched, Lookup, PolicyRef, Ticket};
 use crate::command::Keys;
 use crate::protocol::{self, ReplyKind, Request};
-use crate::tdengine::fill::Keep;
+use crate::tdengine::fill::{Keep, Target};
 use crate::tdengine::Tdengine;
 use crate::upstream::cluster::router::Router;
 use crate::upstream::cluster::{slots, split};
@@ -338,33 +338,7 @@ impl Session {
     ) -> BoxFuture<'static, Fetched> {
         let conn = match route {
             FetchRoute::Conn(conn) => conn,
-            FetchRoute::Cluster(router) => {
-                // One job to the slot's owner; a fill that had to follow a
-                // redirect is answered but not stored (its PTTL and read may
-                // come from different nodes, or from one whose feed is not the
-                // owner's).
-                let request = vec![pttl_request(key), req.encoded()];
-                let (proto, bias, slot) = (self.proto, self.slot, slots::slot(key));
-                self.path_pool();
-                return async move {
-                    let sent = Instant::now();
-                    let (mut replies, redirected) =
-                        router.send_job(proto, slot, request, bias).await;
-                    let read = replies.pop().unwrap_or_else(|| {
-                        Err(Arc::new(crate::Error::Internal("empty fill job".into())))
-                    });
-                    let pttl = replies.pop().unwrap_or_else(|| {
-                        Err(Arc::new(crate::Error::Internal("empty fill job".into())))
-                    });
-                    let cap = if redirected {
-                        Some(Duration::ZERO)
-                    } else {
-                        cap_from_pttl(pttl, sent)
-                    };
-                    (read, cap)
-                }
-                .boxed();
-            }
+            FetchRoute::Cluster(router) => return self.cluster_fetch(router, req, key, td),
         };
         let sent = Instant::now();
         let pttl = conn.send(pttl_request(key)).await;
@@ -385,9 +359,64 @@ impl Session {
             let cap = cap_from_pttl(received(pttl.await), sent);
             match received(rx.await) {
                 Ok(first) if first.kind == ReplyKind::Nil => {
-                    crate::tdengine::fill::fill(&td, &conn, &key, proto, keep.as_ref()).await
+                    let target = Target::Conn(conn);
+                    crate::tdengine::fill::fill(&td, &target, &key, proto, keep.as_ref()).await
                 }
                 other => (other, cap),
+            }
+        }
+        .boxed()
+    }
+
+    /// [`Session::fetch`] with a cluster: `PTTL key` and the read as one job
+    /// to the slot's owner. A fill that had to follow a redirect is answered
+    /// but not stored (its PTTL and read may come from different nodes, or
+    /// from one whose feed is not the owner's). A TDengine-routed GET that
+    /// the owner answers nil is filled from TDengine and written back to the
+    /// owner through the pool (there is no feed write-back with a cluster:
+    /// the write's own invalidation decides, as for a write-back through
+    /// the pool of a single Redis).
+    fn cluster_fetch(
+        &mut self,
+        router: Arc<Router>,
+        req: &Request,
+        key: &Bytes,
+        td: Option<Arc<Tdengine>>,
+    ) -> BoxFuture<'static, Fetched> {
+        let request = vec![pttl_request(key), req.encoded()];
+        let (proto, bias, slot) = (self.proto, self.slot, slots::slot(key));
+        self.path_pool();
+        // Later writes of the key wait for the write-back (see `fetch`).
+        // Today a cluster request behind a fill waits for the front of the
+        // reply queue anyway; this keeps the order when fills stop holding
+        // later requests.
+        let done = td.as_ref().map(|_| self.outstanding.track([key], true));
+        let key = key.clone();
+        async move {
+            let _done = done;
+            let sent = Instant::now();
+            let (mut replies, redirected) = router.send_job(proto, slot, request, bias).await;
+            let mut next = || {
+                replies.pop().unwrap_or_else(|| {
+                    Err(Arc::new(crate::Error::Internal("empty fill job".into())))
+                })
+            };
+            let (read, pttl) = (next(), next());
+            let cap = if redirected {
+                Some(Duration::ZERO)
+            } else {
+                cap_from_pttl(pttl, sent)
+            };
+            match (td, read) {
+                (Some(td), Ok(first)) if first.kind == ReplyKind::Nil => {
+                    let target = Target::Cluster {
+                        router,
+                        proto,
+                        bias,
+                    };
+                    crate::tdengine::fill::fill(&td, &target, &key, proto, None).await
+                }
+                (_, read) => (read, cap),
             }
         }
         .boxed()
@@ -467,7 +496,9 @@ impl Session {
         }
         if self.sidecar.cluster.is_some() {
             count_request(name, Outcome::Miss);
-            return self.cluster_mget(req, parts, missing, fills, free).await;
+            return self
+                .cluster_mget(req, parts, missing, fills, free, td)
+                .await;
         }
         let Some(conn) = self.conn_for_read() else {
             return self.flow_after_failed_send();
@@ -528,8 +559,9 @@ impl Session {
             }
             let elements = match td {
                 Some(td) => {
-                    crate::tdengine::fill::fill_mget_elements_with_ttl(
-                        &td, &conn, &missing, fetched, proto, &keep,
+                    let target = Target::Conn(conn);
+                    crate::tdengine::fill::fill_mget_elements(
+                        &td, &target, &missing, fetched, proto, &keep,
                     )
                     .await
                 }
@@ -559,6 +591,7 @@ impl Session {
         missing: Vec<Bytes>,
         mut fills: Vec<ElementFill>,
         free: Vec<bool>,
+        td: Option<Arc<Tdengine>>,
     ) -> Flow {
         let Some(router) = self.sidecar.cluster.clone() else {
             return Flow::Next;
@@ -568,7 +601,7 @@ impl Session {
         args.push(req.args[0].clone());
         args.extend(missing.iter().cloned());
         let (proto, bias) = (self.proto, self.slot);
-        let done = self.outstanding.track(&missing, false);
+        let done = self.outstanding.track(&missing, td.is_some());
         self.path_pool();
         let assembled = async move {
             let _done = done;
@@ -649,7 +682,25 @@ impl Session {
                     "ERR nearcache: a cluster node sent a reply that cannot be merged",
                 );
             };
-            let elements = elements.into_iter().map(|e| (e, None)).collect();
+            let elements = match td {
+                Some(td) => {
+                    let target = Target::Cluster {
+                        router,
+                        proto,
+                        bias,
+                    };
+                    crate::tdengine::fill::fill_mget_elements(
+                        &td,
+                        &target,
+                        &missing,
+                        elements,
+                        proto,
+                        &[],
+                    )
+                    .await
+                }
+                None => elements.into_iter().map(|e| (e, None)).collect(),
+            };
             assemble_mget(&cache, parts, elements, fills, caps, proto).await
         }
         .boxed();

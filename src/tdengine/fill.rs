@@ -9,7 +9,37 @@ use tracing::{debug, warn};
 
 use crate::cache::{Cache, WriteBackOutcome};
 use crate::protocol::{self, Reply, ReplyKind};
+use crate::upstream::cluster::router::Router;
+use crate::upstream::cluster::slots;
 use crate::upstream::{MuxConn, ReplyResult};
+
+/// Where a fill writes its rows back to (and reads the key again when
+/// someone else wrote it first).
+#[derive(Clone)]
+pub enum Target {
+    /// The client's multiplexed connection to the one Redis.
+    Conn(Arc<MuxConn>),
+    /// The owner of the key's slot; redirects are followed (a redirected
+    /// command never ran, so following one is not a retried write).
+    Cluster {
+        router: Arc<Router>,
+        proto: u8,
+        bias: usize,
+    },
+}
+
+impl Target {
+    async fn send(&self, key: &[u8], request: Bytes) -> ReplyResult {
+        match self {
+            Target::Conn(conn) => crate::upstream::received(conn.send(request).await.await),
+            Target::Cluster {
+                router,
+                proto,
+                bias,
+            } => router.send(*proto, slots::slot(key), request, *bias).await,
+        }
+    }
+}
 
 /// Where a filled value goes in L1: the cache, the read's command signature
 /// and the key's policy TTL. With it the write-back goes through the
@@ -29,7 +59,7 @@ pub struct Keep {
 /// which L1 may keep it (zero: not at all).
 pub async fn fill(
     td: &super::Tdengine,
-    conn: &Arc<MuxConn>,
+    target: &Target,
     key: &Bytes,
     proto: u8,
     keep: Option<&Keep>,
@@ -64,7 +94,7 @@ pub async fn fill(
                     let px = ttl.as_millis().max(1).to_string();
                     let set =
                         protocol::command([&b"SET"[..], key, &value, b"PX", px.as_bytes(), b"NX"]);
-                    match crate::upstream::received(conn.send(set).await.await) {
+                    match target.send(key, set).await {
                         Ok(r) if r.kind == ReplyKind::Nil => WriteBackOutcome::Exists,
                         Ok(r) if r.kind == ReplyKind::Error => {
                             WriteBackOutcome::Refused(String::from_utf8_lossy(&r.bytes).into())
@@ -78,10 +108,7 @@ pub async fn fill(
                 WriteBackOutcome::Exists => {
                     // Someone wrote the key while we queried TDengine: theirs is newer.
                     let get = protocol::command([&b"GET"[..], key]);
-                    (
-                        crate::upstream::received(conn.send(get).await.await),
-                        Some(ttl),
-                    )
+                    (target.send(key, get).await, Some(ttl))
                 }
                 WriteBackOutcome::Refused(why) => {
                     warn!(error = %why.trim(), "TDengine write-back to Redis refused; answering from TDengine without caching");
@@ -136,29 +163,16 @@ fn is_nil_element(e: &[u8]) -> bool {
 /// element per `on_error`/`on_invalid_key`); the fills run concurrently, and
 /// a key's TDengine query is shared with concurrent fetches of it. Other
 /// elements are returned unchanged. If the lengths differ nothing is filled.
-pub async fn fill_mget_elements(
-    td: &super::Tdengine,
-    conn: &Arc<MuxConn>,
-    keys: &[Bytes],
-    elements: Vec<Bytes>,
-    proto: u8,
-) -> Vec<Bytes> {
-    fill_mget_elements_with_ttl(td, conn, keys, elements, proto, &[])
-        .await
-        .into_iter()
-        .map(|(e, _)| e)
-        .collect()
-}
-
-/// [`fill_mget_elements`], with each element's cap on how long L1 may keep
+///
+/// Each element comes with its cap on how long L1 may keep
 /// it: `None` for elements left as Redis sent them (the key's policy TTL
 /// applies), `Some(ttl)` for filled ones (store for `min(ttl, policy TTL)`;
 /// `Some(ZERO)`: do not store, e.g. an error element or a nil that only
 /// stands for a TDengine failure). `keep[i]` (if given) is where element
 /// `i` goes in L1 (see [`Keep`]).
-pub async fn fill_mget_elements_with_ttl(
+pub async fn fill_mget_elements(
     td: &super::Tdengine,
-    conn: &Arc<MuxConn>,
+    target: &Target,
     keys: &[Bytes],
     elements: Vec<Bytes>,
     proto: u8,
@@ -176,7 +190,7 @@ pub async fn fill_mget_elements_with_ttl(
                 return (element, None);
             }
             let keep = keep.get(i).and_then(Option::as_ref);
-            match fill(td, conn, key, proto, keep).await {
+            match fill(td, target, key, proto, keep).await {
                 (Ok(reply), cap) if reply.kind != ReplyKind::Error => {
                     (reply.bytes, Some(cap.unwrap_or(Duration::ZERO)))
                 }

@@ -252,6 +252,29 @@ pub fn kline_row(symbol: &str, i: usize, step_ms: i64) -> Vec<Val> {
     ]
 }
 
+/// The JSON nearcache must produce for `kline:{symbol}:1d` (rows 599..100,
+/// newest first, as the route's `ORDER BY ts DESC LIMIT 500` returns them).
+#[allow(dead_code)]
+pub fn expected_1d(symbol: &str) -> serde_json::Value {
+    use serde_json::{json, Value};
+    let rows: Vec<Value> = (100..600)
+        .rev()
+        .map(|i| {
+            let r = kline_row(symbol, i, 86_400_000);
+            let v = |x: &Val| match x {
+                Val::Ts(t) | Val::I64(t) => json!(t),
+                Val::F64(f) => json!(f),
+                Val::Str(s) => json!(s),
+                Val::Null => Value::Null,
+            };
+            // kline_row: ts, symbol, open, high, low, close, volume
+            json!({"ts": v(&r[0]), "open": v(&r[2]), "high": v(&r[3]), "low": v(&r[4]),
+                   "close": v(&r[5]), "volume": v(&r[6])})
+        })
+        .collect();
+    Value::Array(rows)
+}
+
 fn kline_columns() -> Vec<(String, Ty)> {
     [
         ("ts", Ty::Timestamp),
