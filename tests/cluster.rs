@@ -16,7 +16,9 @@ use nearcache::net::FrameReader;
 use nearcache::upstream::cluster::commands::CommandTable;
 use nearcache::upstream::cluster::router::Router;
 use nearcache::upstream::cluster::slots::slot;
-use nearcache::upstream::cluster::topology::{fetch, Redirect};
+use nearcache::upstream::cluster::topology::{
+    claims_of, claims_of_shards, fetch, Claim, Redirect, Topology,
+};
 use nearcache::upstream::cluster::view::ClusterView;
 use nearcache::upstream::{Connector, Login};
 use support::cluster::{assign_slot, begin_slot_move, Cluster};
@@ -33,8 +35,13 @@ fn addr(node: &RedisServer) -> String {
 
 /// One command's raw reply from `addr`.
 async fn raw(c: &Connector, addr: &str, args: &[&str]) -> Bytes {
+    raw_in(c, addr, 2, args).await
+}
+
+/// [`raw`] on a connection in RESP `proto`.
+async fn raw_in(c: &Connector, addr: &str, proto: u8, args: &[&str]) -> Bytes {
     let conn = c
-        .connect_to(addr, 2, &Login::Configured, false)
+        .connect_to(addr, proto, &Login::Configured, false)
         .await
         .unwrap();
     let mut stream = conn.stream;
@@ -47,6 +54,47 @@ async fn raw(c: &Connector, addr: &str, args: &[&str]) -> Bytes {
         .await
         .unwrap()
         .bytes
+}
+
+/// `CLUSTER SHARDS` as a real node formats it (7.0 here; nearcache asks it
+/// from Redis 8 on, where the reply has the same shape) gives the claims
+/// `CLUSTER SLOTS` gives, replicas included, in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_shards_gives_the_claims_cluster_slots_gives() {
+    let cluster = Cluster::start_with_replicas(3, 1);
+    let c = connector(&cluster.url());
+    let sorted = |mut claims: Vec<Claim>| {
+        for claim in &mut claims {
+            claim.replicas.sort();
+        }
+        claims.sort_by_key(|claim| claim.start);
+        claims
+    };
+    for node in &cluster.nodes {
+        let at = addr(node);
+        for proto in [2, 3] {
+            // A replica joins the map by gossip: ask again until both
+            // answers list all three.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let shards = raw_in(&c, &at, proto, &["CLUSTER", "SHARDS"]).await;
+                let slots = raw_in(&c, &at, proto, &["CLUSTER", "SLOTS"]).await;
+                let from_shards = sorted(claims_of_shards(&shards, &at, &[], false).unwrap());
+                let from_slots = sorted(claims_of(&slots, &at, &[]).unwrap());
+                let replicas =
+                    |claims: &[Claim]| claims.iter().map(|c| c.replicas.len()).sum::<usize>();
+                if replicas(&from_shards) == 3 && replicas(&from_slots) == 3 {
+                    assert_eq!(from_shards, from_slots, "{at}, RESP{proto}");
+                    let t = Topology::merge(&[from_shards], None);
+                    assert_eq!(t.covered(), 16384);
+                    assert_eq!(t.masters().len(), 3);
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{at}: replicas never all listed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,7 @@ use tokio::io::AsyncWriteExt;
 use crate::error::Error;
 use crate::net::FrameReader;
 use crate::protocol::Reply;
-use crate::upstream::{Connector, Login};
+use crate::upstream::{Connector, Login, ServerInfo};
 
 /// `requests` written at once on a connection of their own to `addr`, as
 /// nearcache's configured user, and their replies in order; the whole
@@ -38,12 +38,25 @@ pub(crate) async fn exchange(
     requests: &[Bytes],
     late: impl FnOnce(Duration) -> String,
 ) -> Result<Vec<Reply>, Error> {
+    exchange_with(connector, addr, proto, |_| requests.to_vec(), late).await
+}
+
+/// [`exchange`] with requests chosen once the node's handshake says what
+/// it is (its version, say).
+pub(crate) async fn exchange_with(
+    connector: &Connector,
+    addr: &str,
+    proto: u8,
+    requests: impl FnOnce(&ServerInfo) -> Vec<Bytes>,
+    late: impl FnOnce(Duration) -> String,
+) -> Result<Vec<Reply>, Error> {
     let cfg = connector.config();
     let limit = cfg.connect_timeout + cfg.command_timeout;
     let once = async {
         let c = connector
             .connect_to(addr, proto, &Login::Configured, false)
             .await?;
+        let requests = requests(&c.info);
         let mut stream = c.stream;
         stream
             .write_all(&requests.concat())
@@ -51,7 +64,7 @@ pub(crate) async fn exchange(
             .map_err(|e| Error::upstream_io(&e))?;
         let mut reader = FrameReader::new(stream, c.leftover);
         let mut replies = Vec::with_capacity(requests.len());
-        for _ in requests {
+        for _ in &requests {
             replies.push(reader.next().await?);
         }
         Ok(replies)

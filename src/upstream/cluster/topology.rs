@@ -1,6 +1,7 @@
-//! Which master owns which hash slot, as `CLUSTER SLOTS` tells it (Redis 7.0
-//! here; `CLUSTER SHARDS` only from 8, and it had bugs before), and the
-//! redirects (`MOVED`, `ASK`) that say a view is out of date.
+//! Which master owns which hash slot, as `CLUSTER SLOTS` tells it (servers
+//! before 8) or `CLUSTER SHARDS` (from 8: it exists since 7.0 but had bugs
+//! before, and `CLUSTER SLOTS` is deprecated), and the redirects (`MOVED`,
+//! `ASK`) that say a view is out of date.
 //!
 //! Each range's entries after its master are that master's replicas (a
 //! replica that failed is left out by Redis itself); they are kept for
@@ -9,6 +10,8 @@
 //! A [`Topology`] is an immutable snapshot: the request path reads an
 //! `Arc` of it without locks, and a change builds a new one (see
 //! [`super::view`]).
+
+use bytes::Bytes;
 
 use super::slots::SLOTS;
 use crate::config::node_address;
@@ -431,30 +434,157 @@ impl Redirect {
     }
 }
 
-/// Asks one node for `CLUSTER SLOTS` and, on the same connection,
-/// `CLUSTER NODES` for the owners' config epochs (a node that refuses the
-/// second, e.g. by ACL, still counts, with epochs unknown).
+/// Does a server of this `redis_version` get asked `CLUSTER SHARDS` rather
+/// than `CLUSTER SLOTS`? From 8 on (as the version's first number says).
+pub fn asks_shards(version: &str) -> bool {
+    version
+        .split('.')
+        .next()
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major >= 8)
+}
+
+/// Asks one node for its slot map (`CLUSTER SHARDS` from Redis 8, else
+/// `CLUSTER SLOTS`) and, on the same connection, `CLUSTER NODES` for the
+/// owners' config epochs (a node that refuses the second, e.g. by ACL,
+/// still counts, with epochs unknown).
 pub async fn ask(connector: &Connector, addr: &str) -> Result<Vec<Claim>, Error> {
-    let replies = super::exchange(
+    let mut shards = false;
+    let replies = super::exchange_with(
         connector,
         addr,
         2,
-        &[
-            protocol::command(["CLUSTER", "SLOTS"]),
-            protocol::command(["CLUSTER", "NODES"]),
-        ],
+        |info| {
+            shards = asks_shards(&info.version);
+            let map = if shards { "SHARDS" } else { "SLOTS" };
+            vec![
+                protocol::command(["CLUSTER", map]),
+                protocol::command(["CLUSTER", "NODES"]),
+            ]
+        },
         |limit| format!("CLUSTER SLOTS at {addr}: no answer within {limit:?}"),
     )
     .await?;
-    let (slots, nodes) = (&replies[0], &replies[1]);
-    if let Some(text) = slots.error_text() {
-        return Err(Error::Upstream(format!("CLUSTER SLOTS at {addr}: {text}")));
+    let (map, nodes) = (&replies[0], &replies[1]);
+    let asked = if shards { "SHARDS" } else { "SLOTS" };
+    if let Some(text) = map.error_text() {
+        return Err(Error::Upstream(format!(
+            "CLUSTER {asked} at {addr}: {text}"
+        )));
     }
     let epochs = match nodes.error_text() {
         Some(_) => Vec::new(),
         None => epochs_of(&nodes.bytes),
     };
-    claims_of(&slots.bytes, addr, &epochs).map_err(Error::Upstream)
+    if shards {
+        let tls = connector.tls().is_some();
+        claims_of_shards(&map.bytes, addr, &epochs, tls).map_err(Error::Upstream)
+    } else {
+        claims_of(&map.bytes, addr, &epochs).map_err(Error::Upstream)
+    }
+}
+
+/// The claims in a `CLUSTER SHARDS` reply (RESP2 or RESP3): each shard's
+/// slot ranges, served by its master (`role master`, whatever its health:
+/// `CLUSTER SLOTS` lists a failed master too, until its replica takes
+/// over), with its `online` replicas (`CLUSTER SLOTS` leaves failed ones
+/// out; a `loading` one cannot answer reads yet). A node's address is its
+/// `endpoint` (`?`: unknown, left out; empty: the asked node's host) and
+/// its `tls-port` on TLS connections, else its `port`, whichever it has.
+/// A shard with no master or no slots claims nothing.
+pub fn claims_of_shards(
+    reply: &[u8],
+    asked: &str,
+    epochs: &[(Vec<u8>, u64)],
+    tls: bool,
+) -> Result<Vec<Claim>, String> {
+    let bad = || "CLUSTER SHARDS: not the reply Redis sends".to_string();
+    let mut claims = Vec::new();
+    for shard in protocol::elements(reply).ok_or_else(bad)? {
+        let shard = &reply[shard];
+        let fields = pairs(shard).ok_or_else(bad)?;
+        let field = |name: &[u8]| fields.iter().find(|(k, _)| k[..] == *name).map(|(_, v)| v);
+        let (Some(slots), Some(nodes)) = (field(b"slots"), field(b"nodes")) else {
+            return Err(bad());
+        };
+        let mut bounds = Vec::new();
+        for b in protocol::elements(&shard[slots.clone()]).ok_or_else(bad)? {
+            let n = protocol::scalar(&shard[slots.start + b.start..slots.start + b.end])
+                .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok())
+                .filter(|n| (*n as usize) < SLOTS)
+                .ok_or_else(bad)?;
+            bounds.push(n);
+        }
+        if bounds.len() % 2 != 0 {
+            return Err(bad());
+        }
+        let nodes = &shard[nodes.clone()];
+        let mut master = None;
+        let mut replicas = Vec::new();
+        for node in protocol::elements(nodes).ok_or_else(bad)? {
+            let node = &nodes[node];
+            let info = pairs(node).ok_or_else(bad)?;
+            let text = |name: &[u8]| {
+                info.iter()
+                    .find(|(k, _)| k[..] == *name)
+                    .and_then(|(_, v)| protocol::scalar(&node[v.clone()]))
+            };
+            let port = |name: &[u8]| {
+                text(name)
+                    .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok())
+                    .filter(|p| *p != 0)
+            };
+            let port = match tls {
+                true => port(b"tls-port").or_else(|| port(b"port")),
+                false => port(b"port").or_else(|| port(b"tls-port")),
+            }
+            .ok_or_else(bad)?;
+            let endpoint = text(b"endpoint").ok_or_else(bad)?;
+            let host = match &endpoint[..] {
+                b"?" => continue,
+                b"" => host_of(asked).to_string(),
+                other => String::from_utf8_lossy(other).into_owned(),
+            };
+            let addr = node_address(&host, port);
+            match (text(b"role").as_deref(), text(b"health").as_deref()) {
+                (Some(b"master"), _) => master = Some((addr, text(b"id").unwrap_or_default())),
+                (_, Some(b"online")) => replicas.push(addr),
+                _ => {}
+            }
+        }
+        let Some((addr, id)) = master else {
+            continue;
+        };
+        let epoch = epochs
+            .iter()
+            .find(|(i, _)| !id.is_empty() && i[..] == id[..])
+            .map_or(0, |(_, e)| *e);
+        for range in bounds.chunks(2) {
+            if range[0] <= range[1] {
+                claims.push(Claim {
+                    start: range[0],
+                    end: range[1],
+                    addr: addr.clone(),
+                    epoch,
+                    replicas: replicas.clone(),
+                });
+            }
+        }
+    }
+    Ok(claims)
+}
+
+/// The name/value pairs of a map (RESP3) or of a flat name, value, …
+/// array (RESP2): each name as bytes, each value as its range in `item`.
+fn pairs(item: &[u8]) -> Option<Vec<(Bytes, std::ops::Range<usize>)>> {
+    let elements = protocol::elements(item)?;
+    if elements.len() % 2 != 0 {
+        return None;
+    }
+    elements
+        .chunks(2)
+        .map(|kv| Some((protocol::scalar(&item[kv[0].clone()])?, kv[1].clone())))
+        .collect()
 }
 
 /// Nodes asked at once in a refresh, and the answers wanted before the
@@ -532,6 +662,145 @@ mod tests {
         assert_eq!(t.all_replicas(), ["127.0.0.1:7101"]);
         assert!(Topology::parse_cluster_slots(b"+OK\r\n", "h:1").is_err());
         assert!(Topology::parse_cluster_slots(b"*1\r\n*2\r\n:0\r\n:1\r\n", "h:1").is_err());
+    }
+
+    /// One `CLUSTER SHARDS` node, as a flat RESP2 array or a RESP3 map.
+    fn shard_node(resp3: bool, fields: &[(&str, &str)]) -> String {
+        let mut out = match resp3 {
+            true => format!("%{}\r\n", fields.len()),
+            false => format!("*{}\r\n", fields.len() * 2),
+        };
+        for (k, v) in fields {
+            out += &format!("${}\r\n{k}\r\n", k.len());
+            // Ports and offsets are integers, the rest strings.
+            match v.parse::<i64>() {
+                Ok(n) if k.contains("port") || k.contains("offset") => out += &format!(":{n}\r\n"),
+                _ => out += &format!("${}\r\n{v}\r\n", v.len()),
+            }
+        }
+        out
+    }
+
+    fn shard(resp3: bool, slots: &[u16], nodes: &[String]) -> String {
+        let mut out = match resp3 {
+            true => "%2\r\n".to_string(),
+            false => "*4\r\n".to_string(),
+        };
+        out += &format!("$5\r\nslots\r\n*{}\r\n", slots.len());
+        for s in slots {
+            out += &format!(":{s}\r\n");
+        }
+        out += &format!("$5\r\nnodes\r\n*{}\r\n", nodes.len());
+        for n in nodes {
+            out += n;
+        }
+        out
+    }
+
+    #[test]
+    fn cluster_shards_reply_is_read_in_either_protocol() {
+        for resp3 in [false, true] {
+            let node = |id: &str, endpoint: &str, port: &str, role: &str, health: &str| {
+                shard_node(
+                    resp3,
+                    &[
+                        ("id", id),
+                        ("port", port),
+                        ("tls-port", "17000"),
+                        ("ip", "10.0.0.1"),
+                        ("endpoint", endpoint),
+                        ("role", role),
+                        ("replication-offset", "72156"),
+                        ("health", health),
+                    ],
+                )
+            };
+            let shards = [
+                // Two ranges; one replica online, one failed, one loading.
+                shard(
+                    resp3,
+                    &[0, 99, 200, 5460],
+                    &[
+                        node("a", "127.0.0.1", "7000", "master", "online"),
+                        node("ar", "127.0.0.1", "7100", "replica", "online"),
+                        node("af", "127.0.0.1", "7200", "replica", "failed"),
+                        node("al", "127.0.0.1", "7300", "replica", "loading"),
+                    ],
+                ),
+                // The master listed after its replica, with an empty endpoint.
+                shard(
+                    resp3,
+                    &[5461, 10922],
+                    &[
+                        node("br", "127.0.0.1", "7101", "replica", "online"),
+                        node("b", "", "7001", "master", "failed"),
+                    ],
+                ),
+                // An unknown endpoint serves nothing; a shard without slots neither.
+                shard(
+                    resp3,
+                    &[10923, 16383],
+                    &[node("c", "?", "7002", "master", "online")],
+                ),
+                shard(
+                    resp3,
+                    &[],
+                    &[node("d", "127.0.0.1", "7003", "master", "online")],
+                ),
+            ];
+            let reply = format!("*{}\r\n{}", shards.len(), shards.concat());
+            let epochs = vec![(b"a".to_vec(), 7), (b"b".to_vec(), 3)];
+            let claims =
+                claims_of_shards(reply.as_bytes(), "10.0.0.9:7001", &epochs, false).unwrap();
+            let replicas_a = vec!["127.0.0.1:7100".to_string()];
+            assert_eq!(
+                claims,
+                [
+                    Claim {
+                        start: 0,
+                        end: 99,
+                        addr: "127.0.0.1:7000".into(),
+                        epoch: 7,
+                        replicas: replicas_a.clone()
+                    },
+                    Claim {
+                        start: 200,
+                        end: 5460,
+                        addr: "127.0.0.1:7000".into(),
+                        epoch: 7,
+                        replicas: replicas_a
+                    },
+                    Claim {
+                        start: 5461,
+                        end: 10922,
+                        addr: "10.0.0.9:7001".into(),
+                        epoch: 3,
+                        replicas: vec!["127.0.0.1:7101".into()],
+                    },
+                ],
+                "resp3: {resp3}"
+            );
+            // Over TLS the node's tls-port is where it listens.
+            let tls = claims_of_shards(reply.as_bytes(), "10.0.0.9:7001", &epochs, true).unwrap();
+            assert_eq!(tls[0].addr, "127.0.0.1:17000");
+            assert!(claims_of_shards(b"+OK\r\n", "h:1", &[], false).is_err());
+            let odd = format!("*1\r\n{}", shard(resp3, &[0], &[]));
+            assert!(claims_of_shards(odd.as_bytes(), "h:1", &[], false).is_err());
+        }
+    }
+
+    #[test]
+    fn cluster_shards_is_asked_from_redis_8() {
+        for (version, shards) in [
+            ("7.0.15", false),
+            ("7.4.2", false),
+            ("8.0.0", true),
+            ("8.2.1", true),
+            ("10.0", true),
+            ("", false),
+        ] {
+            assert_eq!(asks_shards(version), shards, "{version}");
+        }
     }
 
     fn claim(start: u16, end: u16, addr: &str, epoch: u64) -> Claim {
