@@ -4,7 +4,8 @@
 //! its slot to a new owner (the old owner's unasked `sunsubscribe` is not
 //! passed on), channels on two nodes share one client stream with the
 //! counts one Redis gives, a stale map's `MOVED` is followed, a lost link
-//! closes the client, and a channel no node will serve is given up with
+//! (a killed connection, a SIGKILLed master) is subscribed again at the
+//! slot's owner, and a channel no node will serve is given up with
 //! the `sunsubscribe` a node would send. See `src/server/shard.rs`.
 
 mod support;
@@ -277,31 +278,36 @@ fn an_ssubscribe_answered_moved_is_sent_on_to_the_new_owner() {
 }
 
 /// The node closes the connection a client's shard channels live on
-/// (CLIENT KILL): the client's connection is closed, as when its pinned
-/// connection is lost (it would not hear of its channels again otherwise).
+/// (CLIENT KILL): the channel is subscribed again at its slot's owner (the
+/// same node) and the client, still connected, hears nothing of it but
+/// the next message.
 #[test]
-fn a_lost_shard_link_closes_the_client() {
+fn a_lost_shard_link_is_subscribed_again() {
     let cluster = Cluster::start(3);
     let proxy = Proxy::with_config(test_config(&cluster.url()));
     let (a, _) = channels_on_two_masters(&cluster);
+    let owner = cluster.owner_of(&a);
     let mut sub = RawClient::connect(proxy.port);
     sub.send(&[b"SSUBSCRIBE", a.as_bytes()]);
     assert_eq!(text(&sub.reply()), text(&conf("ssubscribe", &a, 1)));
     let killed: i64 = redis::cmd("CLIENT")
         .arg(&["KILL", "TYPE", "pubsub"][..])
-        .query(&mut cluster.owner_of(&a).conn())
+        .query(&mut owner.conn())
         .unwrap();
     assert_eq!(killed, 1);
-    match sub.next_frame(Duration::from_secs(5)) {
-        Err(e) => assert!(
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-            ),
-            "{e}"
-        ),
-        Ok(frame) => panic!("the client was not closed: {:?}", frame.map(|f| text(&f))),
-    }
+    wait_until(
+        "the channel subscribed again",
+        Duration::from_secs(5),
+        || subscribers_on(owner, &a) == 1,
+    );
+    assert_eq!(spublish(owner, &a, "again"), 1);
+    assert_eq!(text(&sub.reply()), text(&smessage(&a, "again")));
+    sub.send(&[b"SSUBSCRIBE", a.as_bytes()]);
+    assert_eq!(
+        text(&sub.reply()),
+        text(&conf("ssubscribe", &a, 1)),
+        "still one shard channel"
+    );
 }
 
 /// The node drops the channel and nothing will serve its slot (CLUSTER
@@ -358,6 +364,37 @@ fn a_shard_channel_follows_its_slot_through_a_failover() {
     wait_until(
         "the channel subscribed at the promoted replica",
         Duration::from_secs(10),
+        || subscribers_on(&replica, &a) == 1,
+    );
+    assert_eq!(spublish(&replica, &a, "promoted"), 1);
+    assert_eq!(text(&sub.reply()), text(&smessage(&a, "promoted")));
+}
+
+/// A failover that kills the master (SIGKILL: no `sunsubscribe`, the link
+/// just dies): the channel is subscribed again once the replica is
+/// promoted, and the client, still connected, gets the next message.
+#[test]
+fn a_shard_channel_follows_its_slot_through_a_sigkill_failover() {
+    let mut cluster = Cluster::start(3);
+    let (a, _) = channels_on_two_masters(&cluster);
+    let old = cluster.owner_of(&a).port;
+    let replica = cluster.add_replica(cluster.node(old));
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut sub = RawClient::connect(proxy.port);
+    sub.send(&[b"SSUBSCRIBE", a.as_bytes()]);
+    assert_eq!(text(&sub.reply()), text(&conf("ssubscribe", &a, 1)));
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.port == old)
+        .unwrap()
+        .kill();
+    wait_until("the replica promoted", Duration::from_secs(30), || {
+        info_field(&replica, "replication", "role") == "master"
+    });
+    wait_until(
+        "the channel subscribed at the promoted replica",
+        Duration::from_secs(20),
         || subscribers_on(&replica, &a) == 1,
     );
     assert_eq!(spublish(&replica, &a, "promoted"), 1);

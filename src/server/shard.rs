@@ -26,8 +26,10 @@
 //!   take their usual paths (routed by slot, L1). In RESP2 it is in
 //!   pub/sub mode, as on Redis: PING is answered `pong`, commands other
 //!   than the (un)subscribe family are refused with Redis's error.
-//! - A link lost (the node closed it, or died) closes the client once its
-//!   replies are written, as the loss of its pinned connection does.
+//! - A link lost (the node closed it, or died: a master killed without a
+//!   goodbye sends no `sunsubscribe`) is treated as a move of all its
+//!   channels: they are subscribed again at their slots' owners, with the
+//!   same backoff and the same 15 s before the client is told.
 
 use std::collections::{HashMap, VecDeque};
 use std::task::{Context, Poll};
@@ -356,7 +358,7 @@ impl Session {
 
     /// Writes `SSUBSCRIBE` / `SUNSUBSCRIBE` of `parts` to `node`'s link
     /// (opened if need be) and notes what its replies will answer. An error
-    /// is a link that could not be opened (a lost one closes the client).
+    /// is a link that could not be opened (a lost one is `shard_link_lost`).
     async fn shard_send(
         &mut self,
         node: &str,
@@ -605,21 +607,65 @@ impl Session {
         self.settle_shard();
     }
 
-    /// A link is gone: what it owed fails, and the client is closed once
-    /// its replies are written (its channels there ended unannounced).
+    /// A link is gone (the node closed it, or died: a SIGKILL failover sends
+    /// no `sunsubscribe`). Its channels are subscribed again at their
+    /// slot's owner, as after a move: the map is refreshed, and until a
+    /// replica is promoted the attempts back off. Of what it owed, an
+    /// SSUBSCRIBE fails with the error (whether the node ran it is unknown;
+    /// the client may send it again), an SUNSUBSCRIBE is done (nothing is
+    /// subscribed on a lost connection).
     fn shard_link_lost(&mut self, node: &str, e: &Error) {
         let Some(at) = self.shard.links.iter().position(|l| l.node == node) else {
             return;
         };
         let link = self.shard.links.swap_remove(at);
-        debug!(client = self.info.id, %node, error = %e, "shard link lost");
+        info!(client = self.info.id, %node, error = %e, "shard link lost; subscribing its channels again at their slots' owners");
+        if let Some(router) = &self.sidecar.cluster {
+            router.view().refresh();
+        }
         for sent in link.sent {
-            if let Ticket::Client(id) = sent.ticket {
-                self.shard_fail(id, e.to_reply());
+            if sent.subscribe {
+                // Not confirmed there: not subscribed anywhere.
+                for (ch, _) in &sent.parts {
+                    if self
+                        .shard
+                        .channels
+                        .get(ch)
+                        .is_some_and(|r| r.node == node && !r.live)
+                    {
+                        self.shard.channels.remove(ch);
+                    }
+                }
+            }
+            match sent.ticket {
+                Ticket::Client(id) if sent.subscribe => self.shard_fail(id, e.to_reply()),
+                Ticket::Client(id) => {
+                    if let Some(s) = self.replies.shard(id) {
+                        for (_, at) in &sent.parts {
+                            s.confirmed[*at] = true;
+                        }
+                    }
+                }
+                Ticket::Again(attempts) => {
+                    for (ch, _) in sent.parts {
+                        if !self.shard.channels.contains_key(&ch) {
+                            self.shard.again(ch, None, attempts + 1);
+                        }
+                    }
+                }
             }
         }
-        self.shard.channels.retain(|_, r| r.node != node);
-        self.replies.broken = true;
+        let lost: Vec<Bytes> = self
+            .shard
+            .channels
+            .iter()
+            .filter(|(_, r)| r.node == node)
+            .map(|(ch, _)| ch.clone())
+            .collect();
+        for ch in lost {
+            self.shard.channels.remove(&ch);
+            self.shard.again(ch, None, 0);
+        }
     }
 
     /// A link with nothing subscribed and nothing owed is closed. (Not
