@@ -1683,20 +1683,33 @@ fn replica_of<'c>(cluster: &'c Cluster, master: &RedisServer) -> &'c RedisServer
         .expect("a replica of the master")
 }
 
-/// Two nearcache instances with L1 in front of a 3-master, 3-replica
-/// cluster; writers through both, readers through both, while a slot
-/// migrates (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE) and then a master
-/// fails over to its replica (`CLUSTER FAILOVER`, which loses no write, so
-/// an older value after it can only come from L1). No read may return a
-/// value older than one acknowledged more than BOUND before the read
-/// started, and no reader may see a key go back in time. Errors during
-/// the moments of the switch are allowed (counted), stale values are not.
-#[test]
-fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
+/// The keys the stale-read checker writes and reads.
+fn checker_key(k: usize) -> String {
+    format!("quote:chk{k}")
+}
+
+/// What a run of [`check_stale_reads`] saw.
+struct CheckerRun {
+    reads: u64,
+    errors: u64,
+    /// L1 hits of both instances during the run, and in its first 2 s.
+    hits: i64,
+    hits_steady: i64,
+    /// Times each instance emptied L1.
+    flushes: (i64, i64),
+}
+
+/// The randomized stale-read checker: two nearcache instances with L1 in
+/// front of `cluster`; writers through both, readers through both, for 2 s
+/// and then while `change` alters the topology. No read may return a value
+/// older than one acknowledged more than BOUND before the read started,
+/// and no reader may see a key go back in time. Errors during the moments
+/// of a switch are allowed (counted), stale values are not. `change` must
+/// lose no acknowledged write (Redis's own loss would look like L1's).
+fn check_stale_reads(cluster: &mut Cluster, change: impl FnOnce(&mut Cluster)) -> CheckerRun {
     const BOUND: Duration = Duration::from_millis(500);
     const KEYS: usize = 16;
     type History = std::sync::Mutex<Vec<(u64, Instant)>>;
-    let cluster = Cluster::start_with_replicas(3, 1);
     let cached = || {
         let mut cfg = test_config(&cluster.url());
         cfg.cache.invalidation = nearcache::config::InvalidationMode::Tracking;
@@ -1705,7 +1718,6 @@ fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
         p
     };
     let (a, b) = (cached(), cached());
-    let key = |k: usize| format!("quote:chk{k}");
     let history: Arc<Vec<History>> = Arc::new(
         (0..KEYS)
             .map(|_| std::sync::Mutex::new(vec![(0, Instant::now())]))
@@ -1714,7 +1726,11 @@ fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
     {
         let mut c = a.conn();
         for k in 0..KEYS {
-            let _: () = redis::cmd("SET").arg(key(k)).arg(0).query(&mut c).unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(checker_key(k))
+                .arg(0)
+                .query(&mut c)
+                .unwrap();
         }
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1735,7 +1751,7 @@ fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
                 let k = w + 4 * i;
                 let v = version * 4 + w as u64;
                 match redis::cmd("SET")
-                    .arg(format!("quote:chk{k}"))
+                    .arg(checker_key(k))
                     .arg(v)
                     .query::<()>(&mut c)
                 {
@@ -1760,7 +1776,7 @@ fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 i = (i * 7 + 3) % KEYS;
                 let started = Instant::now();
-                let v: u64 = match redis::cmd("GET").arg(format!("quote:chk{i}")).query(&mut c) {
+                let v: u64 = match redis::cmd("GET").arg(checker_key(i)).query(&mut c) {
                     Ok(v) => v,
                     Err(_) => {
                         errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1784,72 +1800,141 @@ fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
     let hits_before = a.stat("hits") + b.stat("hits");
     std::thread::sleep(Duration::from_secs(2));
     let hits_steady = a.stat("hits") + b.stat("hits") - hits_before;
-
-    // Resharding: the slot of quote:chk0 moves to another master, keys and all.
-    let s = slot(key(0).as_bytes()).to_string();
-    let from = cluster.owner_of(&key(0));
-    let to = cluster
-        .nodes
-        .iter()
-        .find(|n| n.port != from.port && !replica_is(n))
-        .expect("another master");
-    begin_slot_move(&s, from, to);
-    std::thread::sleep(Duration::from_millis(500));
-    let moving: Vec<String> = redis::cmd("CLUSTER")
-        .arg(&["GETKEYSINSLOT", &s, "100"][..])
-        .query(&mut from.conn())
-        .unwrap();
-    for k in &moving {
-        let _: () = redis::cmd("MIGRATE")
-            .arg(&["127.0.0.1", &to.port.to_string(), k, "0", "5000"][..])
-            .query(&mut from.conn())
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for n in cluster.nodes.iter().filter(|n| !replica_is(n)) {
-        let _: () = redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
-            .query(&mut n.conn())
-            .unwrap();
-    }
-    std::thread::sleep(Duration::from_secs(2));
-
-    // Failover: the master of quote:chk1 hands over to its replica.
-    let old = cluster.owner_of(&key(1));
-    let replica = replica_of(&cluster, old);
-    let _: () = redis::cmd("CLUSTER")
-        .arg("FAILOVER")
-        .query(&mut replica.conn())
-        .unwrap();
-    wait_until("the replica is a master", Duration::from_secs(30), || {
-        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut replica.conn()).unwrap();
-        matches!(&role[0], redis::Value::BulkString(r) if r == b"master")
-    });
-    std::thread::sleep(Duration::from_secs(3));
+    change(cluster);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in threads {
         t.join()
             .expect("a checker thread found a stale read or failed");
     }
-    let hits = a.stat("hits") + b.stat("hits") - hits_before;
-    let reads = reads.load(std::sync::atomic::Ordering::Relaxed);
+    CheckerRun {
+        reads: reads.load(std::sync::atomic::Ordering::Relaxed),
+        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        hits: a.stat("hits") + b.stat("hits") - hits_before,
+        hits_steady,
+        flushes: (a.stat("flushes"), b.stat("flushes")),
+    }
+}
+
+/// The checker (above) in front of a 3-master, 3-replica cluster while a
+/// slot migrates (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE) and then a
+/// master fails over to its replica (`CLUSTER FAILOVER`, which loses no
+/// write, so an older value after it can only come from L1).
+#[test]
+fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
+    let mut cluster = Cluster::start_with_replicas(3, 1);
+    let mut migrated = 0;
+    let run = check_stale_reads(&mut cluster, |cluster| {
+        // Resharding: the slot of quote:chk0 moves to another master, keys and all.
+        let s = slot(checker_key(0).as_bytes()).to_string();
+        let from = cluster.owner_of(&checker_key(0));
+        let to = cluster
+            .nodes
+            .iter()
+            .find(|n| n.port != from.port && !replica_is(n))
+            .expect("another master");
+        begin_slot_move(&s, from, to);
+        std::thread::sleep(Duration::from_millis(500));
+        let moving: Vec<String> = redis::cmd("CLUSTER")
+            .arg(&["GETKEYSINSLOT", &s, "100"][..])
+            .query(&mut from.conn())
+            .unwrap();
+        for k in &moving {
+            let _: () = redis::cmd("MIGRATE")
+                .arg(&["127.0.0.1", &to.port.to_string(), k, "0", "5000"][..])
+                .query(&mut from.conn())
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for n in cluster.nodes.iter().filter(|n| !replica_is(n)) {
+            let _: () = redis::cmd("CLUSTER")
+                .arg(&["SETSLOT", &s, "NODE", &to.node_id()][..])
+                .query(&mut n.conn())
+                .unwrap();
+        }
+        migrated = moving.len();
+        std::thread::sleep(Duration::from_secs(2));
+
+        // Failover: the master of quote:chk1 hands over to its replica.
+        let old = cluster.owner_of(&checker_key(1));
+        let replica = replica_of(cluster, old);
+        let _: () = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query(&mut replica.conn())
+            .unwrap();
+        wait_until("the replica is a master", Duration::from_secs(30), || {
+            !replica_is(replica)
+        });
+        std::thread::sleep(Duration::from_secs(3));
+    });
     eprintln!(
-        "cluster checker: {reads} reads, {hits} L1 hits ({hits_steady} in the first 2 s), {} errors, \
-         {} keys migrated, L1 emptied {} and {} times",
-        errors.load(std::sync::atomic::Ordering::Relaxed),
-        moving.len(),
-        a.stat("flushes"),
-        b.stat("flushes")
+        "cluster checker: {} reads, {} L1 hits ({} in the first 2 s), {} errors, \
+         {migrated} keys migrated, L1 emptied {} and {} times",
+        run.reads, run.hits, run.hits_steady, run.errors, run.flushes.0, run.flushes.1
     );
     assert!(
-        !moving.is_empty(),
+        migrated > 0,
         "the migrated slot held no key: the resharding checked nothing"
     );
     assert!(
-        hits_steady > 100,
-        "L1 served too little to check ({hits_steady} hits)"
+        run.hits_steady > 100,
+        "L1 served too little to check ({} hits)",
+        run.hits_steady
     );
-    assert!(hits > 1000, "the checker must exercise L1 ({hits} hits)");
+    assert!(
+        run.hits > 1000,
+        "the checker must exercise L1 ({} hits)",
+        run.hits
+    );
+}
+
+/// The checker through a failover that kills the master (SIGKILL: no
+/// `MOVED`, no goodbye; its feed just dies). Redis replicates
+/// asynchronously, so a write the master acknowledged just before dying
+/// may be lost by Redis itself; to check nearcache and not Redis, the
+/// master's writes are paused (`CLIENT PAUSE WRITE`) and its replica caught
+/// up before the kill. Writes in flight then fail (not acknowledged).
+#[test]
+fn randomized_checker_finds_no_stale_read_through_a_sigkill_failover() {
+    let mut cluster = Cluster::start_with_replicas(3, 1);
+    let first = cluster.nodes[0].port;
+    let run = check_stale_reads(&mut cluster, |cluster| {
+        // A master other than the first node (the test support asks that one).
+        let victim = (1..16)
+            .map(|k| cluster.owner_of(&checker_key(k)).port)
+            .find(|p| *p != first)
+            .expect("a key on another master");
+        let replica = replica_of(cluster, cluster.node(victim)).port;
+        let _: () = redis::cmd("CLIENT")
+            .arg(&["PAUSE", "20000", "WRITE"][..])
+            .query(&mut cluster.node(victim).conn())
+            .unwrap();
+        wait_until("the replica caught up", Duration::from_secs(10), || {
+            let master = info_field(cluster.node(victim), "replication", "master_repl_offset");
+            let copy = info_field(cluster.node(replica), "replication", "slave_repl_offset");
+            master == copy
+        });
+        cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == victim)
+            .unwrap()
+            .kill();
+        wait_until("the replica is a master", Duration::from_secs(30), || {
+            !replica_is(cluster.node(replica))
+        });
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    eprintln!(
+        "cluster checker (SIGKILL): {} reads, {} L1 hits ({} in the first 2 s), {} errors, \
+         L1 emptied {} and {} times",
+        run.reads, run.hits, run.hits_steady, run.errors, run.flushes.0, run.flushes.1
+    );
+    assert!(
+        run.hits_steady > 100,
+        "L1 served too little to check ({} hits)",
+        run.hits_steady
+    );
+    assert!(run.errors > 0, "the kill was seen by the clients");
 }
 
 /// Is this node a replica (by `ROLE`)?
