@@ -470,3 +470,245 @@ fn messages_published_through_a_move_arrive_once_and_in_order() {
         delivered.len()
     );
 }
+
+// ---- Keyspace events: every master's, through one client connection ----
+
+/// A node's keyspace and keyevent notifications for every event.
+fn notify_everything(cluster: &Cluster) {
+    for n in &cluster.nodes {
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "notify-keyspace-events", "KEA"][..])
+            .query(&mut n.conn())
+            .unwrap();
+    }
+}
+
+/// What a pattern subscriber gets for one message, RESP2.
+fn pmessage(pattern: &str, channel: &str, payload: &str) -> String {
+    format!(
+        "*4\r\n$8\r\npmessage\r\n${}\r\n{pattern}\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
+        pattern.len(),
+        channel.len(),
+        payload.len()
+    )
+}
+
+/// The frames that arrive within `wait`, as text, but for the events of
+/// nearcache's own feed canaries (`__nearcache__:canary:…`, written and
+/// deleted on every master: a subscriber on Redis itself sees them too).
+fn frames_within(sub: &mut RawClient, wait: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(f) = sub.try_reply(wait) {
+        let f = text(&f);
+        if !f.contains("__nearcache__:canary:") {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// A node publishes keyspace events for its own keys only, to its own
+/// subscribers: a plain client subscribed through nearcache hears every
+/// master's (a pattern and a channel), each once; a PUBLISH, which the
+/// cluster bus carries to every node, still arrives once; after the
+/// unsubscribe no master keeps a subscriber of nearcache's.
+#[test]
+fn keyspace_events_of_every_master_reach_one_subscriber() {
+    let cluster = Cluster::start(3);
+    notify_everything(&cluster);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let keys = cluster.keys_on_every_master("ev:");
+    let mut sub = RawClient::connect(proxy.port);
+    sub.send(&[b"PSUBSCRIBE", b"__keyspace@0__:ev:*"]);
+    assert_eq!(
+        text(&sub.reply()),
+        text(&conf("psubscribe", "__keyspace@0__:ev:*", 1))
+    );
+    sub.send(&[b"SUBSCRIBE", b"__keyevent@0__:del"]);
+    assert_eq!(
+        text(&sub.reply()),
+        text(&conf("subscribe", "__keyevent@0__:del", 2))
+    );
+    sub.send(&[b"PSUBSCRIBE", b"*"]);
+    assert_eq!(text(&sub.reply()), text(&conf("psubscribe", "*", 3)));
+    // Every master holds the subscriptions (the mirrors are opened as the
+    // client subscribes).
+    wait_until("every master subscribed", Duration::from_secs(5), || {
+        cluster.nodes.iter().all(|n| {
+            let pats: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query(&mut n.conn())
+                .unwrap();
+            pats == 2
+        })
+    });
+    for k in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("v")
+            .query(&mut cluster.owner_of(k).conn())
+            .unwrap();
+    }
+    let mut got = frames_within(&mut sub, Duration::from_millis(500));
+    let mut want: Vec<String> = keys
+        .iter()
+        .flat_map(|k| {
+            let channel = format!("__keyspace@0__:{k}");
+            [
+                pmessage("__keyspace@0__:ev:*", &channel, "set"),
+                pmessage("*", &channel, "set"),
+                pmessage("*", "__keyevent@0__:set", k),
+            ]
+        })
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "each master's events, once per matching subscription"
+    );
+
+    // A channel subscription: DEL events of every master.
+    sub.send(&[b"PUNSUBSCRIBE", b"*"]);
+    assert_eq!(text(&sub.reply()), text(&conf("punsubscribe", "*", 2)));
+    for k in &keys {
+        let _: i64 = redis::cmd("DEL")
+            .arg(k)
+            .query(&mut cluster.owner_of(k).conn())
+            .unwrap();
+    }
+    let mut got = frames_within(&mut sub, Duration::from_millis(500));
+    let mut want: Vec<String> = keys
+        .iter()
+        .flat_map(|k| {
+            [
+                pmessage("__keyspace@0__:ev:*", &format!("__keyspace@0__:{k}"), "del"),
+                text(
+                    &format!(
+                        "*3\r\n$7\r\nmessage\r\n$18\r\n__keyevent@0__:del\r\n${}\r\n{k}\r\n",
+                        k.len()
+                    )
+                    .into_bytes(),
+                ),
+            ]
+        })
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+
+    // PUBLISH reaches every node by the cluster bus: still once.
+    sub.send(&[b"PSUBSCRIBE", b"*"]);
+    assert_eq!(text(&sub.reply()), text(&conf("psubscribe", "*", 3)));
+    wait_until("every master subscribed", Duration::from_secs(5), || {
+        cluster.nodes.iter().all(|n| {
+            let pats: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query(&mut n.conn())
+                .unwrap();
+            pats == 2
+        })
+    });
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(&["news", "hi"][..])
+        .query(&mut cluster.nodes[2].conn())
+        .unwrap();
+    assert_eq!(
+        frames_within(&mut sub, Duration::from_millis(500)),
+        [pmessage("*", "news", "hi")]
+    );
+
+    sub.send(&[b"PUNSUBSCRIBE"]);
+    sub.reply();
+    sub.reply();
+    sub.send(&[b"UNSUBSCRIBE"]);
+    assert_eq!(
+        text(&sub.reply()),
+        text(&conf("unsubscribe", "__keyevent@0__:del", 0))
+    );
+    wait_until(
+        "no master keeps a subscriber",
+        Duration::from_secs(5),
+        || {
+            cluster.nodes.iter().all(|n| {
+                let pats: i64 = redis::cmd("PUBSUB")
+                    .arg("NUMPAT")
+                    .query(&mut n.conn())
+                    .unwrap();
+                let (_, subs): (String, i64) = redis::cmd("PUBSUB")
+                    .arg(&["NUMSUB", "__keyevent@0__:del"][..])
+                    .query(&mut n.conn())
+                    .unwrap();
+                pats == 0 && subs == 0
+            })
+        },
+    );
+    sub.send(&[b"PING"]);
+    assert_eq!(text(&sub.reply()), "+PONG\r\n");
+}
+
+/// A replica promoted while the client is subscribed (CLUSTER FAILOVER):
+/// the new master gets the subscription at the next check, and its keyspace
+/// events reach the client.
+#[test]
+fn keyspace_events_follow_a_failover() {
+    let cluster = Cluster::start(3);
+    notify_everything(&cluster);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut sub = RawClient::connect(proxy.port);
+    sub.send(&[b"PSUBSCRIBE", b"__keyspace@0__:*"]);
+    assert_eq!(
+        text(&sub.reply()),
+        text(&conf("psubscribe", "__keyspace@0__:*", 1))
+    );
+    wait_until("every master subscribed", Duration::from_secs(5), || {
+        cluster.nodes.iter().all(|n| {
+            let pats: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query(&mut n.conn())
+                .unwrap();
+            pats == 1
+        })
+    });
+    let old = &cluster.nodes[2];
+    let key = (0..)
+        .map(|i| format!("fo:{i}"))
+        .find(|k| cluster.owner_of(k).port == old.port)
+        .unwrap();
+    let replica = cluster.add_replica(old);
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "notify-keyspace-events", "KEA"][..])
+        .query(&mut replica.conn())
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut replica.conn())
+        .unwrap();
+    wait_until("the failover", Duration::from_secs(30), || {
+        info_field(&replica, "replication", "role") == "master"
+    });
+    wait_until(
+        "the promoted replica subscribed",
+        Duration::from_secs(10),
+        || {
+            let pats: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query(&mut replica.conn())
+                .unwrap();
+            pats == 1
+        },
+    );
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("v")
+        .query(&mut replica.conn())
+        .unwrap();
+    assert_eq!(
+        frames_within(&mut sub, Duration::from_millis(500)),
+        [pmessage(
+            "__keyspace@0__:*",
+            &format!("__keyspace@0__:{key}"),
+            "set"
+        )]
+    );
+}

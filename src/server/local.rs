@@ -319,6 +319,7 @@ impl Session {
         }
         self.info.upstream_id.store(-1, Ordering::Relaxed);
         self.shard_reset();
+        self.mirrors_reset();
         self.state.reset();
         self.login = Login::Configured;
         self.proto = 2;

@@ -20,6 +20,7 @@
 
 mod client_cmd;
 mod clients;
+mod keyspace;
 mod listener;
 mod local;
 mod pinned;

@@ -85,6 +85,9 @@ pub(super) struct Session {
     /// With a cluster upstream: the client's shard channels, on links of
     /// their own (see `shard.rs`).
     pub(super) shard: super::shard::ShardSubs,
+    /// With a cluster upstream: the client's keyspace-event subscriptions
+    /// on every other master (see `keyspace.rs`).
+    pub(super) keyspace: super::keyspace::KeyspaceMirrors,
 }
 
 struct EagerRoute {
@@ -142,6 +145,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>, socket: TcpStream, info: Arc<Clie
         cluster_pin: ClusterPin::default(),
         eager_routes: Vec::new(),
         shard: Default::default(),
+        keyspace: Default::default(),
         sidecar,
         info,
     };
@@ -256,6 +260,7 @@ impl Session {
                 }
             }
             self.settle_shard();
+            self.settle_mirrors();
             if !self.replies.out.is_empty() && !self.write_some(socket) {
                 return;
             }
@@ -299,9 +304,14 @@ impl Session {
                 self.pinned_check = None;
             }
             let (links, shard_due) = (self.shard.has_links(), self.shard.next_due());
-            let (mut shard_frame, mut rang) = (None, false);
+            let (mirrors, mirrors_due) = (self.keyspace.has_links(), self.keyspace.next_due());
+            let (mut shard_frame, mut mirror_frame, mut rang) = (None, None, false);
             let check_due = deadline.filter(|_| self.pinned_check.is_none());
-            let wake_at = check_due.into_iter().chain(shard_due).min();
+            let wake_at = check_due
+                .into_iter()
+                .chain(shard_due)
+                .chain(mirrors_due)
+                .min();
             if let Some(at) = wake_at {
                 let at = tokio::time::Instant::from_std(at);
                 if timer.deadline() != at {
@@ -323,6 +333,7 @@ impl Session {
                 // Handled after the select: its futures are not dropped
                 // until it returns, and one of them is not `Send`.
                 got = std::future::poll_fn(|cx| self.shard.poll_frame(cx)), if links => shard_frame = Some(got),
+                got = std::future::poll_fn(|cx| self.keyspace.poll_frame(cx)), if mirrors => mirror_frame = Some(got),
                 _ = std::future::poll_fn(|cx| self.replies.poll_collect(cx)), if !self.replies.is_empty() => {}
                 _ = &mut timer, if wake_at.is_some() => rang = true,
                 alive = std::future::poll_fn(|cx| match self.pinned_check.as_mut() {
@@ -374,6 +385,9 @@ impl Session {
             if let Some((node, frame)) = shard_frame {
                 self.on_shard_frame(node, frame).await;
             }
+            if let Some((node, frame)) = mirror_frame {
+                self.on_mirror_frame(node, frame);
+            }
             if rang {
                 let now = Instant::now();
                 if check_due.is_some_and(|d| d <= now) {
@@ -381,6 +395,9 @@ impl Session {
                 }
                 if shard_due.is_some_and(|d| d <= now) {
                     self.shard_retry().await;
+                }
+                if mirrors_due.is_some_and(|d| d <= now) {
+                    self.sync_mirrors().await;
                 }
             }
         }
@@ -416,7 +433,8 @@ impl Session {
         } else {
             ("normal", limits.normal)
         };
-        let held = (self.replies.out.len() + self.shard.held_bytes()) as u64;
+        let held =
+            (self.replies.out.len() + self.shard.held_bytes() + self.keyspace.held_bytes()) as u64;
         if limit.hard > 0 && held > limit.hard {
             return Some(format!(
                 "{held} bytes of unread {class} output, over the hard limit of {}",
@@ -833,6 +851,11 @@ impl Session {
         if let Err(e) = written {
             self.pinned = None;
             self.replies.pinned_lost(&e);
+        } else if matches!(
+            name,
+            b"SUBSCRIBE" | b"PSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
+        ) {
+            self.mirror_subscription(name, &req.args[1..]).await;
         }
         Flow::Next
     }

@@ -147,7 +147,7 @@ fn confirmation(resp3: bool, subscribe: bool, channel: Option<&Bytes>, count: us
 
 /// A message (`smessage`: an array of bulk strings) in the client's
 /// protocol: a link opened before the client's HELLO speaks the old one.
-fn in_protocol(bytes: Bytes, resp3: bool) -> Bytes {
+pub(super) fn in_protocol(bytes: Bytes, resp3: bool) -> Bytes {
     let want = if resp3 { b'>' } else { b'*' };
     match bytes.first() {
         Some(&b) if (b == b'*' || b == b'>') && b != want => {
