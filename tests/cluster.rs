@@ -977,6 +977,59 @@ fn until_hit(proxy: &Proxy, c: &mut redis::Connection, key: &str, want: &str) {
     );
 }
 
+/// A GET that misses L1 is written to its node at once, as a forwarded
+/// command is: the client's later requests of other nodes are not held
+/// behind it (its node is paused: `CLIENT PAUSE`), and a later write of
+/// the same key keeps Redis's order behind it (written on the same
+/// connection): replies in order, the read seeing the value before the write.
+#[test]
+fn an_l1_miss_does_not_hold_the_requests_after_it() {
+    let cluster = Cluster::start(3);
+    let keys = cluster.keys_on_every_master("quote:held");
+    let (slow, other) = (&keys[0], &keys[2]);
+    let slow_node = cluster.owner_of(slow);
+    assert_ne!(slow_node.port, cluster.owner_of(other).port);
+    let _: () = redis::cmd("SET")
+        .arg(slow)
+        .arg("old")
+        .query(&mut slow_node.conn())
+        .unwrap();
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = RawClient::connect(proxy.port);
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "1500", "ALL"][..])
+        .query(&mut slow_node.conn())
+        .unwrap();
+    let paused = Instant::now();
+    c.send(&[b"GET", slow.as_bytes()]);
+    c.send(&[b"SET", other.as_bytes(), b"written"]);
+    c.send(&[b"SET", slow.as_bytes(), b"new"]);
+    c.send(&[b"GET", slow.as_bytes()]);
+    wait_until(
+        "the SET behind the miss reached its node",
+        Duration::from_secs(1),
+        || {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(other)
+                .query(&mut cluster.owner_of(other).conn())
+                .unwrap();
+            v.is_some()
+        },
+    );
+    assert!(
+        paused.elapsed() < Duration::from_millis(1000),
+        "written while the miss's node was still paused"
+    );
+    assert_eq!(c.reply(), b"$3\r\nold\r\n");
+    assert!(
+        paused.elapsed() >= Duration::from_millis(1000),
+        "the miss waited for its node"
+    );
+    assert_eq!(c.reply(), b"+OK\r\n");
+    assert_eq!(c.reply(), b"+OK\r\n");
+    assert_eq!(c.reply(), b"$3\r\nnew\r\n");
+}
+
 /// Kills every tracking / subscribed client of `node` (its feed).
 fn kill_feed_of(node: &RedisServer, c: &mut redis::Connection) {
     let list: String = redis::cmd("CLIENT").arg("LIST").query(c).unwrap();

@@ -255,18 +255,36 @@ impl Session {
             }
             .boxed()
         });
+        let mut written_now = None;
         if let Some(claimed) = claimed {
             let keep = td.is_some().then(|| Keep {
                 cache: cache.clone(),
                 sig: sig.clone(),
                 ttl: policy.ttl,
             });
-            let _ = claimed.send(self.fetch(route, req, &key, td, keep).await);
+            let (fetch, now) = self.fetch(route, req, &key, td, keep).await;
+            written_now = now;
+            let _ = claimed.send(fetch);
         }
         self.outstanding
             .track_fill(&key, &waiter, &sig, self.proto, ticket);
         let silent = self.silent_reply();
-        self.replies.push(Owed::Fill(waiter), silent);
+        match written_now {
+            // Already on the wire, on the slot's route: what the client
+            // sends next may be written before this reply is in.
+            Some(token) => {
+                let reply = async move {
+                    let r = match waiter.await {
+                        Ok(r) => r.bytes,
+                        Err(e) => e.to_reply(),
+                    };
+                    drop(token);
+                    r
+                };
+                self.replies.push(Owed::Eager(Box::pin(reply)), silent);
+            }
+            None => self.replies.push(Owed::Fill(waiter), silent),
+        }
         Flow::Next
     }
 
@@ -291,7 +309,7 @@ impl Session {
         let Some(route) = self.fetch_route() else {
             return self.flow_after_failed_send();
         };
-        let fetch = self.fetch(route, req, &key, td, None).await;
+        let (fetch, _) = self.fetch(route, req, &key, td, None).await;
         let silent = self.silent_reply();
         let reply = fetch
             .map(|(r, _)| match r {
@@ -335,7 +353,7 @@ impl Session {
         key: &Bytes,
         td: Option<Arc<Tdengine>>,
         keep: Option<Keep>,
-    ) -> BoxFuture<'static, Fetched> {
+    ) -> (BoxFuture<'static, Fetched>, Option<Arc<()>>) {
         let conn = match route {
             FetchRoute::Conn(conn) => conn,
             FetchRoute::Cluster(router) => return self.cluster_fetch(router, req, key, td),
@@ -345,16 +363,16 @@ impl Session {
         let rx = conn.send(req.encoded()).await;
         self.path_pool();
         let Some(td) = td else {
-            return async move {
+            let fetch = async move {
                 let cap = cap_from_pttl(received(pttl.await), sent);
                 (received(rx.await), cap)
-            }
-            .boxed();
+            };
+            return (fetch.boxed(), None);
         };
         let proto = self.proto;
         let key = key.clone();
         let done = self.outstanding.track([&key], true);
-        async move {
+        let fetch = async move {
             let _done = done;
             let cap = cap_from_pttl(received(pttl.await), sent);
             match received(rx.await) {
@@ -364,8 +382,8 @@ impl Session {
                 }
                 other => (other, cap),
             }
-        }
-        .boxed()
+        };
+        (fetch.boxed(), None)
     }
 
     /// [`Session::fetch`] with a cluster: `PTTL key` and the read as one job
@@ -382,20 +400,30 @@ impl Session {
         req: &Request,
         key: &Bytes,
         td: Option<Arc<Tdengine>>,
-    ) -> BoxFuture<'static, Fetched> {
+    ) -> (BoxFuture<'static, Fetched>, Option<Arc<()>>) {
         let request = vec![pttl_request(key), req.encoded()];
         let (proto, bias, slot) = (self.proto, self.slot, slots::slot(key));
+        let sent = Instant::now();
+        // Written now when it can be (the client's later requests may then
+        // be written before its reply is in), else when it is polled.
+        let (written, token) = match self.write_job_now(&router, slot, &request) {
+            Some((pending, token)) => (Some(pending), Some(token)),
+            None => (None, None),
+        };
         self.path_pool();
-        // Later writes of the key wait for the write-back (see `fetch`).
-        // Today a cluster request behind a fill waits for the front of the
-        // reply queue anyway; this keeps the order when fills stop holding
-        // later requests.
+        // Later writes of the key wait for the write-back (see `fetch`):
+        // once the job is written, nothing else keeps them behind it.
         let done = td.as_ref().map(|_| self.outstanding.track([key], true));
         let key = key.clone();
-        async move {
+        let fetch = async move {
             let _done = done;
-            let sent = Instant::now();
-            let (mut replies, redirected) = router.send_job(proto, slot, request, bias).await;
+            let (mut replies, redirected) = match written {
+                Some(pending) => {
+                    let read = request.last().cloned().unwrap_or_default();
+                    router.finish_job(proto, slot, read, bias, pending).await
+                }
+                None => router.send_job(proto, slot, request, bias).await,
+            };
             let mut next = || {
                 replies.pop().unwrap_or_else(|| {
                     Err(Arc::new(crate::Error::Internal("empty fill job".into())))
@@ -418,8 +446,8 @@ impl Session {
                 }
                 (_, read) => (read, cap),
             }
-        }
-        .boxed()
+        };
+        (fetch.boxed(), token)
     }
 
     /// The client's multiplexed connection for a read, or `None` after

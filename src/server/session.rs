@@ -617,6 +617,50 @@ impl Session {
         let split::Plan::One { slot } = split::plan(&table, &req.args) else {
             return None;
         };
+        let (addr, at_replica, conn, token) = self.eager_route(router, slot, replica)?;
+        let reply = conn.try_send(request.clone())?;
+        let sent = Sent {
+            addr,
+            at_replica,
+            reply,
+        };
+        Some((slot, sent, token))
+    }
+
+    /// [`Session::write_now`] for an L1 fill's job (`PTTL`s and the read)
+    /// of one slot, on its master's route: written back to back at once
+    /// when nothing owed before it could be overtaken. Returns the
+    /// replies to come and the route's token; `None`: not written (or
+    /// only partly: what was written is answered and dropped).
+    pub(super) fn write_job_now(
+        &mut self,
+        router: &Router,
+        slot: u16,
+        requests: &[Bytes],
+    ) -> Option<(
+        Vec<tokio::sync::oneshot::Receiver<crate::upstream::ReplyResult>>,
+        Arc<()>,
+    )> {
+        if !self.replies.eager_may_pass() || !self.can_take(Path::Pool) {
+            return None;
+        }
+        let (_, _, conn, token) = self.eager_route(router, slot, false)?;
+        let mut pending = Vec::with_capacity(requests.len());
+        for r in requests {
+            pending.push(conn.try_send(r.clone())?);
+        }
+        Some((pending, token))
+    }
+
+    /// The connection the client's requests of `slot` written at once go
+    /// on: the one they took while any of them is owed, else a live one to
+    /// the slot's owner (or, for a `replica` read, to a replica of it).
+    fn eager_route(
+        &mut self,
+        router: &Router,
+        slot: u16,
+        replica: bool,
+    ) -> Option<(String, bool, Arc<MuxConn>, Arc<()>)> {
         self.eager_routes.retain(|r| r.owed.strong_count() > 0);
         // A read may follow the slot's master route (it then keeps its
         // place behind the writes on it); a write never takes a replica's.
@@ -655,13 +699,7 @@ impl Session {
                 (addr, at_replica, conn, token)
             }
         };
-        let reply = conn.try_send(request.clone())?;
-        let sent = Sent {
-            addr,
-            at_replica,
-            reply,
-        };
-        Some((slot, sent, token))
+        Some((addr, at_replica, conn, token))
     }
 
     /// May a request take `path` now, given the ones still owed?

@@ -490,6 +490,20 @@ impl Router {
         for r in requests {
             pending.push(conn.send(r).await);
         }
+        self.finish_job(proto, slot, last, bias, pending).await
+    }
+
+    /// The rest of [`Router::send_job`] once its requests are written
+    /// (`pending`, in order; `last` is the last one, resent through
+    /// [`Router::send`] if any reply is a redirect).
+    pub async fn finish_job(
+        &self,
+        proto: u8,
+        slot: u16,
+        last: Bytes,
+        bias: usize,
+        pending: Vec<oneshot::Receiver<ReplyResult>>,
+    ) -> (Vec<ReplyResult>, bool) {
         let mut replies = Vec::with_capacity(pending.len());
         for rx in pending {
             replies.push(received(rx.await));
