@@ -247,12 +247,17 @@ impl Session {
                 "ERR value is not an integer or out of range",
             ));
         };
-        let upstream = u64::try_from(id)
+        let target = u64::try_from(id)
             .ok()
-            .and_then(|id| self.sidecar.clients.get(id))
-            .map(|c| c.upstream_id.load(Ordering::Relaxed))
-            .filter(|u| *u > 0);
-        let Some(upstream) = upstream else {
+            .and_then(|id| self.sidecar.clients.get(id));
+        // With a cluster, the node too: the id means nothing on another node
+        // (or names someone else's connection there).
+        let upstream = match &self.sidecar.cluster {
+            Some(_) => target.and_then(|c| c.pinned_at.lock().clone()),
+            None => target.map(|c| (String::new(), c.upstream_id.load(Ordering::Relaxed))),
+        }
+        .filter(|(_, u)| *u > 0);
+        let Some((node, upstream)) = upstream else {
             if let Some(mode) = args.get(3) {
                 if !mode.eq_ignore_ascii_case(b"TIMEOUT") && !mode.eq_ignore_ascii_case(b"ERROR") {
                     return self.answer(protocol::error(
@@ -264,7 +269,22 @@ impl Session {
         };
         let mut fwd = args.clone();
         fwd[2] = Bytes::from(upstream.to_string());
-        self.control(&Request::from_args(fwd)).await
+        let fwd = Request::from_args(fwd);
+        if let Some(router) = self.sidecar.cluster.clone() {
+            // To the node of the blocked client's own connection.
+            let (proto, silent) = (self.proto, self.silent_reply());
+            let request = fwd.encoded();
+            let reply = async move {
+                match router.control(&node, proto, request).await {
+                    Ok(r) => r.bytes,
+                    Err(e) => e.to_reply(),
+                }
+            };
+            self.replies.push(Owed::Composed(Box::pin(reply)), silent);
+            self.path_pool();
+            return Flow::Next;
+        }
+        self.control(&fwd).await
     }
 
     /// Sends a request on the control connection.
