@@ -2,8 +2,10 @@
 //! on, a node that was killed): what nearcache says about its upstream
 //! (HELLO's fields, `NEARCACHE STATS` `upstream_up`, the
 //! `nearcache_upstream_up` gauge, readiness) comes from the masters the
-//! router knows, never from the first seed. Also: `CLIENT UNBLOCK` on a
-//! client's behalf reaches the node of that client's pinned connection.
+//! router knows, never from the first seed. Also the control commands
+//! nearcache sends on a client's behalf: `CLIENT UNBLOCK` reaches the node
+//! of that client's pinned connection, `CLIENT PAUSE`/`UNPAUSE` every
+//! master.
 
 mod support;
 
@@ -240,4 +242,51 @@ fn client_unblock_reaches_the_node_of_the_blocked_client() {
         .query(&mut c)
         .unwrap();
     assert_eq!(n, 0);
+}
+
+/// A write straight to `node` that does not complete within 300 ms (the
+/// node is paused for writes), or completes (`true`).
+fn direct_write_completes(node: &RedisServer, key: &str) -> bool {
+    let mut c = node.conn();
+    c.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let r: redis::RedisResult<()> = redis::cmd("SET").arg(key).arg(1).query(&mut c);
+    match r {
+        Ok(()) => true,
+        Err(e) if e.is_timeout() => false,
+        Err(e) => panic!("SET {key} on {}: {e}", node.port),
+    }
+}
+
+/// `CLIENT PAUSE` pauses the client's Redis: with a cluster, every master
+/// (not the first in address order only); `CLIENT UNPAUSE` ends it on
+/// every master.
+#[test]
+fn client_pause_and_unpause_reach_every_master() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(config(&cluster.url()));
+    wait_ready(&proxy);
+    let keys = cluster.keys_on_every_master("pause:");
+    let mut c = proxy.conn();
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "20000", "WRITE"][..])
+        .query(&mut c)
+        .unwrap();
+    for k in &keys {
+        let owner = cluster.owner_of(k);
+        assert!(
+            !direct_write_completes(owner, k),
+            "a write on {} while paused",
+            owner.port
+        );
+    }
+    let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut c).unwrap();
+    for k in &keys {
+        let owner = cluster.owner_of(k);
+        assert!(
+            direct_write_completes(owner, k),
+            "{} still paused after UNPAUSE",
+            owner.port
+        );
+    }
 }

@@ -9,10 +9,11 @@
 //! watch channel: a different run_id means a different server (a restart
 //! without persistence, a failover behind a VIP), and L1 must not outlive it.
 //!
-//! Every connection is bound to one upstream address; routing by hash slot
-//! (Redis Cluster) will pick a [`Pool`] per node behind the same interface.
-//! With Sentinel that address is the master's, and every connection closes
-//! when the master moves (see [`sentinel`]).
+//! Every connection is bound to one upstream address. With Sentinel that
+//! address is the master's, and every connection closes when the master
+//! moves (see [`sentinel`]). With a Redis Cluster the shared pools are not
+//! started ([`Upstream::start_cluster`]): the router ([`cluster::router`])
+//! keeps a [`Pool`] per node and answers for the upstream.
 
 pub mod cluster;
 mod connector;

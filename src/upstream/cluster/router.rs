@@ -758,6 +758,26 @@ impl Router {
         self.one_off(addr, proto, &request, false).await
     }
 
+    /// A control command for the whole cluster (CLIENT PAUSE/UNPAUSE: one
+    /// Redis would pause all its clients, so every master does): sent to
+    /// every master of the current map concurrently, each on a connection
+    /// of its own ([`Router::control`]); the first error, else the first
+    /// reply.
+    pub async fn control_every_master(&self, proto: u8, request: Bytes) -> ReplyResult {
+        let masters = self.masters();
+        if masters.is_empty() {
+            return Err(Arc::new(Error::Upstream(self.view.unknown())));
+        }
+        let replies = futures::future::join_all(
+            masters
+                .iter()
+                .map(|m| self.control(m, proto, request.clone())),
+        )
+        .await;
+        let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(split::merge(split::Merge::AllOk, &[], replies))
+    }
+
     /// One request on a connection of its own; with `asking`, after
     /// `ASKING` on the same connection (see the module docs).
     async fn one_off(&self, addr: &str, proto: u8, request: &Bytes, asking: bool) -> ReplyResult {
