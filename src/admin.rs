@@ -24,13 +24,8 @@ pub fn readiness(sidecar: &Sidecar) -> Result<(), String> {
     if sidecar.draining.load(Ordering::Acquire) {
         return Err("shutting down".into());
     }
-    // A cluster is up once a node has told its slot map (the ordinary
-    // pool still targets the first seed, which may be the one that is down).
-    let up = match &sidecar.cluster {
-        Some(router) => router.is_up(),
-        None => sidecar.upstream.is_up(),
-    };
-    if !up {
+    // (A cluster is up when its router knows the slot map: `Router::is_up`.)
+    if !sidecar.upstream.is_up() {
         return Err("upstream unreachable".into());
     }
     if sidecar.cache.enabled() && !sidecar.cache.is_serving() {
@@ -50,6 +45,11 @@ pub fn refresh_gauges(sidecar: &Sidecar) {
     m.cache_serving.set(sidecar.cache.is_serving() as i64);
     m.cache_max_bytes.set(sidecar.cache.config.max_bytes as i64);
     m.ready.set(readiness(sidecar).is_ok() as i64);
+    if sidecar.cluster.is_some() {
+        // Not the nodes' pools' connect attempts (one node down is not the
+        // cluster down): the router's view, as readiness and STATS say.
+        m.upstream_up.set(sidecar.upstream.is_up() as i64);
+    }
 }
 
 pub async fn serve_http(

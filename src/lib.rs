@@ -88,7 +88,12 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             connector.clone(),
         ))
     });
-    let upstream = Arc::new(upstream::Upstream::start(connector));
+    // With a cluster, no shared pools to the first seed: the router's
+    // per-node pools carry everything (docs/cluster.md).
+    let upstream = Arc::new(match &cluster {
+        Some(router) => upstream::Upstream::start_cluster(connector, router.clone()),
+        None => upstream::Upstream::start(connector),
+    });
     let cache = cache::Cache::new(config.cache.clone());
     let stop_background = Arc::new(Notify::new());
     match &cluster {

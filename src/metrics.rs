@@ -210,7 +210,7 @@ impl Metrics {
                 "nearcache_upstream_pinned_connections",
                 "Upstream connections pinned to one client (transactions, pub/sub, blocking, ...)",
             ),
-            upstream_up: gauge(&r, "nearcache_upstream_up", "1 when the upstream answered the last connection attempt"),
+            upstream_up: gauge(&r, "nearcache_upstream_up", "1 when the upstream answered the last connection attempt (Redis Cluster: the slot map is known and its last refresh was answered)"),
             upstream_failovers_total: counter(&r, "nearcache_upstream_failovers_total", "Sentinel master switches acted on: connections to the old master closed, L1 emptied"),
             tdengine_queries_total: counter_vec(&r, "nearcache_tdengine_queries_total", "TDengine queries by route", &["route"]),
             tdengine_query_seconds,

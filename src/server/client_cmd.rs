@@ -2,8 +2,11 @@
 //! the connection the client knows: its id, its name, its entry in the list,
 //! killing it. What lives on a Redis connection (tracking, no-touch) gets
 //! the client its own connection; what must act while Redis is busy
-//! (PAUSE, UNPAUSE, UNBLOCK) goes on the control connection.
+//! (PAUSE, UNPAUSE, UNBLOCK) goes on the control connection (with a
+//! cluster, on connections of their own: PAUSE and UNPAUSE to every master,
+//! UNBLOCK to the node of the blocked client's connection).
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -13,6 +16,7 @@ use super::replies::Owed;
 use super::session::{Flow, Session};
 use crate::command::Keys;
 use crate::protocol::{self, Request};
+use crate::upstream::ReplyResult;
 
 fn wrong_args(sub: &str) -> Bytes {
     protocol::error(&format!(
@@ -141,7 +145,14 @@ impl Session {
                 let req = self.translate_redirect(req);
                 self.pinned_request(b"CLIENT", &req, &Keys::None, false).await
             }
-            "PAUSE" | "UNPAUSE" if !self.state.needs_pin() => self.control(req).await,
+            "PAUSE" | "UNPAUSE" if !self.state.needs_pin() => match self.sidecar.cluster.clone() {
+                // The client pauses "its Redis": with a cluster, every master.
+                Some(router) => {
+                    let (proto, request) = (self.proto, req.encoded());
+                    self.owe(async move { router.control_every_master(proto, request).await })
+                }
+                None => self.control(req).await,
+            },
             "UNBLOCK" if !self.state.needs_pin() => self.unblock(req).await,
             "HELP" if !self.state.needs_pin() => self.forward(req, &Keys::None).await,
             "ID" | "SETNAME" | "GETNAME" | "SETINFO" | "INFO" | "KILL" | "REPLY" | "NO-EVICT" => {
@@ -247,12 +258,17 @@ impl Session {
                 "ERR value is not an integer or out of range",
             ));
         };
-        let upstream = u64::try_from(id)
+        let target = u64::try_from(id)
             .ok()
-            .and_then(|id| self.sidecar.clients.get(id))
-            .map(|c| c.upstream_id.load(Ordering::Relaxed))
-            .filter(|u| *u > 0);
-        let Some(upstream) = upstream else {
+            .and_then(|id| self.sidecar.clients.get(id));
+        // With a cluster, the node too: the id means nothing on another node
+        // (or names someone else's connection there).
+        let upstream = match &self.sidecar.cluster {
+            Some(_) => target.and_then(|c| c.pinned_at.lock().clone()),
+            None => target.map(|c| (String::new(), c.upstream_id.load(Ordering::Relaxed))),
+        }
+        .filter(|(_, u)| *u > 0);
+        let Some((node, upstream)) = upstream else {
             if let Some(mode) = args.get(3) {
                 if !mode.eq_ignore_ascii_case(b"TIMEOUT") && !mode.eq_ignore_ascii_case(b"ERROR") {
                     return self.answer(protocol::error(
@@ -264,7 +280,28 @@ impl Session {
         };
         let mut fwd = args.clone();
         fwd[2] = Bytes::from(upstream.to_string());
-        self.control(&Request::from_args(fwd)).await
+        let fwd = Request::from_args(fwd);
+        if let Some(router) = self.sidecar.cluster.clone() {
+            // To the node of the blocked client's own connection.
+            let (proto, request) = (self.proto, fwd.encoded());
+            return self.owe(async move { router.control(&node, proto, request).await });
+        }
+        self.control(&fwd).await
+    }
+
+    /// Queues the reply of a request nearcache sends to cluster nodes on
+    /// the client's behalf (run when it reaches the front, in order).
+    fn owe(&mut self, reply: impl Future<Output = ReplyResult> + Send + 'static) -> Flow {
+        let silent = self.silent_reply();
+        let reply = async move {
+            match reply.await {
+                Ok(r) => r.bytes,
+                Err(e) => e.to_reply(),
+            }
+        };
+        self.replies.push(Owed::Composed(Box::pin(reply)), silent);
+        self.path_pool();
+        Flow::Next
     }
 
     /// Sends a request on the control connection.

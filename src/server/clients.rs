@@ -42,6 +42,10 @@ pub struct ClientInfo {
     pub details: Mutex<Details>,
     /// The id of the client's pinned upstream connection, or -1.
     pub upstream_id: AtomicI64,
+    /// With a cluster: the node of the client's pinned connection and that
+    /// connection's id there, together (ids are per node: another node
+    /// may have a connection with the same id), or `None`.
+    pub pinned_at: Mutex<Option<(String, i64)>>,
     /// Reply bytes waiting for the client to read them (CLIENT LIST `omem`).
     pub output: AtomicU64,
     killed: AtomicBool,
@@ -176,6 +180,7 @@ impl Clients {
                 ..Default::default()
             }),
             upstream_id: AtomicI64::new(-1),
+            pinned_at: Mutex::new(None),
             output: AtomicU64::new(0),
             killed: AtomicBool::new(false),
             draining: AtomicBool::new(false),

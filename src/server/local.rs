@@ -257,7 +257,8 @@ impl Session {
             }
         }
         self.sync_details();
-        let reply = self.hello_reply(version);
+        let upstream = self.sidecar.upstream.hello(version).await;
+        let reply = self.hello_reply(version, upstream);
         self.answer(reply)
     }
 
@@ -267,10 +268,13 @@ impl Session {
         self.replies.is_empty()
     }
 
-    /// The HELLO map: the upstream's own fields, with this client's
-    /// protocol and nearcache's id for it.
-    fn hello_reply(&self, version: u8) -> Bytes {
-        let upstream = self.sidecar.upstream.hello(version);
+    /// The HELLO map: the upstream's own fields (`upstream`: its HELLO
+    /// reply), with this client's protocol and nearcache's id for it. With
+    /// a cluster, a master's fields with `mode` `standalone`: the client
+    /// talks to one server, which it must not take for a cluster node
+    /// (asking it for `CLUSTER SLOTS` and going to the nodes directly).
+    fn hello_reply(&self, version: u8, upstream: Option<Bytes>) -> Bytes {
+        let cluster = self.sidecar.cluster.is_some();
         let mut pairs: Vec<(String, Bytes)> = Vec::new();
         if let Some(raw) = &upstream {
             if let Some(parts) = protocol::elements(raw) {
@@ -302,6 +306,7 @@ impl Session {
             match k.as_str() {
                 "proto" => *v = protocol::integer(version as i64),
                 "id" => *v = protocol::integer(self.info.id as i64),
+                "mode" if cluster => *v = protocol::bulk_bytes(b"standalone"),
                 _ => {}
             }
         }
@@ -318,6 +323,7 @@ impl Session {
             self.sidecar.upstream.pinned.release(conn, false);
         }
         self.info.upstream_id.store(-1, Ordering::Relaxed);
+        *self.info.pinned_at.lock() = None;
         self.shard_reset();
         self.mirrors_reset();
         self.state.reset();

@@ -1145,6 +1145,7 @@ impl Session {
         self.info
             .upstream_id
             .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
+        *self.info.pinned_at.lock() = Some((node.clone(), conn.connection_id));
         // (RESET ends a transaction without coming here: the state says.)
         let multi = std::mem::take(&mut self.cluster_pin.deferred_multi) && self.state.in_multi();
         let queued = std::mem::take(&mut self.cluster_pin.deferred);
@@ -1196,6 +1197,7 @@ impl Session {
             self.info
                 .upstream_id
                 .store(-1, std::sync::atomic::Ordering::Relaxed);
+            *self.info.pinned_at.lock() = None;
         }
     }
 

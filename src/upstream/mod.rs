@@ -9,10 +9,11 @@
 //! watch channel: a different run_id means a different server (a restart
 //! without persistence, a failover behind a VIP), and L1 must not outlive it.
 //!
-//! Every connection is bound to one upstream address; routing by hash slot
-//! (Redis Cluster) will pick a [`Pool`] per node behind the same interface.
-//! With Sentinel that address is the master's, and every connection closes
-//! when the master moves (see [`sentinel`]).
+//! Every connection is bound to one upstream address. With Sentinel that
+//! address is the master's, and every connection closes when the master
+//! moves (see [`sentinel`]). With a Redis Cluster the shared pools are not
+//! started ([`Upstream::start_cluster`]): the router ([`cluster::router`])
+//! keeps a [`Pool`] per node and answers for the upstream.
 
 pub mod cluster;
 mod connector;
@@ -39,6 +40,7 @@ pub use sentinel::{next_switch, Sentinel};
 use crate::error::Error;
 use crate::metrics;
 use crate::net::Backoff;
+use cluster::router::Router;
 
 /// Jobs a multiplexed connection queues before senders wait.
 const MUX_QUEUE: usize = 4096;
@@ -99,6 +101,20 @@ impl Pool {
             }));
         }
         pool
+    }
+
+    /// A pool that never connects: a cluster's stand-in for the shared
+    /// pools of a single Redis (its nodes' pools are the router's), so
+    /// nothing dials the first seed. Every `conn` fails with `why`.
+    fn unused(why: &str) -> Pool {
+        Pool {
+            slots: vec![Arc::new(Slot {
+                conn: RwLock::new(None),
+            })],
+            last_error: Arc::new(RwLock::new(why.to_string())),
+            info: Arc::new(RwLock::new(None)),
+            up: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// The connection for a client bound to `slot`, or why there is none:
@@ -163,6 +179,9 @@ async fn supervise(s: Supervised) {
     // Sentinel, a reconnect asks the Sentinels again rather than trusting
     // the address it had.
     let mut since: Option<Instant> = None;
+    // A cluster node's pool leaves `upstream_up` alone: one node down is
+    // not the cluster down (the gauge follows `Router::is_up` there).
+    let configured = matches!(s.dial, Dial::Configured);
     loop {
         if pool_dropped(&s) {
             return;
@@ -196,7 +215,9 @@ async fn supervise(s: Supervised) {
                 s.up.fetch_add(1, Ordering::Relaxed);
                 m.upstream_pool_connections.inc();
                 m.upstream_reconnects_total.inc();
-                m.upstream_up.set(1);
+                if configured {
+                    m.upstream_up.set(1);
+                }
                 info!(upstream = %cfg.url.redacted(), %addr, proto = s.proto, "upstream connection up");
                 let switched = tokio::select! {
                     _ = conn.closed() => false,
@@ -223,7 +244,9 @@ async fn supervise(s: Supervised) {
                 m.upstream_errors_total
                     .with_label_values(&["connect"])
                     .inc();
-                m.upstream_up.set(0);
+                if configured {
+                    m.upstream_up.set(0);
+                }
                 let text = e.to_string();
                 let text = text
                     .strip_prefix("upstream unavailable: ")
@@ -259,6 +282,9 @@ pub struct Upstream {
     pub health: Arc<Health>,
     run_id: Arc<watch::Sender<Option<String>>>,
     shutdown: Arc<Notify>,
+    /// With a Redis Cluster: the router, which answers for the upstream
+    /// (HELLO's fields, up or not); the shared pools above are then unused.
+    cluster: Option<Arc<Router>>,
 }
 
 impl Upstream {
@@ -292,6 +318,28 @@ impl Upstream {
             connector,
             run_id,
             shutdown,
+            cluster: None,
+        }
+    }
+
+    /// The upstream of a Redis Cluster: no shared pools (they would all
+    /// connect to the first seed, which may be down or no longer a node);
+    /// requests go through `router`, which also answers HELLO's fields and
+    /// [`Upstream::is_up`]. Pinned connections are opened per node
+    /// (`PinnedPool::acquire_at`).
+    pub fn start_cluster(connector: Connector, router: Arc<Router>) -> Upstream {
+        let cfg = connector.config();
+        let unused = || Pool::unused("no shared connection with a Redis Cluster upstream");
+        Upstream {
+            resp2: unused(),
+            resp3: unused(),
+            control: unused(),
+            pinned: PinnedPool::new(connector.clone(), cfg.max_pinned),
+            health: Health::new(connector.clone()),
+            run_id: Arc::new(watch::channel(None).0),
+            shutdown: Arc::new(Notify::new()),
+            cluster: Some(router),
+            connector,
         }
     }
 
@@ -320,14 +368,23 @@ impl Upstream {
         self.run_id.subscribe()
     }
 
-    /// The HELLO reply of the server for `proto`, if a pool connection is up.
-    pub fn hello(&self, proto: u8) -> Option<Bytes> {
-        self.pool(proto).server().map(|s| s.hello)
+    /// The HELLO reply of the server for `proto`, if a pool connection is
+    /// up; with a cluster, a live master's (see [`Router::server`]).
+    pub async fn hello(&self, proto: u8) -> Option<Bytes> {
+        match &self.cluster {
+            Some(router) => router.server(proto).await.map(|s| s.hello),
+            None => self.pool(proto).server().map(|s| s.hello),
+        }
     }
 
-    /// Is at least one shared connection up?
+    /// Is at least one shared connection up? With a cluster: does the
+    /// router know the slot map, and did its last refresh get an answer
+    /// ([`Router::is_up`])?
     pub fn is_up(&self) -> bool {
-        self.resp2.connected() > 0
+        match &self.cluster {
+            Some(router) => router.is_up(),
+            None => self.resp2.connected() > 0,
+        }
     }
 
     pub fn stop(&self) {

@@ -42,7 +42,7 @@ use super::topology::Redirect;
 use super::view::ClusterView;
 use crate::error::Error;
 use crate::protocol::{self, Reply};
-use crate::upstream::{received, Connector, Dial, Health, MuxConn, Pool, ReplyResult};
+use crate::upstream::{received, Connector, Dial, Health, MuxConn, Pool, ReplyResult, ServerInfo};
 
 /// Redirects and TRYAGAINs one request may follow before its last reply
 /// (an error) is returned as it is.
@@ -232,9 +232,39 @@ impl Router {
         }
     }
 
-    /// Has a node told the slot map (readiness)?
+    /// Is the cluster up for nearcache (readiness, `upstream_up`): a node
+    /// has told the slot map, and the last refresh got an answer from some
+    /// node (with every node down, the map is kept but nothing answers).
     pub fn is_up(&self) -> bool {
-        self.view.current().is_some_and(|t| t.covered() > 0)
+        self.view.current().is_some_and(|t| t.covered() > 0) && self.view.answered()
+    }
+
+    /// A live master's view of itself for `proto` (its HELLO reply, its
+    /// version), for what a single Redis would answer (HELLO through
+    /// nearcache): the first master in address order with a connection
+    /// up. Pools of masters are started here if no request has started
+    /// them yet; while some were just started, this waits for one of them
+    /// (bounded, as requests do). `None` when no master is connected.
+    pub async fn server(&self, proto: u8) -> Option<ServerInfo> {
+        let masters = self.masters();
+        loop {
+            let nodes: Vec<Arc<Node>> = masters.iter().map(|m| self.node(m)).collect();
+            let live = nodes.iter().find_map(|n| {
+                let pool = n.pool(proto);
+                // (The handshake's info is published a moment before the
+                // connection: both, so a node that just died is skipped.)
+                pool.conn(0).ok()?;
+                pool.server()
+            });
+            if live.is_some() {
+                return live;
+            }
+            let now = Instant::now();
+            if !nodes.iter().any(|n| now < n.patience_until) {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     pub fn view(&self) -> &Arc<ClusterView> {
@@ -731,6 +761,35 @@ impl Router {
             bytes: bytes.freeze(),
             kind: protocol::ReplyKind::Normal,
         })
+    }
+
+    /// A control command for node `addr` itself (CLIENT UNBLOCK of a
+    /// pinned connection there), no redirects, on a connection of its own:
+    /// it must not queue behind other clients' requests on the node's
+    /// shared connections (a runaway script), as the control connection
+    /// of a single Redis; and the node need not be a master any more.
+    pub async fn control(&self, addr: &str, proto: u8, request: Bytes) -> ReplyResult {
+        self.one_off(addr, proto, &request, false).await
+    }
+
+    /// A control command for the whole cluster (CLIENT PAUSE/UNPAUSE: one
+    /// Redis would pause all its clients, so every master does): sent to
+    /// every master of the current map concurrently, each on a connection
+    /// of its own ([`Router::control`]); the first error, else the first
+    /// reply.
+    pub async fn control_every_master(&self, proto: u8, request: Bytes) -> ReplyResult {
+        let masters = self.masters();
+        if masters.is_empty() {
+            return Err(Arc::new(Error::Upstream(self.view.unknown())));
+        }
+        let replies = futures::future::join_all(
+            masters
+                .iter()
+                .map(|m| self.control(m, proto, request.clone())),
+        )
+        .await;
+        let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(split::merge(split::Merge::AllOk, &[], replies))
     }
 
     /// One request on a connection of its own; with `asking`, after

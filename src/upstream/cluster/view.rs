@@ -101,6 +101,12 @@ impl ClusterView {
         }
     }
 
+    /// Did the last refresh get an answer (false while every node it
+    /// asked failed; the last view is kept meanwhile)?
+    pub fn answered(&self) -> bool {
+        self.last_error.lock().is_none()
+    }
+
     /// How many `CLUSTER SLOTS` rounds have run (for tests and metrics).
     pub fn refreshes(&self) -> u64 {
         self.refreshes.load(Ordering::Relaxed)
