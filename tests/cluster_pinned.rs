@@ -267,11 +267,17 @@ fn no_touch_commands_reach_the_node_of_their_key() {
     // (Each count opens a connection to every node.) 18 moves; nearcache's
     // own pools and checks may open a few meanwhile on a loaded machine.
     let opened = connections() - before - cluster.nodes.len() as i64;
-    assert!(opened <= 8, "{opened} connections opened moving between nodes");
+    assert!(
+        opened <= 8,
+        "{opened} connections opened moving between nodes"
+    );
     // Watching on one node, a read of another node's key goes by the
     // router (it touches that key: the price of no redirect).
     let first = cluster.owner_of(&keys[0]).port;
-    let far = keys.iter().find(|k| cluster.owner_of(k).port != first).unwrap();
+    let far = keys
+        .iter()
+        .find(|k| cluster.owner_of(k).port != first)
+        .unwrap();
     assert_eq!(line(&mut c, &format!("WATCH {}", keys[0])), OK);
     assert_eq!(line(&mut c, &format!("GET {far}")), bulk(far));
     assert_eq!(line(&mut c, "UNWATCH"), OK);
@@ -279,4 +285,71 @@ fn no_touch_commands_reach_the_node_of_their_key() {
     for k in &keys {
         assert_eq!(line(&mut c, &format!("GET {k}")), bulk(k));
     }
+}
+
+/// The slot of each key moved while nearcache's map is stale (refreshed
+/// every 60 s, L1 off: nothing else tells it): a command on a pinned
+/// connection to the old owner gets that node's MOVED. The client gets a
+/// `TRYAGAIN` error instead (the command did not run), the map learns the
+/// new owner, and the same command again reaches it.
+#[test]
+fn a_moved_on_a_pinned_connection_never_reaches_the_client() {
+    let cluster = Cluster::start(3);
+    let mut cfg = test_config(&cluster.url());
+    cfg.cache.enabled = false;
+    cfg.upstream.cluster.refresh_interval = Duration::from_secs(60);
+    let proxy = Proxy::with_config(cfg);
+    let from = cluster.owner_of("pm0");
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    let mut keys: Vec<String> = Vec::new();
+    for k in (0..).map(|i| format!("pm{i}")) {
+        if cluster.owner_of(&k).port == from.port
+            && keys
+                .iter()
+                .all(|o| slot(o.as_bytes()) != slot(k.as_bytes()))
+        {
+            keys.push(k);
+        }
+        if keys.len() == 3 {
+            break;
+        }
+    }
+    // One slot at a time: the MOVED of one makes nearcache refresh its
+    // whole map (within some 50 ms), which would learn the others too.
+    let move_slot = |k: &str| {
+        std::thread::sleep(Duration::from_millis(500));
+        let s = slot(k.as_bytes());
+        support::cluster::begin_slot_move(s, from, to);
+        support::cluster::assign_slot(s, to, &cluster.nodes);
+    };
+    let tryagain = |reply: String| {
+        assert!(
+            reply.starts_with("-TRYAGAIN nearcache: the key's slot is moving or moved to "),
+            "{reply}"
+        )
+    };
+    let mut c = RawClient::connect(proxy.port);
+    move_slot(&keys[0]);
+    tryagain(line(&mut c, &format!("BLPOP {} 0.1", keys[0])));
+    assert_eq!(line(&mut c, &format!("BLPOP {} 0.1", keys[0])), "*-1\r\n");
+    move_slot(&keys[1]);
+    tryagain(line(&mut c, &format!("WATCH {}", keys[1])));
+    assert_eq!(line(&mut c, &format!("WATCH {}", keys[1])), OK);
+    assert_eq!(line(&mut c, "UNWATCH"), OK);
+    // In a transaction, as a node does with a command it refuses: EXECABORT.
+    move_slot(&keys[2]);
+    assert_eq!(line(&mut c, "MULTI"), OK);
+    tryagain(line(&mut c, &format!("SET {} x", keys[2])));
+    assert_eq!(
+        line(&mut c, "EXEC"),
+        "-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(line(&mut c, "MULTI"), OK);
+    assert_eq!(line(&mut c, &format!("SET {} x", keys[2])), QUEUED);
+    assert_eq!(line(&mut c, "EXEC"), "*1\r\n+OK\r\n");
+    let v: String = redis::cmd("GET")
+        .arg(&keys[2])
+        .query(&mut to.conn())
+        .unwrap();
+    assert_eq!(v, "x");
 }

@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::protocol::{self, Limits, Request, RequestParser};
 use crate::upstream::cluster::router::{Router, Sent};
 use crate::upstream::cluster::split;
+use crate::upstream::cluster::topology::Redirect;
 use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame};
 
 /// Which connection the requests still owed went to.
@@ -1218,7 +1219,10 @@ impl Session {
 
     fn on_pinned_frame(&mut self, frame: Option<PinnedFrame>) {
         match frame {
-            Some(PinnedFrame::Reply(r)) => {
+            Some(PinnedFrame::Reply(mut r)) => {
+                if r.kind == protocol::ReplyKind::Error {
+                    self.pinned_redirect(&mut r);
+                }
                 self.replies.pinned_frame(r, &mut self.state);
                 self.sync_details();
                 if !self.state.needs_pin() && !self.replies.awaiting_pinned() {
@@ -1237,6 +1241,31 @@ impl Session {
                     .pinned_lost(&Error::Upstream("connection closed".into()));
             }
         }
+    }
+
+    /// A node's `MOVED` / `ASK` on the pinned connection (the slot moved
+    /// since the map nearcache routed by, or during the client's WATCH or
+    /// transaction): the map learns it, and the client gets an error in its
+    /// place, never the redirect. The command did not run; the connection's
+    /// state stays on its node, so it is not resent elsewhere.
+    fn pinned_redirect(&mut self, r: &mut protocol::Reply) {
+        let (Some(router), Some(node)) = (&self.sidecar.cluster, &self.cluster_pin.node) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(r.bytes.get(1..).unwrap_or_default())
+            .trim_end()
+            .to_string();
+        let to = match Redirect::parse(&text, node) {
+            Some(Redirect::Moved { slot, addr }) => {
+                router.view().moved(slot, &addr);
+                addr
+            }
+            Some(Redirect::Ask { addr, .. }) => addr,
+            None => return,
+        };
+        r.bytes = protocol::error(&format!(
+            "TRYAGAIN nearcache: the key's slot is moving or moved to {to}, away from the node this client's connection is pinned to ({node}); the command did not run"
+        ));
     }
 
     /// Sets the client's NO-TOUCH connection aside, kept for its next
