@@ -1165,13 +1165,16 @@ impl Session {
                 .any_master()
                 .map_err(|e| Error::Upstream(e.detail()))?,
         };
+        if !self.state.no_touch() {
+            // NO-TOUCH ended without a release (RESET): they are of no use.
+            self.cluster_pin.parked.clear();
+        }
         let parked = self
             .cluster_pin
             .parked
             .iter()
             .position(|c| c.node.as_deref() == Some(node.as_str()) && c.proto == self.proto)
             .map(|i| self.cluster_pin.parked.swap_remove(i))
-            .filter(|_| self.state.no_touch())
             .and_then(|mut c| c.reusable().then_some(c));
         let mut conn = match parked {
             // NO-TOUCH is on already.
