@@ -150,16 +150,38 @@ impl ConnState {
             || self.foreign
     }
 
-    /// May the client's other commands run on another connection without
-    /// changing what they do? Yes with subscriptions, WATCH or blocking
-    /// commands in flight; not with tracking (reads register their keys),
-    /// NO-TOUCH, MONITOR, another user's login or another database.
+    /// With a cluster upstream: may the client's other commands run on
+    /// another connection (the pinned node would answer `MOVED` for another
+    /// node's key)? Yes with subscriptions, WATCH or blocking commands in
+    /// flight, and NO-TOUCH (such a command then touches its key: the
+    /// price of never a redirect); not with tracking (reads register their
+    /// keys) or MONITOR, which a cluster refuses anyway.
     pub fn others_may_go_elsewhere(&self) -> bool {
-        !(self.tracking
-            || self.no_touch
-            || self.monitor
-            || self.foreign
-            || self.db != self.default_db)
+        !(self.tracking || self.monitor)
+    }
+
+    /// Is NO-TOUCH all that lives on the connection (blocking commands in
+    /// flight aside, which end by themselves)? Then, with a cluster, the
+    /// connection may be swapped for one to another node with NO-TOUCH set
+    /// again there.
+    pub fn no_touch_only(&self) -> bool {
+        self.no_touch
+            && self.multi.is_none()
+            && !self.watching
+            && self.pinned_subscriptions() == 0
+            && self.confirmations_owed == 0
+            && !self.monitor
+            && !self.tracking
+            && !self.foreign
+            && self.db == self.default_db
+    }
+
+    pub fn no_touch(&self) -> bool {
+        self.no_touch
+    }
+
+    pub fn watching(&self) -> bool {
+        self.watching
     }
 
     pub fn db(&self) -> u32 {

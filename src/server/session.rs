@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::protocol::{self, Limits, Request, RequestParser};
 use crate::upstream::cluster::router::{Router, Sent};
 use crate::upstream::cluster::split;
+use crate::upstream::cluster::topology::Redirect;
 use crate::upstream::{Login, MuxConn, PinnedConn, PinnedFrame};
 
 /// Which connection the requests still owed went to.
@@ -119,6 +120,13 @@ struct ClusterPin {
     txn_cross: bool,
     /// A queued command was refused (its own keys span slots): EXEC gets EXECABORT.
     txn_aborted: bool,
+    /// The slot of the client's first WATCH (meaningful while it watches):
+    /// later WATCHes and the transaction must name it too.
+    watch_slot: Option<u16>,
+    /// NO-TOUCH connections to other nodes, kept while the client is in
+    /// NO-TOUCH mode: its connection moves to the node of each command's
+    /// key, and back (at most one per node).
+    parked: Vec<PinnedConn>,
 }
 
 /// Runs a client's session until it disconnects, is killed, or shutdown
@@ -160,6 +168,15 @@ pub(super) async fn run(sidecar: Arc<Sidecar>, socket: TcpStream, info: Arc<Clie
     }
 }
 
+/// What a client in a stateful mode gets with a cluster upstream, for now.
+const CLUSTER_PINNED: &str = "ERR nearcache: a client's own AUTH / HELLO AUTH and SELECT are not supported on a Redis Cluster upstream yet";
+/// `CLIENT TRACKING ON` with a cluster upstream: a node tracks only the
+/// keys read on it, and nearcache does not merge per-node tracking yet; on
+/// one node, the client's cache would miss other nodes' invalidations.
+const CLUSTER_TRACKING: &str = "ERR nearcache: CLIENT TRACKING is not supported on a Redis Cluster upstream (each node tracks only its own keys)";
+/// MONITOR with a cluster upstream: one node shows only its own commands.
+const CLUSTER_MONITOR: &str = "ERR nearcache: MONITOR is not supported on a Redis Cluster upstream (each node shows only its own commands)";
+
 /// Ends a drained connection without losing the replies it was sent. A
 /// socket closed with unread input (requests the drain never read) sends
 /// a reset, and a reset makes the client's kernel drop the replies it has
@@ -168,9 +185,6 @@ pub(super) async fn run(sidecar: Arc<Sidecar>, socket: TcpStream, info: Arc<Clie
 /// end of its replies by then), goes quiet for [`LINGER_IDLE`] (a client
 /// that sends nothing more cannot be reset by a late request), or the
 /// grace is up.
-/// What a client in a stateful mode gets with a cluster upstream, for now.
-const CLUSTER_PINNED: &str = "ERR nearcache: a client's own AUTH / HELLO AUTH and SELECT are not supported on a Redis Cluster upstream yet";
-
 async fn linger(socket: &TcpStream, grace: std::time::Duration) {
     if socket2::SockRef::from(socket)
         .shutdown(std::net::Shutdown::Write)
@@ -928,6 +942,29 @@ impl Session {
         {
             return Err(Error::Client(CLUSTER_PINNED.to_string()));
         }
+        let tracking_on = name == b"CLIENT"
+            && req
+                .args
+                .get(1)
+                .is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING"))
+            && req
+                .args
+                .get(2)
+                .is_some_and(|a| a.eq_ignore_ascii_case(b"ON"));
+        // Inside MULTI the node queues MONITOR and refuses it at EXEC itself.
+        let monitor = name == b"MONITOR" && !self.state.in_multi();
+        if tracking_on || monitor {
+            if self.state.in_multi() {
+                // As Redis does with a command it refuses when queued.
+                self.cluster_pin.txn_aborted = true;
+            }
+            let e = if monitor {
+                CLUSTER_MONITOR
+            } else {
+                CLUSTER_TRACKING
+            };
+            return Ok(Some(self.answer(protocol::error(e))));
+        }
         if self.pinned.is_some() && !self.state.needs_pin_beyond_blocking() {
             // Pinned only for replies still owed (blocking commands, the end
             // of a transaction), by a node that may not own what follows
@@ -982,6 +1019,41 @@ impl Session {
                 self.answer(protocol::error("ERR WATCH inside MULTI is not allowed")),
             ));
         }
+        let resp2_subscriber = self.proto == 2 && self.state.subscriptions() > 0;
+        // What Redis answers a RESP2 subscriber for anything but the
+        // (un)subscribe family, PING, QUIT and RESET.
+        let subscriber_refusal = || {
+            let full = table.lookup(&req.args).map_or_else(
+                || String::from_utf8_lossy(name).to_ascii_lowercase(),
+                |i| i.name.clone(),
+            );
+            protocol::error(&format!(
+                "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+            ))
+        };
+        if let (b"WATCH", false, Target::Slot(s)) = (name, in_multi, &target) {
+            // The watched keys and the transaction live in one slot (as
+            // cluster clients require): on a node owning both slots a second
+            // one would do, on another node it would answer MOVED. Refused
+            // before it runs, as a node refuses it: what was watched stays.
+            let watched = self
+                .cluster_pin
+                .watch_slot
+                .filter(|_| self.state.watching());
+            let tied_elsewhere = self.pinned.is_some()
+                && self.state.needs_pin_beyond_blocking()
+                && !self.state.no_touch_only()
+                && router.owner(*s) != self.cluster_pin.node;
+            if tied_elsewhere && resp2_subscriber {
+                return Ok(Some(self.answer(subscriber_refusal())));
+            }
+            if watched.is_some_and(|w| w != *s) || tied_elsewhere {
+                return Ok(Some(self.answer(protocol::error(split::CROSSSLOT))));
+            }
+            if watched.is_none() {
+                self.cluster_pin.watch_slot = Some(*s);
+            }
+        }
         let control = matches!(name, b"EXEC" | b"DISCARD" | b"MULTI" | b"WATCH" | b"RESET");
         let ok = |bytes: Bytes| protocol::Reply {
             kind: if bytes.first() == Some(&b'-') {
@@ -1002,8 +1074,20 @@ impl Session {
             Some(this.answer(reply))
         };
         if name == b"MULTI" && !in_multi {
+            if self.pinned.is_some() && self.state.no_touch_only() {
+                // NO-TOUCH ties the client to no node: the transaction goes
+                // where its first key is, as for any client.
+                if self.replies.awaiting_pinned() {
+                    return Ok(Some(Flow::Stall));
+                }
+                self.park_pinned();
+            }
             self.cluster_pin.deferred.clear();
-            self.cluster_pin.txn_slot = None;
+            // After WATCH, the transaction's slot is the watched one.
+            self.cluster_pin.txn_slot = self
+                .cluster_pin
+                .watch_slot
+                .filter(|_| self.state.watching());
             self.cluster_pin.txn_cross = false;
             self.cluster_pin.txn_aborted = false;
             if self.pinned.is_none() {
@@ -1089,8 +1173,20 @@ impl Session {
                 return Ok(local(self, protocol::error(e)));
             }
         }
+        if let (true, Target::Slot(s)) =
+            (self.pinned.is_some() && self.state.no_touch_only(), &target)
+        {
+            if router.owner(*s) != self.cluster_pin.node {
+                // NO-TOUCH can be set on any connection: the client's moves to
+                // the key's node once nothing is owed on it (a blocking
+                // command in flight), where NO-TOUCH is set again.
+                if self.replies.awaiting_pinned() {
+                    return Ok(Some(Flow::Stall));
+                }
+                self.park_pinned();
+            }
+        }
         let stateful = blocking || matches!(name, b"WATCH" | b"SSUBSCRIBE" | b"SUNSUBSCRIBE");
-        let resp2_subscriber = self.proto == 2 && self.state.subscriptions() > 0;
         let elsewhere = match &target {
             Target::Slot(s) => !stateful && router.owner(*s) != self.cluster_pin.node,
             // A RESP2 subscriber's node answers as Redis would (PING, or the refusal).
@@ -1107,13 +1203,7 @@ impl Session {
             // would answer for its own). A RESP2 subscriber gets what
             // Redis answers it for any such command.
             if resp2_subscriber {
-                let full = table.lookup(&req.args).map_or_else(
-                    || String::from_utf8_lossy(name).to_ascii_lowercase(),
-                    |i| i.name.clone(),
-                );
-                return Ok(Some(self.answer(protocol::error(&format!(
-                    "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
-                )))));
+                return Ok(Some(self.answer(subscriber_refusal())));
             }
             if !self.can_take(Path::Pool) {
                 return Ok(Some(Flow::Stall));
@@ -1136,12 +1226,39 @@ impl Session {
                 .any_master()
                 .map_err(|e| Error::Upstream(e.detail()))?,
         };
-        let mut conn = self
-            .sidecar
-            .upstream
-            .pinned
-            .acquire_at(Some(&node), self.proto, &Login::Configured)
-            .await?;
+        if !self.state.no_touch() {
+            // NO-TOUCH ended without a release (RESET): they are of no use.
+            self.cluster_pin.parked.clear();
+        }
+        let parked = self
+            .cluster_pin
+            .parked
+            .iter()
+            .position(|c| c.node.as_deref() == Some(node.as_str()) && c.proto == self.proto)
+            .map(|i| self.cluster_pin.parked.swap_remove(i))
+            .and_then(|mut c| c.reusable().then_some(c));
+        let mut conn = match parked {
+            // NO-TOUCH is on already.
+            Some(c) => c,
+            _ => {
+                let mut conn = self
+                    .sidecar
+                    .upstream
+                    .pinned
+                    .acquire_at(Some(&node), self.proto, &Login::Configured)
+                    .await?;
+                if self.state.no_touch() {
+                    // Before a deferred MULTI: inside, it would be queued.
+                    let mut owed =
+                        PinnedReplies::new(1, super::pinned::Effect::None, self.deadline());
+                    owed.internal = true;
+                    self.replies.push(Owed::Pinned(owed), false);
+                    conn.write(&protocol::command(["CLIENT", "NO-TOUCH", "ON"]))
+                        .await?;
+                }
+                conn
+            }
+        };
         self.info
             .upstream_id
             .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
@@ -1167,7 +1284,10 @@ impl Session {
 
     fn on_pinned_frame(&mut self, frame: Option<PinnedFrame>) {
         match frame {
-            Some(PinnedFrame::Reply(r)) => {
+            Some(PinnedFrame::Reply(mut r)) => {
+                if r.kind == protocol::ReplyKind::Error {
+                    self.pinned_redirect(&mut r);
+                }
                 self.replies.pinned_frame(r, &mut self.state);
                 self.sync_details();
                 if !self.state.needs_pin() && !self.replies.awaiting_pinned() {
@@ -1188,9 +1308,51 @@ impl Session {
         }
     }
 
+    /// A node's `MOVED` / `ASK` on the pinned connection (the slot moved
+    /// since the map nearcache routed by, or during the client's WATCH or
+    /// transaction): the map learns it, and the client gets an error in its
+    /// place, never the redirect. The command did not run; the connection's
+    /// state stays on its node, so it is not resent elsewhere.
+    fn pinned_redirect(&mut self, r: &mut protocol::Reply) {
+        let (Some(router), Some(node)) = (&self.sidecar.cluster, &self.cluster_pin.node) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(r.bytes.get(1..).unwrap_or_default())
+            .trim_end()
+            .to_string();
+        let to = match Redirect::parse(&text, node) {
+            Some(Redirect::Moved { slot, addr }) => {
+                router.view().moved(slot, &addr);
+                addr
+            }
+            Some(Redirect::Ask { addr, .. }) => addr,
+            None => return,
+        };
+        r.bytes = protocol::error(&format!(
+            "TRYAGAIN nearcache: the key's slot is moving or moved to {to}, away from the node this client's connection is pinned to ({node}); the command did not run"
+        ));
+    }
+
+    /// Sets the client's NO-TOUCH connection aside, kept for its next
+    /// command on that node (see `ClusterPin::parked`).
+    fn park_pinned(&mut self) {
+        self.cluster_pin.node = None;
+        if let Some(conn) = self.pinned.take() {
+            self.cluster_pin.parked.retain(|c| c.node != conn.node);
+            self.cluster_pin.parked.push(conn);
+            self.info
+                .upstream_id
+                .store(-1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Gives the pinned connection back (kept for reuse only if its state is clean).
     pub fn release_pinned(&mut self) {
         self.cluster_pin.node = None;
+        if !self.state.no_touch() {
+            // Closed: NO-TOUCH is on on them.
+            self.cluster_pin.parked.clear();
+        }
         if let Some(conn) = self.pinned.take() {
             let clean = !self.state.needs_pin() && !self.replies.awaiting_pinned();
             self.sidecar.upstream.pinned.release(conn, clean);

@@ -57,7 +57,7 @@ impl PinnedConn {
     }
 
     /// Still connected, and nothing unexpected waiting in it?
-    fn reusable(&mut self) -> bool {
+    pub fn reusable(&mut self) -> bool {
         !self.reader.is_finished() && self.frames.try_recv().is_err()
     }
 }
