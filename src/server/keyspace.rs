@@ -11,7 +11,10 @@
 //! - a mirror's confirmations are dropped, and of its messages only those
 //!   of a keyspace or keyevent channel are passed on (any other message was
 //!   published with PUBLISH, which reaches the client through its own node
-//!   already: passing it on would deliver it once per master);
+//!   already: passing it on would deliver it once per master); an event,
+//!   from a mirror or the pinned connection, only from the owner of its
+//!   key's slot (a replica, such as a demoted master, publishes the events
+//!   of what it replicates: each event once);
 //! - a mirror's messages wait while a reply is owed on the pinned connection
 //!   (Redis writes a subscription's confirmation before its messages);
 //! - mirrors follow the slot map: while the client has such subscriptions,
@@ -43,6 +46,26 @@ const KEY_EVENT_PREFIXES: [&[u8]; 2] = [b"__keyspace@", b"__keyevent@"];
 /// Is this a channel Redis publishes keyspace or keyevent notifications on?
 fn is_key_event_channel(channel: &[u8]) -> bool {
     KEY_EVENT_PREFIXES.iter().any(|p| channel.starts_with(p))
+}
+
+/// The key a message on a keyspace or keyevent channel is about (the
+/// channel's end after `__keyspace@<db>__:`, or the keyevent message's
+/// payload); `None` for any other frame.
+fn event_key(frame: &[u8]) -> Option<Bytes> {
+    let parts = protocol::reply_strings(frame)?;
+    let (channel, payload) = match parts.first().map(|w| &w[..]) {
+        Some(b"message") => (parts.get(1)?, parts.get(2)?),
+        Some(b"pmessage") => (parts.get(2)?, parts.get(3)?),
+        _ => return None,
+    };
+    let after_db = |prefix: &[u8]| -> Option<usize> {
+        let rest = channel.strip_prefix(prefix)?;
+        Some(prefix.len() + rest.windows(3).position(|w| w == b"__:")? + 3)
+    };
+    if let Some(at) = after_db(b"__keyspace@") {
+        return Some(channel.slice(at..));
+    }
+    after_db(b"__keyevent@").map(|_| payload.clone())
 }
 
 /// Can this pattern match a keyspace or keyevent channel? Judged by its
@@ -250,23 +273,47 @@ impl Session {
         }
     }
 
+    /// Is this frame from the pinned connection a keyspace event to drop
+    /// (see [`Session::delivers_event`])?
+    pub(super) fn pinned_event_dropped(&self, reply: &crate::protocol::Reply) -> bool {
+        if !self.keyspace.wanted() || !self.state.out_of_band(reply) {
+            return false;
+        }
+        let node = self.pinned.as_ref().and_then(|p| p.node.clone());
+        match (node, event_key(&reply.bytes)) {
+            (Some(node), Some(key)) => !self.delivers_event(&node, &key),
+            _ => false,
+        }
+    }
+
+    /// Is `node` the one to deliver an event of `key`? The owner of the
+    /// key's slot in nearcache's map: each event is then delivered once,
+    /// although a replica publishes the events of the writes it replicates
+    /// (a master demoted by a failover still holds the client's
+    /// subscription), and although the map may name an old master for a
+    /// while (a `MOVED` moves one slot at a time).
+    fn delivers_event(&self, node: &str, key: &[u8]) -> bool {
+        let Some(router) = &self.sidecar.cluster else {
+            return true;
+        };
+        router
+            .owner(crate::upstream::cluster::slots::slot(key))
+            .as_deref()
+            == Some(node)
+    }
+
     /// A frame from `node`'s mirror (`None`: the mirror ended).
     pub(super) fn on_mirror_frame(&mut self, node: String, frame: Option<PinnedFrame>) {
         let reply = match frame {
             Some(PinnedFrame::Reply(r)) => r,
             Some(PinnedFrame::Closed(_)) | None => return self.mirror_lost(&node),
         };
-        let Some(parts) = protocol::reply_strings(&reply.bytes) else {
+        // Confirmations (the pinned connection gives the client its own),
+        // errors and pongs are dropped, and so is what was PUBLISHed.
+        let Some(key) = event_key(&reply.bytes) else {
             return;
         };
-        let channel = match parts.first().map(|w| &w[..]) {
-            Some(b"message") => parts.get(1),
-            Some(b"pmessage") => parts.get(2),
-            // Confirmations (the pinned connection gives the client its own),
-            // errors, pongs.
-            _ => None,
-        };
-        if !channel.is_some_and(|c| is_key_event_channel(c)) {
+        if !self.delivers_event(&node, &key) {
             return;
         }
         let bytes = super::shard::in_protocol(reply.bytes, self.proto == 3);
@@ -311,6 +358,42 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_of_an_event() {
+        let frame = |parts: &[&str]| {
+            let items: Vec<Bytes> = parts
+                .iter()
+                .map(|p| protocol::bulk_bytes(p.as_bytes()))
+                .collect();
+            protocol::push(false, &items)
+        };
+        let key = |f: Bytes| event_key(&f).map(|k| String::from_utf8(k.to_vec()).unwrap());
+        assert_eq!(
+            key(frame(&["message", "__keyspace@0__:a:b", "set"])).as_deref(),
+            Some("a:b")
+        );
+        assert_eq!(
+            key(frame(&["pmessage", "*", "__keyspace@12__:k", "del"])).as_deref(),
+            Some("k")
+        );
+        assert_eq!(
+            key(frame(&["message", "__keyevent@0__:set", "k1"])).as_deref(),
+            Some("k1")
+        );
+        assert_eq!(
+            key(frame(&[
+                "pmessage",
+                "__key*",
+                "__keyevent@0__:expired",
+                "k2"
+            ]))
+            .as_deref(),
+            Some("k2")
+        );
+        assert_eq!(key(frame(&["message", "news", "hi"])), None);
+        assert_eq!(key(frame(&["psubscribe", "*", ":1"])), None);
+    }
 
     #[test]
     fn which_channels_and_patterns_are_mirrored() {

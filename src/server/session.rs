@@ -1288,6 +1288,9 @@ impl Session {
                 if r.kind == protocol::ReplyKind::Error {
                     self.pinned_redirect(&mut r);
                 }
+                if self.pinned_event_dropped(&r) {
+                    return;
+                }
                 self.replies.pinned_frame(r, &mut self.state);
                 self.sync_details();
                 if !self.state.needs_pin() && !self.replies.awaiting_pinned() {
