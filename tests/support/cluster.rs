@@ -3,6 +3,7 @@
 //! create`, killed on drop with their nodes.conf (in each server's scratch
 //! directory).
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -10,22 +11,30 @@ use super::{free_port, RedisServer};
 
 /// A `redis-server --cluster-enabled yes`, not yet in a cluster.
 fn start_node() -> RedisServer {
+    start_node_of(Path::new("redis-server"))
+}
+
+/// [`start_node`] with another `redis-server` binary.
+fn start_node_of(bin: &Path) -> RedisServer {
     let mut tries = 0;
     loop {
         // The bus port defaults to port + 10000, which Redis refuses for
         // ports above 55535 (ephemeral ports go up to 60999). Either port
         // may be taken by another test before the server binds it: new ones.
         let bus = free_port().to_string();
-        match RedisServer::try_start_with(&[
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "2000",
-            "--cluster-port",
-            &bus,
-        ]) {
+        match RedisServer::try_start_bin(
+            bin,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+            ],
+        ) {
             Ok(node) => return node,
             Err(why) if tries < 5 => {
                 tries += 1;
@@ -81,8 +90,14 @@ impl Cluster {
     /// `masters` masters with `replicas` replicas each (`redis-cli` picks
     /// which replica follows which master).
     pub fn start_with_replicas(masters: usize, replicas: usize) -> Cluster {
+        Cluster::start_of(Path::new("redis-server"), masters, replicas)
+    }
+
+    /// [`Cluster::start_with_replicas`] of another `redis-server` binary
+    /// (joined by the `redis-cli` on PATH).
+    pub fn start_of(bin: &Path, masters: usize, replicas: usize) -> Cluster {
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
-            .map(|_| start_node())
+            .map(|_| start_node_of(bin))
             .collect();
         let mut cmd = Command::new("redis-cli");
         cmd.arg("--cluster").arg("create");

