@@ -28,6 +28,10 @@ pub struct ClusterView {
     stop: Arc<Notify>,
     stopped: AtomicBool,
     refreshes: AtomicU64,
+    /// Views published so far, counted under the watch's lock as each is
+    /// published: a subscriber reading it while it holds a borrow of the
+    /// view knows whether it missed one in between ([`ClusterView::changes`]).
+    changes: AtomicU64,
     /// Why the last refresh failed (cleared by a successful one): told to
     /// clients while no view is known, so a wrong password or a TLS
     /// mismatch is not just "not known yet".
@@ -54,6 +58,7 @@ impl ClusterView {
             stop: Arc::new(Notify::new()),
             stopped: AtomicBool::new(false),
             refreshes: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
             last_error: parking_lot::Mutex::new(None),
             interval: cfg.cluster.refresh_interval,
             connector,
@@ -85,6 +90,7 @@ impl ClusterView {
         self.current.send_if_modified(|cur| match cur {
             Some(t) if t.owner(slot) != Some(addr) => {
                 *cur = Some(Arc::new(t.with_owner(slot, addr)));
+                self.changes.fetch_add(1, Ordering::AcqRel);
                 true
             }
             _ => false,
@@ -99,6 +105,13 @@ impl ClusterView {
             Some(e) => format!("the cluster's slot map is not known yet: {e}"),
             None => "the cluster's slot map is not known yet".into(),
         }
+    }
+
+    /// How many views have been published. Read while holding a borrow of a
+    /// [`ClusterView::subscribe`] receiver, it is the number of the view
+    /// borrowed (a view is published with its count under the same lock).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// How many `CLUSTER SLOTS` rounds have run (for tests and metrics).
@@ -159,6 +172,7 @@ async fn refresher(view: std::sync::Weak<ClusterView>, mut woken: mpsc::Receiver
                     }
                     info!(masters = ?t.masters(), covered = t.covered(), "cluster slot map changed");
                     *cur = Some(Arc::new(t));
+                    v.changes.fetch_add(1, Ordering::AcqRel);
                     true
                 });
                 v.interval
