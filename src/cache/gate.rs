@@ -78,6 +78,7 @@ impl SlotGate {
     }
 
     /// Is the slot open?
+    #[cfg(test)]
     pub fn is_open(&self, slot: u16) -> bool {
         self.stamp(slot) != 0
     }
