@@ -1231,6 +1231,81 @@ fn a_slot_move_clears_that_slots_entries_and_keeps_the_others() {
     until_hit(&proxy, &mut c, moved, "new");
 }
 
+/// A master handed over to its replica (`CLUSTER FAILOVER`, no write
+/// lost): the promoted replica has no tracking state for what was read
+/// from its old master, so the old master's entries are not served any
+/// more (its keys are read from the new master, then cached again once its
+/// feed is up), while the other masters' entries stay in L1 through the
+/// switch.
+#[test]
+fn a_failover_clears_the_old_masters_slots_and_keeps_the_others() {
+    let cluster = Cluster::start_with_replicas(3, 1);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let keys = cluster.keys_on_every_master("ind:");
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg("v").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "v");
+    }
+    let old = cluster.owner_of(&keys[0]);
+    let (mine, others): (Vec<&String>, Vec<&String>) = keys
+        .iter()
+        .partition(|k| cluster.owner_of(k).port == old.port);
+    let mut other_owners: Vec<&RedisServer> = others.iter().map(|k| cluster.owner_of(k)).collect();
+    other_owners.sort_by_key(|n| n.port);
+    other_owners.dedup_by_key(|n| n.port);
+    let other_gets = || -> u64 { other_owners.iter().map(|n| cmdstat(n, "get")).sum() };
+    let promoted = replica_of(&cluster, old);
+    // A manual failover needs the replica in sync (else it gives up after
+    // a few seconds): asked again until it happens.
+    let mut asked = Instant::now() - Duration::from_secs(10);
+    wait_until("the replica is a master", Duration::from_secs(30), || {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut promoted.conn()).unwrap();
+        if matches!(&role[0], redis::Value::BulkString(r) if r == b"master") {
+            return true;
+        }
+        if asked.elapsed() > Duration::from_secs(6)
+            && info_field(promoted, "replication", "master_link_status") == "up"
+        {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("FAILOVER")
+                .query(&mut promoted.conn())
+                .unwrap();
+            asked = Instant::now();
+        }
+        false
+    });
+    // nearcache learns the new map (its periodic refresh, or the old
+    // master's canary write answered MOVED): the old master's keys are
+    // then read from the new one, not from L1.
+    wait_until(
+        "the old master's keys read from the new master",
+        Duration::from_secs(15),
+        || {
+            let gets = cmdstat(promoted, "get");
+            for k in &mine {
+                let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+                assert_eq!(v, "v", "{k}");
+            }
+            cmdstat(promoted, "get") - gets == mine.len() as u64
+        },
+    );
+    let (hits, before) = (proxy.stat("hits"), other_gets());
+    for k in &others {
+        let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+        assert_eq!(v, "v", "{k}");
+    }
+    assert_eq!(
+        proxy.stat("hits") - hits,
+        others.len() as i64,
+        "the other masters' entries stayed in L1"
+    );
+    assert_eq!(other_gets(), before, "their owners not asked");
+    for k in &mine {
+        until_hit(&proxy, &mut c, k, "v");
+    }
+}
+
 #[test]
 fn mget_across_slots_is_answered_partly_from_l1_in_key_order() {
     let cluster = Cluster::start(3);

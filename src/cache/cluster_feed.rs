@@ -11,10 +11,11 @@
 //! them; a slot whose owner changes in a new map (a refresh or an applied
 //! `MOVED`; a failover moves the old master's slots to the promoted
 //! replica, which has no tracking state for them) gets a new generation,
-//! open only if its new owner's feed is up. The other slots' entries stay
-//! served. In doubt, all of L1 goes: when views were published faster than
-//! they were reconciled here (a slot may have moved and come back
-//! unseen), every slot is renewed and L1 emptied, as on a policy reload.
+//! open only if its new owner's feed is up, and so does a slot that moved
+//! and came back between two views seen here (the view counts each slot's
+//! owner changes: the watch keeps only the latest view). The other slots'
+//! entries stay served. In doubt (a policy reload restarts every feed),
+//! every slot is closed and L1 emptied.
 //!
 //! Each feed proves it sees writes as the single feed does: every
 //! `feed_health_interval` a canary write (through the router, to a slot
@@ -148,13 +149,14 @@ impl Feeds {
     }
 
     /// Makes the members the masters of `map` and the gate follow it: a
-    /// slot whose owner changed is renewed (open if its new owner's feed
-    /// is up), every slot when `in_doubt` (then L1 is emptied too).
-    /// Returns the masters removed and the ones added (each with its new id).
+    /// slot whose owner differs from the gate's map, or that `moved` says
+    /// changed owner since (away and back), is renewed (open if its owner's
+    /// feed is up). Returns the masters removed and the ones added (each
+    /// with its new id).
     fn reconcile(
         &self,
         map: Option<Arc<Topology>>,
-        in_doubt: bool,
+        moved: impl Fn(u16) -> bool,
         next_id: &mut u64,
     ) -> (Vec<String>, Vec<(String, u64)>) {
         let masters = map
@@ -180,20 +182,18 @@ impl Feeds {
             }
         }
         let before = members.map.take();
-        let mut moved = 0;
+        let mut renewed = 0;
         for s in 0..slots::SLOTS as u16 {
             let owner = map.as_ref().and_then(|t| t.owner(s));
-            if in_doubt || owner != before.as_ref().and_then(|t| t.owner(s)) {
+            if moved(s) || owner != before.as_ref().and_then(|t| t.owner(s)) {
                 let open = owner
                     .and_then(|o| members.feeds.get(o))
                     .is_some_and(|m| m.1);
                 self.gate.renew(s, open);
-                moved += 1;
+                renewed += 1;
             }
         }
-        if in_doubt {
-            self.cache.clear_all("topology");
-        } else if moved > 0 {
+        if renewed > 0 {
             count_clear("topology");
         }
         members.map = map;
@@ -242,30 +242,29 @@ pub fn start(cache: Arc<Cache>, router: Arc<Router>, shutdown: Arc<Notify>) {
         let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut next_id = 0u64;
         // The map last reconciled (`None` until then or after a restart),
-        // and its number among the views published.
+        // and each slot's owner changes counted up to it.
         let mut last: Option<Arc<Topology>> = None;
-        let mut last_seen: Option<u64> = None;
+        let mut last_counts = vec![0u32; slots::SLOTS];
         loop {
-            let (now, seen) = {
+            let (now, counts) = {
                 let borrowed = maps.borrow_and_update();
-                // Read under the borrow: the number of the view borrowed.
-                (borrowed.clone(), view.changes())
+                // Read under the borrow: the counts up to the view borrowed.
+                (borrowed.clone(), view.owner_changes())
             };
-            // A view published and replaced before this task saw it: a
-            // slot may have moved away and back unseen.
-            let in_doubt = last_seen.is_some_and(|l| seen > l + 1);
-            last_seen = Some(seen);
+            let moved: Vec<bool> = counts
+                .iter()
+                .zip(&last_counts)
+                .map(|(a, b)| a != b)
+                .collect();
+            last_counts = counts;
             // Only replicas changed (one failed, joined, was promoted
             // without its master's slots moving yet): L1 is filled from
             // masters only, so nothing cached is in doubt.
-            let replicas_only =
-                !in_doubt && matches!((&last, &now), (Some(l), Some(n)) if l.same_owners(n));
+            let replicas_only = !moved.contains(&true)
+                && matches!((&last, &now), (Some(l), Some(n)) if l.same_owners(n));
             last = now.clone();
             if !replicas_only {
-                if in_doubt {
-                    warn!("slot maps changed faster than followed; L1 emptied");
-                }
-                let (removed, added) = feeds.reconcile(now, in_doubt, &mut next_id);
+                let (removed, added) = feeds.reconcile(now, |s| moved[s as usize], &mut next_id);
                 for a in removed {
                     if let Some(t) = tasks.remove(&a) {
                         t.abort();
@@ -523,13 +522,17 @@ mod tests {
         matches!(lookup(cache, key), Lookup::Hit)
     }
 
+    fn none(_: u16) -> bool {
+        false
+    }
+
     #[test]
     fn l1_serves_the_slots_of_the_masters_whose_feed_is_up() {
         let f = feeds();
         let c = &f.cache;
         let (ka, kb) = (key_in(5), key_in(9000));
         let mut next = 0;
-        let (_, added) = f.reconcile(map("a:1", "b:1"), false, &mut next);
+        let (_, added) = f.reconcile(map("a:1", "b:1"), none, &mut next);
         let (ida, idb) = (added[0].1, added[1].1);
         assert!(!c.is_serving());
         assert!(f.up("a:1", ida, "tracking"));
@@ -578,7 +581,7 @@ mod tests {
         assert!(fill(c, &ka) && fill(c, &k6) && hit(c, &ka) && hit(c, &k6));
         let t = c.ticket(&ka);
         let moved = Arc::new(map("a:1", "b:1").unwrap().with_owner(5, "b:1"));
-        f.reconcile(Some(moved.clone()), false, &mut next);
+        f.reconcile(Some(moved.clone()), none, &mut next);
         assert!(!hit(c, &ka), "the moved slot's entries go");
         assert!(!fill_with(c, t, &ka), "and its fills in flight");
         assert!(hit(c, &k6) && hit(c, &kb), "the others stay");
@@ -592,7 +595,7 @@ mod tests {
         // A map whose slot goes to a new master: closed until its feed is up.
         assert!(fill(c, &kb) && hit(c, &kb));
         let to_c = Arc::new(moved.with_owner(9000, "c:1"));
-        let (_, added) = f.reconcile(Some(to_c.clone()), false, &mut next);
+        let (_, added) = f.reconcile(Some(to_c.clone()), none, &mut next);
         assert!(!f.gate.is_open(9000) && f.gate.is_open(9001));
         assert!(matches!(lookup(c, &kb), Lookup::NotServing));
         assert!(hit(c, &k6));
@@ -605,17 +608,17 @@ mod tests {
         assert!(f.gate.is_open(9000));
         assert!(!hit(c, &kb), "the old owner's entry is not back");
 
-        // In doubt: every slot renewed and L1 emptied, the open ones stay open.
+        // The same owners, but slot 6 moved away and back between two
+        // views seen here: renewed (still open), the others kept.
         assert!(fill(c, &kb) && hit(c, &k6));
-        f.reconcile(Some(to_c), true, &mut next);
-        assert!(!hit(c, &k6) && !hit(c, &kb));
-        assert_eq!(c.entries(), 0);
-        assert!(f.gate.is_open(6) && f.gate.is_open(9000));
+        f.reconcile(Some(to_c), |s| s == 6, &mut next);
+        assert!(!hit(c, &k6) && hit(c, &kb));
+        assert!(f.gate.is_open(6));
 
         // A replaced feed task reports under its old id: ignored.
-        let (removed, _) = f.reconcile(map("a:1", "c:1"), false, &mut next);
+        let (removed, _) = f.reconcile(map("a:1", "c:1"), none, &mut next);
         assert_eq!(removed, ["b:1"]);
-        let (_, added) = f.reconcile(map("a:1", "b:1"), false, &mut next);
+        let (_, added) = f.reconcile(map("a:1", "b:1"), none, &mut next);
         assert!(!f.up("b:1", idb, "tracking"));
         assert!(!f.gate.is_open(9000), "b's new feed is not up");
         f.down("b:1", idb);
