@@ -433,7 +433,7 @@ impl Store {
             self.make_room(shard, now, None);
             return Some(Inserted::Stored);
         }
-        // A dead entry of the key (expired) goes first.
+        // A dead entry of the key (expired, or of another stamp) goes first.
         shard.remove(hash, key);
         let data = edit(None)?;
         let slot = Slot {
