@@ -94,7 +94,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         Some(router) => upstream::Upstream::start_cluster(connector, router.clone()),
         None => upstream::Upstream::start(connector),
     });
-    let cache = cache::Cache::new(config.cache.clone());
+    let cache = match &cluster {
+        Some(_) => cache::Cache::for_cluster(config.cache.clone()),
+        None => cache::Cache::new(config.cache.clone()),
+    };
     let stop_background = Arc::new(Notify::new());
     match &cluster {
         // One feed per master (cache/cluster_feed.rs).

@@ -1115,11 +1115,26 @@ fn l1_serves_hits_and_direct_writes_on_every_master_invalidate_them() {
     }
 }
 
-/// A master's feed killed while a write is made straight on it: no read
-/// through nearcache returns the old value, neither while that feed is
-/// down (held down: the node refuses new connections) nor after it is back.
+/// `INFO commandstats` calls of `cmd` on an open connection (a node at
+/// `maxclients 1` takes no other).
+fn cmdstat_on(c: &mut redis::Connection, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
+    info.lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One master's feed killed and held down (the node at `maxclients 1`)
+/// while writes are made straight on that master: its keys are never read
+/// stale through nearcache, neither while its feed is down (they are read
+/// from the master, not from L1) nor after it is back (what L1 held of
+/// them before the drop is not served again), while the other masters'
+/// keys are served from L1 all along.
 #[test]
-fn a_master_feed_lost_stops_l1_and_nothing_stale_is_served() {
+fn a_master_feed_lost_stops_l1_for_its_slots_only_and_nothing_stale_is_served() {
     let cluster = Cluster::start(3);
     let proxy = cached_cluster_proxy(&cluster);
     let mut c = proxy.conn();
@@ -1129,10 +1144,14 @@ fn a_master_feed_lost_stops_l1_and_nothing_stale_is_served() {
         until_hit(&proxy, &mut c, k, "old");
     }
     let victim = cluster.owner_of(&keys[0]);
-    let mine: Vec<&String> = keys
+    let (mine, others): (Vec<&String>, Vec<&String>) = keys
         .iter()
-        .filter(|k| cluster.owner_of(k).port == victim.port)
-        .collect();
+        .partition(|k| cluster.owner_of(k).port == victim.port);
+    // Asked now: owner_of asks the first node, which may be the victim.
+    let mut other_owners: Vec<&RedisServer> = others.iter().map(|k| cluster.owner_of(k)).collect();
+    other_owners.sort_by_key(|n| n.port);
+    other_owners.dedup_by_key(|n| n.port);
+    let other_gets = || -> u64 { other_owners.iter().map(|n| cmdstat(n, "get")).sum() };
     // Open before the node stops accepting connections.
     let mut direct = victim.conn();
     let _: () = redis::cmd("CONFIG")
@@ -1147,40 +1166,77 @@ fn a_master_feed_lost_stops_l1_and_nothing_stale_is_served() {
             .query(&mut direct)
             .unwrap();
     }
-    wait_until("L1 stops serving", Duration::from_secs(5), || {
-        proxy.stat("serving") == 0
-    });
+    wait_until(
+        "the victim's slots no longer served",
+        Duration::from_secs(5),
+        || proxy.stat_text("feed").contains("2/3 masters up"),
+    );
+    assert_eq!(proxy.stat("serving"), 1, "the other masters' slots are");
     for _ in 0..5 {
+        let (hits, victim_gets, others_before) = (
+            proxy.stat("hits"),
+            cmdstat_on(&mut direct, "get"),
+            other_gets(),
+        );
         for k in &mine {
             let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
             assert_eq!(v, "new", "stale read of {k} with its master's feed down");
         }
-        for k in keys.iter().filter(|k| !mine.contains(k)) {
+        for k in &others {
             let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
             assert_eq!(v, "old", "{k}");
         }
+        assert_eq!(
+            proxy.stat("hits") - hits,
+            others.len() as i64,
+            "the other masters' keys from L1"
+        );
+        assert_eq!(other_gets(), others_before, "their owners not asked");
+        assert_eq!(
+            cmdstat_on(&mut direct, "get") - victim_gets,
+            mine.len() as u64,
+            "the victim's keys read from it"
+        );
     }
-    assert_eq!(proxy.stat("serving"), 0, "the feed was held down");
+    assert!(
+        proxy.stat_text("feed").contains("2/3 masters up"),
+        "the feed was held down: {}",
+        proxy.stat_text("feed")
+    );
+    // Written again and not read before the feed is back: L1 still holds
+    // "old" from before the drop, which must never be served again.
+    for k in &mine {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("newer")
+            .query(&mut direct)
+            .unwrap();
+    }
     let _: () = redis::cmd("CONFIG")
         .arg(&["SET", "maxclients", "10000"][..])
         .query(&mut direct)
         .unwrap();
     proxy.wait_serving();
     for k in &mine {
-        until_hit(&proxy, &mut c, k, "new");
+        until_hit(&proxy, &mut c, k, "newer");
+    }
+    for k in &others {
+        until_hit(&proxy, &mut c, k, "old");
     }
 }
 
 /// A slot moved to another master (MIGRATING/IMPORTING, MIGRATE,
-/// SETSLOT NODE): the moved key is never read stale, and the change of map
-/// (here learned from a MOVED) empties L1, so a key of an untouched slot
-/// on a third master is read from its owner again.
+/// SETSLOT NODE): the moved key is never read stale; the slot's entries
+/// are cleared, even a cached nil that no write invalidates (it is read
+/// from the new owner), while the entries of other slots, on the old
+/// owner and on a third master, are still served from L1.
 #[test]
-fn a_slot_move_never_serves_stale_and_empties_l1() {
+fn a_slot_move_clears_that_slots_entries_and_keeps_the_others() {
     let cluster = Cluster::start(3);
     let proxy = cached_cluster_proxy(&cluster);
     let mut c = proxy.conn();
     let moved = "ind:{m}1";
+    let absent = "ind:{m}absent";
     let from = cluster.owner_of(moved);
     let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
     let third = cluster
@@ -1188,14 +1244,23 @@ fn a_slot_move_never_serves_stale_and_empties_l1() {
         .iter()
         .find(|n| n.port != from.port && n.port != to.port)
         .unwrap();
-    let still = (0..)
-        .map(|i| format!("ind:s{i}"))
-        .find(|k| cluster.owner_of(k).port == third.port)
-        .unwrap();
-    for k in [moved, still.as_str()] {
+    let on = |node: &RedisServer, p: &str| {
+        (0..)
+            .map(|i| format!("ind:{p}{i}"))
+            .find(|k| cluster.owner_of(k).port == node.port && slot(k.as_bytes()) != slot(b"m"))
+            .unwrap()
+    };
+    let (stay_from, stay_third) = (on(from, "f"), on(third, "s"));
+    for k in [moved, stay_from.as_str(), stay_third.as_str()] {
         let _: () = redis::cmd("SET").arg(k).arg("old").query(&mut c).unwrap();
         until_hit(&proxy, &mut c, k, "old");
     }
+    wait_until("a nil served from L1", Duration::from_secs(5), || {
+        let hits = proxy.stat("hits");
+        let v: Option<String> = redis::cmd("GET").arg(absent).query(&mut c).unwrap();
+        assert_eq!(v, None);
+        proxy.stat("hits") > hits
+    });
     let s = slot(b"m").to_string();
     begin_slot_move(&s, from, to);
     let _: () = redis::cmd("MIGRATE")
@@ -1218,7 +1283,6 @@ fn a_slot_move_never_serves_stale_and_empties_l1() {
         .arg("new")
         .query(&mut to.conn())
         .unwrap();
-    let gets = cmdstat(third, "get");
     // The new owner's feed reports the write (as fast as it travels); once
     // it is seen, the old value never comes back.
     let took = wait_until(
@@ -1234,15 +1298,116 @@ fn a_slot_move_never_serves_stale_and_empties_l1() {
         let v: String = redis::cmd("GET").arg(moved).query(&mut c).unwrap();
         assert_eq!(v, "new", "stale read of a key whose slot moved");
     }
-    // The map changed (nearcache followed a MOVED): L1 was emptied, the
-    // untouched key comes from its owner again, then from L1.
-    wait_until("L1 emptied by the new map", Duration::from_secs(5), || {
-        let v: String = redis::cmd("GET").arg(&still).query(&mut c).unwrap();
-        assert_eq!(v, "old");
-        cmdstat(third, "get") > gets
-    });
-    until_hit(&proxy, &mut c, &still, "old");
+    // nearcache followed the MOVED: the moved slot's entries are gone, so
+    // the nil is asked of the new owner (nothing else would invalidate it).
+    wait_until(
+        "the moved slot's entries cleared",
+        Duration::from_secs(5),
+        || {
+            let gets = cmdstat(to, "get");
+            let v: Option<String> = redis::cmd("GET").arg(absent).query(&mut c).unwrap();
+            assert_eq!(v, None);
+            cmdstat(to, "get") > gets
+        },
+    );
+    // Every other slot's entries stayed: served without asking their owners.
+    let (hits, from_gets, third_gets) = (
+        proxy.stat("hits"),
+        cmdstat(from, "get"),
+        cmdstat(third, "get"),
+    );
+    for k in [&stay_from, &stay_third] {
+        let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+        assert_eq!(v, "old", "{k}");
+    }
+    assert_eq!(
+        proxy.stat("hits") - hits,
+        2,
+        "the other slots' entries from L1"
+    );
+    assert_eq!(
+        (cmdstat(from, "get"), cmdstat(third, "get")),
+        (from_gets, third_gets)
+    );
     until_hit(&proxy, &mut c, moved, "new");
+}
+
+/// A master handed over to its replica (`CLUSTER FAILOVER`, no write
+/// lost): the promoted replica has no tracking state for what was read
+/// from its old master, so the old master's entries are not served any
+/// more (its keys are read from the new master, then cached again once its
+/// feed is up), while the other masters' entries stay in L1 through the
+/// switch.
+#[test]
+fn a_failover_clears_the_old_masters_slots_and_keeps_the_others() {
+    let cluster = Cluster::start_with_replicas(3, 1);
+    let proxy = cached_cluster_proxy(&cluster);
+    let mut c = proxy.conn();
+    let keys = cluster.keys_on_every_master("ind:");
+    for k in &keys {
+        let _: () = redis::cmd("SET").arg(k).arg("v").query(&mut c).unwrap();
+        until_hit(&proxy, &mut c, k, "v");
+    }
+    let old = cluster.owner_of(&keys[0]);
+    let (mine, others): (Vec<&String>, Vec<&String>) = keys
+        .iter()
+        .partition(|k| cluster.owner_of(k).port == old.port);
+    let mut other_owners: Vec<&RedisServer> = others.iter().map(|k| cluster.owner_of(k)).collect();
+    other_owners.sort_by_key(|n| n.port);
+    other_owners.dedup_by_key(|n| n.port);
+    let other_gets = || -> u64 { other_owners.iter().map(|n| cmdstat(n, "get")).sum() };
+    let promoted = replica_of(&cluster, old);
+    // A manual failover needs the replica in sync (else it gives up after
+    // a few seconds): asked again until it happens.
+    let mut asked = Instant::now() - Duration::from_secs(10);
+    wait_until("the replica is a master", Duration::from_secs(30), || {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut promoted.conn()).unwrap();
+        if matches!(&role[0], redis::Value::BulkString(r) if r == b"master") {
+            return true;
+        }
+        if asked.elapsed() > Duration::from_secs(6)
+            && info_field(promoted, "replication", "master_link_status") == "up"
+        {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("FAILOVER")
+                .query(&mut promoted.conn())
+                .unwrap();
+            asked = Instant::now();
+        }
+        false
+    });
+    // nearcache learns the new map (its periodic refresh, or the old
+    // master's canary write answered MOVED): the old master's keys are
+    // then read from the new one, not from L1.
+    // (Each key once at least: once its master's feed is up, it is cached again.)
+    let mut seen = vec![false; mine.len()];
+    wait_until(
+        "the old master's keys read from the new master",
+        Duration::from_secs(15),
+        || {
+            for (k, seen) in mine.iter().zip(seen.iter_mut()) {
+                let gets = cmdstat(promoted, "get");
+                let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+                assert_eq!(v, "v", "{k}");
+                *seen |= cmdstat(promoted, "get") > gets;
+            }
+            seen.iter().all(|s| *s)
+        },
+    );
+    let (hits, before) = (proxy.stat("hits"), other_gets());
+    for k in &others {
+        let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+        assert_eq!(v, "v", "{k}");
+    }
+    assert_eq!(
+        proxy.stat("hits") - hits,
+        others.len() as i64,
+        "the other masters' entries stayed in L1"
+    );
+    assert_eq!(other_gets(), before, "their owners not asked");
+    for k in &mine {
+        until_hit(&proxy, &mut c, k, "v");
+    }
 }
 
 #[test]
@@ -1344,9 +1509,11 @@ fn a_master_feed_that_stops_seeing_writes_stops_l1() {
         .arg(&["SET", "notify-keyspace-events", ""][..])
         .query(&mut cluster.nodes[1].conn())
         .unwrap();
-    wait_until("L1 stops serving", Duration::from_secs(5), || {
-        proxy.stat("serving") == 0
-    });
+    wait_until(
+        "L1 stops serving that master's slots",
+        Duration::from_secs(5),
+        || proxy.stat_text("feed").contains("2/3 masters up"),
+    );
 }
 
 /// Two hash tags whose slots are owned by the same master, and one whose

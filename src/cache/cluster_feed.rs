@@ -3,13 +3,19 @@
 //! subscribes its one connection (tracking BCAST or keyspace events; a
 //! node reports writes to the keys it holds, so every master must have one).
 //!
-//! The rule is global, the simplest one that is correct: L1 serves only
-//! while the feed of *every* master in the map is up. A feed that comes up
-//! empties L1 (what was cached before may have missed that master's
-//! invalidations), one that goes down stops L1 and empties it, and every
-//! change of the slot map (a refresh or an applied `MOVED`) empties it too
-//! (entries were filled from the old owners). Emptying bumps the global
-//! epoch, so a fill whose ticket predates any of these is never stored.
+//! L1 serves per hash slot ([`super::gate`]): a key is served only while
+//! the feed of the master owning its slot (in the map last reconciled here)
+//! is up and has been up since the entry was filled. A feed coming up
+//! opens its master's slots with a new generation (what was cached of them
+//! before may have missed that master's writes); a feed going down closes
+//! them; a slot whose owner changes in a new map (a refresh or an applied
+//! `MOVED`; a failover moves the old master's slots to the promoted
+//! replica, which has no tracking state for them) gets a new generation,
+//! open only if its new owner's feed is up, and so does a slot that moved
+//! and came back between two views seen here (the view counts each slot's
+//! owner changes: the watch keeps only the latest view). The other slots'
+//! entries stay served. In doubt (a policy reload restarts every feed),
+//! every slot is closed and L1 emptied.
 //!
 //! Each feed proves it sees writes as the single feed does: every
 //! `feed_health_interval` a canary write (through the router, to a slot
@@ -32,6 +38,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::feed::{self, FeedConn, CANARY_PREFIX};
+use super::gate::SlotGate;
 use super::Cache;
 use crate::error::Error;
 use crate::metrics;
@@ -42,9 +49,11 @@ use crate::upstream::cluster::slots;
 use crate::upstream::cluster::topology::Topology;
 use crate::upstream::{Login, ReplyResult};
 
-/// Which masters have a feed, and which of those feeds are up.
+/// Which masters have a feed, which of those feeds are up, and which
+/// slots L1 serves accordingly.
 struct Feeds {
     cache: Arc<Cache>,
+    gate: Arc<SlotGate>,
     members: Mutex<Members>,
 }
 
@@ -52,45 +61,75 @@ struct Members {
     /// Master address → (the id of its current feed task, up?). A task
     /// that was replaced reports under an old id and is ignored.
     feeds: HashMap<String, (u64, bool)>,
+    /// The map the gate follows: whose feed each slot's entries depend on.
+    map: Option<Arc<Topology>>,
     /// The mode the feeds subscribed with (for `NEARCACHE STATS`, metrics).
     mode: &'static str,
 }
 
 impl Feeds {
-    /// Serving follows the members, decided under their lock so that a
-    /// feed going down and another coming up cannot interleave wrongly.
+    fn new(cache: Arc<Cache>) -> Option<Feeds> {
+        Some(Feeds {
+            gate: cache.gate.clone()?,
+            cache,
+            members: Mutex::new(Members {
+                feeds: HashMap::new(),
+                map: None,
+                mode: "tracking",
+            }),
+        })
+    }
+
+    /// Renews every slot `addr` owns in the gate's map, open or closed;
+    /// returns how many.
+    fn renew_master(&self, members: &Members, addr: &str, open: bool) -> usize {
+        let Some(map) = &members.map else { return 0 };
+        let mut n = 0;
+        for s in 0..slots::SLOTS as u16 {
+            if map.owner(s) == Some(addr) {
+                self.gate.renew(s, open);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Whether L1 serves at all (some master's feed is up) follows the
+    /// members, decided under their lock so that a feed going down and
+    /// another coming up cannot interleave wrongly.
     fn settle(&self, members: &Members) {
         let mode = members.mode;
+        let n = members.feeds.len();
         let up = members.feeds.values().filter(|m| m.1).count();
-        let all = !members.feeds.is_empty() && up == members.feeds.len();
-        let state = if all {
-            format!("{mode} ({up}/{} masters)", members.feeds.len())
+        let state = if n > 0 && up == n {
+            format!("{mode} ({up}/{n} masters)")
+        } else if up > 0 {
+            format!("{mode} ({up}/{n} masters up; L1 off for the others' slots)")
         } else {
-            format!("down ({up}/{} masters up)", members.feeds.len())
+            format!("down ({up}/{n} masters up)")
         };
         let m = metrics::get();
-        if all {
-            self.cache.set_serving(true, &state);
+        if n > 0 && up == n {
             m.feed_up.with_label_values(&[mode]).set(1);
         } else {
-            self.cache.set_serving(false, &state);
             for mode in ["keyspace", "tracking"] {
                 m.feed_up.with_label_values(&[mode]).set(0);
             }
         }
+        self.cache.set_serving(up > 0, &state);
     }
 
     /// The feed `id` of `addr` is subscribed; false if it was replaced.
     fn up(&self, addr: &str, id: u64, mode: &'static str) -> bool {
         let mut members = self.members.lock();
         match members.feeds.get_mut(addr) {
-            Some(m) if m.0 == id => {
-                // Whatever was cached before may have missed this master's writes.
-                self.cache.clear_all("feed_reconnect");
-                m.1 = true;
-            }
+            Some(m) if m.0 == id => m.1 = true,
             _ => return false,
         }
+        // A new generation: what was cached of these slots before may have
+        // missed this master's writes.
+        self.renew_master(&members, addr, true);
+        count_clear("feed_reconnect");
         members.mode = mode;
         metrics::get().feed_reconnects_total.inc();
         self.settle(&members);
@@ -100,19 +139,30 @@ impl Feeds {
     fn down(&self, addr: &str, id: u64) {
         let mut members = self.members.lock();
         if let Some(m) = members.feeds.get_mut(addr).filter(|m| m.0 == id) {
-            m.1 = false;
+            let was_up = std::mem::replace(&mut m.1, false);
+            self.renew_master(&members, addr, false);
+            if was_up {
+                count_clear("feed_down");
+            }
         }
         self.settle(&members);
     }
 
-    /// Makes the members the map's masters; returns the ones removed and
-    /// the ones added (each with its new id). L1 is emptied either way:
-    /// the map changed.
+    /// Makes the members the masters of `map` and the gate follow it: a
+    /// slot whose owner differs from the gate's map, or that `moved` says
+    /// changed owner since (away and back), is renewed (open if its owner's
+    /// feed is up). Returns the masters removed and the ones added (each
+    /// with its new id).
     fn reconcile(
         &self,
-        masters: &[String],
+        map: Option<Arc<Topology>>,
+        moved: impl Fn(u16) -> bool,
         next_id: &mut u64,
     ) -> (Vec<String>, Vec<(String, u64)>) {
+        let masters = map
+            .as_ref()
+            .map(|t| t.masters().to_vec())
+            .unwrap_or_default();
         let mut members = self.members.lock();
         let removed: Vec<String> = members
             .feeds
@@ -124,17 +174,49 @@ impl Feeds {
             members.feeds.remove(a);
         }
         let mut added = Vec::new();
-        for a in masters {
+        for a in &masters {
             if !members.feeds.contains_key(a) {
                 *next_id += 1;
                 members.feeds.insert(a.clone(), (*next_id, false));
                 added.push((a.clone(), *next_id));
             }
         }
-        self.cache.clear_all("topology");
+        let before = members.map.take();
+        let mut renewed = 0;
+        for s in 0..slots::SLOTS as u16 {
+            let owner = map.as_ref().and_then(|t| t.owner(s));
+            if moved(s) || owner != before.as_ref().and_then(|t| t.owner(s)) {
+                let open = owner
+                    .and_then(|o| members.feeds.get(o))
+                    .is_some_and(|m| m.1);
+                self.gate.renew(s, open);
+                renewed += 1;
+            }
+        }
+        if renewed > 0 {
+            count_clear("topology");
+        }
+        members.map = map;
         self.settle(&members);
         (removed, added)
     }
+
+    /// Forgets every feed (they are being restarted) and closes every slot.
+    fn reset(&self) {
+        let mut members = self.members.lock();
+        members.feeds.clear();
+        members.map = None;
+        self.gate.close_all();
+        self.settle(&members);
+    }
+}
+
+/// Counts slots cleared by a feed or map event (one per event).
+fn count_clear(source: &str) {
+    metrics::get()
+        .cache_invalidations_total
+        .with_label_values(&[source])
+        .inc();
 }
 
 /// Starts the feeds' supervisor: it follows the slot map (a feed per
@@ -145,34 +227,44 @@ pub fn start(cache: Arc<Cache>, router: Arc<Router>, shutdown: Arc<Notify>) {
         cache.set_serving(false, "disabled");
         return;
     }
+    let Some(feeds) = Feeds::new(cache.clone()) else {
+        // A programming error: L1 stays off rather than serve unguarded.
+        warn!("L1 with a cluster needs a per-slot cache (Cache::for_cluster); L1 stays off");
+        cache.set_serving(false, "disabled");
+        return;
+    };
+    let feeds = Arc::new(feeds);
     feed::spawn_decay(cache.clone(), shutdown.clone());
     let instance = feed::canary_instance();
-    let feeds = Arc::new(Feeds {
-        cache: cache.clone(),
-        members: Mutex::new(Members {
-            feeds: HashMap::new(),
-            mode: "tracking",
-        }),
-    });
     tokio::spawn(async move {
-        let mut maps = router.view().subscribe();
+        let view = router.view().clone();
+        let mut maps = view.subscribe();
         let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut next_id = 0u64;
-        // The map last reconciled (`None` until then or after a restart).
+        // The map last reconciled (`None` until then or after a restart),
+        // and each slot's owner changes counted up to it.
         let mut last: Option<Arc<Topology>> = None;
+        let mut last_counts = vec![0u32; slots::SLOTS];
         loop {
-            let now = maps.borrow_and_update().clone();
+            let (now, counts) = {
+                let borrowed = maps.borrow_and_update();
+                // Read under the borrow: the counts up to the view borrowed.
+                (borrowed.clone(), view.owner_changes())
+            };
+            let moved: Vec<bool> = counts
+                .iter()
+                .zip(&last_counts)
+                .map(|(a, b)| a != b)
+                .collect();
+            last_counts = counts;
             // Only replicas changed (one failed, joined, was promoted
             // without its master's slots moving yet): L1 is filled from
             // masters only, so nothing cached is in doubt.
-            let replicas_only = matches!((&last, &now), (Some(l), Some(n)) if l.same_owners(n));
-            let masters = now
-                .as_ref()
-                .map(|t| t.masters().to_vec())
-                .unwrap_or_default();
-            last = now;
+            let replicas_only = !moved.contains(&true)
+                && matches!((&last, &now), (Some(l), Some(n)) if l.same_owners(n));
+            last = now.clone();
             if !replicas_only {
-                let (removed, added) = feeds.reconcile(&masters, &mut next_id);
+                let (removed, added) = feeds.reconcile(now, |s| moved[s as usize], &mut next_id);
                 for a in removed {
                     if let Some(t) = tasks.remove(&a) {
                         t.abort();
@@ -198,7 +290,7 @@ pub fn start(cache: Arc<Cache>, router: Arc<Router>, shutdown: Arc<Notify>) {
                     for (_, t) in tasks.drain() {
                         t.abort();
                     }
-                    feeds.members.lock().feeds.clear();
+                    feeds.reset();
                     last = None;
                 }
                 _ = shutdown.notified() => break,
@@ -229,7 +321,7 @@ async fn node_feed(
                 failing = false;
             }
             Err(e) if !failing => {
-                warn!(master = %addr, error = %e, "invalidation feed down; L1 disabled until it is back");
+                warn!(master = %addr, error = %e, "invalidation feed down; L1 off for its slots until it is back");
                 failing = true;
             }
             Err(e) => tracing::debug!(master = %addr, error = %e, "invalidation feed still down"),
@@ -384,30 +476,31 @@ async fn start_probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Fill;
+    use crate::cache::{Fill, Lookup};
 
     fn feeds() -> Feeds {
         let mut cfg = crate::config::Config::defaults().cache;
         cfg.max_bytes = 1 << 20;
-        Feeds {
-            cache: Cache::new(cfg),
-            members: Mutex::new(Members {
-                feeds: HashMap::new(),
-                mode: "tracking",
-            }),
-        }
+        Feeds::new(Cache::for_cluster(cfg)).unwrap()
     }
 
-    fn masters(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
+    /// Slots 0..=8191 on `a`, the rest on `b`.
+    fn map(a: &str, b: &str) -> Option<Arc<Topology>> {
+        Some(Arc::new(Topology::from_ranges(&[
+            (0, 8191, a.to_string()),
+            (8192, 16383, b.to_string()),
+        ])))
     }
 
-    /// A fill of `key` under a ticket taken now, stored at once.
-    fn fill(cache: &Cache, key: &'static str) -> bool {
-        let key = Bytes::from_static(key.as_bytes());
+    /// A key (`quote:` policy) whose slot is `slot`.
+    fn key_in(slot: u16) -> Bytes {
+        Bytes::from(format!("quote:{{{}}}", slots::tags()[slot as usize]))
+    }
+
+    fn fill_with(cache: &Cache, ticket: crate::cache::Ticket, key: &Bytes) -> bool {
         cache.complete_fill(Fill {
-            ticket: cache.ticket(&key),
-            key,
+            ticket,
+            key: key.clone(),
             sig: Bytes::from_static(b"GET"),
             proto: 2,
             reply: Bytes::from_static(b"$1\r\nv\r\n"),
@@ -415,50 +508,128 @@ mod tests {
         })
     }
 
+    /// A fill of `key` under a ticket taken now, stored at once.
+    fn fill(cache: &Cache, key: &Bytes) -> bool {
+        fill_with(cache, cache.ticket(key), key)
+    }
+
+    fn lookup(cache: &Cache, key: &Bytes) -> Lookup {
+        let p = cache.policy(key).unwrap();
+        cache.lookup(key, &Bytes::from_static(b"GET"), 2, p, |_| {})
+    }
+
+    fn hit(cache: &Cache, key: &Bytes) -> bool {
+        matches!(lookup(cache, key), Lookup::Hit)
+    }
+
+    fn none(_: u16) -> bool {
+        false
+    }
+
     #[test]
-    fn l1_serves_only_while_every_master_feed_is_up() {
+    fn l1_serves_the_slots_of_the_masters_whose_feed_is_up() {
         let f = feeds();
+        let c = &f.cache;
+        let (ka, kb) = (key_in(5), key_in(9000));
         let mut next = 0;
-        let (_, added) = f.reconcile(&masters(&["a:1", "b:1"]), &mut next);
-        assert!(!f.cache.is_serving());
-        assert!(f.up("a:1", added[0].1, "tracking"));
-        assert!(!f.cache.is_serving(), "one of two feeds");
-        assert!(f.up("b:1", added[1].1, "tracking"));
-        assert!(f.cache.is_serving());
-        assert!(fill(&f.cache, "quote:1"));
-        assert_eq!(f.cache.entries(), 1);
-        // A ticket taken before a feed goes down is not stored after.
-        let key = Bytes::from_static(b"quote:2");
-        let ticket = f.cache.ticket(&key);
-        f.down("b:1", added[1].1);
-        assert!(!f.cache.is_serving());
-        assert_eq!(f.cache.entries(), 0, "emptied when a feed went");
-        assert!(f.up("b:1", added[1].1, "tracking"));
-        assert!(!f.cache.complete_fill(Fill {
-            ticket,
-            key,
-            sig: Bytes::from_static(b"GET"),
-            proto: 2,
-            reply: Bytes::from_static(b"$1\r\nv\r\n"),
-            ttl: Duration::from_secs(60),
-        }));
-        let (removed, added2) = f.reconcile(&masters(&["a:1", "c:1"]), &mut next);
+        let (_, added) = f.reconcile(map("a:1", "b:1"), none, &mut next);
+        let (ida, idb) = (added[0].1, added[1].1);
+        assert!(!c.is_serving());
+        assert!(f.up("a:1", ida, "tracking"));
+        assert!(c.is_serving(), "a's slots are served");
+        assert!(f.gate.is_open(5) && !f.gate.is_open(9000));
+        assert!(fill(c, &ka) && hit(c, &ka));
+        assert!(
+            matches!(lookup(c, &kb), Lookup::NotServing),
+            "b's feed is not up"
+        );
+        assert!(!fill(c, &kb), "nor stored");
+        assert!(f.up("b:1", idb, "tracking"));
+        assert!(c.feed_state().contains("2/2 masters"), "{}", c.feed_state());
+        assert!(fill(c, &kb) && hit(c, &kb));
+        assert!(hit(c, &ka), "b's feed coming up left a's slots alone");
+
+        // b's feed goes down: b's entries are not served, a's are; a ticket
+        // of b's slot taken before is not stored after, even once b is back.
+        let t = c.ticket(&kb);
+        f.down("b:1", idb);
+        assert!(c.is_serving());
+        assert!(!hit(c, &kb), "b's slots closed");
+        assert!(matches!(lookup(c, &kb), Lookup::NotServing));
+        assert!(hit(c, &ka));
+        assert!(
+            c.feed_state().contains("1/2 masters up"),
+            "{}",
+            c.feed_state()
+        );
+        assert!(f.up("b:1", idb, "tracking"));
+        assert!(!fill_with(c, t, &kb), "a ticket from before the drop");
+        assert!(!hit(c, &kb), "the entry from before the drop stays dead");
+        assert!(hit(c, &ka));
+        assert!(fill(c, &kb) && hit(c, &kb));
+
+        // A ticket taken, then the slot drops and comes back in between:
+        // never stored.
+        let t = c.ticket(&ka);
+        f.down("a:1", ida);
+        assert!(f.up("a:1", ida, "tracking"));
+        assert!(!fill_with(c, t, &ka));
+
+        // The map changes: slot 5 moves to b; a's other slots and b's
+        // keep their entries.
+        let k6 = key_in(6);
+        assert!(fill(c, &ka) && fill(c, &k6) && hit(c, &ka) && hit(c, &k6));
+        let t = c.ticket(&ka);
+        let moved = Arc::new(map("a:1", "b:1").unwrap().with_owner(5, "b:1"));
+        f.reconcile(Some(moved.clone()), none, &mut next);
+        assert!(!hit(c, &ka), "the moved slot's entries go");
+        assert!(!fill_with(c, t, &ka), "and its fills in flight");
+        assert!(hit(c, &k6) && hit(c, &kb), "the others stay");
+        assert!(f.gate.is_open(5), "b's feed is up: served again");
+        assert!(fill(c, &ka) && hit(c, &ka));
+        // b's feed going down now closes slot 5 too, not a's.
+        f.down("b:1", idb);
+        assert!(!hit(c, &ka) && !hit(c, &kb) && hit(c, &k6));
+        assert!(f.up("b:1", idb, "tracking"));
+
+        // A map whose slot goes to a new master: closed until its feed is up.
+        assert!(fill(c, &kb) && hit(c, &kb));
+        let to_c = Arc::new(moved.with_owner(9000, "c:1"));
+        let (_, added) = f.reconcile(Some(to_c.clone()), none, &mut next);
+        assert!(!f.gate.is_open(9000) && f.gate.is_open(9001));
+        assert!(matches!(lookup(c, &kb), Lookup::NotServing));
+        assert!(hit(c, &k6));
+        assert!(
+            c.feed_state().contains("2/3 masters up"),
+            "{}",
+            c.feed_state()
+        );
+        assert!(f.up("c:1", added[0].1, "tracking"));
+        assert!(f.gate.is_open(9000));
+        assert!(!hit(c, &kb), "the old owner's entry is not back");
+
+        // The same owners, but slot 6 moved away and back between two
+        // views seen here: renewed (still open), the others kept.
+        assert!(fill(c, &kb) && hit(c, &k6));
+        f.reconcile(Some(to_c), |s| s == 6, &mut next);
+        assert!(!hit(c, &k6) && hit(c, &kb));
+        assert!(f.gate.is_open(6));
+
+        // A replaced feed task reports under its old id: ignored.
+        let (removed, _) = f.reconcile(map("a:1", "c:1"), none, &mut next);
         assert_eq!(removed, ["b:1"]);
-        assert!(!f.cache.is_serving(), "c:1 has no feed yet");
-        assert!(f.up("c:1", added2[0].1, "tracking"));
-        assert!(f.cache.is_serving());
-        // b:1 leaves and comes back: its old feed task (aborted, maybe
-        // still running to its next await) reports under its old id: ignored.
-        let (_, added3) = f.reconcile(&masters(&["a:1", "b:1", "c:1"]), &mut next);
-        assert!(!f.up("b:1", added[1].1, "tracking"));
-        assert!(!f.cache.is_serving(), "b:1's new feed is not up");
-        f.down("b:1", added[1].1);
-        assert!(f.up("b:1", added3[0].1, "tracking"));
-        assert!(f.cache.is_serving());
-        // A map change with the same masters empties L1 and keeps serving.
-        assert!(fill(&f.cache, "quote:3"));
-        f.reconcile(&masters(&["a:1", "b:1", "c:1"]), &mut next);
-        assert!(f.cache.is_serving());
-        assert_eq!(f.cache.entries(), 0);
+        let (_, added) = f.reconcile(map("a:1", "b:1"), none, &mut next);
+        assert!(!f.up("b:1", idb, "tracking"));
+        assert!(!f.gate.is_open(9000), "b's new feed is not up");
+        f.down("b:1", idb);
+        assert!(f.up("b:1", added[0].1, "tracking"));
+        assert!(f.gate.is_open(9000));
+
+        // Every feed down: L1 stops and is emptied.
+        assert!(fill(c, &k6));
+        f.down("a:1", ida);
+        f.down("b:1", added[0].1);
+        assert!(!c.is_serving());
+        assert_eq!(c.entries(), 0);
     }
 }

@@ -30,6 +30,9 @@ pub struct Ticket {
     slot: usize,
     gen: u64,
     epoch: u64,
+    /// With a cluster, the key's hash-slot stamp (see [`super::gate`]); 0
+    /// with a single Redis, or while the key's slot is closed.
+    pub(super) stamp: u64,
 }
 
 pub(super) struct Generations {
@@ -59,13 +62,14 @@ impl Generations {
         (self.hasher.hash_one(key) as usize) % SLOTS
     }
 
-    pub fn ticket(&self, key: &[u8]) -> Ticket {
+    pub fn ticket(&self, key: &[u8], stamp: u64) -> Ticket {
         let slot = self.slot(key);
         let gen = *self.gens[slot].lock();
         Ticket {
             slot,
             gen,
             epoch: self.epoch.load(Ordering::Acquire),
+            stamp,
         }
     }
 

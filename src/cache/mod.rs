@@ -13,6 +13,7 @@
 pub mod cluster_feed;
 mod consistency;
 pub mod feed;
+mod gate;
 mod policy;
 mod store;
 
@@ -34,6 +35,7 @@ use crate::metrics;
 use crate::protocol::ReplyKind;
 use crate::upstream::ReplyResult;
 use consistency::Generations;
+use gate::SlotGate;
 use policy::Policies;
 pub use store::MAX_VARIANTS;
 use store::{Inserted, Packed};
@@ -47,6 +49,9 @@ pub enum Lookup {
     /// Not to be served from L1 or joined to a fill right now (a write of
     /// the key is in flight): read upstream, behind the write.
     Bypass,
+    /// L1 does not serve this key now (with a cluster: the feed of the
+    /// master owning its slot is not up): read upstream, as when L1 is off.
+    NotServing,
 }
 
 /// What a fill's upstream work returns: the reply, and how long L1 may keep
@@ -144,8 +149,13 @@ pub struct Cache {
     enabled: bool,
     store: store::Store,
     gens: Generations,
+    /// With a cluster upstream: which hash slots L1 serves (their masters'
+    /// feeds are up); see [`gate`]. `None` with a single Redis.
+    gate: Option<Arc<SlotGate>>,
     policies: RwLock<Arc<Policies>>,
-    /// False while the invalidation feed is down: nothing is served or stored.
+    /// False while the invalidation feed is down: nothing is served or
+    /// stored. With a cluster: while no master's feed is up (the slots of
+    /// the masters whose feeds are up are served; see [`gate`]).
     serving: AtomicBool,
     feed_state: RwLock<String>,
     fills: Arc<SingleFlight<FillKey, Ticket, ReplyResult>>,
@@ -157,13 +167,25 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// L1 in front of a single Redis (or Sentinel's master).
     pub fn new(config: CacheConfig) -> Arc<Cache> {
+        Cache::with_gate(config, None)
+    }
+
+    /// L1 in front of a Redis Cluster: served per hash slot, as the feed of
+    /// each slot's master allows ([`cluster_feed`]).
+    pub fn for_cluster(config: CacheConfig) -> Arc<Cache> {
+        Cache::with_gate(config, Some(Arc::new(SlotGate::new())))
+    }
+
+    fn with_gate(config: CacheConfig, gate: Option<Arc<SlotGate>>) -> Arc<Cache> {
         // The sketch is sized for entries of about this many bytes.
-        let store = store::Store::new(config.max_bytes, 512);
+        let store = store::Store::new(config.max_bytes, 512, gate.clone());
         Arc::new(Cache {
             enabled: config.enabled,
             store,
             gens: Generations::new(),
+            gate,
             policies: RwLock::new(Arc::new(Policies::compile(&config))),
             serving: AtomicBool::new(false),
             feed_state: RwLock::new(if config.enabled {
@@ -191,6 +213,9 @@ impl Cache {
         cfg.policies = policies;
         *self.policies.write() = Arc::new(Policies::compile(&cfg));
         self.serving.store(false, Ordering::Release);
+        if let Some(gate) = &self.gate {
+            gate.close_all();
+        }
         self.clear_all("reload");
         self.feed_restart.notify_one();
     }
@@ -250,11 +275,15 @@ impl Cache {
         if hit {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             self.policies.read().count(policy, true);
-            Lookup::Hit
-        } else {
-            self.count_miss(policy);
-            Lookup::Miss(self.gens.ticket(key))
+            return Lookup::Hit;
         }
+        // The slot is computed only here: a hit checks the stamp its entry keeps.
+        let ticket = self.ticket(key);
+        if self.gate.is_some() && ticket.stamp == 0 {
+            return Lookup::NotServing;
+        }
+        self.count_miss(policy);
+        Lookup::Miss(ticket)
     }
 
     fn count_miss(&self, policy: PolicyRef) {
@@ -264,7 +293,8 @@ impl Cache {
 
     /// A ticket for a fill that did not come from [`Cache::lookup`] (MGET elements).
     pub fn ticket(&self, key: &[u8]) -> Ticket {
-        self.gens.ticket(key)
+        let stamp = self.gate.as_ref().map_or(0, |g| g.stamp_of(key));
+        self.gens.ticket(key, stamp)
     }
 
     /// Is a write of `key` in flight (reads of it must not be served or filled)?
@@ -381,7 +411,7 @@ impl Cache {
     pub(crate) fn written_back(&self, wb: &WriteBack) {
         self.invalidate(&wb.key, "write_back");
         let fill = Fill {
-            ticket: self.gens.ticket(&wb.key),
+            ticket: self.ticket(&wb.key),
             key: wb.key.clone(),
             sig: wb.sig.clone(),
             proto: wb.proto,
@@ -410,16 +440,23 @@ impl Cache {
             if !self.is_serving() {
                 return;
             }
+            // The slot's master feed was up from the ticket until now; the
+            // entry keeps the stamp, so a later renewal hides it.
+            if self.gate.as_ref().is_some_and(|g| !g.current(ticket.stamp)) {
+                return;
+            }
             // The store copies the bytes: the caller's are slices of socket
             // buffers, which a long-lived entry would otherwise keep alive.
-            let stored = self.store.upsert(key, expires_at, |old| match old {
-                Some(p) if p.has_other_than(sig, proto) && !past_barrier => {
-                    outcome = Store::NeedsBarrier;
-                    None
-                }
-                Some(p) => Some(p.with(proto, sig, reply)),
-                None => Some(Packed::new(key, proto, sig, reply)),
-            });
+            let stored = self
+                .store
+                .upsert(key, ticket.stamp, expires_at, |old| match old {
+                    Some(p) if p.has_other_than(sig, proto) && !past_barrier => {
+                        outcome = Store::NeedsBarrier;
+                        None
+                    }
+                    Some(p) => Some(p.with(proto, sig, reply)),
+                    None => Some(Packed::new(key, proto, sig, reply)),
+                });
             if let Some(Inserted::Stored) = stored {
                 outcome = Store::Stored;
             }

@@ -22,15 +22,20 @@
 //! - Expiry: an entry past its deadline is never served; the hand drops
 //!   expired entries as it passes, and every insert moves it two steps, so
 //!   they do not linger.
+//! - Cluster slots: with a [`SlotGate`], an entry whose hash slot was renewed
+//!   since its fill (its stamp is not current) counts as expired.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use hashbrown::HashTable;
 use parking_lot::RwLock;
 use quanta::Instant;
+
+use super::gate::SlotGate;
 
 /// Fixed cost charged per key on top of its packed bytes: the table slot,
 /// the ring slot, the allocation's header and slack. Set from measurement
@@ -149,6 +154,8 @@ struct Slot {
     hits: AtomicU32,
     /// The CLOCK reference bit.
     referenced: AtomicBool,
+    /// The fill's hash-slot stamp (cluster; 0 otherwise).
+    stamp: u64,
     data: Packed,
 }
 
@@ -192,7 +199,7 @@ impl Shard {
 
     /// Moves the hand one step; returns the key it would evict, if any
     /// (`expired_only`: only what has expired, referenced or not).
-    fn hand(&mut self, now: Instant, expired_only: bool) -> Hand {
+    fn hand(&mut self, now: Instant, expired_only: bool, gate: Option<&SlotGate>) -> Hand {
         let Some(hash) = self.ring.pop_front() else {
             return Hand::Empty;
         };
@@ -200,7 +207,7 @@ impl Shard {
             return Hand::Stale;
         };
         let e = slot.get();
-        if e.expires_at <= now {
+        if !live(e, now, gate) {
             self.weight -= slot.remove().0.weight();
             return Hand::Expired;
         }
@@ -226,6 +233,12 @@ impl Shard {
                 .retain(|h| table.find(*h, |e| e.hash == *h).is_some());
         }
     }
+}
+
+/// May the entry be served: not expired, and (cluster) its slot not renewed since its fill.
+#[inline]
+fn live(e: &Slot, now: Instant, gate: Option<&SlotGate>) -> bool {
+    e.expires_at > now && gate.is_none_or(|g| g.current(e.stamp))
 }
 
 enum Hand {
@@ -309,6 +322,8 @@ impl Sketch {
 
 pub(super) struct Store {
     shards: Box<[RwLock<Shard>]>,
+    /// With a cluster upstream: which slots' entries may be served.
+    gate: Option<Arc<SlotGate>>,
     hasher: foldhash::fast::RandomState,
     shard_budget: u64,
     sketch: Sketch,
@@ -318,8 +333,9 @@ pub(super) struct Store {
 
 impl Store {
     /// A store of at most `max_bytes`; `typical_entry` sizes the sketch.
-    pub fn new(max_bytes: u64, typical_entry: usize) -> Store {
+    pub fn new(max_bytes: u64, typical_entry: usize, gate: Option<Arc<SlotGate>>) -> Store {
         Store {
+            gate,
             shards: (0..SHARDS)
                 .map(|_| {
                     RwLock::new(Shard {
@@ -353,7 +369,7 @@ impl Store {
         let shard = self.shard(hash).read();
         let found = shard
             .find(hash, key)
-            .filter(|e| e.expires_at > Instant::now())
+            .filter(|e| live(e, Instant::now(), self.gate.as_deref()))
             .and_then(|e| {
                 let r = f(&e.data)?;
                 // The entry's line is in cache already: counting costs no miss.
@@ -387,13 +403,15 @@ impl Store {
     }
 
     /// Inserts or updates the key's entry under its shard's write lock:
-    /// `edit` gets the live entry (an expired one counts as absent) and
-    /// returns its new contents, or `None` to leave everything as it was.
-    /// The entry expires at `expires_at`, or earlier if it already did. A
-    /// new key may be refused admission.
+    /// `edit` gets the live entry (an expired one, or one filled under
+    /// another slot stamp, counts as absent) and returns its new contents,
+    /// or `None` to leave everything as it was. The entry expires at
+    /// `expires_at`, or earlier if it already did. A new key may be refused
+    /// admission.
     pub fn upsert(
         &self,
         key: &[u8],
+        stamp: u64,
         expires_at: Instant,
         edit: impl FnOnce(Option<&Packed>) -> Option<Packed>,
     ) -> Option<Inserted> {
@@ -401,10 +419,11 @@ impl Store {
         let now = Instant::now();
         let mut shard = self.shard(hash).write();
         let shard = &mut *shard;
-        if let Ok(mut slot) = shard
-            .table
-            .find_entry(hash, |e| e.is(hash, key) && e.expires_at > now)
-        {
+        // Replies filled under another stamp are never merged with this
+        // one: the older ones may have missed invalidations.
+        if let Ok(mut slot) = shard.table.find_entry(hash, |e| {
+            e.is(hash, key) && e.expires_at > now && e.stamp == stamp
+        }) {
             let e = slot.get_mut();
             let data = edit(Some(&e.data))?;
             let before = e.weight();
@@ -414,7 +433,7 @@ impl Store {
             self.make_room(shard, now, None);
             return Some(Inserted::Stored);
         }
-        // A dead entry of the key (expired) goes first.
+        // A dead entry of the key (expired, or of another stamp) goes first.
         shard.remove(hash, key);
         let data = edit(None)?;
         let slot = Slot {
@@ -422,6 +441,7 @@ impl Store {
             expires_at,
             hits: AtomicU32::new(0),
             referenced: AtomicBool::new(false),
+            stamp,
             data,
         };
         let weight = slot.weight();
@@ -430,7 +450,7 @@ impl Store {
         }
         // Expired entries leave as inserts come in.
         for _ in 0..2 {
-            shard.hand(now, true);
+            shard.hand(now, true, self.gate.as_deref());
         }
         if shard.weight + weight > self.shard_budget
             && !self.make_room(shard, now, Some((hash, weight)))
@@ -453,7 +473,7 @@ impl Store {
         let mut steps = 2 * shard.ring.len() + 2;
         while shard.weight + incoming > self.shard_budget && steps > 0 {
             steps -= 1;
-            match shard.hand(now, false) {
+            match shard.hand(now, false, self.gate.as_deref()) {
                 Hand::Empty => break,
                 Hand::Stale | Hand::Kept => {}
                 Hand::Expired => {}
@@ -492,11 +512,12 @@ impl Store {
     pub fn hottest(&self, n: usize) -> Vec<(Bytes, u64)> {
         let mut top: std::collections::BinaryHeap<std::cmp::Reverse<(u32, Bytes)>> =
             std::collections::BinaryHeap::with_capacity(n + 1);
+        let now = Instant::now();
         for shard in self.shards.iter() {
             let shard = shard.read();
             for e in shard.table.iter() {
                 let hits = e.hits.load(Ordering::Relaxed);
-                if hits == 0 {
+                if hits == 0 || !live(e, now, self.gate.as_deref()) {
                     continue;
                 }
                 if top.len() < n || top.peek().is_some_and(|m| hits > m.0 .0) {
@@ -549,7 +570,7 @@ mod tests {
 
     fn put(s: &Store, key: &str, ttl: Duration) -> bool {
         let key = key.as_bytes();
-        let stored = s.upsert(key, Instant::now() + ttl, |old| {
+        let stored = s.upsert(key, 0, Instant::now() + ttl, |old| {
             Some(match old {
                 Some(p) => p.with(2, b"GET", &[b'v'; 64]),
                 None => Packed::new(key, 2, b"GET", &[b'v'; 64]),
@@ -589,7 +610,7 @@ mod tests {
 
     #[test]
     fn bounded_by_bytes_and_hot_keys_survive_a_scan() {
-        let s = Store::new(16 * 64 * 1024, 512);
+        let s = Store::new(16 * 64 * 1024, 512, None);
         for i in 0..200 {
             assert!(put(&s, &format!("hot:{i}"), HOUR));
         }
@@ -615,7 +636,7 @@ mod tests {
 
     #[test]
     fn expired_entries_are_never_served_and_leave() {
-        let s = Store::new(1 << 20, 512);
+        let s = Store::new(1 << 20, 512, None);
         assert!(put(&s, "k", Duration::from_millis(20)));
         assert!(has(&s, "k"));
         std::thread::sleep(Duration::from_millis(30));
@@ -638,7 +659,7 @@ mod tests {
 
     #[test]
     fn hottest_keys_by_recent_hits() {
-        let s = Store::new(1 << 20, 512);
+        let s = Store::new(1 << 20, 512, None);
         for (key, reads) in [("a", 5), ("b", 20), ("c", 1), ("d", 0)] {
             put(&s, key, HOUR);
             for _ in 0..reads {
@@ -660,8 +681,42 @@ mod tests {
     }
 
     #[test]
+    fn entries_of_a_renewed_slot_are_dead_and_never_merged() {
+        let gate = Arc::new(SlotGate::new());
+        let s = Store::new(1 << 20, 512, Some(gate.clone()));
+        gate.renew(7, true);
+        gate.renew(8, true);
+        let add = |key: &str, stamp: u64, sig: &[u8]| {
+            s.upsert(key.as_bytes(), stamp, Instant::now() + HOUR, |old| {
+                Some(match old {
+                    Some(p) => p.with(2, sig, b"+x\r\n"),
+                    None => Packed::new(key.as_bytes(), 2, sig, b"+x\r\n"),
+                })
+            });
+        };
+        let seven = gate.stamp(7);
+        add("a", seven, b"GET");
+        add("b", gate.stamp(8), b"GET");
+        assert!(has(&s, "a") && has(&s, "b"));
+        gate.renew(7, true);
+        assert!(!has(&s, "a"), "filled under the old generation");
+        assert!(has(&s, "b"));
+        // A fill under the new stamp starts afresh: the old reply is not kept.
+        add("a", gate.stamp(7), b"STRLEN");
+        assert!(!has(&s, "a"));
+        assert!(s.get(b"a", |e| e.find(b"STRLEN", 2).map(|_| ())).is_some());
+        // The hand drops dead entries as it passes, as it does expired ones.
+        add("c", seven, b"GET");
+        for i in 0..256 {
+            add(&format!("other:{i}"), gate.stamp(8), b"GET");
+        }
+        assert_eq!(s.entries(), 258, "c dropped by the hand");
+        assert!(s.hottest(10).iter().all(|(k, _)| k != "c"));
+    }
+
+    #[test]
     fn remove_and_clear() {
-        let s = Store::new(1 << 20, 512);
+        let s = Store::new(1 << 20, 512, None);
         put(&s, "a", HOUR);
         put(&s, "b", HOUR);
         s.remove(b"a");

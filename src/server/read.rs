@@ -227,6 +227,12 @@ impl Session {
                 count_request(name, Outcome::Miss);
                 return self.plain_read(req, key, td, false).await;
             }
+            // The key's cluster slot is not served (its master's feed is
+            // not up): as with L1 off.
+            Lookup::NotServing => {
+                count_request(name, Outcome::Forward);
+                return self.plain_read(req, key, td, true).await;
+            }
             Lookup::Miss(ticket) => ticket,
         };
         count_request(name, Outcome::Miss);
@@ -488,8 +494,9 @@ impl Session {
         let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         let mut fills: Vec<ElementFill> = Vec::new();
-        // Per missing key: L1 is out of it (no policy), so with a cluster
-        // and `replica_reads` a replica may answer it.
+        // Per missing key: L1 is out of it (no policy, or its cluster slot
+        // is not served), so with a cluster and `replica_reads` a replica
+        // may answer it.
         let mut free: Vec<bool> = Vec::new();
         for k in keys {
             // A key with an earlier read still owed is read upstream, behind it.
@@ -509,7 +516,7 @@ impl Session {
                 other => {
                     parts.push(None);
                     missing.push(k.clone());
-                    free.push(!behind && other.is_none());
+                    free.push(!behind && matches!(other, None | Some((_, Lookup::NotServing))));
                     fills.push(match other {
                         Some((p, Lookup::Miss(t))) => Some((k.clone(), t, p)),
                         _ => None,

@@ -407,14 +407,16 @@ impl Proxy {
         self.client().get_connection().unwrap()
     }
 
-    /// Waits until the invalidation feed is up and L1 serves (NEARCACHE STATS serving=1).
+    /// Waits until the invalidation feed is up and L1 serves (NEARCACHE
+    /// STATS serving=1); with a cluster, until every master's feed is up
+    /// (L1 serves as soon as one is, for that master's slots).
     pub fn wait_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut c = self.conn();
         loop {
             let stats: Vec<redis::Value> =
                 redis::cmd("NEARCACHE").arg("STATS").query(&mut c).unwrap();
-            if stat(&stats, "serving") == 1 {
+            if stat(&stats, "serving") == 1 && !stat_text(&stats, "feed").contains("masters up") {
                 return;
             }
             assert!(Instant::now() < deadline, "L1 never started serving");

@@ -7,13 +7,14 @@
 //! the same moved slot) becomes one `CLUSTER SLOTS` round, not one per
 //! request.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 
+use super::slots::SLOTS;
 use super::topology::{fetch, Topology};
 use crate::net::Backoff;
 use crate::upstream::Connector;
@@ -28,6 +29,12 @@ pub struct ClusterView {
     stop: Arc<Notify>,
     stopped: AtomicBool,
     refreshes: AtomicU64,
+    /// Per slot, how many published views gave it another owner than the
+    /// view before, counted under the watch's lock as each is published: a
+    /// subscriber that missed a view (the watch keeps only the latest)
+    /// still learns which slots moved, even away and back
+    /// ([`ClusterView::owner_changes`]).
+    owner_changes: Box<[AtomicU32]>,
     /// Why the last refresh failed (cleared by a successful one): told to
     /// clients while no view is known, so a wrong password or a TLS
     /// mismatch is not just "not known yet".
@@ -54,6 +61,7 @@ impl ClusterView {
             stop: Arc::new(Notify::new()),
             stopped: AtomicBool::new(false),
             refreshes: AtomicU64::new(0),
+            owner_changes: (0..SLOTS).map(|_| AtomicU32::new(0)).collect(),
             last_error: parking_lot::Mutex::new(None),
             interval: cfg.cluster.refresh_interval,
             connector,
@@ -85,6 +93,7 @@ impl ClusterView {
         self.current.send_if_modified(|cur| match cur {
             Some(t) if t.owner(slot) != Some(addr) => {
                 *cur = Some(Arc::new(t.with_owner(slot, addr)));
+                self.owner_changes[slot as usize].fetch_add(1, Ordering::Relaxed);
                 true
             }
             _ => false,
@@ -105,6 +114,26 @@ impl ClusterView {
     /// asked failed; the last view is kept meanwhile)?
     pub fn answered(&self) -> bool {
         self.last_error.lock().is_none()
+    }
+
+    /// Per slot, how many published views changed its owner. Read while
+    /// holding a borrow of a [`ClusterView::subscribe`] receiver, it counts
+    /// up to the view borrowed (a view is published with its counts under
+    /// the watch's lock).
+    pub fn owner_changes(&self) -> Vec<u32> {
+        self.owner_changes
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Counts the slots whose owner differs between `old` and `new`.
+    fn count_owner_changes(&self, old: Option<&Topology>, new: &Topology) {
+        for (s, count) in self.owner_changes.iter().enumerate() {
+            if old.and_then(|t| t.owner(s as u16)) != new.owner(s as u16) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// How many `CLUSTER SLOTS` rounds have run (for tests and metrics).
@@ -164,6 +193,7 @@ async fn refresher(view: std::sync::Weak<ClusterView>, mut woken: mpsc::Receiver
                         return false;
                     }
                     info!(masters = ?t.masters(), covered = t.covered(), "cluster slot map changed");
+                    v.count_owner_changes(cur.as_deref(), &t);
                     *cur = Some(Arc::new(t));
                     true
                 });
