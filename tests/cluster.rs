@@ -56,6 +56,58 @@ async fn raw_in(c: &Connector, addr: &str, proto: u8, args: &[&str]) -> Bytes {
         .bytes
 }
 
+/// Nodes announced by hostname (`cluster-announce-hostname` with
+/// `cluster-preferred-endpoint-type hostname`, as in Kubernetes, where pod
+/// addresses change): the map names each node `localhost:<port>`, nearcache
+/// dials those names, and a plain client reaches every master through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_announced_by_hostname_are_dialled_by_it() {
+    let cluster = Cluster::start(3);
+    for n in &cluster.nodes {
+        for (name, value) in [
+            ("cluster-announce-hostname", "localhost"),
+            ("cluster-preferred-endpoint-type", "hostname"),
+        ] {
+            let _: () = redis::cmd("CONFIG")
+                .arg(&["SET", name, value][..])
+                .query(&mut n.conn())
+                .unwrap();
+        }
+    }
+    // The hostnames reach every node by gossip.
+    wait_until(
+        "every node names the others by hostname",
+        Duration::from_secs(10),
+        || {
+            cluster.nodes.iter().all(|n| {
+            let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut n.conn()).unwrap();
+            slots.iter().all(|r| matches!(r, redis::Value::Array(f)
+                if matches!(&f[2], redis::Value::Array(node) if node[0] == redis::Value::BulkString(b"localhost".to_vec()))))
+        })
+        },
+    );
+    let view = started_view(&cluster).await;
+    let mut want: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("localhost:{}", n.port))
+        .collect();
+    want.sort();
+    assert_eq!(view.current().unwrap().masters(), want.as_slice());
+    view.stop();
+
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut c = proxy.conn();
+    for k in cluster.keys_on_every_master("host:") {
+        let _: () = redis::cmd("SET").arg(&k).arg(&k).query(&mut c).unwrap();
+        let on_owner: String = redis::cmd("GET")
+            .arg(&k)
+            .query(&mut cluster.owner_of(&k).conn())
+            .unwrap();
+        assert_eq!(on_owner, k);
+    }
+}
+
 /// `CLUSTER SHARDS` as a real node formats it (7.0 here; nearcache asks it
 /// from Redis 8 on, where the reply has the same shape) gives the claims
 /// `CLUSTER SLOTS` gives, replicas included, in both protocols.
