@@ -1082,6 +1082,51 @@ fn an_l1_miss_does_not_hold_the_requests_after_it() {
     assert_eq!(c.reply(), b"$3\r\nnew\r\n");
 }
 
+/// Keys on every master, written through nearcache and read until each is
+/// an L1 hit, split into those of the first key's master (`mine`) and the
+/// others, whose owners are asked now (`owner_of` asks the first node,
+/// which a test may then stop).
+struct CachedKeys<'c> {
+    master: &'c RedisServer,
+    mine: Vec<String>,
+    others: Vec<String>,
+    other_owners: Vec<&'c RedisServer>,
+}
+
+impl<'c> CachedKeys<'c> {
+    fn on_every_master(
+        cluster: &'c Cluster,
+        proxy: &Proxy,
+        c: &mut redis::Connection,
+        value: &str,
+    ) -> CachedKeys<'c> {
+        let keys = cluster.keys_on_every_master("ind:");
+        for k in &keys {
+            let _: () = redis::cmd("SET").arg(k).arg(value).query(c).unwrap();
+            until_hit(proxy, c, k, value);
+        }
+        let master = cluster.owner_of(&keys[0]);
+        let (mine, others): (Vec<String>, Vec<String>) = keys
+            .into_iter()
+            .partition(|k| cluster.owner_of(k).port == master.port);
+        let mut other_owners: Vec<&RedisServer> =
+            others.iter().map(|k| cluster.owner_of(k)).collect();
+        other_owners.sort_by_key(|n| n.port);
+        other_owners.dedup_by_key(|n| n.port);
+        CachedKeys {
+            master,
+            mine,
+            others,
+            other_owners,
+        }
+    }
+
+    /// GETs the other keys' owners have run.
+    fn other_gets(&self) -> u64 {
+        self.other_owners.iter().map(|n| cmdstat(n, "get")).sum()
+    }
+}
+
 /// Kills every tracking / subscribed client of `node` (its feed).
 fn kill_feed_of(node: &RedisServer, c: &mut redis::Connection) {
     let list: String = redis::cmd("CLIENT").arg("LIST").query(c).unwrap();
@@ -1167,18 +1212,6 @@ fn l1_serves_hits_and_direct_writes_on_every_master_invalidate_them() {
     }
 }
 
-/// `INFO commandstats` calls of `cmd` on an open connection (a node at
-/// `maxclients 1` takes no other).
-fn cmdstat_on(c: &mut redis::Connection, cmd: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
-    info.lines()
-        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|r| r.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// One master's feed killed and held down (the node at `maxclients 1`)
 /// while writes are made straight on that master: its keys are never read
 /// stale through nearcache, neither while its feed is down (they are read
@@ -1190,20 +1223,9 @@ fn a_master_feed_lost_stops_l1_for_its_slots_only_and_nothing_stale_is_served() 
     let cluster = Cluster::start(3);
     let proxy = cached_cluster_proxy(&cluster);
     let mut c = proxy.conn();
-    let keys = cluster.keys_on_every_master("ind:");
-    for k in &keys {
-        let _: () = redis::cmd("SET").arg(k).arg("old").query(&mut c).unwrap();
-        until_hit(&proxy, &mut c, k, "old");
-    }
-    let victim = cluster.owner_of(&keys[0]);
-    let (mine, others): (Vec<&String>, Vec<&String>) = keys
-        .iter()
-        .partition(|k| cluster.owner_of(k).port == victim.port);
-    // Asked now: owner_of asks the first node, which may be the victim.
-    let mut other_owners: Vec<&RedisServer> = others.iter().map(|k| cluster.owner_of(k)).collect();
-    other_owners.sort_by_key(|n| n.port);
-    other_owners.dedup_by_key(|n| n.port);
-    let other_gets = || -> u64 { other_owners.iter().map(|n| cmdstat(n, "get")).sum() };
+    let split = CachedKeys::on_every_master(&cluster, &proxy, &mut c, "old");
+    let (victim, mine, others) = (split.master, split.mine.clone(), split.others.clone());
+    let other_gets = || split.other_gets();
     // Open before the node stops accepting connections.
     let mut direct = victim.conn();
     let _: () = redis::cmd("CONFIG")
@@ -1395,19 +1417,9 @@ fn a_failover_clears_the_old_masters_slots_and_keeps_the_others() {
     let cluster = Cluster::start_with_replicas(3, 1);
     let proxy = cached_cluster_proxy(&cluster);
     let mut c = proxy.conn();
-    let keys = cluster.keys_on_every_master("ind:");
-    for k in &keys {
-        let _: () = redis::cmd("SET").arg(k).arg("v").query(&mut c).unwrap();
-        until_hit(&proxy, &mut c, k, "v");
-    }
-    let old = cluster.owner_of(&keys[0]);
-    let (mine, others): (Vec<&String>, Vec<&String>) = keys
-        .iter()
-        .partition(|k| cluster.owner_of(k).port == old.port);
-    let mut other_owners: Vec<&RedisServer> = others.iter().map(|k| cluster.owner_of(k)).collect();
-    other_owners.sort_by_key(|n| n.port);
-    other_owners.dedup_by_key(|n| n.port);
-    let other_gets = || -> u64 { other_owners.iter().map(|n| cmdstat(n, "get")).sum() };
+    let split = CachedKeys::on_every_master(&cluster, &proxy, &mut c, "v");
+    let (old, mine, others) = (split.master, split.mine.clone(), split.others.clone());
+    let other_gets = || split.other_gets();
     let promoted = replica_of(&cluster, old);
     // A manual failover needs the replica in sync (else it gives up after
     // a few seconds): asked again until it happens.

@@ -495,6 +495,19 @@ fn reply_not_canary(sub: &mut RawClient) -> String {
     }
 }
 
+/// Waits until every master holds `n` pattern subscriptions.
+fn patterns_on_every_master(cluster: &Cluster, n: i64) {
+    wait_until("every master subscribed", Duration::from_secs(5), || {
+        cluster.nodes.iter().all(|node| {
+            let pats: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query(&mut node.conn())
+                .unwrap();
+            pats == n
+        })
+    });
+}
+
 /// What a pattern subscriber gets for one message, RESP2.
 fn pmessage(pattern: &str, channel: &str, payload: &str) -> String {
     format!(
@@ -547,15 +560,7 @@ fn keyspace_events_of_every_master_reach_one_subscriber() {
     );
     // Every master holds the subscriptions (the mirrors are opened as the
     // client subscribes).
-    wait_until("every master subscribed", Duration::from_secs(5), || {
-        cluster.nodes.iter().all(|n| {
-            let pats: i64 = redis::cmd("PUBSUB")
-                .arg("NUMPAT")
-                .query(&mut n.conn())
-                .unwrap();
-            pats == 2
-        })
-    });
+    patterns_on_every_master(&cluster, 2);
     for k in &keys {
         let _: () = redis::cmd("SET")
             .arg(k)
@@ -620,15 +625,7 @@ fn keyspace_events_of_every_master_reach_one_subscriber() {
         reply_not_canary(&mut sub),
         text(&conf("psubscribe", "*", 3))
     );
-    wait_until("every master subscribed", Duration::from_secs(5), || {
-        cluster.nodes.iter().all(|n| {
-            let pats: i64 = redis::cmd("PUBSUB")
-                .arg("NUMPAT")
-                .query(&mut n.conn())
-                .unwrap();
-            pats == 2
-        })
-    });
+    patterns_on_every_master(&cluster, 2);
     let _: i64 = redis::cmd("PUBLISH")
         .arg(&["news", "hi"][..])
         .query(&mut cluster.nodes[2].conn())
@@ -681,15 +678,7 @@ fn keyspace_events_follow_a_failover() {
         reply_not_canary(&mut sub),
         text(&conf("psubscribe", "__keyspace@0__:*", 1))
     );
-    wait_until("every master subscribed", Duration::from_secs(5), || {
-        cluster.nodes.iter().all(|n| {
-            let pats: i64 = redis::cmd("PUBSUB")
-                .arg("NUMPAT")
-                .query(&mut n.conn())
-                .unwrap();
-            pats == 1
-        })
-    });
+    patterns_on_every_master(&cluster, 1);
     let old = &cluster.nodes[2];
     let key = (0..)
         .map(|i| format!("fo:{i}"))

@@ -200,6 +200,20 @@ impl ShardSubs {
         self.links.iter_mut().find(|l| l.node == node)
     }
 
+    /// Forgets the channels of `parts` that `node` was subscribing and had
+    /// not confirmed (a refusal or a lost link answers for them).
+    fn forget_unconfirmed(&mut self, node: &str, parts: &VecDeque<(Bytes, usize)>) {
+        for (ch, _) in parts {
+            if self
+                .channels
+                .get(ch)
+                .is_some_and(|r| r.node == node && !r.live)
+            {
+                self.channels.remove(ch);
+            }
+        }
+    }
+
     fn unmove(&mut self, channel: &Bytes) -> bool {
         let before = self.moving.len();
         self.moving.retain(|m| m.channel != channel);
@@ -517,17 +531,8 @@ impl Session {
             _ => None,
         };
         if sent.subscribe {
-            for (ch, _) in &sent.parts {
-                // Not subscribed there: forget it unless the node had confirmed it before.
-                if self
-                    .shard
-                    .channels
-                    .get(ch)
-                    .is_some_and(|r| r.node == node && !r.live)
-                {
-                    self.shard.channels.remove(ch);
-                }
-            }
+            // Not subscribed there: forget it unless the node had confirmed it before.
+            self.shard.forget_unconfirmed(node, &sent.parts);
         }
         match sent.ticket {
             Ticket::Client(id) if !sent.subscribe => {
@@ -626,16 +631,7 @@ impl Session {
         for sent in link.sent {
             if sent.subscribe {
                 // Not confirmed there: not subscribed anywhere.
-                for (ch, _) in &sent.parts {
-                    if self
-                        .shard
-                        .channels
-                        .get(ch)
-                        .is_some_and(|r| r.node == node && !r.live)
-                    {
-                        self.shard.channels.remove(ch);
-                    }
-                }
+                self.shard.forget_unconfirmed(node, &sent.parts);
             }
             match sent.ticket {
                 Ticket::Client(id) if sent.subscribe => self.shard_fail(id, e.to_reply()),

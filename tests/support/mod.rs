@@ -756,10 +756,12 @@ impl RawClient {
 
 /// Calls of a command on a redis-server so far (`INFO commandstats`).
 pub fn cmdstat(redis: &RedisServer, cmd: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.conn())
-        .unwrap();
+    cmdstat_on(&mut redis.conn(), cmd)
+}
+
+/// [`cmdstat`] on an open connection (a node at `maxclients 1` takes no other).
+pub fn cmdstat_on(c: &mut redis::Connection, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
     info.lines()
         .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
         .and_then(|l| l.split("calls=").nth(1))
