@@ -56,6 +56,50 @@ async fn raw_in(c: &Connector, addr: &str, proto: u8, args: &[&str]) -> Bytes {
         .bytes
 }
 
+/// A seed that answers with a map of its own (a node cut off from the
+/// cluster: here a lone node owning every slot at config epoch 0), listed
+/// first: its answer is merged with a real master's at startup and loses
+/// to the higher epochs, so the view never names it and every write
+/// reaches the real owner, through many refreshes (which ask the known
+/// masters first).
+#[test]
+fn a_seed_answering_a_stale_map_never_takes_the_view() {
+    let cluster = Cluster::start(3);
+    let stale = support::cluster::lone_node_owning_every_slot();
+    // Asked three at a time until two answer: the first round is the stale
+    // node, one real master and a dead port, so the two answers tie on
+    // numbers and only the config epochs decide.
+    let mut cfg = test_config(&format!(
+        "redis-cluster://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{},{}",
+        stale.port,
+        cluster.nodes[0].port,
+        free_port(),
+        cluster.url().trim_start_matches("redis-cluster://")
+    ));
+    cfg.upstream.cluster.refresh_interval = Duration::from_millis(50);
+    let proxy = Proxy::with_config(cfg);
+    let mut c = proxy.conn();
+    let keys = cluster.keys_on_every_master("stale:");
+    for round in 0..10 {
+        for k in &keys {
+            let v = format!("{k}-{round}");
+            let _: () = redis::cmd("SET").arg(k).arg(&v).query(&mut c).unwrap();
+            let on_owner: String = redis::cmd("GET")
+                .arg(k)
+                .query(&mut cluster.owner_of(k).conn())
+                .unwrap();
+            assert_eq!(on_owner, v, "round {round}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let held: i64 = redis::cmd("DBSIZE").query(&mut stale.conn()).unwrap();
+    assert_eq!(held, 0, "nothing went to the stale node");
+    assert!(
+        cmdstat(&stale, "cluster|slots") >= 1,
+        "the stale node's answer was taken and lost"
+    );
+}
+
 /// Nodes announced by hostname (`cluster-announce-hostname` with
 /// `cluster-preferred-endpoint-type hostname`, as in Kubernetes, where pod
 /// addresses change): the map names each node `localhost:<port>`, nearcache

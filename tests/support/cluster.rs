@@ -45,6 +45,25 @@ fn start_node_of(bin: &Path) -> RedisServer {
     }
 }
 
+/// A cluster node alone in a cluster of its own that owns every slot
+/// (config epoch 0): what a node cut off from the real cluster, still
+/// answering with a map of its own, looks like to a client.
+pub fn lone_node_owning_every_slot() -> RedisServer {
+    let node = start_node();
+    let _: () = redis::cmd("CLUSTER")
+        .arg(&["ADDSLOTSRANGE", "0", "16383"][..])
+        .query(&mut node.conn())
+        .unwrap();
+    super::wait_until("the lone node is ok", Duration::from_secs(10), || {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query(&mut node.conn())
+            .unwrap();
+        info.contains("cluster_state:ok")
+    });
+    node
+}
+
 /// The first step of moving `slot` from `from` to `to`: IMPORTING on the
 /// new owner, MIGRATING on the old one (keys then move with MIGRATE).
 pub fn begin_slot_move(slot: impl std::fmt::Display, from: &RedisServer, to: &RedisServer) {
