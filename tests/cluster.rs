@@ -1073,6 +1073,16 @@ fn until_hit(proxy: &Proxy, c: &mut redis::Connection, key: &str, want: &str) {
     );
 }
 
+/// Sends a forwarded (uncached) GET to every master through nearcache, so
+/// that each node's pool is connected: a request is written at once only
+/// on a connection that is up (the first to a node waits for it).
+fn warm_pools(cluster: &Cluster, proxy: &Proxy) {
+    let mut c = proxy.conn();
+    for k in cluster.keys_on_every_master("warm:") {
+        let _: Option<String> = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+    }
+}
+
 /// A GET that misses L1 is written to its node at once, as a forwarded
 /// command is: the client's later requests of other nodes are not held
 /// behind it (its node is paused: `CLIENT PAUSE`), and a later write of
@@ -1091,7 +1101,11 @@ fn an_l1_miss_does_not_hold_the_requests_after_it() {
         .query(&mut slow_node.conn())
         .unwrap();
     let proxy = cached_cluster_proxy(&cluster);
+    warm_pools(&cluster, &proxy);
     let mut c = RawClient::connect(proxy.port);
+    // Asked before the pause: the test support asks the first node, which
+    // may be the paused one.
+    let other_node = cluster.owner_of(other);
     let _: () = redis::cmd("CLIENT")
         .arg(&["PAUSE", "1500", "ALL"][..])
         .query(&mut slow_node.conn())
@@ -1107,7 +1121,7 @@ fn an_l1_miss_does_not_hold_the_requests_after_it() {
         || {
             let v: Option<String> = redis::cmd("GET")
                 .arg(other)
-                .query(&mut cluster.owner_of(other).conn())
+                .query(&mut other_node.conn())
                 .unwrap();
             v.is_some()
         },
@@ -1124,6 +1138,65 @@ fn an_l1_miss_does_not_hold_the_requests_after_it() {
     assert_eq!(c.reply(), b"+OK\r\n");
     assert_eq!(c.reply(), b"+OK\r\n");
     assert_eq!(c.reply(), b"$3\r\nnew\r\n");
+}
+
+/// An MGET whose misses span nodes is written to them at once as well: a
+/// SET of a third node's key behind it reaches its node while one of the
+/// MGET's nodes is paused, and the replies keep the client's order.
+#[test]
+fn an_mget_with_misses_does_not_hold_the_requests_after_it() {
+    let cluster = Cluster::start(3);
+    let keys = cluster.keys_on_every_master("quote:mheld");
+    // One key on each of three masters.
+    let mut one_each: Vec<&String> = Vec::new();
+    for k in &keys {
+        if one_each
+            .iter()
+            .all(|o| cluster.owner_of(o).port != cluster.owner_of(k).port)
+        {
+            one_each.push(k);
+        }
+    }
+    let (slow, near, other) = (one_each[0], one_each[1], one_each[2]);
+    let slow_node = cluster.owner_of(slow);
+    for k in [slow, near] {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("old")
+            .query(&mut cluster.owner_of(k).conn())
+            .unwrap();
+    }
+    let proxy = cached_cluster_proxy(&cluster);
+    warm_pools(&cluster, &proxy);
+    let mut c = RawClient::connect(proxy.port);
+    // Asked before the pause: the test support asks the first node, which
+    // may be the paused one.
+    let other_node = cluster.owner_of(other);
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "1500", "ALL"][..])
+        .query(&mut slow_node.conn())
+        .unwrap();
+    let paused = Instant::now();
+    c.send(&[b"MGET", slow.as_bytes(), near.as_bytes()]);
+    c.send(&[b"SET", other.as_bytes(), b"written"]);
+    wait_until(
+        "the SET behind the MGET reached its node",
+        Duration::from_secs(1),
+        || {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(other)
+                .query(&mut other_node.conn())
+                .unwrap();
+            v.is_some()
+        },
+    );
+    assert!(
+        paused.elapsed() < Duration::from_millis(1000),
+        "written while one of the MGET's nodes was still paused"
+    );
+    assert_eq!(c.reply(), b"*2\r\n$3\r\nold\r\n$3\r\nold\r\n");
+    assert!(paused.elapsed() >= Duration::from_millis(1000));
+    assert_eq!(c.reply(), b"+OK\r\n");
 }
 
 /// Keys on every master, written through nearcache and read until each is

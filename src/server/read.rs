@@ -637,39 +637,58 @@ impl Session {
         args.extend(missing.iter().cloned());
         let (proto, bias) = (self.proto, self.slot);
         let done = self.outstanding.track(&missing, td.is_some());
+        let replica = router.replica_ok_now(&args);
+        // Before anything is written: each PTTL's countdown starts no later.
+        let sent = Instant::now();
+        // With the command table known, each slot's part is written at once
+        // when it can be (`write_job_now`); if every part is, what the
+        // client sends next need not wait for this MGET.
+        let mut planned = router
+            .commands_now()
+            .map(|table| mget_jobs(&table, &args, missing.len()));
+        let mut written: Vec<Option<Vec<oneshot::Receiver<ReplyResult>>>> = Vec::new();
+        let mut tokens = Vec::new();
+        if let Some(Ok(jobs)) = &planned {
+            for (slot, request, order) in jobs {
+                let to_replica = replica && order.iter().all(|&i| free[i]);
+                let now = match to_replica {
+                    true => None,
+                    false => self.write_job_now(&router, *slot, &mget_job(&fills, request, order)),
+                };
+                written.push(now.map(|(pending, token)| {
+                    tokens.push(token);
+                    pending
+                }));
+            }
+        }
+        let all_written = !written.is_empty() && written.iter().all(Option::is_some);
         self.path_pool();
         let assembled = async move {
             let _done = done;
-            let table = match router.commands().await {
-                Ok(t) => t,
-                Err(e) => return e.to_reply(),
+            let _routes = tokens;
+            let jobs = match planned.take() {
+                Some(jobs) => jobs,
+                None => match router.commands().await {
+                    Ok(table) => mget_jobs(&table, &args, missing.len()),
+                    Err(e) => return e.to_reply(),
+                },
             };
-            let jobs: Vec<(u16, Bytes, Vec<usize>)> = match split::plan(&table, &args) {
-                split::Plan::One { slot } => {
-                    let mut out = BytesMut::new();
-                    protocol::encode_command(&mut out, &args);
-                    vec![(slot, out.freeze(), (0..missing.len()).collect())]
-                }
-                split::Plan::Split { parts, .. } => parts
-                    .into_iter()
-                    .map(|p| (p.slot.unwrap_or(0), p.request, p.order))
-                    .collect(),
-                split::Plan::Refuse(bytes) => return bytes,
-                _ => return protocol::error("ERR nearcache: MGET could not be routed by slot"),
+            let jobs = match jobs {
+                Ok(jobs) => jobs,
+                Err(reply) => return reply,
             };
-            let sent = Instant::now();
-            let replica = router.replica_ok_now(&args);
+            let mut written = written.into_iter();
             let results = futures::future::join_all(jobs.iter().map(|(slot, request, order)| {
+                if let Some(Some(pending)) = written.next() {
+                    let last = request.clone();
+                    return router.finish_job(proto, *slot, last, bias, pending).boxed();
+                }
                 if replica && order.iter().all(|&i| free[i]) {
                     let read = router.send_after(proto, *slot, request.clone(), bias, None, true);
-                    return futures::future::Either::Left(read.map(|r| (vec![r], false)));
+                    return read.map(|r| (vec![r], false)).boxed();
                 }
-                let mut job: Vec<Bytes> = order
-                    .iter()
-                    .filter_map(|&i| fills[i].as_ref().map(|(k, _, _)| pttl_request(k)))
-                    .collect();
-                job.push(request.clone());
-                futures::future::Either::Right(router.send_job(proto, *slot, job, bias))
+                let job = mget_job(&fills, request, order);
+                router.send_job(proto, *slot, job, bias).boxed()
             }))
             .await;
             let mut elements: Vec<Option<Bytes>> = vec![None; missing.len()];
@@ -740,9 +759,47 @@ impl Session {
         }
         .boxed();
         let silent = self.silent_reply();
-        self.replies.push(Owed::Composed(assembled), silent);
+        match all_written {
+            true => self.replies.push(Owed::Eager(assembled), silent),
+            false => self.replies.push(Owed::Composed(assembled), silent),
+        }
         Flow::Next
     }
+}
+
+/// An MGET's missing keys by slot, as [`split::plan`] splits any MGET:
+/// each part's slot, request and the places of its keys among the missing
+/// ones; `Err`: the reply to give instead.
+fn mget_jobs(
+    table: &crate::upstream::cluster::commands::CommandTable,
+    args: &[Bytes],
+    missing: usize,
+) -> Result<Vec<(u16, Bytes, Vec<usize>)>, Bytes> {
+    match split::plan(table, args) {
+        split::Plan::One { slot } => {
+            let mut out = BytesMut::new();
+            protocol::encode_command(&mut out, args);
+            Ok(vec![(slot, out.freeze(), (0..missing).collect())])
+        }
+        split::Plan::Split { parts, .. } => Ok(parts
+            .into_iter()
+            .map(|p| (p.slot.unwrap_or(0), p.request, p.order))
+            .collect()),
+        split::Plan::Refuse(bytes) => Err(bytes),
+        _ => Err(protocol::error(
+            "ERR nearcache: MGET could not be routed by slot",
+        )),
+    }
+}
+
+/// One MGET part's job: the `PTTL`s of its fillable keys, then the read.
+fn mget_job(fills: &[ElementFill], request: &Bytes, order: &[usize]) -> Vec<Bytes> {
+    let mut job: Vec<Bytes> = order
+        .iter()
+        .filter_map(|&i| fills[i].as_ref().map(|(k, _, _)| pttl_request(k)))
+        .collect();
+    job.push(request.clone());
+    job
 }
 
 /// Puts L1 hits and fetched elements back in request order, storing each
