@@ -1145,8 +1145,21 @@ fn an_l1_miss_does_not_hold_the_requests_after_it() {
 /// MGET's nodes is paused, and the replies keep the client's order.
 #[test]
 fn an_mget_with_misses_does_not_hold_the_requests_after_it() {
+    not_held_behind("quote:mheld", "MGET", b"*2\r\n$3\r\nold\r\n$3\r\nold\r\n");
+}
+
+/// So is a command split across nodes (DEL of keys on two masters).
+#[test]
+fn a_command_split_across_nodes_does_not_hold_the_requests_after_it() {
+    not_held_behind("dheld:", "DEL", b":2\r\n");
+}
+
+/// `command` of two keys on two masters (one paused with `CLIENT PAUSE`),
+/// then a SET of a third master's key: the SET reaches its node during the
+/// pause; `command` answers `reply` after it, and the SET's `+OK` follows.
+fn not_held_behind(prefix: &str, command: &str, reply: &[u8]) {
     let cluster = Cluster::start(3);
-    let keys = cluster.keys_on_every_master("quote:mheld");
+    let keys = cluster.keys_on_every_master(prefix);
     // One key on each of three masters.
     let mut one_each: Vec<&String> = Vec::new();
     for k in &keys {
@@ -1177,10 +1190,10 @@ fn an_mget_with_misses_does_not_hold_the_requests_after_it() {
         .query(&mut slow_node.conn())
         .unwrap();
     let paused = Instant::now();
-    c.send(&[b"MGET", slow.as_bytes(), near.as_bytes()]);
+    c.send(&[command.as_bytes(), slow.as_bytes(), near.as_bytes()]);
     c.send(&[b"SET", other.as_bytes(), b"written"]);
     wait_until(
-        "the SET behind the MGET reached its node",
+        "the SET behind it reached its node",
         Duration::from_secs(1),
         || {
             let v: Option<String> = redis::cmd("GET")
@@ -1192,9 +1205,9 @@ fn an_mget_with_misses_does_not_hold_the_requests_after_it() {
     );
     assert!(
         paused.elapsed() < Duration::from_millis(1000),
-        "written while one of the MGET's nodes was still paused"
+        "written while one of its nodes was still paused"
     );
-    assert_eq!(c.reply(), b"*2\r\n$3\r\nold\r\n$3\r\nold\r\n");
+    assert_eq!(c.reply(), reply);
     assert!(paused.elapsed() >= Duration::from_millis(1000));
     assert_eq!(c.reply(), b"+OK\r\n");
 }

@@ -91,6 +91,17 @@ pub(super) struct Session {
     pub(super) keyspace: super::keyspace::KeyspaceMirrors,
 }
 
+/// A command split by slot, its parts written at once where they could be
+/// (see [`Session::write_split_now`]).
+struct WrittenSplit {
+    merge: split::Merge,
+    parts: Vec<split::Part>,
+    /// Per part: its request as written, or `None` (sent when polled).
+    first: Vec<Option<Sent>>,
+    /// The routes of the parts written, alive while the reply is owed.
+    tokens: Vec<Arc<()>>,
+}
+
 struct EagerRoute {
     slot: u16,
     /// Reads sent to a replica of the slot's master (`replica_reads`) have
@@ -594,6 +605,35 @@ impl Session {
             self.path = Some(Path::Pool);
             return Flow::Next;
         }
+        if let Some(split) = self.write_split_now(&router, req, replica) {
+            // Split by slot, each part written to its node now when it can
+            // be; if every part was, what follows need not wait for it.
+            let all_written = split.first.iter().all(Option::is_some);
+            let reply = async move {
+                let WrittenSplit {
+                    merge,
+                    parts,
+                    first,
+                    tokens,
+                } = split;
+                let r = match router
+                    .finish_split(proto, merge, &parts, first, bias, replica)
+                    .await
+                {
+                    Ok(r) => r.bytes,
+                    Err(e) => e.to_reply(),
+                };
+                drop(guard);
+                drop(tokens);
+                r
+            };
+            match all_written {
+                true => self.replies.push(Owed::Eager(Box::pin(reply)), silent),
+                false => self.replies.push(Owed::Composed(Box::pin(reply)), silent),
+            }
+            self.path = Some(Path::Pool);
+            return Flow::Next;
+        }
         let args = req.args.clone();
         let reply = async move {
             let r = match router.execute(proto, &args, bias, may_read_replica).await {
@@ -639,6 +679,47 @@ impl Session {
             reply,
         };
         Some((slot, sent, token))
+    }
+
+    /// [`Session::write_now`] for a command split by slot (DEL, EXISTS,
+    /// MSET… across slots): each part is written to its slot's route at
+    /// once if it can be. `None`: not a split command, or something owed
+    /// before it holds.
+    fn write_split_now(
+        &mut self,
+        router: &Router,
+        req: &Request,
+        replica: bool,
+    ) -> Option<WrittenSplit> {
+        // A read a replica may answer goes by `execute`, which waits for a
+        // replica's first connection rather than falling back to the master.
+        if replica || !self.replies.eager_may_pass() || !self.can_take(Path::Pool) {
+            return None;
+        }
+        let table = router.commands_now()?;
+        let split::Plan::Split { merge, parts } = split::plan(&table, &req.args) else {
+            return None;
+        };
+        let (mut first, mut tokens) = (Vec::with_capacity(parts.len()), Vec::new());
+        for part in &parts {
+            let sent = part.slot.and_then(|slot| {
+                let (addr, at_replica, conn, token) = self.eager_route(router, slot, false)?;
+                let reply = conn.try_send(part.request.clone())?;
+                tokens.push(token);
+                Some(Sent {
+                    addr,
+                    at_replica,
+                    reply,
+                })
+            });
+            first.push(sent);
+        }
+        Some(WrittenSplit {
+            merge,
+            parts,
+            first,
+            tokens,
+        })
     }
 
     /// [`Session::write_now`] for an L1 fill's job (`PTTL`s and the read)

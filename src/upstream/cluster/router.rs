@@ -677,31 +677,48 @@ impl Router {
             }
             Plan::Scan { master, cursor } => self.scan(proto, args, master, cursor, bias).await,
             Plan::Split { merge, parts } => {
-                let replies = futures::future::join_all(parts.iter().map(|p| {
-                    let slot = p.slot.unwrap_or(0);
-                    self.send_after(proto, slot, p.request.clone(), bias, None, replica)
-                }))
-                .await;
-                if merge == split::Merge::KeyOrder {
-                    // MGET: a shard that fails costs only its own keys, each
-                    // an error element in its place.
-                    let replies = replies
-                        .into_iter()
-                        .map(|r| {
-                            r.unwrap_or_else(|e| Reply {
-                                bytes: e.to_reply(),
-                                kind: protocol::ReplyKind::Error,
-                            })
-                        })
-                        .collect();
-                    return Ok(split::merge(merge, &parts, replies));
-                }
-                // One part's connection failed: its outcome is unknown, the
-                // client gets that error (the other parts may be applied).
-                let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;
-                Ok(split::merge(merge, &parts, replies))
+                let first = parts.iter().map(|_| None).collect();
+                self.finish_split(proto, merge, &parts, first, bias, replica)
+                    .await
             }
         }
+    }
+
+    /// A command split by slot ([`Plan::Split`]): each part sent to its
+    /// slot's owner (or, with `first`, already written there: redirects
+    /// are followed from its reply), the replies merged by `merge`.
+    pub async fn finish_split(
+        &self,
+        proto: u8,
+        merge: split::Merge,
+        parts: &[split::Part],
+        first: Vec<Option<Sent>>,
+        bias: usize,
+        replica: bool,
+    ) -> ReplyResult {
+        let replies = futures::future::join_all(parts.iter().zip(first).map(|(p, first)| {
+            let slot = p.slot.unwrap_or(0);
+            self.send_after(proto, slot, p.request.clone(), bias, first, replica)
+        }))
+        .await;
+        if merge == split::Merge::KeyOrder {
+            // MGET: a shard that fails costs only its own keys, each an
+            // error element in its place.
+            let replies = replies
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|e| Reply {
+                        bytes: e.to_reply(),
+                        kind: protocol::ReplyKind::Error,
+                    })
+                })
+                .collect();
+            return Ok(split::merge(merge, parts, replies));
+        }
+        // One part's connection failed: its outcome is unknown, the client
+        // gets that error (the other parts may be applied).
+        let replies = replies.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(split::merge(merge, parts, replies))
     }
 
     /// One SCAN step: `cursor` of the `master`-th master (address order);
