@@ -1090,54 +1090,16 @@ fn warm_pools(cluster: &Cluster, proxy: &Proxy) {
 /// connection): replies in order, the read seeing the value before the write.
 #[test]
 fn an_l1_miss_does_not_hold_the_requests_after_it() {
-    let cluster = Cluster::start(3);
-    let keys = cluster.keys_on_every_master("quote:held");
-    let (slow, other) = (&keys[0], &keys[2]);
-    let slow_node = cluster.owner_of(slow);
-    assert_ne!(slow_node.port, cluster.owner_of(other).port);
-    let _: () = redis::cmd("SET")
-        .arg(slow)
-        .arg("old")
-        .query(&mut slow_node.conn())
-        .unwrap();
-    let proxy = cached_cluster_proxy(&cluster);
-    warm_pools(&cluster, &proxy);
-    let mut c = RawClient::connect(proxy.port);
-    // Asked before the pause: the test support asks the first node, which
-    // may be the paused one.
-    let other_node = cluster.owner_of(other);
-    let _: () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "1500", "ALL"][..])
-        .query(&mut slow_node.conn())
-        .unwrap();
-    let paused = Instant::now();
-    c.send(&[b"GET", slow.as_bytes()]);
-    c.send(&[b"SET", other.as_bytes(), b"written"]);
-    c.send(&[b"SET", slow.as_bytes(), b"new"]);
-    c.send(&[b"GET", slow.as_bytes()]);
-    wait_until(
-        "the SET behind the miss reached its node",
-        Duration::from_secs(1),
-        || {
-            let v: Option<String> = redis::cmd("GET")
-                .arg(other)
-                .query(&mut other_node.conn())
-                .unwrap();
-            v.is_some()
-        },
-    );
-    assert!(
-        paused.elapsed() < Duration::from_millis(1000),
-        "written while the miss's node was still paused"
-    );
-    assert_eq!(c.reply(), b"$3\r\nold\r\n");
-    assert!(
-        paused.elapsed() >= Duration::from_millis(1000),
-        "the miss waited for its node"
-    );
-    assert_eq!(c.reply(), b"+OK\r\n");
-    assert_eq!(c.reply(), b"+OK\r\n");
-    assert_eq!(c.reply(), b"$3\r\nnew\r\n");
+    not_held_behind("quote:held", |slow, _| {
+        (
+            cmd(&["GET", slow]),
+            b"$3\r\nold\r\n".to_vec(),
+            vec![
+                (cmd(&["SET", slow, "new"]), b"+OK\r\n".to_vec()),
+                (cmd(&["GET", slow]), b"$3\r\nnew\r\n".to_vec()),
+            ],
+        )
+    });
 }
 
 /// An MGET whose misses span nodes is written to them at once as well: a
@@ -1145,19 +1107,36 @@ fn an_l1_miss_does_not_hold_the_requests_after_it() {
 /// MGET's nodes is paused, and the replies keep the client's order.
 #[test]
 fn an_mget_with_misses_does_not_hold_the_requests_after_it() {
-    not_held_behind("quote:mheld", "MGET", b"*2\r\n$3\r\nold\r\n$3\r\nold\r\n");
+    not_held_behind("quote:mheld", |slow, near| {
+        let reply = b"*2\r\n$3\r\nold\r\n$3\r\nold\r\n".to_vec();
+        (cmd(&["MGET", slow, near]), reply, vec![])
+    });
 }
 
 /// So is a command split across nodes (DEL of keys on two masters).
 #[test]
 fn a_command_split_across_nodes_does_not_hold_the_requests_after_it() {
-    not_held_behind("dheld:", "DEL", b":2\r\n");
+    not_held_behind("dheld:", |slow, near| {
+        (cmd(&["DEL", slow, near]), b":2\r\n".to_vec(), vec![])
+    });
 }
 
-/// `command` of two keys on two masters (one paused with `CLIENT PAUSE`),
-/// then a SET of a third master's key: the SET reaches its node during the
-/// pause; `command` answers `reply` after it, and the SET's `+OK` follows.
-fn not_held_behind(prefix: &str, command: &str, reply: &[u8]) {
+fn cmd(args: &[&str]) -> Vec<Vec<u8>> {
+    args.iter().map(|a| a.as_bytes().to_vec()).collect()
+}
+
+/// A request and the replies it owes.
+type Exchange = (Vec<Vec<u8>>, Vec<u8>);
+
+/// Keys `slow` and `near` on two masters (both "old"), `slow`'s paused with
+/// `CLIENT PAUSE`. `plan(slow, near)` gives the first request (written while
+/// paused), its reply, and requests to send after a SET of a third master's
+/// key, with theirs. The SET reaches its node during the pause; the first
+/// reply comes after the pause, then the SET's `+OK`, then the rest in order.
+fn not_held_behind(
+    prefix: &str,
+    plan: impl FnOnce(&str, &str) -> (Vec<Vec<u8>>, Vec<u8>, Vec<Exchange>),
+) {
     let cluster = Cluster::start(3);
     let keys = cluster.keys_on_every_master(prefix);
     // One key on each of three masters.
@@ -1185,13 +1164,21 @@ fn not_held_behind(prefix: &str, command: &str, reply: &[u8]) {
     // Asked before the pause: the test support asks the first node, which
     // may be the paused one.
     let other_node = cluster.owner_of(other);
+    let (first, first_reply, rest) = plan(slow, near);
     let _: () = redis::cmd("CLIENT")
         .arg(&["PAUSE", "1500", "ALL"][..])
         .query(&mut slow_node.conn())
         .unwrap();
     let paused = Instant::now();
-    c.send(&[command.as_bytes(), slow.as_bytes(), near.as_bytes()]);
+    let send = |c: &mut RawClient, args: &[Vec<u8>]| {
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        c.send(&args);
+    };
+    send(&mut c, &first);
     c.send(&[b"SET", other.as_bytes(), b"written"]);
+    for (request, _) in &rest {
+        send(&mut c, request);
+    }
     wait_until(
         "the SET behind it reached its node",
         Duration::from_secs(1),
@@ -1205,11 +1192,23 @@ fn not_held_behind(prefix: &str, command: &str, reply: &[u8]) {
     );
     assert!(
         paused.elapsed() < Duration::from_millis(1000),
-        "written while one of its nodes was still paused"
+        "written while the first request's node was still paused"
     );
-    assert_eq!(c.reply(), reply);
-    assert!(paused.elapsed() >= Duration::from_millis(1000));
+    assert_eq!(
+        String::from_utf8_lossy(&c.reply()),
+        String::from_utf8_lossy(&first_reply)
+    );
+    assert!(
+        paused.elapsed() >= Duration::from_millis(1000),
+        "the first request waited for its node"
+    );
     assert_eq!(c.reply(), b"+OK\r\n");
+    for (_, reply) in rest {
+        assert_eq!(
+            String::from_utf8_lossy(&c.reply()),
+            String::from_utf8_lossy(&reply)
+        );
+    }
 }
 
 /// Keys on every master, written through nearcache and read until each is
