@@ -1612,21 +1612,35 @@ pub fn values_match(
     }
 }
 
-/// The difference between the reference's reply and a target's, as reported.
-fn typed_diff(
-    ctx: String,
-    label: &str,
+/// Each target's reply to `line` (`replies`, in `targets.list` order)
+/// against the reference's (the first): the differences, as reported.
+#[allow(clippy::too_many_arguments)]
+fn typed_diffs(
+    targets: &Targets,
+    mode: &str,
+    script: &Script,
+    proto: u8,
+    line: &str,
     d: &Directives,
-    cluster: bool,
-    expected: &redis::RedisResult<Value>,
-    got: &redis::RedisResult<Value>,
-) -> String {
-    let expected = if cluster && d.crossslot {
-        format!("cluster: {}", show(CROSSSLOT))
-    } else {
-        format!("redis:  {}", value_repr(expected, d))
-    };
-    format!("{ctx}\n    {expected}\n    {label}: {}", value_repr(got, d))
+    replies: &[&redis::RedisResult<Value>],
+    diffs: &mut Vec<String>,
+) {
+    let expected = replies[0];
+    for (got, (label, _)) in replies.iter().zip(&targets.list).skip(1) {
+        if values_match(expected, got, d, targets.cluster) {
+            continue;
+        }
+        let want = if targets.cluster && d.crossslot {
+            format!("cluster: {}", show(CROSSSLOT))
+        } else {
+            format!("redis:  {}", value_repr(expected, d))
+        };
+        diffs.push(format!(
+            "{}\n    {want}\n    {label}: {}",
+            typed_ctx(mode, script, proto, line),
+            value_repr(got, d)
+        ));
+    }
 }
 
 pub fn redis_cmd(line: &str) -> redis::Cmd {
@@ -1685,19 +1699,10 @@ pub fn run_sync(targets: &Targets, script: &Script, proto: u8) -> Vec<String> {
                 .collect();
             running.into_iter().map(|r| r.join().unwrap()).collect()
         });
-        for (t, (label, _)) in list.iter().enumerate().skip(1) {
-            if !values_match(&replies[0], &replies[t], &d, targets.cluster) {
-                let ctx = typed_ctx("sync", script, proto, cmd);
-                diffs.push(typed_diff(
-                    ctx,
-                    label,
-                    &d,
-                    targets.cluster,
-                    &replies[0],
-                    &replies[t],
-                ));
-            }
-        }
+        let replies: Vec<_> = replies.iter().collect();
+        typed_diffs(
+            targets, "sync", script, proto, cmd, &d, &replies, &mut diffs,
+        );
     }
     diffs
 }
@@ -1737,19 +1742,10 @@ pub fn run_pipe(targets: &Targets, script: &Script, proto: u8) -> Vec<String> {
     });
     let mut diffs = Vec::new();
     for (i, (d, cmd)) in dirs.iter().enumerate() {
-        for (t, (label, _)) in list.iter().enumerate().skip(1) {
-            if !values_match(&results[0][i], &results[t][i], d, targets.cluster) {
-                let ctx = typed_ctx("pipeline", script, proto, cmd);
-                diffs.push(typed_diff(
-                    ctx,
-                    label,
-                    d,
-                    targets.cluster,
-                    &results[0][i],
-                    &results[t][i],
-                ));
-            }
-        }
+        let replies: Vec<_> = results.iter().map(|r| &r[i]).collect();
+        typed_diffs(
+            targets, "pipeline", script, proto, cmd, d, &replies, &mut diffs,
+        );
     }
     diffs
 }
@@ -1780,19 +1776,10 @@ pub async fn run_async(targets: &Targets, script: &Script, proto: u8) -> Vec<Str
                 .map(|(m, o)| c.query_async::<Value>(if d.other { o } else { m })),
         )
         .await;
-        for (t, (label, _)) in list.iter().enumerate().skip(1) {
-            if !values_match(&replies[0], &replies[t], &d, targets.cluster) {
-                let ctx = typed_ctx("async", script, proto, cmd);
-                diffs.push(typed_diff(
-                    ctx,
-                    label,
-                    &d,
-                    targets.cluster,
-                    &replies[0],
-                    &replies[t],
-                ));
-            }
-        }
+        let replies: Vec<_> = replies.iter().collect();
+        typed_diffs(
+            targets, "async", script, proto, cmd, &d, &replies, &mut diffs,
+        );
     }
     diffs
 }
