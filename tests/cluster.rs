@@ -1551,26 +1551,8 @@ fn a_failover_clears_the_old_masters_slots_and_keeps_the_others() {
     let mut c = proxy.conn();
     let split = CachedKeys::on_every_master(&cluster, &proxy, &mut c, "v");
     let (old, mine) = (split.master, split.mine.clone());
-    let promoted = replica_of(&cluster, old);
-    // A manual failover needs the replica in sync (else it gives up after
-    // a few seconds): asked again until it happens.
-    let mut asked = Instant::now() - Duration::from_secs(10);
-    wait_until("the replica is a master", Duration::from_secs(30), || {
-        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut promoted.conn()).unwrap();
-        if matches!(&role[0], redis::Value::BulkString(r) if r == b"master") {
-            return true;
-        }
-        if asked.elapsed() > Duration::from_secs(6)
-            && info_field(promoted, "replication", "master_link_status") == "up"
-        {
-            let _: () = redis::cmd("CLUSTER")
-                .arg("FAILOVER")
-                .query(&mut promoted.conn())
-                .unwrap();
-            asked = Instant::now();
-        }
-        false
-    });
+    let promoted = cluster.replica_of(old);
+    promoted.take_over();
     // nearcache learns the new map (its periodic refresh, or the old
     // master's canary write answered MOVED): the old master's keys are
     // then read from the new one, not from L1.
@@ -1922,13 +1904,9 @@ fn a_readonly_reply_refreshes_the_slot_map() {
     let proxy = Proxy::with_config(cfg);
     let mut c = proxy.conn();
     let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg("FAILOVER")
-        .query(&mut replica.conn())
-        .unwrap();
-    wait_until("the failover", Duration::from_secs(30), || {
+    replica.take_over();
+    wait_until("the old master a replica", Duration::from_secs(30), || {
         info_field(old, "replication", "role") == "slave"
-            && info_field(&replica, "replication", "role") == "master"
     });
     // The first FLUSHALL reaches the old master, now a replica.
     let e = redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap_err();
@@ -2075,19 +2053,6 @@ fn pipelined_increments_stay_in_order_and_exactly_once_while_their_slot_migrates
 }
 
 // ---- Randomized stale-read checker through resharding and failover ----
-
-/// The replica following `master` (by `ROLE`).
-fn replica_of<'c>(cluster: &'c Cluster, master: &RedisServer) -> &'c RedisServer {
-    cluster
-        .nodes
-        .iter()
-        .find(|n| {
-            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut n.conn()).unwrap();
-            matches!((&role[0], &role[2]), (redis::Value::BulkString(r), redis::Value::Int(p))
-                if r == b"slave" && *p as u16 == master.port)
-        })
-        .expect("a replica of the master")
-}
 
 /// The keys the stale-read checker writes and reads.
 fn checker_key(k: usize) -> String {
@@ -2262,14 +2227,7 @@ fn randomized_checker_finds_no_stale_read_through_resharding_and_failover() {
 
         // Failover: the master of quote:chk1 hands over to its replica.
         let old = cluster.owner_of(&checker_key(1));
-        let replica = replica_of(cluster, old);
-        let _: () = redis::cmd("CLUSTER")
-            .arg("FAILOVER")
-            .query(&mut replica.conn())
-            .unwrap();
-        wait_until("the replica is a master", Duration::from_secs(30), || {
-            !replica_is(replica)
-        });
+        cluster.replica_of(old).take_over();
         std::thread::sleep(Duration::from_secs(3));
     });
     eprintln!(
@@ -2309,7 +2267,7 @@ fn randomized_checker_finds_no_stale_read_through_a_sigkill_failover() {
             .map(|k| cluster.owner_of(&checker_key(k)).port)
             .find(|p| *p != first)
             .expect("a key on another master");
-        let replica = replica_of(cluster, cluster.node(victim)).port;
+        let replica = cluster.replica_of(cluster.node(victim)).port;
         let _: () = redis::cmd("CLIENT")
             .arg(&["PAUSE", "20000", "WRITE"][..])
             .query(&mut cluster.node(victim).conn())

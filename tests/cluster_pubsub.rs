@@ -345,29 +345,12 @@ fn a_channel_that_cannot_be_subscribed_again_is_given_up_like_a_node_would() {
 /// promoted replica.
 #[test]
 fn a_shard_channel_follows_its_slot_through_a_failover() {
-    let cluster = Cluster::start(3);
-    let (a, _) = channels_on_two_masters(&cluster);
-    let old = cluster.owner_of(&a);
-    let replica = cluster.add_replica(old);
-    let proxy = Proxy::with_config(test_config(&cluster.url()));
-    let mut sub = RawClient::connect(proxy.port);
-    sub.send(&[b"SSUBSCRIBE", a.as_bytes()]);
-    assert_eq!(text(&sub.reply()), text(&conf("ssubscribe", &a, 1)));
-    let _: () = redis::cmd("CLUSTER")
-        .arg("FAILOVER")
-        .query(&mut replica.conn())
-        .unwrap();
-    wait_until("the failover", Duration::from_secs(30), || {
-        info_field(old, "replication", "role") == "slave"
-            && info_field(&replica, "replication", "role") == "master"
+    shard_channel_through(Duration::from_secs(10), |cluster, old, replica| {
+        replica.take_over();
+        wait_until("the old master a replica", Duration::from_secs(30), || {
+            info_field(cluster.node(old), "replication", "role") == "slave"
+        });
     });
-    wait_until(
-        "the channel subscribed at the promoted replica",
-        Duration::from_secs(10),
-        || subscribers_on(&replica, &a) == 1,
-    );
-    assert_eq!(spublish(&replica, &a, "promoted"), 1);
-    assert_eq!(text(&sub.reply()), text(&smessage(&a, "promoted")));
 }
 
 /// A failover that kills the master (SIGKILL: no `sunsubscribe`, the link
@@ -375,6 +358,27 @@ fn a_shard_channel_follows_its_slot_through_a_failover() {
 /// promoted, and the client, still connected, gets the next message.
 #[test]
 fn a_shard_channel_follows_its_slot_through_a_sigkill_failover() {
+    shard_channel_through(Duration::from_secs(20), |cluster, old, replica| {
+        cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == old)
+            .unwrap()
+            .kill();
+        wait_until("the replica promoted", Duration::from_secs(30), || {
+            info_field(replica, "replication", "role") == "master"
+        });
+    });
+}
+
+/// A client subscribed through nearcache to a shard channel whose master
+/// has a replica; `fail_over(cluster, old master's port, replica)` makes
+/// the replica the master. Within `resubscribed` the channel is subscribed
+/// at the promoted replica, and its message reaches the client.
+fn shard_channel_through(
+    resubscribed: Duration,
+    fail_over: impl FnOnce(&mut Cluster, u16, &RedisServer),
+) {
     let mut cluster = Cluster::start(3);
     let (a, _) = channels_on_two_masters(&cluster);
     let old = cluster.owner_of(&a).port;
@@ -383,18 +387,10 @@ fn a_shard_channel_follows_its_slot_through_a_sigkill_failover() {
     let mut sub = RawClient::connect(proxy.port);
     sub.send(&[b"SSUBSCRIBE", a.as_bytes()]);
     assert_eq!(text(&sub.reply()), text(&conf("ssubscribe", &a, 1)));
-    cluster
-        .nodes
-        .iter_mut()
-        .find(|n| n.port == old)
-        .unwrap()
-        .kill();
-    wait_until("the replica promoted", Duration::from_secs(30), || {
-        info_field(&replica, "replication", "role") == "master"
-    });
+    fail_over(&mut cluster, old, &replica);
     wait_until(
         "the channel subscribed at the promoted replica",
-        Duration::from_secs(20),
+        resubscribed,
         || subscribers_on(&replica, &a) == 1,
     );
     assert_eq!(spublish(&replica, &a, "promoted"), 1);
@@ -689,13 +685,7 @@ fn keyspace_events_follow_a_failover() {
         .arg(&["SET", "notify-keyspace-events", "KEA"][..])
         .query(&mut replica.conn())
         .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg("FAILOVER")
-        .query(&mut replica.conn())
-        .unwrap();
-    wait_until("the failover", Duration::from_secs(30), || {
-        info_field(&replica, "replication", "role") == "master"
-    });
+    replica.take_over();
     wait_until(
         "the promoted replica subscribed",
         Duration::from_secs(10),

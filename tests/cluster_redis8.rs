@@ -93,21 +93,8 @@ fn a_redis_8_cluster_is_mapped_with_cluster_shards_and_served() {
     // A failover (the owner's replica takes over): the new map, read from
     // CLUSTER SHARDS, sends writes to the promoted node.
     let old = cluster.owner_of(k).port;
-    let replica = cluster
-        .nodes
-        .iter()
-        .find(|n| {
-            info_field(n, "replication", "role") == "slave"
-                && info_field(n, "replication", "master_port") == old.to_string()
-        })
-        .expect("the owner's replica");
-    let _: () = redis::cmd("CLUSTER")
-        .arg("FAILOVER")
-        .query(&mut replica.conn())
-        .unwrap();
-    wait_until("the replica promoted", Duration::from_secs(30), || {
-        info_field(replica, "replication", "role") == "master"
-    });
+    let replica = cluster.replica_of(cluster.node(old));
+    replica.take_over();
     wait_until(
         "writes reach the promoted node",
         Duration::from_secs(10),

@@ -291,6 +291,44 @@ impl RedisServer {
 }
 
 impl Cluster {
+    /// The node that replicates `master` (by `ROLE`).
+    pub fn replica_of(&self, master: &RedisServer) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| {
+                let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut n.conn()).unwrap();
+                matches!((&role[0], &role[2]), (redis::Value::BulkString(r), redis::Value::Int(p))
+                    if r == b"slave" && *p as u16 == master.port)
+            })
+            .expect("a replica of the master")
+    }
+}
+
+impl RedisServer {
+    /// Makes this replica its master's successor (`CLUSTER FAILOVER`) and
+    /// waits until it is a master. A manual failover gives up after a few
+    /// seconds when the replica is not in sync yet: it is asked again then,
+    /// while the replication link is up.
+    pub fn take_over(&self) {
+        let mut asked: Option<Instant> = None;
+        super::wait_until("the replica is a master", Duration::from_secs(30), || {
+            if super::info_field(self, "replication", "role") == "master" {
+                return true;
+            }
+            let due = asked.is_none_or(|at| at.elapsed() > Duration::from_secs(6));
+            if due && super::info_field(self, "replication", "master_link_status") == "up" {
+                let _: () = redis::cmd("CLUSTER")
+                    .arg("FAILOVER")
+                    .query(&mut self.conn())
+                    .unwrap();
+                asked = Some(Instant::now());
+            }
+            false
+        });
+    }
+}
+
+impl Cluster {
     /// Starts a node, joins it to the cluster as a replica of `master` and
     /// waits until its replication link is up. Not in `nodes` (it owns no
     /// slot); killed on drop of the returned server.
