@@ -121,15 +121,9 @@ impl KeyspaceMirrors {
 
     /// The next frame from any mirror, with the mirror's node.
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<(String, Option<PinnedFrame>)> {
-        let n = self.mirrors.len();
-        for k in 0..n {
-            let i = (self.turn + k) % n;
-            if let Poll::Ready(f) = self.mirrors[i].conn.frames.poll_recv(cx) {
-                self.turn = (i + 1) % n;
-                return Poll::Ready((self.mirrors[i].node.clone(), f));
-            }
-        }
-        Poll::Pending
+        super::shard::poll_in_turn(cx, &mut self.mirrors, &mut self.turn, |m| {
+            (&m.node, &mut m.conn)
+        })
     }
 
     /// Notes what a (P)(UN)SUBSCRIBE does to the mirrored subscriptions;

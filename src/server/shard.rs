@@ -159,6 +159,28 @@ pub(super) fn in_protocol(bytes: Bytes, resp3: bool) -> Bytes {
     }
 }
 
+/// The next frame from any of a client's connections to nodes (`parts`
+/// gives an item's node and connection), with that node; polled from
+/// `turn` on, which then moves past the one that answered, so a busy
+/// connection cannot starve the others.
+pub(super) fn poll_in_turn<T>(
+    cx: &mut Context<'_>,
+    items: &mut [T],
+    turn: &mut usize,
+    parts: impl Fn(&mut T) -> (&String, &mut PinnedConn),
+) -> Poll<(String, Option<PinnedFrame>)> {
+    let n = items.len();
+    for k in 0..n {
+        let i = (*turn + k) % n;
+        let (node, conn) = parts(&mut items[i]);
+        if let Poll::Ready(f) = conn.frames.poll_recv(cx) {
+            *turn = (i + 1) % n;
+            return Poll::Ready((node.clone(), f));
+        }
+    }
+    Poll::Pending
+}
+
 fn again_delay(attempts: u32) -> Duration {
     Duration::from_millis(50u64.saturating_mul(1 << attempts.min(6))).min(Duration::from_secs(2))
 }
@@ -185,15 +207,9 @@ impl ShardSubs {
 
     /// The next frame from any link, with the link's node.
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<(String, Option<PinnedFrame>)> {
-        let n = self.links.len();
-        for k in 0..n {
-            let i = (self.turn + k) % n;
-            if let Poll::Ready(f) = self.links[i].conn.frames.poll_recv(cx) {
-                self.turn = (i + 1) % n;
-                return Poll::Ready((self.links[i].node.clone(), f));
-            }
-        }
-        Poll::Pending
+        poll_in_turn(cx, &mut self.links, &mut self.turn, |l| {
+            (&l.node, &mut l.conn)
+        })
     }
 
     fn link(&mut self, node: &str) -> Option<&mut Link> {
