@@ -585,7 +585,14 @@ impl Session {
         let guard = self.sidecar.cache.begin_write(keys);
         let request = req.encoded();
         let replica = may_read_replica && router.replica_ok_now(&req.args);
-        if let Some((slot, sent, token)) = self.write_now(&router, req, &request, replica) {
+        let plan = self.eager_plan(&router, req);
+        let written = match plan {
+            Some(split::Plan::One { slot }) => self
+                .write_now(&router, slot, &request, replica)
+                .map(|(sent, token)| (slot, sent, token)),
+            _ => None,
+        };
+        if let Some((slot, sent, token)) = written {
             // Pipelining: written to its node now; what comes back is
             // looked at (redirects followed) when it reaches the front, so
             // a redirected request is resent before anything after it.
@@ -605,7 +612,15 @@ impl Session {
             self.path = Some(Path::Pool);
             return Flow::Next;
         }
-        if let Some(split) = self.write_split_now(&router, req, replica) {
+        // A read a replica may answer goes by `execute`, which waits for a
+        // replica's first connection rather than falling back to the master.
+        let split = match plan {
+            Some(split::Plan::Split { merge, parts }) if !replica => {
+                Some(self.write_split_now(&router, merge, parts))
+            }
+            _ => None,
+        };
+        if let Some(split) = split {
             // Split by slot, each part written to its node now when it can
             // be; if every part was, what follows need not wait for it.
             let all_written = split.first.iter().all(Option::is_some);
@@ -648,29 +663,32 @@ impl Session {
         Flow::Next
     }
 
-    /// Writes a one-slot request to its node at once when nothing owed
-    /// before it could be overtaken (see `Owed::Eager`): requests of one
-    /// slot go, in order, on the connection the first of them took while
-    /// any of them is owed, even if the slot's owner changes meanwhile
-    /// (the node answers MOVED and they are resent in order). Anything
-    /// else (keys in several slots, keyless, a connection not ready, a full
-    /// queue) is `None`: sent when it reaches the front, as before. With
-    /// `replica` (a read the router lets go to a replica), a connected
-    /// replica of the slot's master takes it when there is one.
-    fn write_now(
-        &mut self,
-        router: &Router,
-        req: &Request,
-        request: &Bytes,
-        replica: bool,
-    ) -> Option<(u16, Sent, Arc<()>)> {
+    /// The plan of a request that may be written at once, while nothing
+    /// owed before it could be overtaken (see `Owed::Eager`) and the
+    /// cluster's command table is known; `None`: it is sent when it
+    /// reaches the front.
+    fn eager_plan(&mut self, router: &Router, req: &Request) -> Option<split::Plan> {
         if !self.replies.eager_may_pass() || !self.can_take(Path::Pool) {
             return None;
         }
         let table = router.commands_now()?;
-        let split::Plan::One { slot } = split::plan(&table, &req.args) else {
-            return None;
-        };
+        Some(split::plan(&table, &req.args))
+    }
+
+    /// Writes a one-slot request to its node at once: requests of one
+    /// slot go, in order, on the connection the first of them took while
+    /// any of them is owed, even if the slot's owner changes meanwhile
+    /// (the node answers MOVED and they are resent in order). A connection
+    /// not ready or a full queue is `None`: sent when it reaches the front,
+    /// as before. With `replica` (a read the router lets go to a replica),
+    /// a connected replica of the slot's master takes it when there is one.
+    fn write_now(
+        &mut self,
+        router: &Router,
+        slot: u16,
+        request: &Bytes,
+        replica: bool,
+    ) -> Option<(Sent, Arc<()>)> {
         let (addr, at_replica, conn, token) = self.eager_route(router, slot, replica)?;
         let reply = conn.try_send(request.clone())?;
         let sent = Sent {
@@ -678,28 +696,18 @@ impl Session {
             at_replica,
             reply,
         };
-        Some((slot, sent, token))
+        Some((sent, token))
     }
 
     /// [`Session::write_now`] for a command split by slot (DEL, EXISTS,
-    /// MSET… across slots): each part is written to its slot's route at
-    /// once if it can be. `None`: not a split command, or something owed
-    /// before it holds.
+    /// MSET… across slots): each part is written to its slot's master
+    /// route at once if it can be.
     fn write_split_now(
         &mut self,
         router: &Router,
-        req: &Request,
-        replica: bool,
-    ) -> Option<WrittenSplit> {
-        // A read a replica may answer goes by `execute`, which waits for a
-        // replica's first connection rather than falling back to the master.
-        if replica || !self.replies.eager_may_pass() || !self.can_take(Path::Pool) {
-            return None;
-        }
-        let table = router.commands_now()?;
-        let split::Plan::Split { merge, parts } = split::plan(&table, &req.args) else {
-            return None;
-        };
+        merge: split::Merge,
+        parts: Vec<split::Part>,
+    ) -> WrittenSplit {
         let (mut first, mut tokens) = (Vec::with_capacity(parts.len()), Vec::new());
         for part in &parts {
             let sent = part.slot.and_then(|slot| {
@@ -714,12 +722,12 @@ impl Session {
             });
             first.push(sent);
         }
-        Some(WrittenSplit {
+        WrittenSplit {
             merge,
             parts,
             first,
             tokens,
-        })
+        }
     }
 
     /// [`Session::write_now`] for an L1 fill's job (`PTTL`s and the read)
