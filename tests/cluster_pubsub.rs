@@ -353,6 +353,28 @@ fn a_shard_channel_follows_its_slot_through_a_failover() {
     });
 }
 
+/// The same failover while nearcache's map cannot follow at once: the
+/// other masters are paused (`CLIENT PAUSE … ALL`), so the refresh that the
+/// `sunsubscribe` triggers waits for them. The demoted master, now a
+/// replica of the slot's new owner, would take the SSUBSCRIBE again (a
+/// replica serves its master's shard channels); the channel must not be
+/// left there, but wait for the map and go to the promoted replica.
+#[test]
+fn a_shard_channel_waits_for_the_map_rather_than_stay_on_the_demoted_master() {
+    shard_channel_through(Duration::from_secs(15), |cluster, old, replica| {
+        for node in cluster.nodes.iter().filter(|n| n.port != old) {
+            let _: () = redis::cmd("CLIENT")
+                .arg(&["PAUSE", "3000", "ALL"][..])
+                .query(&mut node.conn())
+                .unwrap();
+        }
+        replica.take_over();
+        wait_until("the old master a replica", Duration::from_secs(30), || {
+            info_field(cluster.node(old), "replication", "role") == "slave"
+        });
+    });
+}
+
 /// A failover that kills the master (SIGKILL: no `sunsubscribe`, the link
 /// just dies): the channel is subscribed again once the replica is
 /// promoted, and the client, still connected, gets the next message.

@@ -12,7 +12,10 @@
 //!   (the map was stale) gets the command sent on to the node it names.
 //! - An unasked `sunsubscribe` is not passed on: the slot map is refreshed
 //!   and the channel subscribed again at the slot's owner (a `MOVED` from
-//!   the old owner leads to the new one), retried with backoff for about
+//!   the old owner leads to the new one; while the map still names the
+//!   node that dropped it, nearcache waits for the map: a master demoted by
+//!   a failover takes SSUBSCRIBE as its new master's replica, and the
+//!   channel would stay on a replica), retried with backoff for about
 //!   15 s; only if that fails does the client get the `sunsubscribe`, as a
 //!   node would have sent it. As with cluster clients that re-subscribe on
 //!   it (rueidis, node-redis, redis-py, StackExchange.Redis), a message
@@ -101,6 +104,13 @@ struct Moving {
     channel: Bytes,
     /// A node named by `MOVED`; else the slot's owner in the map.
     to: Option<String>,
+    /// The node that gave the channel up with an unasked `sunsubscribe`,
+    /// and the slot's owner changes the map had counted then. While the
+    /// map still names that node and has not changed the owner since, it
+    /// is behind: a node demoted by a failover takes SSUBSCRIBE as a
+    /// replica of the slot's new master, and the channel would stay on a
+    /// replica.
+    left: Option<(String, u32)>,
     attempts: u32,
     due: Instant,
 }
@@ -236,7 +246,13 @@ impl ShardSubs {
         self.moving.len() != before
     }
 
-    fn again(&mut self, channel: Bytes, to: Option<String>, attempts: u32) {
+    fn again(
+        &mut self,
+        channel: Bytes,
+        to: Option<String>,
+        left: Option<(String, u32)>,
+        attempts: u32,
+    ) {
         let due = match to {
             Some(_) => Instant::now(),
             None => Instant::now() + again_delay(attempts),
@@ -244,6 +260,7 @@ impl ShardSubs {
         self.moving.push(Moving {
             channel,
             to,
+            left,
             attempts,
             due,
         });
@@ -526,10 +543,13 @@ impl Session {
         // subscription goes on at the new owner.
         info!(client = self.info.id, %node, channel = %String::from_utf8_lossy(&ch), "shard channel dropped by its node; subscribing again at the slot's owner");
         self.shard.channels.remove(&ch);
+        let mut left = None;
         if let Some(router) = &self.sidecar.cluster {
-            router.view().refresh();
+            let view = router.view();
+            left = Some((node.to_string(), view.owner_changes_of(slot(&ch))));
+            view.refresh();
         }
-        self.shard.again(ch, None, 0);
+        self.shard.again(ch, None, left, 0);
     }
 
     /// A node refused a command written to it (`MOVED`: the slot is elsewhere).
@@ -575,7 +595,7 @@ impl Session {
                 debug!(client = self.info.id, %node, error = %text, "subscribing a moved shard channel again failed");
                 for (ch, _) in sent.parts {
                     if !self.shard.channels.contains_key(&ch) {
-                        self.shard.again(ch, moved.clone(), attempts + 1);
+                        self.shard.again(ch, moved.clone(), None, attempts + 1);
                     }
                 }
             }
@@ -605,7 +625,19 @@ impl Session {
                 self.sync_details();
                 continue;
             }
+            // The count first: a view published after it is only newer.
+            let changes = router.view().owner_changes_of(slot(&m.channel));
             let node = m.to.clone().or_else(|| router.owner(slot(&m.channel)));
+            let behind = m.to.is_none()
+                && m.left
+                    .as_ref()
+                    .is_some_and(|(left, then)| node.as_ref() == Some(left) && changes == *then);
+            if behind {
+                debug!(client = self.info.id, channel = %String::from_utf8_lossy(&m.channel), "the map still names the node that gave the shard channel up; waiting for its refresh");
+                router.view().refresh();
+                self.shard.again(m.channel, None, m.left, m.attempts + 1);
+                continue;
+            }
             let sent = match node {
                 Some(node) => {
                     self.shard_send(
@@ -622,7 +654,7 @@ impl Session {
             if let Err(e) = sent {
                 debug!(client = self.info.id, error = %e, "subscribing a moved shard channel again failed");
                 router.view().refresh();
-                self.shard.again(m.channel, None, m.attempts + 1);
+                self.shard.again(m.channel, None, m.left, m.attempts + 1);
             }
         }
         self.settle_shard();
@@ -661,7 +693,7 @@ impl Session {
                 Ticket::Again(attempts) => {
                     for (ch, _) in sent.parts {
                         if !self.shard.channels.contains_key(&ch) {
-                            self.shard.again(ch, None, attempts + 1);
+                            self.shard.again(ch, None, None, attempts + 1);
                         }
                     }
                 }
@@ -676,7 +708,7 @@ impl Session {
             .collect();
         for ch in lost {
             self.shard.channels.remove(&ch);
-            self.shard.again(ch, None, 0);
+            self.shard.again(ch, None, None, 0);
         }
     }
 

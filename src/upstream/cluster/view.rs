@@ -127,6 +127,13 @@ impl ClusterView {
             .collect()
     }
 
+    /// How many published views changed the owner of `slot`.
+    pub fn owner_changes_of(&self, slot: u16) -> u32 {
+        self.owner_changes
+            .get(slot as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
     /// Counts the slots whose owner differs between `old` and `new`.
     fn count_owner_changes(&self, old: Option<&Topology>, new: &Topology) {
         for (s, count) in self.owner_changes.iter().enumerate() {
