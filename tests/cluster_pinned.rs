@@ -302,9 +302,12 @@ fn no_touch_through(cluster: Cluster) {
 
 /// The slot of each key moved while nearcache's map is stale (refreshed
 /// every 60 s, L1 off: nothing else tells it): a command on a pinned
-/// connection to the old owner gets that node's MOVED. The client gets a
-/// `TRYAGAIN` error instead (the command did not run), the map learns the
-/// new owner, and the same command again reaches it.
+/// connection to the old owner gets that node's MOVED. A blocking command
+/// that nothing else ties to the node is sent on to the new owner, as any
+/// routed command is. Otherwise (WATCH, a transaction) the client gets a
+/// `TRYAGAIN` error instead (the command did not run, and the connection's
+/// state is on the old node), the map learns the new owner, and the same
+/// command again reaches it.
 #[test]
 fn a_moved_on_a_pinned_connection_never_reaches_the_client() {
     let cluster = Cluster::start(3);
@@ -323,7 +326,7 @@ fn a_moved_on_a_pinned_connection_never_reaches_the_client() {
         {
             keys.push(k);
         }
-        if keys.len() == 3 {
+        if keys.len() == 4 {
             break;
         }
     }
@@ -343,8 +346,29 @@ fn a_moved_on_a_pinned_connection_never_reaches_the_client() {
     };
     let mut c = RawClient::connect(proxy.port);
     move_slot(&keys[0]);
-    tryagain(line(&mut c, &format!("BLPOP {} 0.1", keys[0])));
-    assert_eq!(line(&mut c, &format!("BLPOP {} 0.1", keys[0])), "*-1\r\n");
+    let _: () = redis::cmd("RPUSH")
+        .arg(&keys[0])
+        .arg("at the new owner")
+        .query(&mut to.conn())
+        .unwrap();
+    c.send(&[b"BLPOP", keys[0].as_bytes(), b"5"]);
+    assert_eq!(
+        text(c.reply()),
+        format!("*2\r\n{}{}", bulk(&keys[0]), bulk("at the new owner"))
+    );
+    // And it blocks there: a push to the new owner wakes it.
+    move_slot(&keys[3]);
+    c.send(&[b"BLPOP", keys[3].as_bytes(), b"5"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _: () = redis::cmd("RPUSH")
+        .arg(&keys[3])
+        .arg("later")
+        .query(&mut to.conn())
+        .unwrap();
+    assert_eq!(
+        text(c.reply()),
+        format!("*2\r\n{}{}", bulk(&keys[3]), bulk("later"))
+    );
     move_slot(&keys[1]);
     tryagain(line(&mut c, &format!("WATCH {}", keys[1])));
     assert_eq!(line(&mut c, &format!("WATCH {}", keys[1])), OK);

@@ -138,7 +138,23 @@ struct ClusterPin {
     /// NO-TOUCH mode: its connection moves to the node of each command's
     /// key, and back (at most one per node).
     parked: Vec<PinnedConn>,
+    /// The blocking command in flight when nothing else ties the client
+    /// to its node: a `MOVED` for it (a stale map) sends it on to the node
+    /// named, as the router does with any other command.
+    blocking_sent: Option<BlockingSent>,
+    /// The node a `MOVED` blocking command is to be sent to next.
+    resend_to: Option<String>,
 }
+
+/// A blocking command written on the pinned connection.
+struct BlockingSent {
+    request: Bytes,
+    redirects: u8,
+}
+
+/// `MOVED` replies followed for one blocking command before the client
+/// gets the `TRYAGAIN` error instead.
+const BLOCKING_REDIRECTS: u8 = 5;
 
 /// Runs a client's session until it disconnects, is killed, or shutdown
 /// drains it.
@@ -412,6 +428,9 @@ impl Session {
             }
             if let Some((node, frame)) = mirror_frame {
                 self.on_mirror_frame(node, frame);
+            }
+            if self.cluster_pin.resend_to.is_some() {
+                self.resend_blocking().await;
             }
             if rang {
                 let now = Instant::now();
@@ -989,6 +1008,12 @@ impl Session {
             Some(conn) => conn.write(&req.encoded()).await,
             None => Err(Error::Upstream("connection closed".into())),
         };
+        // Only the latest request can be the blocking one a MOVED answers.
+        self.cluster_pin.blocking_sent =
+            (blocking && written.is_ok() && self.sidecar.cluster.is_some()).then(|| BlockingSent {
+                request: req.encoded(),
+                redirects: 0,
+            });
         if let Err(e) = written {
             self.pinned = None;
             self.replies.pinned_lost(&e);
@@ -1375,12 +1400,18 @@ impl Session {
         match frame {
             Some(PinnedFrame::Reply(mut r)) => {
                 if r.kind == protocol::ReplyKind::Error {
+                    if self.blocking_moved(&r) {
+                        return;
+                    }
                     self.pinned_redirect(&mut r);
                 }
                 if self.pinned_event_dropped(&r) {
                     return;
                 }
                 self.replies.pinned_frame(r, &mut self.state);
+                if !self.replies.awaiting_pinned() {
+                    self.cluster_pin.blocking_sent = None;
+                }
                 self.sync_details();
                 if !self.state.needs_pin() && !self.replies.awaiting_pinned() {
                     self.release_pinned();
@@ -1397,6 +1428,79 @@ impl Session {
                 self.replies
                     .pinned_lost(&Error::Upstream("connection closed".into()));
             }
+        }
+    }
+
+    /// A node's `MOVED` for the blocking command in flight, while nothing
+    /// else ties the client to that node (no transaction, WATCH,
+    /// subscription, NO-TOUCH…): the command did not run, so it is sent on
+    /// to the node named ([`Session::resend_blocking`]) rather than turned
+    /// into an error. `false`: not such a reply.
+    fn blocking_moved(&mut self, r: &protocol::Reply) -> bool {
+        let (Some(router), Some(node)) = (&self.sidecar.cluster, &self.cluster_pin.node) else {
+            return false;
+        };
+        let only_blocking = self.state.needs_pin() && !self.state.needs_pin_beyond_blocking();
+        let Some(sent) = self.cluster_pin.blocking_sent.as_mut() else {
+            return false;
+        };
+        if !only_blocking || sent.redirects >= BLOCKING_REDIRECTS {
+            return false;
+        }
+        let text = String::from_utf8_lossy(r.bytes.get(1..).unwrap_or_default())
+            .trim_end()
+            .to_string();
+        let Some(Redirect::Moved { slot, addr }) = Redirect::parse(&text, node) else {
+            return false;
+        };
+        router.view().moved(slot, &addr);
+        sent.redirects += 1;
+        self.cluster_pin.resend_to = Some(addr);
+        true
+    }
+
+    /// Sends the blocking command that was answered `MOVED` again, on a
+    /// connection to the node named (the old one is closed: the client
+    /// had nothing else on it).
+    async fn resend_blocking(&mut self) {
+        let Some(addr) = self.cluster_pin.resend_to.take() else {
+            return;
+        };
+        let Some(request) = self
+            .cluster_pin
+            .blocking_sent
+            .as_ref()
+            .map(|s| s.request.clone())
+        else {
+            return;
+        };
+        if let Some(conn) = self.pinned.take() {
+            self.sidecar.upstream.pinned.release(conn, false);
+        }
+        self.cluster_pin.node = None;
+        let acquired = self
+            .sidecar
+            .upstream
+            .pinned
+            .acquire_at(Some(&addr), self.proto, &Login::Configured)
+            .await;
+        let written = match acquired {
+            Ok(mut conn) => {
+                let written = conn.write(&request).await;
+                self.info
+                    .upstream_id
+                    .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
+                *self.info.pinned_at.lock() = Some((addr.clone(), conn.connection_id));
+                self.cluster_pin.node = Some(addr);
+                self.pinned = Some(conn);
+                written
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            self.pinned = None;
+            self.cluster_pin.blocking_sent = None;
+            self.replies.pinned_lost(&e);
         }
     }
 
