@@ -187,6 +187,58 @@ fn every_node_is_verified_against_the_host_dialled() {
     assert!(e.contains(&format!("localhost:{ip_only}")), "{e}");
 }
 
+/// Nodes announced by hostname over TLS (`cluster-announce-hostname` with
+/// `cluster-preferred-endpoint-type hostname`, as managed clusters with TLS
+/// and Kubernetes operators announce them): every certificate names
+/// `localhost` only, never the IP, so each node is verified against the
+/// hostname the map names it by. A plain client reaches all three masters
+/// through nearcache, MGET across slots included.
+#[test]
+fn nodes_announced_by_hostname_are_verified_against_that_name() {
+    let cluster = TlsCluster::start_with_names(&[&["localhost"], &["localhost"], &["localhost"]]);
+    for n in &cluster.nodes {
+        for (name, value) in [
+            ("cluster-announce-hostname", "localhost"),
+            ("cluster-preferred-endpoint-type", "hostname"),
+        ] {
+            assert_eq!(
+                cluster
+                    .cli(n.tls_port, &["CONFIG", "SET", name, value])
+                    .trim(),
+                "OK"
+            );
+        }
+    }
+    wait_until(
+        "every node names the others by hostname",
+        Duration::from_secs(10),
+        || {
+            cluster.nodes.iter().all(|n| {
+                let slots = cluster.cli(n.tls_port, &["CLUSTER", "SLOTS"]);
+                // Each master's entry starts with its endpoint (its IP goes
+                // to the entry's metadata).
+                slots.matches("localhost").count() == 3
+            })
+        },
+    );
+    let tls = cluster.pki.upstream_tls_toml();
+    let seed = cluster.nodes[0].tls_port;
+    let proxy = Proxy::with_config(config(&format!("rediss-cluster://localhost:{seed}"), &tls));
+    let mut c = conn(&proxy);
+    let mut used = std::collections::HashSet::new();
+    for i in 0..30 {
+        let key = format!("host:{i}");
+        let _: () = redis::cmd("SET").arg(&key).arg(i).query(&mut c).unwrap();
+        let owner = cluster.owner_of(&key);
+        assert_eq!(cluster.cli(owner, &["GET", &key]).trim(), i.to_string());
+        used.insert(owner);
+    }
+    assert_eq!(used.len(), 3, "the keys reached every master");
+    let keys = ["host:7", "host:3", "host:none", "host:21", "host:0"];
+    let got: Vec<Option<i64>> = redis::cmd("MGET").arg(&keys[..]).query(&mut c).unwrap();
+    assert_eq!(got, [Some(7), Some(3), None, Some(21), Some(0)]);
+}
+
 /// A cluster whose default user needs a password and an ACL user `app` on
 /// every node: `redis-cluster://app:secret@…` reads the slot map and
 /// writes to all three masters as `app`; a wrong password fails every
