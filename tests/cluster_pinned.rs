@@ -390,3 +390,42 @@ fn a_moved_on_a_pinned_connection_never_reaches_the_client() {
         .unwrap();
     assert_eq!(v, "x");
 }
+
+/// A queue consumer blocked in `BLPOP key 0` when the key's slot moves to
+/// another master (resharding): the old owner ends the block with `MOVED`
+/// (Redis redirects clients blocked on a slot it no longer serves); nothing
+/// was popped, so nearcache blocks the command again at the new owner and
+/// the consumer, still waiting, gets the next element pushed there.
+#[test]
+fn a_blocked_command_follows_its_slot_when_it_moves() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let key = "queue:jobs";
+    let from = cluster.owner_of(key);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    let mut c = RawClient::connect(proxy.port);
+    c.send(&[b"BLPOP", key.as_bytes(), b"0"]);
+    wait_until(
+        "the BLPOP blocked on its owner",
+        Duration::from_secs(5),
+        || info_field(from, "clients", "blocked_clients") == "1",
+    );
+    let s = slot(key.as_bytes());
+    support::cluster::begin_slot_move(s, from, to);
+    support::cluster::assign_slot(s, to, &cluster.nodes);
+    wait_until(
+        "the BLPOP blocked on the new owner",
+        Duration::from_secs(5),
+        || info_field(to, "clients", "blocked_clients") == "1",
+    );
+    assert_eq!(info_field(from, "clients", "blocked_clients"), "0");
+    let _: () = redis::cmd("RPUSH")
+        .arg(key)
+        .arg("job 1")
+        .query(&mut to.conn())
+        .unwrap();
+    assert_eq!(
+        text(c.reply()),
+        format!("*2\r\n{}{}", bulk(key), bulk("job 1"))
+    );
+}
