@@ -429,3 +429,39 @@ fn a_blocked_command_follows_its_slot_when_it_moves() {
         format!("*2\r\n{}{}", bulk(key), bulk("job 1"))
     );
 }
+
+/// A queue consumer blocked in `BLPOP key 0` through a failover of the
+/// key's master (`CLUSTER FAILOVER` on its replica): the demoted master
+/// ends the block with `-UNBLOCKED … instance state changed`; nothing was
+/// popped, so nearcache blocks the command again at the slot's new owner,
+/// and the consumer gets the next element pushed there.
+#[test]
+fn a_blocked_command_follows_its_slot_through_a_failover() {
+    let cluster = Cluster::start(3);
+    let key = "queue:jobs";
+    let old = cluster.owner_of(key);
+    let replica = cluster.add_replica(old);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let mut c = RawClient::connect(proxy.port);
+    c.send(&[b"BLPOP", key.as_bytes(), b"0"]);
+    wait_until(
+        "the BLPOP blocked on its owner",
+        Duration::from_secs(5),
+        || info_field(old, "clients", "blocked_clients") == "1",
+    );
+    replica.take_over();
+    wait_until(
+        "the BLPOP blocked on the promoted replica",
+        Duration::from_secs(10),
+        || info_field(&replica, "clients", "blocked_clients") == "1",
+    );
+    let _: () = redis::cmd("RPUSH")
+        .arg(key)
+        .arg("job 1")
+        .query(&mut replica.conn())
+        .unwrap();
+    assert_eq!(
+        text(c.reply()),
+        format!("*2\r\n{}{}", bulk(key), bulk("job 1"))
+    );
+}

@@ -149,8 +149,15 @@ struct ClusterPin {
 /// A blocking command written on the pinned connection.
 struct BlockingSent {
     request: Bytes,
+    /// The slot of its keys (none: keyless, such as WAIT).
+    slot: Option<u16>,
     redirects: u8,
 }
+
+/// What a master says to the clients blocked on it when it turns into a
+/// replica (a failover): the blocking command ended without a result.
+const UNBLOCKED_BY_FAILOVER: &str =
+    "UNBLOCKED force unblock from blocking operation, instance state changed";
 
 /// `MOVED` replies followed for one blocking command before the client
 /// gets the `TRYAGAIN` error instead.
@@ -1012,6 +1019,12 @@ impl Session {
         self.cluster_pin.blocking_sent =
             (blocking && written.is_ok() && self.sidecar.cluster.is_some()).then(|| BlockingSent {
                 request: req.encoded(),
+                slot: match keys {
+                    Keys::Some(keys) => keys
+                        .first()
+                        .map(|k| crate::upstream::cluster::slots::slot(k)),
+                    _ => None,
+                },
                 redirects: 0,
             });
         if let Err(e) = written {
@@ -1400,7 +1413,7 @@ impl Session {
         match frame {
             Some(PinnedFrame::Reply(mut r)) => {
                 if r.kind == protocol::ReplyKind::Error {
-                    if self.blocking_moved(&r) {
+                    if self.blocking_redirected(&r) {
                         return;
                     }
                     self.pinned_redirect(&mut r);
@@ -1431,12 +1444,14 @@ impl Session {
         }
     }
 
-    /// A node's `MOVED` for the blocking command in flight, while nothing
-    /// else ties the client to that node (no transaction, WATCH,
-    /// subscription, NO-TOUCH…): the command did not run, so it is sent on
-    /// to the node named ([`Session::resend_blocking`]) rather than turned
-    /// into an error. `false`: not such a reply.
-    fn blocking_moved(&mut self, r: &protocol::Reply) -> bool {
+    /// A node's `MOVED` for the blocking command in flight (a stale map, or
+    /// its slot moved while it was blocked), or the end of its block because
+    /// the node turned into a replica (a failover), while nothing else ties
+    /// the client to that node (no transaction, WATCH, subscription,
+    /// NO-TOUCH…): the command ended without a result, so it is sent on to
+    /// the node named, or the slot's owner ([`Session::resend_blocking`]),
+    /// rather than turned into an error. `false`: not such a reply.
+    fn blocking_redirected(&mut self, r: &protocol::Reply) -> bool {
         let (Some(router), Some(node)) = (&self.sidecar.cluster, &self.cluster_pin.node) else {
             return false;
         };
@@ -1450,10 +1465,21 @@ impl Session {
         let text = String::from_utf8_lossy(r.bytes.get(1..).unwrap_or_default())
             .trim_end()
             .to_string();
-        let Some(Redirect::Moved { slot, addr }) = Redirect::parse(&text, node) else {
-            return false;
+        let addr = match Redirect::parse(&text, node) {
+            Some(Redirect::Moved { slot, addr }) => {
+                router.view().moved(slot, &addr);
+                addr
+            }
+            // The map may still name the demoted node: it answers MOVED.
+            None if text.starts_with(UNBLOCKED_BY_FAILOVER) => {
+                router.view().refresh();
+                match sent.slot.and_then(|s| router.owner(s)) {
+                    Some(owner) => owner,
+                    None => return false,
+                }
+            }
+            _ => return false,
         };
-        router.view().moved(slot, &addr);
         sent.redirects += 1;
         self.cluster_pin.resend_to = Some(addr);
         true
