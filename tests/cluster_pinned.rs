@@ -465,3 +465,39 @@ fn a_blocked_command_follows_its_slot_through_a_failover() {
         format!("*2\r\n{}{}", bulk(key), bulk("job 1"))
     );
 }
+
+/// A BLPOP of a key whose slot is being migrated and that is not on the
+/// source: the source answers `ASK`; nearcache sends `ASKING` and the
+/// command to the target (the client sees neither the redirect nor the
+/// `ASKING` answer), where it blocks until a push there.
+#[test]
+fn a_blocking_command_answered_ask_blocks_at_the_migration_target() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::with_config(test_config(&cluster.url()));
+    let key = "queue:migrating";
+    let from = cluster.owner_of(key);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    support::cluster::begin_slot_move(slot(key.as_bytes()), from, to);
+    let mut c = RawClient::connect(proxy.port);
+    c.send(&[b"BLPOP", key.as_bytes(), b"0"]);
+    wait_until(
+        "the BLPOP blocked on the target",
+        Duration::from_secs(5),
+        || info_field(to, "clients", "blocked_clients") == "1",
+    );
+    let _: () = redis::pipe()
+        .cmd("ASKING")
+        .ignore()
+        .cmd("RPUSH")
+        .arg(key)
+        .arg("job 1")
+        .ignore()
+        .query(&mut to.conn())
+        .unwrap();
+    assert_eq!(
+        text(c.reply()),
+        format!("*2\r\n{}{}", bulk(key), bulk("job 1"))
+    );
+    c.send(&[b"PING"]);
+    assert_eq!(text(c.reply()), "+PONG\r\n");
+}

@@ -142,8 +142,12 @@ struct ClusterPin {
     /// to its node: a `MOVED` for it (a stale map) sends it on to the node
     /// named, as the router does with any other command.
     blocking_sent: Option<BlockingSent>,
-    /// The node a `MOVED` blocking command is to be sent to next.
-    resend_to: Option<String>,
+    /// The node a redirected blocking command is to be sent to next, and
+    /// whether after `ASKING` (the node answered `ASK`).
+    resend_to: Option<(String, bool)>,
+    /// The pinned connection (its id) on which the answer to that `ASKING`
+    /// is still to come (and is dropped: the client did not send it).
+    asking_owed: Option<i64>,
 }
 
 /// A blocking command written on the pinned connection.
@@ -1412,6 +1416,14 @@ impl Session {
     fn on_pinned_frame(&mut self, frame: Option<PinnedFrame>) {
         match frame {
             Some(PinnedFrame::Reply(mut r)) => {
+                let on = self.pinned.as_ref().map(|c| c.connection_id);
+                if self.cluster_pin.asking_owed.is_some()
+                    && self.cluster_pin.asking_owed == on
+                    && !self.state.out_of_band(&r)
+                {
+                    self.cluster_pin.asking_owed = None;
+                    return;
+                }
                 if r.kind == protocol::ReplyKind::Error {
                     if self.blocking_redirected(&r) {
                         return;
@@ -1445,7 +1457,8 @@ impl Session {
     }
 
     /// A node's `MOVED` for the blocking command in flight (a stale map, or
-    /// its slot moved while it was blocked), or the end of its block because
+    /// its slot moved while it was blocked), its `ASK` (the slot is being
+    /// migrated and the key is not, or no longer, there), or the end of its block because
     /// the node turned into a replica (a failover), while nothing else ties
     /// the client to that node (no transaction, WATCH, subscription,
     /// NO-TOUCH…): the command ended without a result, so it is sent on to
@@ -1465,31 +1478,32 @@ impl Session {
         let text = String::from_utf8_lossy(r.bytes.get(1..).unwrap_or_default())
             .trim_end()
             .to_string();
-        let addr = match Redirect::parse(&text, node) {
+        let (addr, asking) = match Redirect::parse(&text, node) {
             Some(Redirect::Moved { slot, addr }) => {
                 router.view().moved(slot, &addr);
-                addr
+                (addr, false)
             }
+            Some(Redirect::Ask { addr, .. }) => (addr, true),
             // The map may still name the demoted node: it answers MOVED.
             None if text.starts_with(UNBLOCKED_BY_FAILOVER) => {
                 router.view().refresh();
                 match sent.slot.and_then(|s| router.owner(s)) {
-                    Some(owner) => owner,
+                    Some(owner) => (owner, false),
                     None => return false,
                 }
             }
             _ => return false,
         };
         sent.redirects += 1;
-        self.cluster_pin.resend_to = Some(addr);
+        self.cluster_pin.resend_to = Some((addr, asking));
         true
     }
 
-    /// Sends the blocking command that was answered `MOVED` again, on a
-    /// connection to the node named (the old one is closed: the client
-    /// had nothing else on it).
+    /// Sends the redirected blocking command again, on a connection to the
+    /// node named (the old one is closed: the client had nothing else on
+    /// it), after `ASKING` for an `ASK`.
     async fn resend_blocking(&mut self) {
-        let Some(addr) = self.cluster_pin.resend_to.take() else {
+        let Some((addr, asking)) = self.cluster_pin.resend_to.take() else {
             return;
         };
         let Some(request) = self
@@ -1512,7 +1526,14 @@ impl Session {
             .await;
         let written = match acquired {
             Ok(mut conn) => {
-                let written = conn.write(&request).await;
+                let written = if asking {
+                    let mut both = BytesMut::from(&protocol::command(["ASKING"])[..]);
+                    both.extend_from_slice(&request);
+                    self.cluster_pin.asking_owed = Some(conn.connection_id);
+                    conn.write(&both.freeze()).await
+                } else {
+                    conn.write(&request).await
+                };
                 self.info
                     .upstream_id
                     .store(conn.connection_id, std::sync::atomic::Ordering::Relaxed);
@@ -1526,6 +1547,7 @@ impl Session {
         if let Err(e) = written {
             self.pinned = None;
             self.cluster_pin.blocking_sent = None;
+            self.cluster_pin.asking_owed = None;
             self.replies.pinned_lost(&e);
         }
     }
