@@ -403,31 +403,12 @@ fn a_blocked_command_follows_its_slot_when_it_moves() {
     let key = "queue:jobs";
     let from = cluster.owner_of(key);
     let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
-    let mut c = RawClient::connect(proxy.port);
-    c.send(&[b"BLPOP", key.as_bytes(), b"0"]);
-    wait_until(
-        "the BLPOP blocked on its owner",
-        Duration::from_secs(5),
-        || info_field(from, "clients", "blocked_clients") == "1",
-    );
+    let mut c = blpop_blocked_on(&proxy, from, key);
     let s = slot(key.as_bytes());
     support::cluster::begin_slot_move(s, from, to);
     support::cluster::assign_slot(s, to, &cluster.nodes);
-    wait_until(
-        "the BLPOP blocked on the new owner",
-        Duration::from_secs(5),
-        || info_field(to, "clients", "blocked_clients") == "1",
-    );
+    woken_at(&mut c, to, key, false);
     assert_eq!(info_field(from, "clients", "blocked_clients"), "0");
-    let _: () = redis::cmd("RPUSH")
-        .arg(key)
-        .arg("job 1")
-        .query(&mut to.conn())
-        .unwrap();
-    assert_eq!(
-        text(c.reply()),
-        format!("*2\r\n{}{}", bulk(key), bulk("job 1"))
-    );
 }
 
 /// A queue consumer blocked in `BLPOP key 0` through a failover of the
@@ -442,28 +423,9 @@ fn a_blocked_command_follows_its_slot_through_a_failover() {
     let old = cluster.owner_of(key);
     let replica = cluster.add_replica(old);
     let proxy = Proxy::with_config(test_config(&cluster.url()));
-    let mut c = RawClient::connect(proxy.port);
-    c.send(&[b"BLPOP", key.as_bytes(), b"0"]);
-    wait_until(
-        "the BLPOP blocked on its owner",
-        Duration::from_secs(5),
-        || info_field(old, "clients", "blocked_clients") == "1",
-    );
+    let mut c = blpop_blocked_on(&proxy, old, key);
     replica.take_over();
-    wait_until(
-        "the BLPOP blocked on the promoted replica",
-        Duration::from_secs(10),
-        || info_field(&replica, "clients", "blocked_clients") == "1",
-    );
-    let _: () = redis::cmd("RPUSH")
-        .arg(key)
-        .arg("job 1")
-        .query(&mut replica.conn())
-        .unwrap();
-    assert_eq!(
-        text(c.reply()),
-        format!("*2\r\n{}{}", bulk(key), bulk("job 1"))
-    );
+    woken_at(&mut c, &replica, key, false);
 }
 
 /// A BLPOP of a key whose slot is being migrated and that is not on the
@@ -478,26 +440,41 @@ fn a_blocking_command_answered_ask_blocks_at_the_migration_target() {
     let from = cluster.owner_of(key);
     let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
     support::cluster::begin_slot_move(slot(key.as_bytes()), from, to);
+    let mut c = blpop_blocked_on(&proxy, to, key);
+    woken_at(&mut c, to, key, true);
+    c.send(&[b"PING"]);
+    assert_eq!(text(c.reply()), "+PONG\r\n");
+}
+
+/// A client of `proxy` that sent `BLPOP key 0`, once `node` holds it blocked.
+fn blpop_blocked_on(proxy: &Proxy, node: &RedisServer, key: &str) -> RawClient {
     let mut c = RawClient::connect(proxy.port);
     c.send(&[b"BLPOP", key.as_bytes(), b"0"]);
-    wait_until(
-        "the BLPOP blocked on the target",
-        Duration::from_secs(5),
-        || info_field(to, "clients", "blocked_clients") == "1",
-    );
-    let _: () = redis::pipe()
-        .cmd("ASKING")
-        .ignore()
+    wait_until("the BLPOP blocked", Duration::from_secs(5), || {
+        info_field(node, "clients", "blocked_clients") == "1"
+    });
+    c
+}
+
+/// Once `node` holds the client's BLPOP blocked (within 10 s), a push of
+/// `job 1` there (after `ASKING` with `asking`) is what the client gets.
+fn woken_at(c: &mut RawClient, node: &RedisServer, key: &str, asking: bool) {
+    wait_until("the BLPOP blocked there", Duration::from_secs(10), || {
+        info_field(node, "clients", "blocked_clients") == "1"
+    });
+    let mut push = redis::pipe();
+    if asking {
+        push.cmd("ASKING").ignore();
+    }
+    let _: () = push
         .cmd("RPUSH")
         .arg(key)
         .arg("job 1")
         .ignore()
-        .query(&mut to.conn())
+        .query(&mut node.conn())
         .unwrap();
     assert_eq!(
         text(c.reply()),
         format!("*2\r\n{}{}", bulk(key), bulk("job 1"))
     );
-    c.send(&[b"PING"]);
-    assert_eq!(text(c.reply()), "+PONG\r\n");
 }

@@ -167,15 +167,7 @@ fn every_node_is_verified_against_the_host_dialled() {
 
     let proxy = Proxy::with_config(config(&format!("rediss-cluster://localhost:{both}"), &tls));
     let mut c = conn(&proxy);
-    let mut used = std::collections::HashSet::new();
-    for i in 0..30 {
-        let key = format!("name:{i}");
-        let _: () = redis::cmd("SET").arg(&key).arg(i).query(&mut c).unwrap();
-        let owner = cluster.owner_of(&key);
-        assert_eq!(cluster.cli(owner, &["GET", &key]).trim(), i.to_string());
-        used.insert(owner);
-    }
-    assert_eq!(used.len(), 3, "the keys reached every master");
+    sets_reach_every_master(&cluster, &mut c, "name");
     drop(proxy);
 
     let proxy = Proxy::with_config_no_wait(config(
@@ -225,18 +217,24 @@ fn nodes_announced_by_hostname_are_verified_against_that_name() {
     let seed = cluster.nodes[0].tls_port;
     let proxy = Proxy::with_config(config(&format!("rediss-cluster://localhost:{seed}"), &tls));
     let mut c = conn(&proxy);
+    sets_reach_every_master(&cluster, &mut c, "host");
+    let keys = ["host:7", "host:3", "host:none", "host:21", "host:0"];
+    let got: Vec<Option<i64>> = redis::cmd("MGET").arg(&keys[..]).query(&mut c).unwrap();
+    assert_eq!(got, [Some(7), Some(3), None, Some(21), Some(0)]);
+}
+
+/// `SET <prefix>:<i> i` for 30 keys through `c`: each read back on its
+/// owner over TLS, and the keys reach all three masters.
+fn sets_reach_every_master(cluster: &TlsCluster, c: &mut redis::Connection, prefix: &str) {
     let mut used = std::collections::HashSet::new();
     for i in 0..30 {
-        let key = format!("host:{i}");
-        let _: () = redis::cmd("SET").arg(&key).arg(i).query(&mut c).unwrap();
+        let key = format!("{prefix}:{i}");
+        let _: () = redis::cmd("SET").arg(&key).arg(i).query(c).unwrap();
         let owner = cluster.owner_of(&key);
         assert_eq!(cluster.cli(owner, &["GET", &key]).trim(), i.to_string());
         used.insert(owner);
     }
     assert_eq!(used.len(), 3, "the keys reached every master");
-    let keys = ["host:7", "host:3", "host:none", "host:21", "host:0"];
-    let got: Vec<Option<i64>> = redis::cmd("MGET").arg(&keys[..]).query(&mut c).unwrap();
-    assert_eq!(got, [Some(7), Some(3), None, Some(21), Some(0)]);
 }
 
 /// A cluster whose default user needs a password and an ACL user `app` on
