@@ -1424,11 +1424,8 @@ impl Session {
                     self.cluster_pin.asking_owed = None;
                     return;
                 }
-                if r.kind == protocol::ReplyKind::Error {
-                    if self.blocking_redirected(&r) {
-                        return;
-                    }
-                    self.pinned_redirect(&mut r);
+                if r.kind == protocol::ReplyKind::Error && self.pinned_redirect(&mut r) {
+                    return;
                 }
                 if self.pinned_event_dropped(&r) {
                     return;
@@ -1456,47 +1453,41 @@ impl Session {
         }
     }
 
-    /// A node's `MOVED` for the blocking command in flight (a stale map, or
-    /// its slot moved while it was blocked), its `ASK` (the slot is being
-    /// migrated and the key is not, or no longer, there), or the end of its block because
-    /// the node turned into a replica (a failover), while nothing else ties
-    /// the client to that node (no transaction, WATCH, subscription,
-    /// NO-TOUCH…): the command ended without a result, so it is sent on to
-    /// the node named, or the slot's owner ([`Session::resend_blocking`]),
-    /// rather than turned into an error. `false`: not such a reply.
-    fn blocking_redirected(&mut self, r: &protocol::Reply) -> bool {
-        let (Some(router), Some(node)) = (&self.sidecar.cluster, &self.cluster_pin.node) else {
-            return false;
-        };
+    /// Where the blocking command in flight goes again after its node's
+    /// error `text` (`redirect`, parsed from it): after a `MOVED` (a stale
+    /// map, or its slot moved while it was blocked) to the node named, after
+    /// an `ASK` (the slot is being migrated and the key is not, or no
+    /// longer, there) to the target with `ASKING` (the `bool`), after the
+    /// end of its block because the node turned into a replica (a failover)
+    /// to the slot's owner. Only while nothing else ties the client to that
+    /// node (no transaction, WATCH, subscription, NO-TOUCH…): the command
+    /// ended without a result, so it is sent again
+    /// ([`Session::resend_blocking`]) rather than turned into an error.
+    /// `None`: not such an answer.
+    fn blocking_resend_to(
+        &mut self,
+        router: &Router,
+        redirect: Option<&Redirect>,
+        text: &str,
+    ) -> Option<(String, bool)> {
         let only_blocking = self.state.needs_pin() && !self.state.needs_pin_beyond_blocking();
-        let Some(sent) = self.cluster_pin.blocking_sent.as_mut() else {
-            return false;
-        };
-        if !only_blocking || sent.redirects >= BLOCKING_REDIRECTS {
-            return false;
-        }
-        let text = String::from_utf8_lossy(r.bytes.get(1..).unwrap_or_default())
-            .trim_end()
-            .to_string();
-        let (addr, asking) = match Redirect::parse(&text, node) {
-            Some(Redirect::Moved { slot, addr }) => {
-                router.view().moved(slot, &addr);
-                (addr, false)
-            }
-            Some(Redirect::Ask { addr, .. }) => (addr, true),
+        let sent = self
+            .cluster_pin
+            .blocking_sent
+            .as_mut()
+            .filter(|s| only_blocking && s.redirects < BLOCKING_REDIRECTS)?;
+        let to = match redirect {
+            Some(Redirect::Moved { addr, .. }) => (addr.clone(), false),
+            Some(Redirect::Ask { addr, .. }) => (addr.clone(), true),
             // The map may still name the demoted node: it answers MOVED.
             None if text.starts_with(UNBLOCKED_BY_FAILOVER) => {
                 router.view().refresh();
-                match sent.slot.and_then(|s| router.owner(s)) {
-                    Some(owner) => (owner, false),
-                    None => return false,
-                }
+                (router.owner(sent.slot?)?, false)
             }
-            _ => return false,
+            None => return None,
         };
         sent.redirects += 1;
-        self.cluster_pin.resend_to = Some((addr, asking));
-        true
+        Some(to)
     }
 
     /// Sends the redirected blocking command again, on a connection to the
@@ -1552,29 +1543,36 @@ impl Session {
         }
     }
 
-    /// A node's `MOVED` / `ASK` on the pinned connection (the slot moved
-    /// since the map nearcache routed by, or during the client's WATCH or
-    /// transaction): the map learns it, and the client gets an error in its
-    /// place, never the redirect. The command did not run; the connection's
-    /// state stays on its node, so it is not resent elsewhere.
-    fn pinned_redirect(&mut self, r: &mut protocol::Reply) {
-        let (Some(router), Some(node)) = (&self.sidecar.cluster, &self.cluster_pin.node) else {
-            return;
+    /// A node's error on the pinned connection. A `MOVED` / `ASK` (the
+    /// slot moved since the map nearcache routed by, or during the client's
+    /// WATCH or transaction): the map learns a `MOVED`; a lone blocking
+    /// command is sent again ([`Session::blocking_resend_to`], `true`: the
+    /// reply is taken); otherwise the connection's state stays on its node,
+    /// so the command (which did not run) is not resent elsewhere, and the
+    /// client gets an error in its place, never the redirect.
+    fn pinned_redirect(&mut self, r: &mut protocol::Reply) -> bool {
+        let (Some(router), Some(node)) =
+            (self.sidecar.cluster.clone(), self.cluster_pin.node.clone())
+        else {
+            return false;
         };
-        let text = String::from_utf8_lossy(r.bytes.get(1..).unwrap_or_default())
-            .trim_end()
-            .to_string();
-        let to = match Redirect::parse(&text, node) {
-            Some(Redirect::Moved { slot, addr }) => {
-                router.view().moved(slot, &addr);
-                addr
-            }
-            Some(Redirect::Ask { addr, .. }) => addr,
-            None => return,
+        let text = r.error_text().unwrap_or_default();
+        let redirect = Redirect::parse(&text, &node);
+        if let Some(Redirect::Moved { slot, addr }) = &redirect {
+            router.view().moved(*slot, addr);
+        }
+        if let Some(to) = self.blocking_resend_to(&router, redirect.as_ref(), &text) {
+            self.cluster_pin.resend_to = Some(to);
+            return true;
+        }
+        let to = match redirect {
+            Some(Redirect::Moved { addr, .. } | Redirect::Ask { addr, .. }) => addr,
+            None => return false,
         };
         r.bytes = protocol::error(&format!(
             "TRYAGAIN nearcache: the key's slot is moving or moved to {to}, away from the node this client's connection is pinned to ({node}); the command did not run"
         ));
+        false
     }
 
     /// Sets the client's NO-TOUCH connection aside, kept for its next

@@ -117,7 +117,7 @@ struct Moving {
 
 /// What a frame from a link is.
 enum Frame {
-    Error(Bytes),
+    Error(Reply),
     Confirm {
         subscribe: bool,
         channel: Option<Bytes>,
@@ -127,7 +127,7 @@ enum Frame {
 
 fn classify(r: &Reply) -> Frame {
     if r.kind == ReplyKind::Error {
-        return Frame::Error(r.bytes.clone());
+        return Frame::Error(r.clone());
     }
     let subscribe = match protocol::first_word(&r.bytes).as_deref() {
         Some(b"ssubscribe") => true,
@@ -553,10 +553,8 @@ impl Session {
     }
 
     /// A node refused a command written to it (`MOVED`: the slot is elsewhere).
-    async fn shard_refused(&mut self, node: &str, sent: Sent, error: Bytes) {
-        let text = String::from_utf8_lossy(error.get(1..).unwrap_or_default())
-            .trim_end()
-            .to_string();
+    async fn shard_refused(&mut self, node: &str, sent: Sent, error: Reply) {
+        let text = error.error_text().unwrap_or_default();
         let moved = match Redirect::parse(&text, node) {
             Some(Redirect::Moved { slot, addr }) => {
                 if let Some(router) = &self.sidecar.cluster {
@@ -589,7 +587,7 @@ impl Session {
                         self.shard_fail(id, e.to_reply());
                     }
                 }
-                _ => self.shard_fail(id, error),
+                _ => self.shard_fail(id, error.bytes),
             },
             Ticket::Again(attempts) => {
                 debug!(client = self.info.id, %node, error = %text, "subscribing a moved shard channel again failed");
