@@ -558,11 +558,7 @@ fn concurrent_cold_gets_share_one_upstream_request() {
     let proxy = Proxy::with_config(cfg);
     proxy.wait_serving();
     let before = cmdstat(&redis, "get");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let conns = rt.block_on(async {
         let client = redis::Client::open(proxy.url()).unwrap();
         let mut conns = Vec::new();

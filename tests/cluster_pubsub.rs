@@ -345,12 +345,7 @@ fn a_channel_that_cannot_be_subscribed_again_is_given_up_like_a_node_would() {
 /// promoted replica.
 #[test]
 fn a_shard_channel_follows_its_slot_through_a_failover() {
-    shard_channel_through(Duration::from_secs(10), |cluster, old, replica| {
-        replica.take_over();
-        wait_until("the old master a replica", Duration::from_secs(30), || {
-            info_field(cluster.node(old), "replication", "role") == "slave"
-        });
-    });
+    shard_channel_through(Duration::from_secs(10), take_over_keeping_the_old_master);
 }
 
 /// The same failover while nearcache's map cannot follow at once: the
@@ -368,10 +363,16 @@ fn a_shard_channel_waits_for_the_map_rather_than_stay_on_the_demoted_master() {
                 .query(&mut node.conn())
                 .unwrap();
         }
-        replica.take_over();
-        wait_until("the old master a replica", Duration::from_secs(30), || {
-            info_field(cluster.node(old), "replication", "role") == "slave"
-        });
+        take_over_keeping_the_old_master(cluster, old, replica);
+    });
+}
+
+/// `CLUSTER FAILOVER` on `replica`, until the old master (`old`, kept up)
+/// says it is a replica.
+fn take_over_keeping_the_old_master(cluster: &mut Cluster, old: u16, replica: &RedisServer) {
+    replica.take_over();
+    wait_until("the old master a replica", Duration::from_secs(30), || {
+        info_field(cluster.node(old), "replication", "role") == "slave"
     });
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::cluster::Cluster;
-use support::{cmdstat, test_config, wait_until, Proxy, RedisServer};
+use support::{cmdstat, runtime, test_config, wait_until, Proxy, RedisServer};
 use taosadapter::{expected_1d, Fault, TaosAdapter};
 
 /// The cluster, the stand-in on its own runtime, and nearcache with the
@@ -32,11 +32,7 @@ struct Env {
 impl Env {
     fn start() -> Env {
         let cluster = Cluster::start(3);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let ta = rt.block_on(TaosAdapter::start(taosadapter::BINARY_PATH));
         let mut symbols = Vec::new();
         for node in &cluster.nodes {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use nearcache::config::{InvalidationMode, TdOnError, TdengineConfig};
 use support::relay::Relay;
-use support::{test_config, Proxy, RawClient, RedisServer};
+use support::{runtime, test_config, Proxy, RawClient, RedisServer};
 use taosadapter::{Fault, Mode, TaosAdapter};
 
 // --- Helpers -------------------------------------------------------------------------
@@ -513,11 +513,7 @@ fn start_stand_in(
 impl TdEnv {
     fn start(mode: Mode, tweak: impl FnOnce(&mut TdengineConfig)) -> TdEnv {
         let redis = RedisServer::start();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let ta = start_stand_in(&rt, mode, None);
         let mut td = taosadapter::kline_config(ta.dsn(), TD_TIMEOUT);
         tweak(&mut td);

@@ -15,7 +15,7 @@ mod taosadapter;
 use std::time::{Duration, Instant};
 
 use nearcache::config::InvalidationMode;
-use support::{test_config, Proxy, RawClient, RedisServer};
+use support::{runtime, test_config, Proxy, RawClient, RedisServer};
 use taosadapter::TaosAdapter;
 
 /// Tests here measure latencies and read process-wide metrics: one at a time.
@@ -522,11 +522,7 @@ struct TdEnv {
 impl TdEnv {
     fn start(feed: InvalidationMode) -> TdEnv {
         let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let ta = rt.block_on(TaosAdapter::start(taosadapter::BINARY_PATH));
         ta.add_symbol("000001");
         ta.add_symbol("600519");

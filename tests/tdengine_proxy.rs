@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nearcache::config::{InvalidationMode, TdOnError, TdengineConfig};
 use serde_json::Value;
-use support::{Proxy, RedisServer};
+use support::{runtime, Proxy, RedisServer};
 use taosadapter::{expected_1d, Fault, Mode, TaosAdapter};
 
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -48,11 +48,7 @@ impl Env {
         tweak: impl FnOnce(&mut TdengineConfig),
     ) -> Env {
         let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let ta = if tls {
             rt.block_on(TaosAdapter::start_tls(mode, false))
         } else {
@@ -649,11 +645,7 @@ fn fill_mget_elements_fills_nil_elements_of_routed_keys(mode) {
     use nearcache::upstream::{Connector, Upstream};
 
     let redis = RedisServer::start();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let ta = rt.block_on(TaosAdapter::start_without_quickack(mode));
     ta.add_symbol("000001");
     ta.add_symbol("600519");

@@ -323,6 +323,17 @@ pub struct Proxy {
 }
 
 /// A config for tests: ephemeral listen and admin ports, the given upstream.
+/// A multi-threaded tokio runtime of two workers (the machines have two
+/// cores), for what a test runs beside nearcache: nearcache itself, the
+/// TDengine stand-in, async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub fn test_config(upstream: &str) -> Config {
     let mut c = Config::defaults();
     c.listen = "127.0.0.1:0".parse().unwrap();
@@ -364,11 +375,7 @@ impl Proxy {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = runtime();
             rt.block_on(async move {
                 let handle = nearcache::start(config).await.expect("nearcache starts");
                 addr_tx
