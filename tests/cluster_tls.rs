@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nearcache::upstream::cluster::slots::slot;
 use nearcache::upstream::cluster::topology::fetch;
@@ -35,30 +35,6 @@ fn conn(p: &Proxy) -> redis::Connection {
     let c = p.conn();
     c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     c
-}
-
-/// `GET key` through a nearcache whose upstream cannot be used, again
-/// until the error says `reason` (the first request may come before the
-/// first refresh has failed): every answer must be an error and come within
-/// 2 s, the reason within 10 s. Returns that error.
-fn error_saying(p: &Proxy, key: &str, reason: &str) -> String {
-    let mut c = conn(p);
-    let start = Instant::now();
-    loop {
-        let asked = Instant::now();
-        let r = redis::cmd("GET").arg(key).query::<Option<String>>(&mut c);
-        let took = asked.elapsed();
-        let e = r.expect_err("no answer but an error").to_string();
-        assert!(took < Duration::from_secs(2), "took {took:?}: {e}");
-        if e.contains(reason) {
-            return e;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "never said {reason:?}; last error: {e}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// `rediss-cluster://` in front of a cluster that speaks TLS only: the slot

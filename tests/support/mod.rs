@@ -323,6 +323,31 @@ pub struct Proxy {
 }
 
 /// A config for tests: ephemeral listen and admin ports, the given upstream.
+/// `GET key` through a nearcache whose upstream cannot be used, again
+/// until the error says `reason` (the first request may come before
+/// nearcache's first attempt to reach it has failed): every answer must be an error and come within
+/// 2 s, the reason within 10 s. Returns that error.
+pub fn error_saying(p: &Proxy, key: &str, reason: &str) -> String {
+    let mut c = p.conn();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let start = Instant::now();
+    loop {
+        let asked = Instant::now();
+        let r = redis::cmd("GET").arg(key).query::<Option<String>>(&mut c);
+        let took = asked.elapsed();
+        let e = r.expect_err("no answer but an error").to_string();
+        assert!(took < Duration::from_secs(2), "took {took:?}: {e}");
+        if e.contains(reason) {
+            return e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never said {reason:?}; last error: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A multi-threaded tokio runtime of two workers (the machines have two
 /// cores), for what a test runs beside nearcache: nearcache itself, the
 /// TDengine stand-in, async clients.
